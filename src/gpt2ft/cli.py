@@ -1,0 +1,112 @@
+"""The `gpt2ft` command: one table, verb -> (arguments, function). Verbs live in gpt2ft.commands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# verb: (module in gpt2ft.commands, one-line help). Each module has add_args(parser) and run(args).
+VERBS = {
+    "generate": ("generate", "continue a prompt (streams with --stream)"),
+    "info": ("info", "show a model's config, parameter count, dtype and tokenizer"),
+    "export": ("export", "write a plain Hugging Face folder (optionally merging LoRA)"),
+    # "tokenizer": ("tokenizer", "train a word-level or BPE tokenizer for from-scratch models"),
+    # "prepare": ("prepare", "tokenize text files into train.bin/val.bin memmaps"),
+    # "pretrain": ("pretrain", "train a GPT-2 from scratch on prepared text"),
+    # "finetune": ("finetune", "continue training a model on raw text (style/domain adaptation)"),
+    # "sft": ("sft", "instruction-tune a model with loss on response tokens only"),
+    # "eval": ("evaluate", "score a model: exact match, BLEU, ROUGE, keywords, perplexity"),
+    # "compare": ("compare", "generate from two models side by side with the same settings"),
+    # "plot": ("plot", "plot a run's losses and metrics to PNG/PDF"),
+    # "data": ("data", "convert instruction data between formats"),
+    # "demo": ("demo", "the end-to-end quickstart: pretrain, SFT, eval, plots, samples"),
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, keep the examples in each verb's docstring as written."""
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2ft", description="GPT-2 post-training toolkit.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module, help_text) in VERBS.items():
+        mod = importlib.import_module(f"gpt2ft.commands.{module}")
+        p = sub.add_parser(verb, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=HelpFormatter)
+        mod.add_args(p)
+        p.set_defaults(_run=mod.run, _parser=p)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse argv; values from --config FILE.yaml fill in whatever the flags leave at their defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        raise SystemExit(0)
+    config = getattr(args, "config", None)
+    if config:
+        values = _load_yaml(config)
+        unknown = sorted(set(values) - set(vars(args)))
+        if unknown:
+            raise UserError(f"--config {config}: unknown option(s) {unknown} for `gpt2ft {args.verb}`")
+        args._parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    for action in args._parser._actions:  # required options may come from the YAML, so check here
+        if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:
+            raise UserError(f"{'/'.join(action.option_strings)} is required (on the command line or in --config)")
+    return args
+
+
+def required(action: argparse.Action) -> argparse.Action:
+    """Mark an option as required after --config is applied: `required(p.add_argument("--out"))`."""
+    action.metadata_required = True
+    return action
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = "gpt2ft"
+    try:
+        args = parse(argv)
+        verb = f"gpt2ft {args.verb}"
+        result = args._run(args)
+        return int(result or 0)
+    except UserError as e:
+        print(f"{verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""Continue a prompt with a model. Instruction-tuned checkpoints format the prompt with the template
+they were trained with, unless --raw is given.
+
+    gpt2ft generate gpt2 --prompt "The meaning of life is" --max-new-tokens 40 --stream
+"""
+from __future__ import annotations
+
+import sys
+
+from ..cli import required
+from . import add_common, add_sampling, load_model, sampling_config
+
+
+def add_args(p):
+    add_common(p)
+    required(p.add_argument("--prompt", help="the text to continue ('-' reads standard input)"))
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the checkpoint's template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--top-next", type=int, default=0, metavar="K",
+                   help="instead of generating, list the K most likely next tokens with probabilities")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache; GPUs)")
+    add_sampling(p)
+
+
+def run(args):
+    from ..generation import TextStream, predict_next_token
+    from ..templates import prompt_for_generation
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_model(args)
+    text, stops = prompt_for_generation(model.meta, prompt, raw=args.raw)
+    if args.top_next:
+        for token, prob in predict_next_token(model, tokenizer, text, args.top_next):
+            print(f"{prob:8.4f}  {token!r}")
+        return 0
+    completion = TextStream(model, tokenizer, text, sampling_config(args, stops), compile=args.compile)
+    if args.stream:
+        for piece in completion:
+            print(piece, end="", flush=True)
+        print()
+    else:
+        for _ in completion:
+            pass
+        print(completion.text)
+    return 0

@@ -1,0 +1,40 @@
+"""Show a model's config, parameter count, dtype, tokenizer and gpt2ft metadata.
+
+    gpt2ft info runs/demo/sft
+"""
+from __future__ import annotations
+
+import json
+
+from . import add_common, load_model
+
+
+def add_args(p):
+    add_common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args):
+    if args.dtype == "auto":
+        args.dtype = "float32"
+    model, tokenizer = load_model(args)
+    info = {
+        "source": str(model.source),
+        "config": model.config.to_dict(),
+        "parameters": model.num_params(),
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+        "meta": model.meta,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"source      {info['source']}")
+    print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)")
+    print(f"dtype       {info['dtype']}")
+    print("config      " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    print(f"tokenizer   {tokenizer.kind}, {tokenizer.vocab_size} ids, eos={tokenizer.eos_id}")
+    for key in ("template", "base_model", "step", "lora"):
+        if key in model.meta:
+            print(f"{key:<11} {model.meta[key]}")
+    return 0

@@ -1,0 +1,214 @@
+"""GPT-2 in one file, with Hugging Face's parameter names and a preallocated KV cache.
+
+Ordered bottom-up: KV cache -> attention -> MLP -> block -> model. Module names are exactly those
+of transformers' GPT2LMHeadModel (transformer.wte, transformer.h.N.attn.c_attn, ...), so loading
+HF weights is one loop that transposes the Conv1D weights (see checkpoint.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import GPTConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: (B, nh, max_len, hs) each."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None):
+        """Write k, v (B, nh, T, hs) at cache slots input_pos (T,); return keys/values to attend over.
+
+        length=None returns the whole buffer (static shapes for torch.compile; the mask hides the
+        unwritten slots), otherwise the first `length` slots.
+        """
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        if length is None:
+            return self.k, self.v
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None):
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v, cache_len)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and kv_cache is None,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, input_pos, cache_len)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.gradient_checkpointing = False
+        self.kv_caches: list[KVCache] | None = None
+        self._static_mask: torch.Tensor | None = None
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ----- KV cache -----------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None) -> None:
+        """Allocate a KV cache for `batch` rows of up to `max_len` tokens (reused when big enough)."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"cache length {max_len} exceeds the context {self.config.block_size}")
+        p = self.lm_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        c = self.kv_caches[0] if self.kv_caches else None
+        if c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == dtype:
+            return
+        hs = self.config.n_embd // self.config.n_head
+        self.kv_caches = [KVCache(batch, self.config.n_head, max_len, hs, dtype, device)
+                          for _ in range(self.config.n_layer)]
+        self._static_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+
+    def clear_cache(self) -> None:
+        self.kv_caches = None
+        self._static_mask = None
+
+    # ----- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        static_cache: bool = False,
+        logits_at: torch.Tensor | str | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits.
+
+        position_ids (B, T): positions for wpe (default 0..T-1, or input_pos when caching).
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over every key the rows attend to
+            (S = T without cache; S = cache slots used so far, or the whole cache when static).
+        input_pos (T,): cache slots of these tokens; using it needs setup_cache() first.
+        static_cache: attend over the whole preallocated cache (fixed shapes for torch.compile).
+        logits_at: None -> (B, T, V); "last" -> (B, V); a bool mask (B, T) -> (N, V) at the True
+            positions only, which skips the vocabulary projection everywhere else.
+        """
+        B, T = idx.shape
+        use_cache = input_pos is not None
+        if use_cache and self.kv_caches is None:
+            raise RuntimeError("call setup_cache() before passing input_pos")
+        if position_ids is None:
+            position_ids = (input_pos if use_cache else torch.arange(T, device=idx.device)).unsqueeze(0)
+        if not use_cache and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context {self.config.block_size}")
+
+        attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        for i, block in enumerate(self.transformer.h):
+            cache = self.kv_caches[i] if use_cache else None
+            if self.gradient_checkpointing and self.training and not use_cache:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache, input_pos, cache_len)
+        x = self.transformer.ln_f(x)
+        if logits_at is None:
+            return self.lm_head(x)
+        if isinstance(logits_at, str):
+            if logits_at != "last":
+                raise ValueError(f"logits_at must be None, 'last' or a bool mask, not {logits_at!r}")
+            return self.lm_head(x[:, -1])
+        return self.lm_head(x[logits_at])
+
+    def _attention_mask(self, T, attention_mask, input_pos, static_cache, device):
+        """The bool mask (B|1, 1, T, S) for SDPA, or None where is_causal / attend-to-all suffices."""
+        if input_pos is None:
+            if attention_mask is None:
+                return None, None
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+            return mask | torch.eye(T, dtype=torch.bool, device=device), None  # pad rows see themselves
+        if static_cache:
+            mask = self._static_mask[input_pos][None, None]  # (1, 1, T, max_len)
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]
+            return mask, None
+        cache_len = int(input_pos[-1]) + 1
+        if attention_mask is None and T == 1:
+            return None, cache_len  # one new token attends to every cached one
+        mask = self._static_mask[input_pos, :cache_len][None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, :cache_len].bool()[:, None, None, :]
+            mask = mask | (torch.arange(cache_len, device=device) == input_pos[:, None])  # see self
+        return mask, cache_len

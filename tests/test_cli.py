@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import assert_clean_error, run_cli
+from gpt2ft.cli import VERBS, build_parser
+
+
+def test_top_level_help_runs_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for verb in VERBS:
+        assert verb in proc.stdout
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: gpt2ft " + verb in capsys.readouterr().out
+
+
+def test_generate_and_info_from_a_folder(hf_dir):
+    out = run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0",
+                  "--device", "cpu", check=True).stdout
+    assert len(out.strip()) > 0
+    streamed = run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0",
+                       "--stream", check=True).stdout
+    assert streamed == out
+    info = run_cli("info", hf_dir, check=True).stdout
+    assert "parameters" in info and "n_layer=2" in info
+    top = run_cli("generate", hf_dir, "--prompt", "Hello", "--top-next", "3", check=True).stdout
+    assert len(top.strip().splitlines()) == 3
+
+
+def test_yaml_config_fills_flags_and_flags_override(hf_dir, tmp_path):
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text("max-new-tokens: 3\ntemperature: 0\nprompt: Hello\n")
+    a = run_cli("generate", hf_dir, "--config", cfg, check=True).stdout
+    b = run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0", check=True).stdout
+    assert a == b
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max-new-tokenz: 3\n")
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "x", "--config", bad), "max_new_tokenz")
+
+
+def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
+    assert_clean_error(run_cli("info", tmp_path / "missing"), "no such model folder")
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--top-p", "0"), "top_p")
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--max-new-tokens", "500"),
+                       "context of 64")
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")

@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from gpt2ft.errors import UserError
+from gpt2ft.generation import (SamplingConfig, TextStream, apply_repetition_penalty, generate, generate_ids,
+                               predict_next_token, sample_next, top_k_filter, top_p_filter)
+from gpt2ft.tokenizer import StreamDecoder, gpt2_tokenizer
+
+GREEDY = dict(temperature=0.0, stop_at_eos=False)
+
+
+def _ours(model, prompt_ids, n, **kw):
+    cfg = SamplingConfig(max_new_tokens=n, **GREEDY)
+    return torch.stack(list(generate_ids(model, prompt_ids, cfg, **kw)), dim=1).tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_equals_transformers_generate(hf_model, tiny_model, use_cache):
+    model, _ = tiny_model
+    prompt = [[464, 3290, 318, 257, 922, 1110]]
+    hf = hf_model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                           pad_token_id=50256)[0, 6:].tolist()
+    assert _ours(model, prompt, 20, use_cache=use_cache)[0] == hf
+
+
+def test_static_cache_path_equals_dynamic(tiny_model):
+    from gpt2ft.generation import _decode_step  # the static path without compile, same shapes
+
+    model, _ = tiny_model
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    assert _ours(model, prompts, 12, compile=False) == _ours(model, prompts, 12, use_cache=False)
+    import gpt2ft.generation as g
+    g._compiled_steps[id(model)] = _decode_step  # run the static-shape branch eagerly
+    try:
+        assert _ours(model, prompts, 12, compile=True) == _ours(model, prompts, 12, use_cache=False)
+    finally:
+        g._compiled_steps.pop(id(model))
+
+
+def test_batched_left_padding_equals_one_by_one(tiny_model):
+    model, _ = tiny_model
+    prompts = [[464, 3290, 318], [40, 1842, 257, 922, 1110, 284, 11], [101]]
+    batched = _ours(model, prompts, 15)
+    for row, p in zip(batched, prompts):
+        assert row == _ours(model, [p], 15)[0]
+
+
+def test_batched_sampling_with_repetition_penalty_matches_one_by_one(tiny_model):
+    model, _ = tiny_model
+    prompts = [[464, 3290, 318], [40, 1842, 257, 922, 1110]]
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.0, repetition_penalty=1.5, stop_at_eos=False)
+    batched = torch.stack(list(generate_ids(model, prompts, cfg)), 1).tolist()
+    assert batched[1] == torch.stack(list(generate_ids(model, [prompts[1]], cfg)), 1)[0].tolist()
+
+
+def test_repetition_penalty_matches_transformers(hf_model, tiny_model):
+    model, _ = tiny_model
+    prompt = [[464, 3290, 318, 257, 922, 1110]]
+    hf = hf_model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                           repetition_penalty=1.3, pad_token_id=50256)[0, 6:].tolist()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3, stop_at_eos=False)
+    assert torch.stack(list(generate_ids(model, prompt, cfg)), 1)[0].tolist() == hf
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = top_k_filter(logits, 2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()
+    assert kept(0.5) == [True, False, False, False, False]  # 0.5 alone reaches 0.5
+    assert kept(0.51) == [True, True, False, False, False]
+    assert kept(0.85) == [True, True, True, False, False]  # 0.5 + 0.2 + 0.15 = 0.85
+    assert kept(0.86) == [True, True, True, True, False]
+    assert kept(0.01) == [True, False, False, False, False]  # never empty
+
+
+def test_temperature_scales_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    cfg = SamplingConfig(temperature=0.5)
+    draws = torch.stack([sample_next(logits, cfg, None, gen) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=3).float() / 4000
+    expected = (logits / 0.5).softmax(-1)[0]
+    assert (freq - expected).abs().max() < 0.03
+    assert sample_next(logits, SamplingConfig(temperature=0), None, None).item() == 0
+
+
+def test_repetition_penalty_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_sampling_is_seeded(tiny_model):
+    model, tok = tiny_model
+    a = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3, stop_at_eos=False)
+    b = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3, stop_at_eos=False)
+    c = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=4, stop_at_eos=False)
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_output_and_stream_equals_whole(tiny_model):
+    model, tok = tiny_model
+    cfg = SamplingConfig(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
+    full = TextStream(model, tok, "The", cfg)
+    list(full)
+    stop = full.text[5:8]
+    assert len(stop) == 3
+    stream = TextStream(model, tok, "The", SamplingConfig(max_new_tokens=30, temperature=0.0, stop=[stop]))
+    pieces = list(stream)
+    assert "".join(pieces) == stream.text == full.text[: full.text.find(stop)]
+    assert stream.finish_reason == "stop"
+    assert generate(model, tok, "The", max_new_tokens=30, temperature=0.0, stop=[stop]) == stream.text
+
+
+def test_stream_decoder_never_splits_utf8():
+    tok = gpt2_tokenizer()
+    text = "naïve café 日本語 🙂🙃 done"
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in tok.encode(text)] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens held half a character
+
+
+def test_context_overflow_is_a_clear_error(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(UserError, match="exceed the model's context of 64; lower max_new_tokens to 54"):
+        list(generate_ids(model, [list(range(10))], SamplingConfig(max_new_tokens=60)))
+    with pytest.raises(UserError, match="shorten the prompt"):
+        list(generate_ids(model, [list(range(64))], SamplingConfig(max_new_tokens=1)))
+
+
+def test_bad_sampling_values_are_rejected():
+    for bad in (dict(temperature=float("nan")), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0),
+                dict(repetition_penalty=0)):
+        with pytest.raises(UserError):
+            SamplingConfig(**bad)
+
+
+def test_predict_next_token(tiny_model, hf_model):
+    model, tok = tiny_model
+    top = predict_next_token(model, tok, "Hello world", k=3)
+    probs = hf_model(torch.tensor([[15496, 995]])).logits[0, -1].softmax(-1)
+    best = torch.topk(probs, 3)
+    assert [p for _, p in top] == pytest.approx(best.values.tolist(), abs=1e-5)
+    assert [t for t, _ in top] == [tok.decode([i]) for i in best.indices.tolist()]

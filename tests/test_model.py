@@ -1,0 +1,82 @@
+import torch
+
+from gpt2ft.checkpoint import load
+from gpt2ft.config import GPTConfig, preset
+from gpt2ft.model import GPT
+
+
+def test_logits_match_transformers_from_safetensors_folder(hf_model, tiny_model):
+    model, _ = tiny_model
+    x = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(x), hf_model(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_logits_match_transformers_from_pytorch_model_bin(hf_model, tmp_path):
+    # The legacy format: a pickled state dict (transformers 5 no longer writes it, so write it as 4.x did).
+    hf_model.config.save_pretrained(tmp_path)
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    model, _ = load(tmp_path)
+    x = torch.randint(0, 50257, (2, 17))
+    with torch.no_grad():
+        assert (model(x) - hf_model(x).logits).abs().max().item() <= 1e-5
+
+
+def test_logits_at_mask_and_last_equal_full_logits(tiny_model):
+    model, _ = tiny_model
+    x = torch.randint(0, 50257, (2, 10))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 3], mask[1, 7:] = True, True
+    with torch.no_grad():
+        full = model(x)
+        assert torch.allclose(model(x, logits_at=mask), full[mask], atol=1e-6)
+        assert torch.allclose(model(x, logits_at="last"), full[:, -1], atol=1e-6)
+
+
+def test_left_padding_with_attention_mask_does_not_change_real_positions(tiny_model):
+    model, _ = tiny_model
+    x = torch.randint(0, 50257, (1, 8))
+    padded = torch.cat([torch.full((1, 3), 50256), x], dim=1)
+    mask = torch.tensor([[0, 0, 0] + [1] * 8])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = model(x)
+        with_pad = model(padded, attention_mask=mask, position_ids=pos)
+    assert (with_pad[:, 3:] - alone).abs().max().item() < 1e-5
+
+
+def test_presets_and_custom_sizes():
+    assert preset("gpt2").num_params() == 124_439_808
+    assert preset("openai-community/gpt2-medium") == preset("gpt2-medium")
+    assert preset("gpt2-xl").n_embd == 1600
+    micro = preset("micro")
+    assert (micro.n_layer, micro.n_embd) == (2, 128)
+    assert (preset("tiny").n_layer, preset("tiny").n_embd) == (4, 256)
+    cfg = preset("micro", n_layer=3, block_size=64, vocab_size=300)
+    model = GPT(cfg)
+    assert model.num_params() == cfg.num_params()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=100)
+    a, b = GPT(cfg), GPT(cfg)
+    b.load_state_dict(a.state_dict())
+    b.gradient_checkpointing = True
+    x = torch.randint(0, 100, (2, 16))
+    for m in (a, b):
+        m.train()
+        m(x).logsumexp(-1).mean().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_gpt2_init_scheme():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 8) ** 0.5) < 0.001
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
