@@ -9,11 +9,12 @@ import dataclasses
 import typing
 
 
-def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
-    """MODEL positional (optional with model=False), --device, --dtype, --config."""
+def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
+    """MODEL positional, --lora ADAPTER_DIR, --device, --dtype, --config."""
     if model:
         p.add_argument("model", metavar="MODEL",
                        help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder")
+    if model and adapter_flag:
         p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply this LoRA adapter on top of MODEL")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda > mps > cpu)")
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
@@ -70,3 +71,75 @@ def dataclass_from_args(cls, args, **overrides):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def add_training(p: argparse.ArgumentParser, lr: float, **defaults) -> None:
+    """Every TrainConfig flag (--out, --max-steps, --batch-size, ... --resume) with verb-specific defaults."""
+    from ..train import TrainConfig
+
+    add_dataclass_args(p, TrainConfig, "training", skip=("device", "dtype"))
+    p.set_defaults(lr=lr, **defaults)
+    p.add_argument("--sample-prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt to sample from at each evaluation (repeatable)")
+
+
+def train_config(args):
+    from ..train import TrainConfig
+
+    return dataclass_from_args(TrainConfig, args)
+
+
+def data_resume_keys(tokenizer, data_fingerprint: str, max_length: int, model_config) -> dict:
+    """What must not change between a checkpoint and its resume."""
+    return {"tokenizer": tokenizer.fingerprint(), "data": data_fingerprint, "max_length": max_length,
+            "model": model_config.to_dict()}
+
+
+def add_lora(p: argparse.ArgumentParser) -> None:
+    """Training verbs: --lora trains a new adapter (--lora DIR continues that one) instead of all weights."""
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", nargs="?", const=True, default=None, metavar="ADAPTER_DIR",
+                   help="train a LoRA adapter only (optionally continuing the one in ADAPTER_DIR)")
+    g.add_argument("--lora-r", type=int, default=8, help="adapter rank")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling numerator (scale = alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--lora-targets", default="c_attn,c_proj",
+                   help="comma-separated module names (PEFT rule: name or suffix), e.g. c_attn,c_proj,mlp.c_fc")
+
+
+def load_for_training(args):
+    """(model, tokenizer) on CPU in fp32, with LoRA applied as --lora asks (or kept from a LoRA MODEL)."""
+    from pathlib import Path
+
+    from ..checkpoint import load, resolve
+    from ..lora import LoRAConfig, apply_lora, attach_adapter, trainable_summary
+
+    model, tokenizer = load(args.model, device="cpu", dtype="float32")
+    if isinstance(args.lora, str):
+        attach_adapter(model, resolve(Path(args.lora)))
+    elif args.lora:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        apply_lora(model, LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout, targets))
+    if getattr(model, "lora_config", None) is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad = "lora_" in name
+        print(trainable_summary(model))
+    if getattr(args, "dropout", None) is not None:
+        set_dropout(model, args.dropout)
+    return model, tokenizer
+
+
+def base_model_ref(model, args) -> str:
+    """What a LoRA checkpoint records as its base: the base of a LoRA MODEL, else MODEL's folder."""
+    return model.meta.get("base_model") if model.meta.get("lora") else str(model.source)
+
+
+def set_dropout(model, p: float) -> None:
+    import torch.nn as nn
+
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = p

@@ -1,0 +1,51 @@
+"""Continue training a model on raw text (style or domain adaptation, e.g. GPT-2 on Shakespeare).
+A text file or folder given to --data is prepared on the fly with the model's tokenizer.
+
+    gpt2ft finetune gpt2 --data shakespeare.txt --out runs/gpt2-shakespeare --max-steps 300
+    gpt2ft finetune gpt2 --data shakespeare.txt --out runs/lora --lora --lora-r 8
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli import required
+from . import (add_common, add_lora, add_training, base_model_ref, data_resume_keys, load_for_training,
+               train_config)
+
+
+def add_args(p):
+    add_common(p, adapter_flag=False)
+    required(p.add_argument("--data", help="prepared data folder, or text file(s)/folder to prepare now"))
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when preparing text")
+    add_training(p, lr=5e-5, warmup_steps=50)
+    add_lora(p)
+
+
+def run(args):
+    from ..data.text import TokenBlocks, prepare, read_meta
+    from ..errors import UserError
+    from ..objectives import LanguageModeling
+    from ..runtime import seed_everything
+    from ..train import train
+
+    cfg = train_config(args)
+    if not cfg.out:
+        raise UserError("--out is required: the run folder for checkpoints and logs")
+    seed_everything(args.seed)
+    model, tokenizer = load_for_training(args)
+    data = Path(args.data)
+    if not (data / "meta.json").exists():
+        data = Path(cfg.out) / "data"
+        prepare([args.data], data, tokenizer, args.val_fraction)
+    meta = read_meta(data)
+    if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+        raise UserError(f"{args.data} was prepared with another tokenizer than {args.model}'s; prepare it again "
+                        f"with --tokenizer {model.source}")
+    length = min(cfg.max_length or model.config.block_size, model.config.block_size)
+    val = TokenBlocks(data / "val.bin", meta["dtype"], length)
+    objective = LanguageModeling(TokenBlocks(data / "train.bin", meta["dtype"], length), val,
+                                 args.sample_prompt or val.sample_prompt(tokenizer))
+    run_meta = {"objective": "finetune", "base_model": base_model_ref(model, args), "data": str(data)}
+    train(model, tokenizer, objective, cfg, run_meta,
+          data_resume_keys(tokenizer, meta["fingerprint"], length, model.config))
+    return 0

@@ -1,0 +1,50 @@
+"""Train a GPT-2 from scratch (GPT-2's initialisation) on data made by `gpt2ft prepare`.
+
+    gpt2ft pretrain --model-config micro --data data/shakespeare --out runs/micro --max-steps 500
+"""
+from __future__ import annotations
+
+from ..cli import required
+from . import add_training, data_resume_keys, train_config
+
+
+def add_args(p):
+    p.add_argument("--model-config", default="micro", help="preset: micro, tiny, small, gpt2, gpt2-medium, ...")
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"override the preset's {name}")
+    required(p.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json)"))
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the data's)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
+    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML; flags override it")
+    add_training(p, lr=1e-3, warmup_steps=100, dropout=0.0)
+
+
+def run(args):
+    from ..config import preset
+    from ..data.text import TokenBlocks, read_meta
+    from ..errors import UserError
+    from ..model import GPT
+    from ..objectives import LanguageModeling
+    from ..runtime import seed_everything
+    from ..tokenizer import load_tokenizer
+    from ..train import train
+
+    meta = read_meta(args.data)
+    tokenizer = load_tokenizer(args.tokenizer or meta["tokenizer"].get("dir"))
+    if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
+        raise UserError(f"{args.data} was prepared with another tokenizer than {args.tokenizer or 'GPT-2 BPE'}; "
+                        "prepare it again with --tokenizer, or pass the tokenizer it was made with")
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    config = preset(args.model_config, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                    bos_token_id=tokenizer.eos_id, dropout=args.dropout, **overrides)
+    seed_everything(args.seed)
+    model = GPT(config)
+    cfg = train_config(args)
+    length = min(cfg.max_length or config.block_size, config.block_size)
+    val = TokenBlocks(f"{args.data}/val.bin", meta["dtype"], length)
+    objective = LanguageModeling(TokenBlocks(f"{args.data}/train.bin", meta["dtype"], length), val,
+                                 args.sample_prompt or val.sample_prompt(tokenizer))
+    run_meta = {"objective": "pretrain", "model_config": args.model_config, "data": str(args.data)}
+    train(model, tokenizer, objective, cfg, run_meta, data_resume_keys(tokenizer, meta["fingerprint"], length, config))
+    return 0

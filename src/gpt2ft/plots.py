@@ -1,0 +1,66 @@
+"""Plots of a run's metrics.jsonl: losses against steps and tokens seen, and evaluation scores."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+SCORE_KEYS = ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "keyword_rate", "reward_accuracy")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise UserError(f"{run_dir}: no metrics.jsonl; is this a gpt2ft run folder?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: not valid JSON") from None
+    return rows
+
+
+def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+    """Write run_dir/loss.<fmt>: train/val loss against steps and tokens, plus scores if any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "train_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    scores = [k for k in SCORE_KEYS if any(k in r for r in rows)]
+    if not train and not val:
+        raise UserError(f"{run_dir}/metrics.jsonl has no losses to plot yet")
+    panels = 3 if scores else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), constrained_layout=True)
+    for ax, x_key, label in ((axes[0], "step", "step"), (axes[1], "tokens_seen", "tokens seen")):
+        if train:
+            ax.plot([r[x_key] for r in train], [r["train_loss"] for r in train], label="train", alpha=0.8)
+        if val:
+            ax.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title(run_dir.name)
+    if scores:
+        for key in scores:
+            pts = [r for r in rows if key in r]
+            axes[2].plot([r["step"] for r in pts], [r[key] for r in pts], "o-", label=key)
+        axes[2].set_xlabel("step")
+        axes[2].set_title("validation scores")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend()
+    written = []
+    for fmt in formats:
+        out = run_dir / f"loss.{fmt}"
+        fig.savefig(out, dpi=120)
+        written.append(out)
+    plt.close(fig)
+    return written
