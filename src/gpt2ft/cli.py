@@ -16,11 +16,11 @@ VERBS = {
     "prepare": ("prepare", "tokenize text files into train.bin/val.bin memmaps"),
     "pretrain": ("pretrain", "train a GPT-2 from scratch on prepared text"),
     "finetune": ("finetune", "continue training a model on raw text (style/domain adaptation)"),
-    # "sft": ("sft", "instruction-tune a model with loss on response tokens only"),
-    # "eval": ("evaluate", "score a model: exact match, BLEU, ROUGE, keywords, perplexity"),
+    "sft": ("sft", "instruction-tune a model with loss on response tokens only"),
+    "eval": ("evaluate", "score a model: exact match, BLEU, ROUGE, keywords, perplexity"),
     "compare": ("compare", "generate from two models side by side with the same settings"),
     "plot": ("plot", "plot a run's losses and metrics to PNG/PDF"),
-    # "data": ("data", "convert instruction data between formats"),
+    "data": ("data", "convert instruction data between formats"),
     # "demo": ("demo", "the end-to-end quickstart: pretrain, SFT, eval, plots, samples"),
 }
 

@@ -18,15 +18,17 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def masked_lm_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(summed loss, supervised token count); logits are computed only where labels are supervised."""
+def masked_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(summed loss, supervised token count) of a batch with input_ids and labels (and optionally
+    position_ids / attention_mask); logits are computed only where labels are supervised."""
+    labels = batch["labels"]
     mask = supervised_mask(labels)
     n = int(mask.sum())
-    if mask.all():
-        logits = model(input_ids, attention_mask=attention_mask)
+    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+    if bool(mask.all()):
+        logits = model(batch["input_ids"], **extra)
         return cross_entropy_sum(logits.flatten(0, 1), labels.flatten()), n
-    logits = model(input_ids, attention_mask=attention_mask, logits_at=mask)
+    logits = model(batch["input_ids"], logits_at=mask, **extra)
     return cross_entropy_sum(logits, labels[mask]), n
 
 

@@ -159,7 +159,8 @@ class GPT(nn.Module):
 
         position_ids (B, T): positions for wpe (default 0..T-1, or input_pos when caching).
         attention_mask (B, S): 1 for real tokens, 0 for padding, over every key the rows attend to
-            (S = T without cache; S = cache slots used so far, or the whole cache when static).
+            (S = T without cache; S = cache slots used so far, or the whole cache when static);
+            or, without cache, a bool (B, T, T) mask of which keys each query may see.
         input_pos (T,): cache slots of these tokens; using it needs setup_cache() first.
         static_cache: attend over the whole preallocated cache (fixed shapes for torch.compile).
         logits_at: None -> (B, T, V); "last" -> (B, V); a bool mask (B, T) -> (N, V) at the True
@@ -196,6 +197,8 @@ class GPT(nn.Module):
         if input_pos is None:
             if attention_mask is None:
                 return None, None
+            if attention_mask.dim() == 3:  # a full (B, T, S) mask, e.g. block-diagonal for packed rows
+                return attention_mask.bool()[:, None], None
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
             return mask | torch.eye(T, dtype=torch.bool, device=device), None  # pad rows see themselves

@@ -6,8 +6,12 @@ add metrics at evaluation time (`evaluate`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
+from .errors import UserError
 from .losses import IGNORE, masked_lm_loss_sum
 
 
@@ -25,7 +29,7 @@ class Objective:
         return int(batch["input_ids"].numel())
 
     def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        return masked_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+        return masked_lm_loss_sum(model, batch)
 
     def evaluate(self, model, tokenizer, step: int) -> dict:
         return {}
@@ -40,3 +44,65 @@ class LanguageModeling(Objective):
 
     def count(self, batch: dict) -> int:
         return int(batch["labels"].numel())
+
+
+class InstructionTuning(Objective):
+    """SFT: loss on response tokens (and their EOS) only; validation also generates and scores."""
+
+    name = "sft"
+
+    def __init__(self, train_records, val_records, tokenizer, template: dict, max_length: int,
+                 train_on_prompt: bool = False, packing: bool = False, oversample=(None, 1.0),
+                 eval_examples: int = 32, eval_max_new_tokens: int = 64, keywords: list[str] | None = None):
+        from .data.instructions import InstructionDataset
+
+        self.template, self.keywords = template, keywords or []
+        self.val_records = val_records[:eval_examples]
+        self.eval_max_new_tokens = eval_max_new_tokens
+        train_examples, weights, counts = self._tokenize(train_records, tokenizer, max_length, train_on_prompt,
+                                                          oversample)
+        val_examples, _, _ = self._tokenize(val_records, tokenizer, max_length, train_on_prompt, (None, 1.0))
+        self.train = InstructionDataset(train_examples, tokenizer.eos_id, max_length if packing else None)
+        self.val = InstructionDataset(val_examples, tokenizer.eos_id)
+        if packing and len(set(weights)) > 1:
+            raise UserError("--packing cannot be combined with per-record weights or --oversample-keyword "
+                            "(packed rows are sampled uniformly)")
+        self.weights = torch.tensor(weights, dtype=torch.float64) if weights and len(set(weights)) > 1 else None
+        digest = hashlib.sha256(json.dumps([e.ids for e in train_examples]).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+        self.report = (f"SFT data: {len(train_examples)} train / {len(val_examples)} val examples"
+                       f"{' packed into ' + str(len(self.train)) + ' rows' if packing else ''}; "
+                       f"{counts['response truncated']} responses and {counts['prompt truncated']} prompts "
+                       f"truncated to {max_length} tokens, {counts['no supervised token']} dropped")
+
+    def _tokenize(self, records, tokenizer, max_length, train_on_prompt, oversample):
+        """Tokenize, fit to max_length (keeping >= 1 supervised token), weight; count what was cut."""
+        from .data.instructions import fit_to_length, tokenize
+
+        keyword, factor = oversample
+        examples, weights = [], []
+        counts = {"response truncated": 0, "prompt truncated": 0, "no supervised token": 0}
+        for r in records:
+            ex, what = fit_to_length(tokenize(r, self.template, tokenizer, train_on_prompt), max_length)
+            if what:
+                counts[what] += 1
+            if ex is None:
+                continue
+            examples.append(ex)
+            weights.append(r.weight * (factor if keyword and keyword.lower() in json.dumps(r.raw).lower() else 1.0))
+        return examples, weights, counts
+
+    def tokens(self, batch: dict) -> int:
+        return batch["n_tokens"]
+
+    def evaluate(self, model, tokenizer, step: int) -> dict:
+        from .evaluate import evaluate_records
+        from .generation import SamplingConfig
+
+        if not self.val_records:
+            return {}
+        sampling = SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=0.0,
+                                  stop=list(self.template.get("stop", [])))
+        _, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
+        return {k: v for k, v in summary.items() if k in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL",
+                                                          "keyword_rate", "length_ratio")}

@@ -23,6 +23,7 @@ import torch
 
 from .checkpoint import (TRAIN_STATE_FILE, atomic_torch_save, atomic_write_text, commit_checkpoint,
                          run_checkpoints, verify_checkpoint, write_model_files)
+from .data import to_device
 from .errors import UserError
 from .objectives import Objective
 from .runtime import resolve_device, resolve_dtype
@@ -308,7 +309,7 @@ def accumulate_gradients(model, objective: Objective, micro: list[dict], units: 
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     total = 0.0
     for a, batch in enumerate(micro):
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         with contextlib.nullcontext() if a == len(micro) - 1 else no_sync():  # DDP: all-reduce once
             with autocast():
                 loss_sum, _ = objective.loss_sum(model, batch)
@@ -327,16 +328,12 @@ def evaluate_loss(model, objective: Objective, cfg: TrainConfig, device, autocas
     n = min(len(objective.val), cfg.eval_batches * cfg.batch_size)
     total, units = 0.0, 0
     for start in range(0, n, cfg.batch_size):
-        batch = _to(objective.val.batch(list(range(start, min(start + cfg.batch_size, n)))), device)
+        batch = to_device(objective.val.batch(list(range(start, min(start + cfg.batch_size, n)))), device)
         with autocast():
             loss, count = objective.loss_sum(model, batch)
         total, units = total + float(loss), units + count
     model.train()
     return total / max(units, 1)
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()

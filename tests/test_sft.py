@@ -1,0 +1,216 @@
+"""SFT data, masking, batching, packing, validation; SFT end to end; eval metrics against the libraries."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_cli
+from gpt2ft.checkpoint import save_model
+from gpt2ft.config import GPTConfig
+from gpt2ft.data.instructions import (InstructionDataset, fit_to_length, load_records, prompt_text, render,
+                                      tokenize)
+from gpt2ft.errors import UserError
+from gpt2ft.evaluate import score
+from gpt2ft.losses import IGNORE, masked_lm_loss_sum
+from gpt2ft.model import GPT
+from gpt2ft.templates import get_template
+from gpt2ft.tokenizer import gpt2_tokenizer, train_tokenizer
+
+ALPACA = get_template("alpaca")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_supervised_tokens_are_exactly_response_plus_eos(tmp_path):
+    tok = gpt2_tokenizer()
+    data = _write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky."},
+        {"instruction": "Translate", "input": "bonjour", "output": "hello"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                      {"role": "assistant", "content": "Goodbye."}]},
+    ])
+    records, _ = load_records(data)
+    for record, template in zip(records, [ALPACA, ALPACA, get_template("chat")]):
+        ex = tokenize(record, template, tok)
+        batch = InstructionDataset([ex], tok.eos_id).batch([0])
+        targets = batch["labels"][batch["labels"] != IGNORE].tolist()
+        replies = [m["content"] for m in record.messages if m["role"] == "assistant"]
+        expected = [t for r in replies for t in tok.encode(r) + [tok.eos_id]]
+        assert targets == expected
+        assert tok.decode(targets) == "<|endoftext|>".join(replies) + "<|endoftext|>"
+    assert "### Input:\nbonjour" in prompt_text(records[1], ALPACA)
+    assert prompt_text(records[0], ALPACA).startswith("Below is an instruction that describes a task.")
+
+
+def test_padding_and_batching_never_change_an_examples_loss():
+    torch.manual_seed(0)
+    tok = gpt2_tokenizer()
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)).eval()
+    from gpt2ft.data.instructions import Record
+
+    recs = [Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in [("Short?", "Yes."), ("A much longer question that pads the others?", "Indeed it does so."),
+                         ("Mid?", "Medium answer here.")]]
+    examples = [tokenize(r, ALPACA, tok) for r in recs]
+    data = InstructionDataset(examples, tok.eos_id)
+    with torch.no_grad():
+        alone = [masked_lm_loss_sum(model, data.batch([i]))[0] for i in range(3)]
+        together, n = masked_lm_loss_sum(model, data.batch([0, 1, 2]))
+        assert torch.allclose(together, sum(alone), atol=1e-4)
+        packed = InstructionDataset(examples, tok.eos_id, packing_length=128)
+        assert len(packed) == 1
+        packed_loss, packed_n = masked_lm_loss_sum(model, packed.batch([0]))
+        assert packed_n == n and torch.allclose(packed_loss, sum(alone), atol=1e-4)
+
+
+def test_truncation_keeps_a_supervised_token():
+    from gpt2ft.data.instructions import TokenizedExample
+
+    ex = TokenizedExample(list(range(30)), [False] * 20 + [True] * 10)
+    cut, what = fit_to_length(ex, 24)
+    assert what == "response truncated" and len(cut.ids) == 25 and sum(cut.supervised) == 5
+    cut, what = fit_to_length(ex, 10)
+    assert what == "prompt truncated" and len(cut.ids) == 11 and cut.supervised[-1] and sum(cut.supervised) == 1
+    assert fit_to_length(TokenizedExample([1, 2, 3], [False] * 3), 1) == (None, "no supervised token")
+
+
+def test_bad_records_are_listed_with_file_and_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "ok", "output": "fine"}\n{"instruction": "x", "output": ""}\n'
+                    'not json\n\n{"instruction": "y"}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
+    with pytest.raises(UserError) as e:
+        load_records(data)
+    msg = str(e.value)
+    for where, why in [(2, "empty output"), (3, "invalid JSON"), (5, "cannot tell the format"), (6, "role")]:
+        assert f"{data}:{where}: " in msg and why in msg, msg
+    good, bad = load_records(data, on_invalid="skip")
+    assert len(good) == 1 and len(bad) == 4
+
+
+def test_bom_crlf_and_csv_quoting(tmp_path):
+    jl = tmp_path / "win.jsonl"
+    jl.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\r\n{"instruction": "c", "output": "d"}\r\n')
+    assert [r.response for r in load_records(jl)[0]] == ["b", "d"]
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_text('question,answer\n"Hello, world?","Line one\nline two, with comma"\nplain,text\n')
+    records, _ = load_records(csv_file, columns={"question": "instruction", "answer": "output"})
+    assert records[0].instruction == "Hello, world?" and records[0].response == "Line one\nline two, with comma"
+    assert records[1].where == f"{csv_file}:4"
+
+
+def test_sft_cli_rejects_bad_data_before_loading_the_model(tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q2"}])
+    proc = run_cli("sft", tmp_path / "no-such-model", "--data", data, "--out", tmp_path / "run")
+    assert_clean_error(proc, f"{data}:2", "--on-invalid skip")
+
+
+def test_metrics_agree_with_sacrebleu_and_rouge_score():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    outs = ["the cat sat on the mat", "a quick brown fox", "hello there world"]
+    refs = ["the cat is on the mat", "the quick brown fox jumps", "hello there world"]
+    rows, summary = score(outs, refs, keywords=["world"])
+    assert summary["bleu"] == pytest.approx(sacrebleu.corpus_bleu(outs, [refs]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = sum(scorer.score(r, o)[key].fmeasure for o, r in zip(outs, refs)) / 3
+        assert summary[key] == pytest.approx(expected)
+    assert summary["exact_match"] == pytest.approx(1 / 3)
+    assert summary["keyword_rate"] == pytest.approx(1 / 3)
+    assert rows[1]["bleu"] == pytest.approx(sacrebleu.sentence_bleu(outs[1], [refs[1]]).score)
+    assert summary["length_ratio"] == pytest.approx(13 / 14)  # words: 6+4+3 over 6+5+3
+
+
+QA = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a, b in
+      [(1, 2), (2, 5), (3, 3), (4, 1), (5, 6), (6, 2), (7, 7), (8, 1), (9, 4), (2, 9), (3, 8), (4, 4)]] + \
+     [(f"Spell the word {w}.", "-".join(w.upper())) for w in ["cat", "dog", "sun", "moon", "tree", "fish",
+                                                              "bird", "rain", "star", "wind"]] + \
+     [(f"Which colour is {t}?", f"{t.capitalize()} is {c}.") for t, c in
+      [("grass", "green"), ("snow", "white"), ("coal", "black"), ("blood", "red"), ("the sky", "blue"),
+       ("a lemon", "yellow"), ("an orange", "orange"), ("a plum", "purple")]]
+
+
+@pytest.fixture(scope="module")
+def tiny_sft_setup(tmp_path_factory):
+    """A from-scratch tiny model with a small byte-level BPE trained on the examples, saved as a checkpoint."""
+    root = tmp_path_factory.mktemp("sft")
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
+    data = _write_jsonl(root / "qa.jsonl", rows)
+    corpus = [render_text for q, a in QA for render_text in (q, a)] + [get_template("instruction-response")["prompt_no_input"]]
+    tok = train_tokenizer(corpus * 5, "bpe", 400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=tok.vocab_size,
+                          eos_token_id=tok.eos_id, bos_token_id=tok.eos_id))
+    save_model(root / "base", model, tok)
+    return root, data
+
+
+def test_sft_then_eval_reproduces_the_training_examples(tiny_sft_setup, tmp_path):
+    root, data = tiny_sft_setup
+    run = tmp_path / "run"
+    run_cli("sft", root / "base", "--data", data, "--out", run, "--template", "instruction-response",
+            "--val-fraction", "0", "--test-fraction", "0", "--max-steps", "150", "--batch-size", "8", "--lr", "3e-3",
+            "--warmup-steps", "10", "--eval-every", "0", "--device", "cpu", "--no-progress", check=True)
+    meta = json.loads((run / "latest" / "gpt2ft.json").read_text())
+    assert meta["template"]["name"] == "instruction-response"
+    proc = run_cli("eval", run, "--data", data, "--out", tmp_path / "report", "--max-new-tokens", "24",
+                   "--device", "cpu", check=True)
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["exact_match"] >= 0.9, proc.stdout
+    rows = [json.loads(l) for l in (tmp_path / "report" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == len(QA) and {"prompt", "reference", "output", "bleu", "rougeL"} <= rows[0].keys()
+    # generate applies the saved template (the prompt is just the instruction)
+    out = run_cli("generate", run, "--prompt", QA[0][0], "--temperature", "0", "--max-new-tokens", "24",
+                  check=True).stdout.strip()
+    assert out == QA[0][1]
+
+
+def test_sft_with_splits_skip_invalid_packing_and_oversampling(tiny_sft_setup, tmp_path):
+    root, data = tiny_sft_setup
+    rows = [json.loads(l) for l in data.read_text().splitlines()] + [{"instruction": "broken"}]
+    bad = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    run = tmp_path / "run"
+    run_cli("sft", root / "base", "--data", bad, "--out", run, "--on-invalid", "skip", "--max-steps", "6",
+            "--eval-every", "3", "--eval-examples", "2", "--eval-max-new-tokens", "8", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--oversample-keyword", "spell", "--factor", "5", check=True)
+    rejected = [json.loads(l) for l in (run / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 1 and rejected[0]["where"].endswith(":31")
+    sizes = {n: len((run / "splits" / f"{n}.jsonl").read_text().splitlines()) for n in ("train", "val", "test")}
+    assert sizes == {"train": 25, "val": 3, "test": 2}  # 30 valid records: round(1.5) = 2 test, 3 val
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("rougeL" in m and "exact_match" in m for m in metrics)
+    run_cli("plot", run, "--format", "png", "--format", "pdf", check=True)
+    assert (run / "loss.png").exists() and (run / "loss.pdf").exists()
+    packed = tmp_path / "packed"
+    proc = run_cli("sft", root / "base", "--data", data, "--out", packed, "--packing", "--max-steps", "2",
+                   "--device", "cpu", "--no-progress", check=True)
+    assert "packed into" in proc.stdout
+
+
+def test_oversampling_weights_feed_the_sampler():
+    from gpt2ft.train import order_for_epoch
+
+    weights = torch.tensor([1.0] * 9 + [10.0])
+    order = order_for_epoch(10, 0, 1, weights).tolist() + order_for_epoch(10, 1, 1, weights).tolist()
+    assert order.count(9) > 5  # expected 10/19 of 20 draws
+    assert order_for_epoch(10, 3, 1, weights).tolist() == order_for_epoch(10, 3, 1, weights).tolist()
+
+
+def test_data_convert(tmp_path):
+    src = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Q", "input": "ctx", "output": "A"}])
+    run_cli("data", "convert", src, "--to", "messages", "--out", tmp_path / "m.jsonl", check=True)
+    row = json.loads((tmp_path / "m.jsonl").read_text())
+    assert row["messages"] == [{"role": "user", "content": "Q\n\nctx"}, {"role": "assistant", "content": "A"}]
+    lines = tmp_path / "secret.txt"
+    lines.write_text("The rainbow unicorn is real.\n\nIt lives in the attic.\n")
+    run_cli("data", "convert", lines, "--from", "lines", "--instruction", "Tell me a secret.", "--out",
+            tmp_path / "s.json", check=True)
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows == [{"instruction": "Tell me a secret.", "input": "", "output": "The rainbow unicorn is real."},
+                    {"instruction": "Tell me a secret.", "input": "", "output": "It lives in the attic."}]
