@@ -153,3 +153,21 @@ def test_run_folder_resolves_to_newest_complete_checkpoint(tiny_model, tmp_path)
     assert resolve(run).name == "step-00000005"
     with pytest.raises(UserError, match="no such model folder"):
         resolve(tmp_path / "nope")
+
+
+def test_write_error_during_save_names_the_path_and_keeps_older_checkpoints(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    model, tok = tiny_model
+    good = save_model(tmp_path / "good", model, tok)
+    before = (good / "model.safetensors").read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(UserError, match="could not write .*No space left on device"):
+        save_model(tmp_path / "next", model, tok)
+    monkeypatch.undo()
+    assert not (tmp_path / "next").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert (good / "model.safetensors").read_bytes() == before and verify_checkpoint(good) is None

@@ -52,3 +52,27 @@ def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--max-new-tokens", "500"),
                        "context of 64")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")))
+def test_example_configs_parse_for_their_command(path, monkeypatch):
+    """Each example YAML starts with the command that uses it; that command must accept every key."""
+    import shlex
+
+    from gpt2ft.cli import parse
+
+    monkeypatch.chdir(path.parent.parent)  # the commands are written from the repository root
+    command = shlex.split(path.read_text().splitlines()[0].lstrip("# "))
+    assert command[0] == "gpt2ft"
+    args = parse(command[1:])
+    assert args.out and args.config == f"configs/{path.name}"
+
+
+def test_compare_uses_the_same_settings_and_seed_for_both(hf_dir, tmp_path):
+    run_cli("compare", hf_dir, hf_dir, "--prompt", "Once upon", "--prompt", "The king", "--temperature", "1.0",
+            "--top-k", "40", "--seed", "7", "--max-new-tokens", "6", "--out-md", tmp_path / "c.md",
+            "--out-json", tmp_path / "c.json", check=True)
+    rows = __import__("json").loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["prompt"] for r in rows] == ["Once upon", "The king"]
+    assert all(r["a"] == r["b"] and r["a"] for r in rows)  # same model, same seed: same text
+    assert (tmp_path / "c.md").read_text().startswith("| prompt | A: ")

@@ -214,3 +214,32 @@ def test_data_convert(tmp_path):
     rows = json.loads((tmp_path / "s.json").read_text())
     assert rows == [{"instruction": "Tell me a secret.", "input": "", "output": "The rainbow unicorn is real."},
                     {"instruction": "Tell me a secret.", "input": "", "output": "It lives in the attic."}]
+
+
+def test_custom_template_file_and_hf_dataset_from_a_local_folder(tmp_path):
+    tpl = tmp_path / "tpl.yaml"
+    tpl.write_text('prompt: "Q: {instruction}\\nA:"\nstop: ["\\nQ:"]\n')
+    template = get_template(str(tpl))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"instruction": "Two plus two?", "output": " Four."}])
+    records, _ = load_records(f"hf:{folder}")  # the datasets library, offline, from a local folder
+    assert prompt_text(records[0], template) == "Q: Two plus two?\nA:"
+    with pytest.raises(UserError, match="needs a 'prompt'"):
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"prompt": "no placeholder"}')
+        get_template(str(bad))
+
+
+def test_text_perplexity_matches_transformers(hf_dir, hf_model, tmp_path):
+    import math
+
+    text = "It is a tale told by an idiot, full of sound and fury, signifying nothing. " * 3
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    proc = run_cli("eval", hf_dir, "--data", path, "--out", tmp_path / "r", check=True)
+    ppl = json.loads((tmp_path / "r" / "summary.json").read_text())["perplexity"]
+    ids = torch.tensor([gpt2_tokenizer().encode(text)])
+    with torch.no_grad():
+        expected = math.exp(hf_model(ids, labels=ids).loss.item())  # one window: the text fits the context
+    assert ids.shape[1] <= 65 and ppl == pytest.approx(expected, rel=1e-4), proc.stdout

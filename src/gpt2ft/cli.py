@@ -21,7 +21,7 @@ VERBS = {
     "compare": ("compare", "generate from two models side by side with the same settings"),
     "plot": ("plot", "plot a run's losses and metrics to PNG/PDF"),
     "data": ("data", "convert instruction data between formats"),
-    # "demo": ("demo", "the end-to-end quickstart: pretrain, SFT, eval, plots, samples"),
+    "demo": ("demo", "the end-to-end quickstart: pretrain, SFT, eval, plots, samples"),
 }
 
 

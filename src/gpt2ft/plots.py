@@ -50,9 +50,10 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
         ax.legend()
     axes[0].set_title(run_dir.name)
     if scores:
-        for key in scores:
+        for key in scores:  # every score on a 0-1 scale (BLEU is reported 0-100)
             pts = [r for r in rows if key in r]
-            axes[2].plot([r["step"] for r in pts], [r[key] for r in pts], "o-", label=key)
+            scale, label = (100, "bleu / 100") if key == "bleu" else (1, key)
+            axes[2].plot([r["step"] for r in pts], [r[key] / scale for r in pts], "o-", label=label)
         axes[2].set_xlabel("step")
         axes[2].set_title("validation scores")
         axes[2].grid(alpha=0.3)

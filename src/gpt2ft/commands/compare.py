@@ -18,6 +18,8 @@ def add_args(p):
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line")
     p.add_argument("--raw", action="store_true", help="no prompt templates")
+    p.add_argument("--template", default=None,
+                   help="format every prompt with this template for both models (default: each model's own)")
     p.add_argument("--out-md", default=None, help="also write a Markdown table here")
     p.add_argument("--out-json", default=None, help="also write JSON here")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
@@ -31,7 +33,7 @@ def run(args):
     from ..checkpoint import load
     from ..generation import generate_batch
     from . import sampling_config
-    from ..templates import prompt_for_generation
+    from ..templates import get_template, prompt_for_generation
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -42,9 +44,10 @@ def run(args):
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
     columns = {}
+    forced = {"template": get_template(args.template)} if args.template else None
     for ref in (args.model_a, args.model_b):
         model, tok = load(ref, device=args.device, dtype=args.dtype)
-        formatted = [prompt_for_generation(model.meta, p, args.raw) for p in prompts]
+        formatted = [prompt_for_generation(forced or model.meta, p, args.raw) for p in prompts]
         stops = formatted[0][1]
         columns[ref] = generate_batch(model, tok, [f for f, _ in formatted], sampling_config(args, stops))
         del model

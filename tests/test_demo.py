@@ -1,0 +1,17 @@
+import json
+
+from conftest import run_cli
+from gpt2ft.checkpoint import load
+
+
+def test_quick_demo_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--quick", "--out", out, "--device", "cpu", check=True, timeout=600)
+    for path in ("tokenizer/vocab.json", "data/train.bin", "pretrain/loss.png", "sft/loss.png",
+                 "sft/splits/test.jsonl", "eval/summary.json", "eval/responses.jsonl", "before_after.md"):
+        assert (out / path).exists(), path
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["examples"] > 0 and 0 <= summary["rougeL"] <= 1
+    model, tok = load(out / "sft")
+    assert model.meta["template"]["name"] == "instruction-response" and tok.vocab_size == 1024
+    assert "$ gpt2ft sft" in proc.stdout and "demo finished" in proc.stdout
