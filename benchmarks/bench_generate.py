@@ -25,9 +25,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--compile", action="store_true", help="also time our static-cache compiled decode (GPU)")
+    p.add_argument("--dtype", default=None, help="float32|bfloat16 (default: bfloat16 on a GPU, float32 on CPU)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa")).to(device, dtype).eval()
     ours = GPT(preset("gpt2", dropout=0.0))

@@ -18,18 +18,66 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, target_i), computed chunk by chunk so the (N, V) logits are never
+    held whole. The gradients are formed in the forward pass (softmax - one_hot is all backward needs),
+    so there is no recomputation; the weight's gradient is skipped when it is frozen (LoRA)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        grads = torch.is_grad_enabled() or any(ctx.needs_input_grad[:2])
+        need_h = ctx.needs_input_grad[0] and grads
+        need_w = ctx.needs_input_grad[1] and grads
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(t), device=g.device), t] -= 1.0
+                g = g.to(h.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_size] = g @ weight.to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t().float() if g.dtype != torch.float32 else g.t(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of the logits hidden @ weight^T (N, V) against targets (N,), float32 math."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+def unwrap(model):
+    """The GPT inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def masked_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(summed loss, supervised token count) of a batch with input_ids and labels (and optionally
-    position_ids / attention_mask); logits are computed only where labels are supervised."""
+    position_ids / attention_mask). Only supervised positions reach the vocabulary projection, and
+    the logits are never materialised whole (see _LinearCrossEntropy)."""
     labels = batch["labels"]
     mask = supervised_mask(labels)
-    n = int(mask.sum())
     extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
-    if bool(mask.all()):
-        logits = model(batch["input_ids"], **extra)
-        return cross_entropy_sum(logits.flatten(0, 1), labels.flatten()), n
-    logits = model(batch["input_ids"], logits_at=mask, **extra)
-    return cross_entropy_sum(logits, labels[mask]), n
+    hidden = model(batch["input_ids"], logits_at=mask, hidden_only=True, **extra)  # (N, C)
+    return linear_cross_entropy_sum(hidden, unwrap(model).lm_head.weight, labels[mask]), int(mask.sum())
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,7 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         static_cache: bool = False,
         logits_at: torch.Tensor | str | None = None,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits.
 
@@ -165,6 +166,8 @@ class GPT(nn.Module):
         static_cache: attend over the whole preallocated cache (fixed shapes for torch.compile).
         logits_at: None -> (B, T, V); "last" -> (B, V); a bool mask (B, T) -> (N, V) at the True
             positions only, which skips the vocabulary projection everywhere else.
+        hidden_only: return the final hidden states at those positions instead of logits (for a
+            loss that applies lm_head itself, chunk by chunk).
         """
         B, T = idx.shape
         use_cache = input_pos is not None
@@ -184,13 +187,13 @@ class GPT(nn.Module):
             else:
                 x = block(x, attn_mask, cache, input_pos, cache_len)
         x = self.transformer.ln_f(x)
-        if logits_at is None:
-            return self.lm_head(x)
         if isinstance(logits_at, str):
             if logits_at != "last":
                 raise ValueError(f"logits_at must be None, 'last' or a bool mask, not {logits_at!r}")
-            return self.lm_head(x[:, -1])
-        return self.lm_head(x[logits_at])
+            x = x[:, -1]
+        elif logits_at is not None:
+            x = x[logits_at]
+        return x if hidden_only else self.lm_head(x)
 
     def _attention_mask(self, T, attention_mask, input_pos, static_cache, device):
         """The bool mask (B|1, 1, T, S) for SDPA, or None where is_causal / attend-to-all suffices."""

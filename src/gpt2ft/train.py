@@ -102,8 +102,10 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
         is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name
         (decay if is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    try:  # one fused kernel: on CPU too it is several times faster than the foreach default
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def order_for_epoch(n: int, epoch: int, seed: int, weights: torch.Tensor | None) -> torch.Tensor:
