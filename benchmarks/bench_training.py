@@ -4,7 +4,8 @@
          on a GPU also MFU.
   sft:   the bundled instruction set -- ours vs TRL SFTTrainer (completion-only loss); and our
          half-masked step vs an unmasked one (logits only at supervised positions).
-  lora:  LoRA r=8 on c_attn,c_proj vs full fine-tuning (tokens/s, peak memory) and vs HF + PEFT.
+  lora:  LoRA r=8 on c_attn,c_proj vs full fine-tuning (tokens/s, peak memory) and vs HF + PEFT;
+         also LoRA with activation checkpointing (ours_ckpt).
 
     python -m benchmarks.bench_training --suite all [--rounds 2]
 """
@@ -69,14 +70,17 @@ def main() -> None:
 
     if args.suite in ("lora", "all"):
         runs = measure({"ours": {"kind": "ours_lora", **base}, "ours_full": {"kind": "ours", **base},
-                        "hf_peft": {"kind": "hf_peft", **base}}, args.rounds)
+                        "hf_peft": {"kind": "hf_peft", **base},
+                        "ours_ckpt": {"kind": "ours_lora", "checkpointing": True, **base}}, args.rounds)
         rates = {k: [r["rate"] for r in v] for k, v in runs.items()}
         med = report("LoRA r=8 training tokens/s, GPT-2 124M", rates, "tokens/s", "hf_peft")
         mem = {k: min(r["peak_mb"] for r in v) for k, v in runs.items()}
         kind = "max allocated (GPU)" if gpu else "peak RSS"
         print(f"  peak memory ({kind}): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
-        print(f"  LoRA peak memory / full fine-tuning: {mem['ours'] / mem['ours_full']:.2f}; "
-              f"LoRA tokens/s vs full: {med['ours'] / med['ours_full']:.2f}x")
+        print(f"  LoRA peak memory / full fine-tuning: {mem['ours'] / mem['ours_full']:.2f} "
+              f"({mem['ours_ckpt'] / mem['ours_full']:.2f} with --gradient-checkpointing); "
+              f"LoRA tokens/s vs full: {med['ours'] / med['ours_full']:.2f}x "
+              f"({med['ours_ckpt'] / med['ours_full']:.2f}x with checkpointing)")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def run_ours(cfg: dict) -> list[float]:
     objective.val = None
     out = tempfile.mkdtemp()
     tc = TrainConfig(out=out, max_steps=cfg["steps"], batch_size=cfg["batch"], log_every=1, eval_every=0,
-                     save_every=10**9, progress=False, warmup_steps=0, compile=cfg.get("compile", False))
+                     save_every=10**9, progress=False, warmup_steps=0, compile=cfg.get("compile", False),
+                     gradient_checkpointing=cfg.get("checkpointing", False))
     train(model, gpt2_tokenizer(), objective, tc, {}, {})
     rates = [json.loads(l)["tokens_per_s"] for l in open(f"{out}/metrics.jsonl") if "tokens_per_s" in l]
     return rates

@@ -245,3 +245,23 @@ def test_two_process_ddp_equals_one_process(corpus, tmp_path):
     b = [m["train_loss"] for m in _metrics(tmp_path / "two") if "train_loss" in m]
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts_cleanly(corpus, tmp_path):
+    for presses in (1, 2):
+        run = tmp_path / f"run{presses}"
+        proc = _popen(_train_args(corpus, run, steps=100000, save_every=100000))
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.2)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        for ckpt in run_checkpoints(run):  # whatever is at a final name is complete
+            assert verify_checkpoint(ckpt) is None
+        if presses == 1:
+            assert run_checkpoints(run)[0].name == f"step-{max(m['step'] for m in _metrics(run)):08d}"

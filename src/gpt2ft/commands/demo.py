@@ -23,7 +23,8 @@ def add_args(p):
     p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
     p.add_argument("--model", default=None, help="start from this model (e.g. gpt2) instead of pretraining one")
     p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps")
-    p.add_argument("--sft-epochs", type=float, default=12.0, help="SFT passes over the instruction set")
+    p.add_argument("--sft-epochs", type=float, default=None,
+                   help="SFT passes over the instruction set (default: 12 from scratch, 3 with --model)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
@@ -81,11 +82,12 @@ def run(args):
         base = out / "pretrain"
     if not DATA_FILE.exists():
         raise UserError(f"the bundled instruction set is missing ({DATA_FILE}); reinstall gpt2ft")
+    epochs = 0.05 if quick else args.sft_epochs or (12 if args.model is None else 3)
     _step("4. instruction-tune it (loss on responses only)",
           ["sft", base, "--data", DATA_FILE, "--template", "instruction-response", "--out", out / "sft",
-           "--epochs", 0.05 if quick else args.sft_epochs, "--batch-size", 16, "--lr", "1e-3" if args.model is None else "1e-4",
-           "--warmup-steps", 2 if quick else 20, "--eval-every", 2 if quick else 100, "--eval-examples", 8 if quick else 16,
-           "--eval-max-new-tokens", 24, "--save-every", 1000, *device])
+           "--epochs", epochs, "--batch-size", 16, "--lr", "1e-3" if args.model is None else "1e-4",
+           "--warmup-steps", 2 if quick else 20, "--eval-every", 2 if quick else 100,
+           "--eval-examples", 8 if quick else 16, "--eval-max-new-tokens", 24, "--save-every", 1000, *device])
     _step("5. evaluate on the held-out test split",
           ["eval", out / "sft", "--data", out / "sft", "--out", out / "eval", "--max-new-tokens", 32, *device])
     for run_dir in ([out / "pretrain"] if args.model is None else []) + [out / "sft"]:
