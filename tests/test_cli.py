@@ -52,6 +52,8 @@ def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--max-new-tokens", "500"),
                        "context of 64")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")
+    assert_clean_error(run_cli("eval", hf_dir, "--data", tmp_path / "missing.txt"), "missing.txt",
+                       "No such file")
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")))

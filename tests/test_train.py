@@ -259,7 +259,9 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts_cleanly(corpus, tmp_
             proc.send_signal(signal.SIGINT)
             time.sleep(0.05)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 130, err
+        # 130, or killed by SIGINT (-2, which a shell also reports as 130) when the second press
+        # lands while the process is already exiting
+        assert proc.returncode in ((130,) if presses == 1 else (130, -signal.SIGINT)), err
         assert "Traceback" not in err
         for ckpt in run_checkpoints(run):  # whatever is at a final name is complete
             assert verify_checkpoint(ckpt) is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from .errors import UserError
@@ -104,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{verb}: interrupted", file=sys.stderr)
         return 130
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"{verb}: error: {e.filename}: {e.strerror}", file=sys.stderr)  # a path the user gave
+        return 1
     except BrokenPipeError:
         return 0
+    finally:  # a Ctrl-C while the interpreter shuts down ends it quietly (exit status: killed by SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
