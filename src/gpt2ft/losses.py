@@ -30,29 +30,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_w = ctx.needs_input_grad[1] and grads
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = (h @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            rows = torch.arange(len(t), device=h.device)
+            z = (h @ weight.t()).float()  # (n, V) logits; every step below works in place on them
+            z.sub_(z.amax(dim=-1, keepdim=True))
+            target_z = z[rows, t]
+            z.exp_()
+            total = z.sum(dim=-1)
+            loss += (total.log() - target_z).sum()  # logsumexp - target logit, both shifted by the max
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(len(t), device=g.device), t] -= 1.0
+                g = z.div_(total[:, None])  # softmax
+                g[rows, t] -= 1.0  # d loss / d logits
                 g = g.to(h.dtype)
                 if need_h:
                     grad_h[start:start + chunk_size] = g @ weight.to(h.dtype)
                 if need_w:
-                    grad_w.addmm_(g.t().float() if g.dtype != torch.float32 else g.t(), h.float())
+                    part = g.t().float() @ h.float()
+                    grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        grad_h, grad_w = ctx.saved_tensors  # used once: scale them in place
+        dh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        dw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return dh, dw, None, None
 
 
