@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_clean_error, run_cli
-from gpt2ft.checkpoint import export, load, save_model, to_hf_state_dict, verify_checkpoint
+from gpt2ft.checkpoint import export, load, save_model, verify_checkpoint
 from gpt2ft.errors import UserError
 
 

@@ -1,6 +1,5 @@
 """SFT data, masking, batching, packing, validation; SFT end to end; eval metrics against the libraries."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +7,7 @@ import torch
 from conftest import assert_clean_error, run_cli
 from gpt2ft.checkpoint import save_model
 from gpt2ft.config import GPTConfig
-from gpt2ft.data.instructions import (InstructionDataset, fit_to_length, load_records, prompt_text, render,
-                                      tokenize)
+from gpt2ft.data.instructions import (InstructionDataset, fit_to_length, load_records, prompt_text, tokenize)
 from gpt2ft.errors import UserError
 from gpt2ft.evaluate import score
 from gpt2ft.losses import IGNORE, masked_lm_loss_sum
