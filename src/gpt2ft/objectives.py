@@ -45,6 +45,17 @@ class LanguageModeling(Objective):
     def count(self, batch: dict) -> int:
         return int(batch["labels"].numel())
 
+    @classmethod
+    def from_prepared(cls, data_dir, meta: dict, length: int, tokenizer, sample_prompts: list[str] | None):
+        """Blocks of `length` tokens from a `gpt2ft prepare` folder; samples open with the val text by default."""
+        from pathlib import Path
+
+        from .data.text import TokenBlocks
+
+        val = TokenBlocks(Path(data_dir) / "val.bin", meta["dtype"], length)
+        return cls(TokenBlocks(Path(data_dir) / "train.bin", meta["dtype"], length), val,
+                   sample_prompts or val.sample_prompt(tokenizer))
+
 
 class InstructionTuning(Objective):
     """SFT: loss on response tokens (and their EOS) only; validation also generates and scores."""

@@ -83,6 +83,11 @@ class TrainState:
 
 
 # ----- pieces the loop uses ------------------------------------------------------------------
+def sequence_length(cfg: TrainConfig, context: int) -> int:
+    """--max-length, capped at the model's context (which it defaults to)."""
+    return min(cfg.max_length or context, context)
+
+
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at the last step."""
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr

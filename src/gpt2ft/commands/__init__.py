@@ -120,9 +120,7 @@ def load_for_training(args):
     elif args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         apply_lora(model, LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout, targets))
-    if getattr(model, "lora_config", None) is not None:
-        for name, p in model.named_parameters():
-            p.requires_grad = "lora_" in name
+    if getattr(model, "lora_config", None) is not None:  # apply_lora froze all but the adapters
         print(trainable_summary(model))
     if getattr(args, "dropout", None) is not None:
         set_dropout(model, args.dropout)

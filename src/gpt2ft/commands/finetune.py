@@ -22,11 +22,11 @@ def add_args(p):
 
 
 def run(args):
-    from ..data.text import TokenBlocks, prepare, read_meta
+    from ..data.text import prepare, read_meta
     from ..errors import UserError
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
-    from ..train import train
+    from ..train import sequence_length, train
 
     cfg = train_config(args)
     if not cfg.out:
@@ -41,10 +41,8 @@ def run(args):
     if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
         raise UserError(f"{args.data} was prepared with another tokenizer than {args.model}'s; prepare it again "
                         f"with --tokenizer {model.source}")
-    length = min(cfg.max_length or model.config.block_size, model.config.block_size)
-    val = TokenBlocks(data / "val.bin", meta["dtype"], length)
-    objective = LanguageModeling(TokenBlocks(data / "train.bin", meta["dtype"], length), val,
-                                 args.sample_prompt or val.sample_prompt(tokenizer))
+    length = sequence_length(cfg, model.config.block_size)
+    objective = LanguageModeling.from_prepared(data, meta, length, tokenizer, args.sample_prompt)
     run_meta = {"objective": "finetune", "base_model": base_model_ref(model, args), "data": str(data)}
     train(model, tokenizer, objective, cfg, run_meta,
           data_resume_keys(tokenizer, meta["fingerprint"], length, model.config))

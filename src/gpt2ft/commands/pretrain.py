@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from ..cli import required
-from . import add_training, data_resume_keys, train_config
+from . import add_common, add_training, data_resume_keys, train_config
 
 
 def add_args(p):
@@ -14,21 +14,19 @@ def add_args(p):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"override the preset's {name}")
     required(p.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json)"))
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the data's)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
-    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML; flags override it")
+    add_common(p, model=False)
     add_training(p, lr=1e-3, warmup_steps=100, dropout=0.0)
 
 
 def run(args):
     from ..config import preset
-    from ..data.text import TokenBlocks, read_meta
+    from ..data.text import read_meta
     from ..errors import UserError
     from ..model import GPT
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
     from ..tokenizer import load_tokenizer
-    from ..train import train
+    from ..train import sequence_length, train
 
     meta = read_meta(args.data)
     tokenizer = load_tokenizer(args.tokenizer or meta["tokenizer"].get("dir"))
@@ -41,10 +39,8 @@ def run(args):
     seed_everything(args.seed)
     model = GPT(config)
     cfg = train_config(args)
-    length = min(cfg.max_length or config.block_size, config.block_size)
-    val = TokenBlocks(f"{args.data}/val.bin", meta["dtype"], length)
-    objective = LanguageModeling(TokenBlocks(f"{args.data}/train.bin", meta["dtype"], length), val,
-                                 args.sample_prompt or val.sample_prompt(tokenizer))
+    length = sequence_length(cfg, config.block_size)
+    objective = LanguageModeling.from_prepared(args.data, meta, length, tokenizer, args.sample_prompt)
     run_meta = {"objective": "pretrain", "model_config": args.model_config, "data": str(args.data)}
     train(model, tokenizer, objective, cfg, run_meta, data_resume_keys(tokenizer, meta["fingerprint"], length, config))
     return 0

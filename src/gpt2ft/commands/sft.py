@@ -74,7 +74,7 @@ def run(args):
     from ..errors import UserError
     from ..objectives import InstructionTuning
     from ..runtime import seed_everything
-    from ..train import train
+    from ..train import sequence_length, train
 
     cfg = train_config(args)
     if not cfg.out:
@@ -94,7 +94,7 @@ def run(args):
 
     seed_everything(args.seed)
     model, tokenizer = load_for_training(args)
-    max_len = min(cfg.max_length or model.config.block_size, model.config.block_size)
+    max_len = sequence_length(cfg, model.config.block_size)
     objective = InstructionTuning(train_records, val_records, tokenizer, template, max_len,
                                   train_on_prompt=args.train_on_prompt, packing=args.packing,
                                   oversample=(args.oversample_keyword, args.factor),
