@@ -192,7 +192,7 @@ def test_sft_with_splits_skip_invalid_packing_and_oversampling(tiny_sft_setup, t
 
 
 def test_oversampling_weights_feed_the_sampler():
-    from gpt2ft.train import order_for_epoch
+    from gpt2ft.train.state import order_for_epoch
 
     weights = torch.tensor([1.0] * 9 + [10.0])
     order = order_for_epoch(10, 0, 1, weights).tolist() + order_for_epoch(10, 1, 1, weights).tolist()

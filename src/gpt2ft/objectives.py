@@ -1,8 +1,10 @@
-"""What differs between training verbs: the data and the loss. The loop in train.py does the rest.
+"""What differs between training verbs: the data and the loss. The loop in train/ does the rest.
 
-An objective has `train` and `val` datasets (len() and batch(indices) -> dict of tensors), counts the
-units its loss is averaged over (`count`), returns the summed loss of a batch (`loss_sum`), and may
-add metrics at evaluation time (`evaluate`).
+The contract (`Objective`) is small and explicit: the datasets (`train`, `val`: len() and
+batch(indices) -> dict), the `fingerprint` that resume checks, the `unit` its loss is averaged over
+and `count(batch)` of them, `setup()` for anything it holds besides the model (a reference model),
+`loss(model, batch) -> (summed loss, dict of summed metrics)`, `evaluate()` for extra scores, and the
+metric that picks `best/`. Sums, not means, so accumulation over micro-batches and ranks is exact.
 """
 from __future__ import annotations
 
@@ -16,37 +18,60 @@ from .losses import IGNORE, masked_lm_loss_sum
 
 
 class Objective:
-    name = "lm"
-    unit = "tokens"
-    sample_prompts: list[str] = []
+    name = "lm"  # the run's kind: pretrain, finetune, sft, dpo
+    unit = "tokens"  # what count() counts
+    train = None  # dataset: len(ds), ds.batch(indices) -> dict of tensors (and plain values)
+    val = None
+    fingerprint = ""  # identity of the training data (a resume key)
     weights: torch.Tensor | None = None  # per-example sampling weights (None: uniform)
+    sample_prompts: list[str] = []  # generated from at each evaluation
+    best_metric = "val_loss"  # the evaluation record's key that picks best/ and drives --patience
+    best_mode = "min"  # or "max"
+
+    def setup(self, model, device: torch.device, dtype: torch.dtype) -> None:
+        """Called once the model is on its device: move or build what the objective holds."""
 
     def count(self, batch: dict) -> int:
-        return int((batch["labels"] != IGNORE).sum())
+        """Units in the batch; the loop divides the summed loss by the global count."""
+        raise NotImplementedError
 
     def tokens(self, batch: dict) -> int:
         """Tokens processed (for tokens/s), whether supervised or not."""
         return int(batch["input_ids"].numel())
 
-    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        return masked_lm_loss_sum(model, batch)
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(summed loss over the batch's units, summed metrics). `model` may be wrapped (DDP, compile)."""
+        raise NotImplementedError
 
     def evaluate(self, model, tokenizer, step: int) -> dict:
+        """Extra scores at evaluation time (main process), e.g. generation metrics."""
         return {}
 
 
-class LanguageModeling(Objective):
+class MaskedLM(Objective):
+    """Next-token cross-entropy on the positions whose label is not -100."""
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def loss(self, model, batch: dict):
+        loss, _ = masked_lm_loss_sum(model, batch)
+        return loss, {}
+
+
+class LanguageModeling(MaskedLM):
     """Next-token prediction on every position of fixed-length blocks (pretraining, raw-text fine-tuning)."""
 
-    def __init__(self, train, val, sample_prompts: list[str] | None = None):
-        self.train, self.val = train, val
+    def __init__(self, train, val, sample_prompts: list[str] | None = None, name: str = "lm", fingerprint: str = ""):
+        self.train, self.val, self.name, self.fingerprint = train, val, name, fingerprint
         self.sample_prompts = sample_prompts or []
 
     def count(self, batch: dict) -> int:
         return int(batch["labels"].numel())
 
     @classmethod
-    def from_prepared(cls, data_dir, meta: dict, length: int, tokenizer, sample_prompts: list[str] | None):
+    def from_prepared(cls, data_dir, meta: dict, length: int, tokenizer, sample_prompts: list[str] | None,
+                      name: str = "lm"):
         """Blocks of `length` tokens from a `gpt2ft prepare` folder; samples open with the val text by default."""
         from pathlib import Path
 
@@ -54,10 +79,8 @@ class LanguageModeling(Objective):
 
         val = TokenBlocks(Path(data_dir) / "val.bin", meta["dtype"], length)
         return cls(TokenBlocks(Path(data_dir) / "train.bin", meta["dtype"], length), val,
-                   sample_prompts or val.sample_prompt(tokenizer))
-
-
-class InstructionTuning(Objective):
+                   sample_prompts or val.sample_prompt(tokenizer), name, meta["fingerprint"])
+class InstructionTuning(MaskedLM):
     """SFT: loss on response tokens (and their EOS) only; validation also generates and scores."""
 
     name = "sft"

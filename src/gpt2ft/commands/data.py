@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli import required
 from ..errors import UserError
+from . import add_columns_args, parse_columns, required
 
 
 def add_args(p):
@@ -23,10 +23,8 @@ def add_args(p):
     p.add_argument("--from", dest="source", default="auto",
                    help="auto|alpaca|instruction-response|messages|csv|lines")
     p.add_argument("--instruction", default=None, help="with --from lines: the instruction every line answers")
-    p.add_argument("--split", default="train", help="split of an hf: dataset")
-    p.add_argument("--columns", default=None, help="CSV header mapping, e.g. instruction=question,output=answer")
+    add_columns_args(p)
     p.add_argument("--on-invalid", default="error", help="error|skip")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
 
 
 def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
@@ -48,9 +46,8 @@ def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
 
 
 def run(args):
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..data.instructions import load_records, normalize, record_to_alpaca, record_to_json
-    from .sft import parse_columns
 
     if args.source == "lines":
         records = [normalize(row, "alpaca", f"{args.input}:{i}")

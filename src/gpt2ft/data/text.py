@@ -127,7 +127,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val
         "fingerprint": digest.hexdigest()[:16],
         "sources": [str(f) for f in files],
     }
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
 
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     return meta
