@@ -31,7 +31,7 @@ def run(args):
     from ..data.instructions import load_records
     from ..data.text import read_lines
     from ..evaluate import evaluate_records, text_perplexity
-    from ..templates import get_template
+    from ..templates import as_template, get_template
 
     data = Path(args.data)
     if data.suffix in (".txt", ".md"):
@@ -54,12 +54,11 @@ def run(args):
                                      args.split, parse_columns(args.columns), args.on_invalid)
     records = records[: args.max_examples] if args.max_examples else records
     model, tokenizer = load_model(args)
-    template = model.meta.get("template") or get_template(args.template or "alpaca")
-    if args.template:
-        template = get_template(args.template)
-    sampling = sampling_config(args, list(template.get("stop", [])))
+    template = get_template(args.template) if args.template else \
+        as_template(model.meta.get("template")) or get_template("alpaca")
+    sampling = sampling_config(args, list(template.stop))
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
-    summary.update(model=str(args.model), data=str(data), rejected=len(rejected), template=template.get("name"))
+    summary.update(model=str(args.model), data=str(data), rejected=len(rejected), template=template.name)
     _print_table(summary)
     if args.out:
         out = Path(args.out)

@@ -59,7 +59,7 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return mapping
 
 
-def choose_template(name: str | None, records) -> dict:
+def choose_template(name: str | None, records):
     from ..templates import get_template
 
     if name:
@@ -101,7 +101,7 @@ def run(args):
                                   eval_examples=args.eval_examples, eval_max_new_tokens=args.eval_max_new_tokens,
                                   keywords=args.keyword or [])
     print(objective.report)
-    run_meta = {"objective": "sft", "base_model": base_model_ref(model, args), "template": template,
+    run_meta = {"objective": "sft", "base_model": base_model_ref(model, args), "template": template.to_dict(),
                 "data": str(args.data)}
     keys = {"tokenizer": tokenizer.fingerprint(), "data": objective.fingerprint, "max_length": max_len,
             "model": model.config.to_dict()}
