@@ -108,6 +108,9 @@ class Template:
         if not isinstance(d, dict):
             raise UserError(f"a template must be a mapping, not {type(d).__name__}")
         kind = d.get("kind") or ("chat" if "user" in d else "instruction")
+        if kind not in KINDS:
+            raise UserError(f"template {d.get('name', default_name)!r}: kind must be one of {', '.join(KINDS)}, "
+                            f"not {kind!r}")
         stop = d.get("stop") or []
         if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
             raise UserError(f"template {d.get('name', default_name)!r}: 'stop' must be a list of strings")
