@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import UserError
 
@@ -25,8 +26,7 @@ KINDS = ("instruction", "chat")
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):  # unpacks as (text, trained)
     text: str
     trained: bool  # an assistant reply: the loss trains on it (and on the EOS after it)
 
@@ -51,6 +51,8 @@ class Template:
             if not isinstance(getattr(self, key), str) or slot not in getattr(self, key):
                 raise UserError(f"template {self.name!r}: a {self.kind} template needs a {key!r} string "
                                 f"containing {slot}")
+        if not isinstance(self.assistant, str):
+            raise UserError(f"template {self.name!r}: 'assistant' must be a string (the header before a reply)")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     # ----- rendering -------------------------------------------------------------------------
@@ -108,14 +110,11 @@ class Template:
         if not isinstance(d, dict):
             raise UserError(f"a template must be a mapping, not {type(d).__name__}")
         kind = d.get("kind") or ("chat" if "user" in d else "instruction")
-        if kind not in KINDS:
-            raise UserError(f"template {d.get('name', default_name)!r}: kind must be one of {', '.join(KINDS)}, "
-                            f"not {kind!r}")
         stop = d.get("stop") or []
-        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise UserError(f"template {d.get('name', default_name)!r}: 'stop' must be a list of strings")
         common = {"name": str(d.get("name") or default_name), "kind": kind, "stop": tuple(stop)}
-        if kind == "chat":
+        if kind != "instruction":  # chat (an unknown kind is refused by the constructor)
             return cls(**common, system=d.get("system", "{content}\n\n"), user=d.get("user"),
                        assistant=d.get("assistant", ""))
         prompt = d.get("prompt")
