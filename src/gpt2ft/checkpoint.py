@@ -24,6 +24,7 @@ from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_te
                      fsync_dir, load_safetensors, read_json, same_path)
 from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, load_adapter_state, peft_config
 from .model import GPT
+from .templates import as_template
 from .tokenizer import Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
@@ -291,9 +292,7 @@ class LoadedModel:
     @property
     def template(self):
         """The prompt template it was tuned with (a templates.Template), or None."""
-        from .templates import Template
-
-        return Template.from_dict(self.meta["template"]) if self.meta.get("template") else None
+        return as_template(self.meta.get("template"))
 
     @property
     def base_ref(self) -> str:

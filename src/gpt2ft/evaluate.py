@@ -7,7 +7,8 @@ import math
 import torch
 
 from .data import to_device
-from .data.instructions import InstructionDataset, Record, fit_to_length, prompt_text, tokenize
+from .data.instructions import Record
+from .data.sft import InstructionDataset, fit_to_length, tokenize_messages
 from .generation import SamplingConfig, generate_batch
 from .losses import masked_lm_loss_sum
 
@@ -55,11 +56,11 @@ def score(outputs: list[str], references: list[str], keywords: list[str] | None 
 
 
 @torch.no_grad()
-def reference_perplexity(model, tokenizer, records: list[Record], template: dict, batch_size: int = 8) -> float:
+def reference_perplexity(model, tokenizer, records: list[Record], template, batch_size: int = 8) -> float:
     """exp(mean NLL of the reference response tokens, EOS included, given their prompts)."""
     examples = []
     for r in records:
-        ex, _ = fit_to_length(tokenize(r, template, tokenizer), model.config.block_size)
+        ex, _ = fit_to_length(tokenize_messages(r.messages, template, tokenizer), model.config.block_size)
         if ex is not None:
             examples.append(ex)
     data = InstructionDataset(examples, tokenizer.eos_id)
@@ -73,12 +74,12 @@ def reference_perplexity(model, tokenizer, records: list[Record], template: dict
     return math.exp(min(total / max(count, 1), 50))
 
 
-def evaluate_records(model, tokenizer, records: list[Record], template: dict, sampling: SamplingConfig,
+def evaluate_records(model, tokenizer, records: list[Record], template, sampling: SamplingConfig,
                      keywords: list[str] | None = None, batch_size: int = 8) -> tuple[list[dict], dict]:
     """Generate for every record (batched) and score against its reference response."""
     was_training = model.training
     model.eval()
-    prompts = [prompt_text(r, template) for r in records]
+    prompts = [template.prompt(r.messages[:-1]) for r in records]  # all but the final reply
     limit = model.config.block_size - sampling.max_new_tokens
     kept = [i for i, p in enumerate(prompts) if 0 < len(tokenizer.encode(p)) <= limit]
     outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, batch_size)

@@ -85,17 +85,17 @@ class InstructionTuning(MaskedLM):
 
     name = "sft"
 
-    def __init__(self, train_records, val_records, tokenizer, template: dict, max_length: int,
+    def __init__(self, train_records, val_records, tokenizer, template, max_length: int,
                  train_on_prompt: bool = False, packing: bool = False, oversample=(None, 1.0),
                  eval_examples: int = 32, eval_max_new_tokens: int = 64, keywords: list[str] | None = None):
-        from .data.instructions import InstructionDataset
+        from .data.sft import InstructionDataset, build_examples
 
         self.template, self.keywords = template, keywords or []
         self.val_records = val_records[:eval_examples]
         self.eval_max_new_tokens = eval_max_new_tokens
-        train_examples, weights, counts = self._tokenize(train_records, tokenizer, max_length, train_on_prompt,
-                                                          oversample)
-        val_examples, _, _ = self._tokenize(val_records, tokenizer, max_length, train_on_prompt, (None, 1.0))
+        train_examples, weights, counts = build_examples(train_records, template, tokenizer, max_length,
+                                                         train_on_prompt, oversample)
+        val_examples, _, _ = build_examples(val_records, template, tokenizer, max_length, train_on_prompt)
         self.train = InstructionDataset(train_examples, tokenizer.eos_id, max_length if packing else None)
         self.val = InstructionDataset(val_examples, tokenizer.eos_id)
         if packing and len(set(weights)) > 1:
@@ -109,23 +109,6 @@ class InstructionTuning(MaskedLM):
                        f"{counts['response truncated']} responses and {counts['prompt truncated']} prompts "
                        f"truncated to {max_length} tokens, {counts['no supervised token']} dropped")
 
-    def _tokenize(self, records, tokenizer, max_length, train_on_prompt, oversample):
-        """Tokenize, fit to max_length (keeping >= 1 supervised token), weight; count what was cut."""
-        from .data.instructions import fit_to_length, tokenize
-
-        keyword, factor = oversample
-        examples, weights = [], []
-        counts = {"response truncated": 0, "prompt truncated": 0, "no supervised token": 0}
-        for r in records:
-            ex, what = fit_to_length(tokenize(r, self.template, tokenizer, train_on_prompt), max_length)
-            if what:
-                counts[what] += 1
-            if ex is None:
-                continue
-            examples.append(ex)
-            weights.append(r.weight * (factor if keyword and keyword.lower() in json.dumps(r.raw).lower() else 1.0))
-        return examples, weights, counts
-
     def tokens(self, batch: dict) -> int:
         return batch["n_tokens"]
 
@@ -136,7 +119,7 @@ class InstructionTuning(MaskedLM):
         if not self.val_records:
             return {}
         sampling = SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=0.0,
-                                  stop=list(self.template.get("stop", [])))
+                                  stop=list(self.template.stop))
         _, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
         return {k: v for k, v in summary.items() if k in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL",
                                                           "keyword_rate", "length_ratio")}

@@ -47,20 +47,14 @@ def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
 
 def run(args):
     from ..fileio import atomic_write_text
-    from ..data.instructions import load_records, normalize, record_to_alpaca, record_to_json
+    from ..data.instructions import load_records, normalize, record_to_row
 
     if args.source == "lines":
         records = [normalize(row, "alpaca", f"{args.input}:{i}")
                    for i, row in enumerate(lines_to_rows(Path(args.input), args.instruction))]
     else:
         records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
-    if args.to == "messages":
-        rows = [record_to_json(r) for r in records]
-    else:
-        rows = [record_to_alpaca(r) for r in records]
-        if args.to == "instruction-response":
-            rows = [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
-                     "response": r["output"], **({"weight": r["weight"]} if "weight" in r else {})} for r in rows]
+    rows = [record_to_row(r, args.to) for r in records]
     out = Path(args.out)
     if out.suffix == ".json":
         atomic_write_text(out, json.dumps(rows, indent=2, ensure_ascii=False))

@@ -54,12 +54,10 @@ def run(args):
     records = records[: args.max_examples] if args.max_examples else records
     loaded = load_model(args)
     model, tokenizer = loaded
-    template = loaded.meta.get("template") or get_template(args.template or "alpaca")
-    if args.template:
-        template = get_template(args.template)
-    sampling = sampling_config(args, list(template.get("stop", [])))
+    template = get_template(args.template) if args.template else loaded.template or get_template("alpaca")
+    sampling = sampling_config(args, list(template.stop))
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
-    summary.update(model=loaded.ref, data=str(data), rejected=len(rejected), template=template.get("name"))
+    summary.update(model=loaded.ref, data=str(data), rejected=len(rejected), template=template.name)
     _print_table(summary)
     if args.out:
         out = Path(args.out)

@@ -34,7 +34,7 @@ def add_args(p):
     add_lora(p)
 
 
-def choose_template(name: str | None, records) -> dict:
+def choose_template(name: str | None, records):
     from ..templates import get_template
 
     if name:
@@ -74,7 +74,7 @@ def run(args):
                                   eval_examples=args.eval_examples, eval_max_new_tokens=args.eval_max_new_tokens,
                                   keywords=args.keyword or [])
     print(objective.report)
-    run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template,
+    run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(args.data)}
     keys = {"tokenizer": tokenizer.fingerprint(), "data": objective.fingerprint, "max_length": max_len,
             "model": model.config.to_dict()}
