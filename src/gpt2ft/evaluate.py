@@ -2,7 +2,6 @@
 ratio, keywords), the perplexity of the reference responses, and plain-text perplexity."""
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -10,7 +9,7 @@ from .data import to_device
 from .data.instructions import Record
 from .data.sft import InstructionDataset, fit_to_length, tokenize_messages
 from .generation import SamplingConfig, generate_batch
-from .losses import masked_lm_loss_sum
+from .losses import masked_lm_loss_sum, perplexity
 
 
 def normalize_answer(text: str) -> str:
@@ -71,7 +70,7 @@ def reference_perplexity(model, tokenizer, records: list[Record], template, batc
         batch = to_device(batch, device)
         loss, n = masked_lm_loss_sum(model, batch)
         total, count = total + float(loss), count + n
-    return math.exp(min(total / max(count, 1), 50))
+    return perplexity(total / max(count, 1))
 
 
 def evaluate_records(model, tokenizer, records: list[Record], template, sampling: SamplingConfig,
@@ -107,4 +106,4 @@ def text_perplexity(model, tokenizer, text: str, stride: int | None = None) -> t
             break
         loss, n = masked_lm_loss_sum(model, {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]})
         total, count = total + float(loss), count + n
-    return math.exp(min(total / max(count, 1), 50)), count
+    return perplexity(total / max(count, 1)), count

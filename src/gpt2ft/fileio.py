@@ -169,13 +169,17 @@ def claim_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, 
         what = f"was made by `{owner}`" if owner else "is not empty and was not made by gpt2ft"
         raise UserError(f"{folder} {what}; choose a new folder, or pass {flag} to write into it anyway "
                         "(files of the same names are replaced, others are left alone)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
+    make_dir(folder)
     if owner != verb:
         atomic_write_json(folder / OUTPUT_MARKER, {"made_by": verb})
     return folder
+
+
+def make_dir(folder: Path) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

@@ -17,6 +17,7 @@ import torch
 from ..data import to_device
 from ..errors import UserError
 from ..generation import SamplingConfig, generate_batch
+from ..losses import perplexity
 from ..objectives import Objective
 from ..runtime import resolve_device, resolve_dtype
 from .config import TrainConfig, TrainState
@@ -181,7 +182,7 @@ class Step:
                 metrics[k] = metrics.get(k, 0.0) + float(v)
         self.model.train()
         val_loss = loss / max(units, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss),
                 **{f"val_{k}": v / max(units, 1) for k, v in metrics.items()}}
 
 

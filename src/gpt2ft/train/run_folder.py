@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
                           run_checkpoints, verify_checkpoint, write_checkpoint_files)
 from ..errors import UserError
-from ..fileio import OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by
+from ..fileio import OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
 
 LOCK_FILE = ".lock"
 # What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
@@ -167,10 +167,7 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
             raise UserError(f"--out {path} already holds a run (newest checkpoint {checkpoints[0].name}); pass "
                             "--resume auto to continue it, --overwrite to start it over, or choose a new --out")
     else:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --out {path}: {e.strerror or e}") from None
+        make_dir(path)
         _lock(path)
     if owner != verb:
         atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb})
