@@ -48,6 +48,23 @@ def test_per_row_cache_positions_equal_no_cache(tiny_model):
         assert (static - step).abs().max() < 1e-5
 
 
+def test_rows_prefilled_together_into_scattered_cache_rows(tiny_model):
+    model, _ = tiny_model
+    a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
+    cache = model.new_cache(3, 16)
+    pad = [0] * (len(a) - len(b))
+    positions = torch.tensor([list(range(len(a))), list(range(len(a)))])  # b's padding writes past its prompt
+    last = torch.zeros(2, len(a), dtype=torch.bool)
+    last[0, -1], last[1, len(b) - 1] = True, True
+    with torch.no_grad():
+        logits = model(torch.tensor([a, b + pad]), input_pos=positions, kv_caches=cache,
+                       cache_rows=torch.tensor([2, 0]), logits_at=last)
+        step = model(torch.tensor([[23], [0], [12]]), input_pos=torch.tensor([[len(b)], [0], [len(a)]]),
+                     kv_caches=cache, logits_at="last")  # rows 0..2 of the cache; row 1 is empty
+        for got, ids in ((logits[0], a), (logits[1], b), (step[2], a + [12]), (step[0], b + [23])):
+            assert (got - model(torch.tensor([ids]))[0, -1]).abs().max() < 1e-5
+
+
 # ----- Completion: text, stops, hold-back ------------------------------------------------------------
 class Pieces(Tokenizer):
     """A hand-made tokenizer: token i is pieces[i] (bytes); the last id is EOS."""

@@ -379,28 +379,44 @@ class Engine:
 
     # ----- the steps --------------------------------------------------------------------------
     def _admit(self) -> None:
-        """Prefill queued completions into free slots (the one holding the longest shared prefix)."""
-        while self._queue and None in self._rows:
+        """Prefill queued completions into free slots (each where the longest shared prefix is)."""
+        joining: list[tuple[int, Completion]] = []
+        free = [slot for slot, c in enumerate(self._rows) if c is None]
+        while self._queue and free:
             c = self._queue.popleft()
             if c.finished:  # cancelled while waiting
                 continue
-            free = [s for s, r in enumerate(self._rows) if r is None]
             slot = max(free, key=lambda s: (_common_prefix(self._cached[s], c.prompt_ids), -s))
-            self._prefill(slot, c)
+            free.remove(slot)
+            joining.append((slot, c))
+        if joining:
+            self._prefill(joining)
 
-    def _prefill(self, slot: int, c: Completion) -> None:
-        ids = c.prompt_ids
-        self._ensure_cache(len(ids) + c.sampling.max_new_tokens)
-        start = min(_common_prefix(self._cached[slot], ids), len(ids) - 1)  # >= 1 token gives logits
-        c.cached_tokens = start
-        x = torch.tensor([ids[start:]], device=self.device)
-        pos = torch.arange(start, len(ids), device=self.device)[None]
-        logits = self.model(x, input_pos=pos, kv_caches=self._caches, cache_rows=slice(slot, slot + 1),
-                            logits_at="last")
-        self._logits[slot] = logits[0].float()
-        self._cached[slot] = list(ids)
-        self._rows[slot] = c
-        c._start(self.device, self._logits.shape[1])
+    def _prefill(self, joining: list[tuple[int, Completion]]) -> None:
+        """One forward over the new rows' prompts (right-padded), after the prefix each slot holds."""
+        self._ensure_cache(max(len(c.prompt_ids) + c.sampling.max_new_tokens for _, c in joining))
+        starts = [min(_common_prefix(self._cached[slot], c.prompt_ids), len(c.prompt_ids) - 1)  # >= 1 token
+                  for slot, c in joining]
+        width = max(len(c.prompt_ids) - start for (_, c), start in zip(joining, starts))
+        tokens, positions = [], []
+        last = torch.zeros(len(joining), width, dtype=torch.bool)
+        for i, ((_, c), start) in enumerate(zip(joining, starts)):
+            new = c.prompt_ids[start:]
+            tokens.append(new + [0] * (width - len(new)))
+            # padding writes past the prompt, which the row's decoding overwrites before reading
+            positions.append([min(start + j, self._cache_len - 1) for j in range(width)])
+            last[i, len(new) - 1] = True
+            c.cached_tokens = start
+        slots = [slot for slot, _ in joining]
+        rows = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=self.device)
+        logits = self.model(torch.tensor(tokens, device=self.device), kv_caches=self._caches, cache_rows=rows,
+                            input_pos=torch.tensor(positions, device=self.device),
+                            logits_at=last.to(self.device))  # (len(joining), V)
+        self._logits[slots] = logits.float()
+        for slot, c in joining:
+            self._cached[slot] = list(c.prompt_ids)
+            self._rows[slot] = c
+            c._start(self.device, self._logits.shape[1])
 
     def _pick(self, rows: list[tuple[int, Completion]]) -> list[int]:
         """Each row's next token (one transfer to the host), and the log-probs asked for."""

@@ -26,16 +26,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None,
-               rows: slice | None = None):
+               rows: slice | torch.Tensor | None = None):
         """Write k, v (B, nh, T, hs) at cache slots input_pos; return the keys/values to attend over.
 
         input_pos is (T,) (every row writes the same slots) or (B, T) (each row its own slots).
-        rows: which of the cache's rows these B rows are (default: all). length=None returns the
-        whole buffer (static shapes for torch.compile; the mask hides the unwritten slots),
-        otherwise the first `length` slots.
+        rows: which of the cache's rows these B rows are: all (None), a slice (views, no copy), or
+        a (B,) index tensor (e.g. several new rows prefilled together; the keys returned are then a
+        copy). length=None returns the whole buffer (static shapes for torch.compile; the mask
+        hides the unwritten slots), otherwise the first `length` slots.
         """
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if isinstance(rows, torch.Tensor):
+            pos = input_pos if input_pos.dim() == 2 else input_pos.expand(len(rows), -1)
+            self.k[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) into row b, slot pos[b, t]
+            self.v[rows[:, None], :, pos] = v.transpose(1, 2)
+            end = self.k.shape[2] if length is None else length
+            return self.k[rows, :, :end], self.v[rows, :, :end]
         keys, values = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])  # views
-        k, v = k.to(keys.dtype), v.to(values.dtype)
         if input_pos.dim() == 1:
             keys.index_copy_(2, input_pos, k)
             values.index_copy_(2, input_pos, v)
@@ -168,7 +175,7 @@ class GPT(nn.Module):
         logits_at: torch.Tensor | str | None = None,
         hidden_only: bool = False,
         kv_caches: list[KVCache] | None = None,
-        cache_rows: slice | None = None,
+        cache_rows: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits.
 
@@ -180,7 +187,8 @@ class GPT(nn.Module):
             then attends to its own slots up to its own position). Caching needs kv_caches (from
             new_cache) or setup_cache() first.
         kv_caches: the cache to use (default: the one from setup_cache).
-        cache_rows: which rows of the cache these B rows are, e.g. slice(3, 4) (default: all of them).
+        cache_rows: which rows of the cache these B rows are: a slice, e.g. slice(3, 4), or a (B,)
+            tensor of row indices (default: all of them, in order).
         static_cache: attend over the whole preallocated cache (fixed shapes for torch.compile).
         logits_at: None -> (B, T, V); "last" -> (B, V); a bool mask (B, T) -> (N, V) at the True
             positions only, which skips the vocabulary projection everywhere else.
@@ -231,6 +239,8 @@ class GPT(nn.Module):
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
             return mask | torch.eye(T, dtype=torch.bool, device=device), None  # pad rows see themselves
         per_row = input_pos.dim() == 2
+        if per_row and input_pos.shape[0] == 1:  # one row: the shared-positions mask is the same
+            input_pos, per_row = input_pos[0], False
         if static_cache:
             S, cache_len = max_len, None
         else:
