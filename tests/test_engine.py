@@ -4,6 +4,7 @@ the chat Session's kept cache."""
 import pytest
 import torch
 
+from gpt2ft.errors import UserError
 from gpt2ft.generation import (Completion, Engine, SamplingConfig, Session, apply_presence_frequency_penalty,
                                complete_batch, stream)
 from gpt2ft.tokenizer import Tokenizer
@@ -308,3 +309,28 @@ def test_session_kept_cache_equals_fresh_prefill_over_three_turns(tiny_model):
     list(reply)
     assert reply.completion.cached_tokens == 3
     assert reply.completion.token_ids == _reference(model, edited, 6)[0]
+
+
+def test_a_turn_interrupted_mid_reply_leaves_the_session_usable(tiny_model):
+    model, tok = tiny_model
+    session = Session(model, tok)
+    prompt = tok.encode("Once upon a time")
+    cfg = SamplingConfig(max_new_tokens=10, **GREEDY)
+    reply = session.complete(prompt, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        for i, _ in enumerate(reply):
+            if i == 2:
+                raise KeyboardInterrupt  # Ctrl-C while the reply is printed
+    assert reply.finish_reason == "cancelled"
+    cut = reply.completion.token_ids
+    follow_up = prompt + cut + tok.encode(" then")
+    again = session.complete(follow_up, cfg)
+    list(again)
+    assert again.completion.cached_tokens == len(prompt) + len(cut)  # the step had fed its last token
+    assert again.completion.token_ids == _reference(model, follow_up, 10)[0]
+
+
+def test_bad_prompt_token_ids_are_a_clear_error(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(UserError, match="prompt token 50257 is not a token id of this model"):
+        Engine(model, tok).add([1, 50257])

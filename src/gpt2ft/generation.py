@@ -341,6 +341,10 @@ class Engine:
         """Queue a completion of prompt_ids; it joins the batch at the next step()."""
         sampling = sampling or SamplingConfig()
         check_context(len(prompt_ids), sampling.max_new_tokens, self.model.config.block_size)
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab))
+            raise UserError(f"prompt token {bad!r} is not a token id of this model (0 to {vocab - 1})")
         completion = Completion(prompt_ids, sampling, self.tokenizer)
         self._queue.append(completion)
         return completion
@@ -357,6 +361,11 @@ class Engine:
     def active(self) -> int:
         """Rows in the running batch."""
         return sum(c is not None for c in self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Completions queued for a free slot."""
+        return len(self._queue)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Completion, str]]:
@@ -400,13 +409,14 @@ class Engine:
         width = max(len(c.prompt_ids) - start for (_, c), start in zip(joining, starts))
         tokens, positions = [], []
         last = torch.zeros(len(joining), width, dtype=torch.bool)
-        for i, ((_, c), start) in enumerate(zip(joining, starts)):
+        for i, ((slot, c), start) in enumerate(zip(joining, starts)):
             new = c.prompt_ids[start:]
             tokens.append(new + [0] * (width - len(new)))
             # padding writes past the prompt, which the row's decoding overwrites before reading
             positions.append([min(start + j, self._cache_len - 1) for j in range(width)])
             last[i, len(new) - 1] = True
             c.cached_tokens = start
+            del self._cached[slot][start:]  # first, so that an interrupted prefill leaves no stale claim
         slots = [slot for slot, _ in joining]
         rows = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=self.device)
         logits = self.model(torch.tensor(tokens, device=self.device), kv_caches=self._caches, cache_rows=rows,
@@ -511,10 +521,25 @@ class Stream:
         finally:
             self.engine.cancel(c)  # a no-op when it ended by itself
 
-    def __getattr__(self, name):  # text, finish_reason, prompt_tokens, completion_tokens, ...
-        if name.startswith("_") or name in ("engine", "completion"):
-            raise AttributeError(name)
-        return getattr(self.completion, name)
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.completion.finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.completion.stop_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.completion.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.completion.completion_tokens
 
 
 def _sampling(cfg: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
@@ -553,7 +578,8 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: Sa
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: SamplingConfig | None = None,
              **sampling) -> str | list[str]:
-    """The completion of a prompt (or a list of completions for a list of prompts)."""
+    """The completion of a prompt (or a list of completions for a list of prompts); prompts are text
+    or token ids. Sampling: a SamplingConfig or its fields as keywords."""
     cfg = _sampling(cfg, sampling)
     if isinstance(prompt, str):
         return generate_batch(model, tokenizer, [prompt], cfg)[0]
