@@ -333,4 +333,4 @@ def test_a_turn_interrupted_mid_reply_leaves_the_session_usable(tiny_model):
 def test_bad_prompt_token_ids_are_a_clear_error(tiny_model):
     model, tok = tiny_model
     with pytest.raises(UserError, match="prompt token 50257 is not a token id of this model"):
-        Engine(model, tok).add([1, 50257])
+        Engine(model, tok).add([1, 50257], SamplingConfig(max_new_tokens=5))
