@@ -48,7 +48,7 @@ def test_yaml_config_fills_flags_and_flags_override(hf_dir, tmp_path):
 
 def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
     assert_clean_error(run_cli("info", tmp_path / "missing"), "no such model folder")
-    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--top-p", "0"), "top_p")
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--top-p", "0"), "--top-p", "(0, 1]")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--max-new-tokens", "500"),
                        "context of 64")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")

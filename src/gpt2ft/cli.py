@@ -65,6 +65,43 @@ def _version() -> str:
     return __version__
 
 
+def _yaml_value(parser: argparse.ArgumentParser, dest: str, value, config: str):
+    """A YAML value checked as its flag would be: the type (a YAML 42 is not a prompt, `true` not a
+    rate), the flag's range converter and its choices. Training keys are typed by TrainConfig too."""
+    action = next(a for a in parser._actions if a.dest == dest)
+    flag = "/".join(action.option_strings) or dest
+    where = f"--config {config}: {dest}"
+    if action.nargs == 0:  # store_true, store_false, --x/--no-x
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, not {value!r} ({flag})")
+        return value
+    if action.nargs == "?" and value is True and action.const is not None:  # `lora: true` is a bare --lora
+        return action.const
+    many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+    if many and not isinstance(value, list):
+        value = [value]
+    items = value if many else [value]
+    if value is None:
+        return None
+    kind = getattr(action.type, "kind", action.type) or str
+    checked = []
+    for item in items:
+        ok = (isinstance(item, str) or (kind in (int, float) and isinstance(item, int) and not isinstance(item, bool))
+              or (kind is float and isinstance(item, float)))
+        if not ok:
+            wanted = {int: "an integer", float: "a number"}.get(kind, "text (quote it in YAML)")
+            raise UserError(f"{where} must be {wanted}, not {item!r} ({flag})")
+        if action.type is not None:
+            try:
+                item = action.type(item if isinstance(item, str) else str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise UserError(f"{where} {item!r}: {e} ({flag})") from None
+        if action.choices is not None and item not in action.choices:
+            raise UserError(f"{where} {item!r} is not one of {', '.join(map(str, action.choices))} ({flag})")
+        checked.append(item)
+    return checked if many else checked[0]
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """Parse argv; values from --config FILE.yaml fill in whatever the flags leave at their defaults."""
     parser = build_parser()
@@ -78,7 +115,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         unknown = sorted(set(values) - set(vars(args)))
         if unknown:
             raise UserError(f"--config {config}: unknown option(s) {unknown} for `gpt2ft {args.verb}`")
-        args._parser.set_defaults(**values)
+        args._parser.set_defaults(**{k: _yaml_value(args._parser, k, v, config) for k, v in values.items()})
         args = parser.parse_args(argv)
     for action in args._parser._actions:  # required options may come from the YAML, so check here
         if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import typing
 
+from ..argtypes import ranged
 
 def required(action: argparse.Action) -> argparse.Action:
     """Mark an option as required after --config is applied: `required(p.add_argument("--out"))`."""
@@ -39,13 +40,15 @@ def add_no_verify(p: argparse.ArgumentParser) -> None:
 
 def add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 100) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--max-new-tokens", type=ranged(int, 1), default=max_new_tokens,
+                   help="most tokens to generate, >= 1 (prompt + these must fit the context)")
+    g.add_argument("--temperature", type=ranged(float, 0), default=temperature, help=">= 0; 0 = greedy")
+    g.add_argument("--top-k", type=ranged(int, 0), default=None, help="keep the k most likely tokens, >= 0 (0: all)")
+    g.add_argument("--top-p", type=ranged(float, 0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--repetition-penalty", type=ranged(float, 0, lo_open=True), default=1.0, help="> 0; 1.0 = off")
     g.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--seed", type=ranged(int, 0), default=None, help="sampling seed, >= 0")
 
 
 def sampling_config(args, extra_stop: list[str] | None = None):

@@ -9,6 +9,7 @@ With --model gpt2 (or any MODEL) it skips pretraining and fine-tunes that model 
 """
 from __future__ import annotations
 
+from ..argtypes import ranged
 import re
 import shlex
 import subprocess
@@ -24,9 +25,9 @@ PROMPTS = ["What kind of play is Macbeth?", "Who has the most lines in Hamlet?",
 def add_args(p):
     p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
     p.add_argument("--model", default=None, help="start from this model (e.g. gpt2) instead of pretraining one")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps")
-    p.add_argument("--sft-epochs", type=float, default=None,
-                   help="SFT passes over the instruction set (default: 12 from scratch, 3 with --model)")
+    p.add_argument("--pretrain-steps", type=ranged(int, 1), default=300, help="pretraining steps (>= 1)")
+    p.add_argument("--sft-epochs", type=ranged(float, 0, lo_open=True), default=None,
+                   help="SFT passes over the instruction set, > 0 (default: 12 from scratch, 3 with --model)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 

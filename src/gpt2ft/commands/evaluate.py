@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..argtypes import ranged
 from ..errors import UserError
 from . import add_common, add_instruction_data_args, add_sampling, load_model, parse_columns, sampling_config
 
@@ -20,8 +21,9 @@ def add_args(p):
     add_instruction_data_args(p)
     p.add_argument("--out", default=None, metavar="REPORT_DIR", help="write responses.jsonl and summary.json here")
     p.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--batch-size", type=ranged(int, 1), default=8, help="prompts generated together, >= 1")
+    p.add_argument("--max-examples", type=ranged(int, 1), default=None,
+                   help="evaluate only the first N records, >= 1 (default: all)")
     add_sampling(p, temperature=0.0, max_new_tokens=128)
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..argtypes import ranged
 from . import add_common, add_lora, add_training, data_resume_keys, load_for_training, required, train_config
 
 
 def add_args(p):
     add_common(p, adapter_flag=False)
     required(p.add_argument("--data", help="prepared data folder, or text file(s)/folder to prepare now"))
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when preparing text")
+    p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
+                   help="held-out share when preparing text, in [0, 1)")
     add_training(p, lr=5e-5, warmup_steps=50)
     add_lora(p)
 

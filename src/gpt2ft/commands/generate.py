@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from ..argtypes import ranged
+from ..errors import UserError
 from . import add_common, add_sampling, load_model, required, sampling_config
 
 
@@ -15,8 +17,9 @@ def add_args(p):
     required(p.add_argument("--prompt", help="the text to continue ('-' reads standard input)"))
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the checkpoint's template")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--top-next", type=int, default=0, metavar="K",
-                   help="instead of generating, list the K most likely next tokens with probabilities")
+    p.add_argument("--top-next", type=ranged(int, 0), default=0, metavar="K",
+                   help="instead of generating, list the K most likely next tokens with probabilities "
+                        "(1 .. the vocabulary size; 0: generate)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache; GPUs)")
     add_sampling(p)
 
@@ -30,6 +33,9 @@ def run(args):
     model, tokenizer = loaded
     text, stops = prompt_for_generation(loaded.meta, prompt, raw=args.raw)
     if args.top_next:
+        vocab = model.config.vocab_size
+        if args.top_next > vocab:
+            raise UserError(f"--top-next {args.top_next} exceeds the vocabulary of {vocab} tokens; use 1 .. {vocab}")
         for token, prob in predict_next_token(model, tokenizer, text, args.top_next):
             print(f"{prob:8.4f}  {token!r}")
         return 0

@@ -6,6 +6,7 @@ memmaps and meta.json, streaming, so a corpus larger than memory works. Document
 """
 from __future__ import annotations
 
+from ..argtypes import ranged
 from . import required
 
 
@@ -15,7 +16,8 @@ def add_args(p):
     required(p.add_argument("--out", help="data folder to write"))
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (from `gpt2ft tokenizer train` or a checkpoint); default GPT-2 BPE")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
+    p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
+                   help="share of the tokens held out for validation, in [0, 1)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
 
 

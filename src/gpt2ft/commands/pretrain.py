@@ -4,13 +4,15 @@
 """
 from __future__ import annotations
 
+from ..argtypes import ranged
 from . import add_common, add_training, data_resume_keys, required, train_config
 
 
 def add_args(p):
     p.add_argument("--model-config", default="micro", help="preset: micro, tiny, small, gpt2, gpt2-medium, ...")
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"override the preset's {name}")
+        p.add_argument("--" + name.replace("_", "-"), type=ranged(int, 1), default=None,
+                       help=f"override the preset's {name} (>= 1)")
     required(p.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json)"))
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the data's)")
     add_common(p, model=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from ..argtypes import ranged
 from . import (add_common, add_instruction_data_args, add_lora, add_training, load_for_training, parse_columns,
                train_config)
 
@@ -22,11 +23,14 @@ def add_args(p):
     g = p.add_argument_group("SFT")
     g.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
     g.add_argument("--packing", action="store_true", help="pack several examples per row (no cross attention)")
-    g.add_argument("--val-fraction", type=float, default=0.10, help="share of records for validation")
-    g.add_argument("--test-fraction", type=float, default=0.05, help="share of records held out for testing")
+    g.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.10,
+                   help="share of records for validation, in [0, 1)")
+    g.add_argument("--test-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.05,
+                   help="share of records held out for testing, in [0, 1)")
     g.add_argument("--oversample-keyword", default=None, metavar="WORD",
                    help="sample records containing WORD --factor times as often")
-    g.add_argument("--factor", type=float, default=3.0, help="oversampling factor for --oversample-keyword")
+    g.add_argument("--factor", type=ranged(float, 0, lo_open=True), default=3.0,
+                   help="oversampling factor for --oversample-keyword, > 0")
     g.add_argument("--eval-examples", type=int, default=32, help="validation records generated at each evaluation")
     g.add_argument("--eval-max-new-tokens", type=int, default=64, help="tokens generated per evaluated record")
     g.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
