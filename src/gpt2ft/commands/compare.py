@@ -34,14 +34,21 @@ def run(args):
     from . import sampling_config
     from ..templates import get_template, prompt_for_generation
 
+    from ..data.text import read_lines
+    from ..fileio import atomic_write_text
+
     prompts = list(args.prompt or [])
     if args.prompts:
-        try:
-            prompts += [l for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if l.strip()]
-        except OSError as e:
-            raise UserError(f"--prompts {args.prompts}: {e.strerror}") from None
+        if not Path(args.prompts).is_file():
+            raise UserError(f"--prompts {args.prompts}: no such file")
+        prompts += [line.strip("\n") for _, line in read_lines(Path(args.prompts)) if line.strip()]
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt is empty: give the text to continue")
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
+    for flag, target in (("--out-md", args.out_md), ("--out-json", args.out_json)):
+        if target:
+            _check_output_file(flag, Path(target), [args.prompts, args.model_a, args.model_b])
     columns = {}
     forced = {"template": get_template(args.template)} if args.template else None
     for ref in (args.model_a, args.model_b):
@@ -60,8 +67,19 @@ def run(args):
         cell = lambda s: s.strip().replace("|", "\\|").replace("\n", "<br>")
         lines = [f"| prompt | A: {args.model_a} | B: {args.model_b} |", "|---|---|---|"]
         lines += [f"| {cell(r['prompt'])} | {cell(r['a'])} | {cell(r['b'])} |" for r in rows]
-        Path(args.out_md).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(Path(args.out_md), "\n".join(lines) + "\n")
     if args.out_json:
-        Path(args.out_json).write_text(json.dumps({"model_a": args.model_a, "model_b": args.model_b,
-                                                   "rows": rows}, indent=2), encoding="utf-8")
+        atomic_write_text(Path(args.out_json), json.dumps({"model_a": args.model_a, "model_b": args.model_b,
+                                                          "rows": rows}, indent=2))
     return 0
+
+
+def _check_output_file(flag: str, target: Path, inputs: list[str | None]) -> None:
+    """An output file may replace an earlier output, never a folder, an input or a file in a model."""
+    from ..fileio import same_path
+
+    if target.is_dir():
+        raise UserError(f"{flag} {target} is a folder; give a file name")
+    for given in filter(None, inputs):
+        if Path(given).exists() and same_path(target, given):
+            raise UserError(f"{flag} {target} would write onto or into the input {given}; choose another file")

@@ -48,14 +48,19 @@ def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
 def run(args):
     from ..fileio import atomic_write_text
     from ..data.instructions import load_records, normalize, record_to_row
+    from ..fileio import same_path
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name (.jsonl, or .json for an Alpaca array)")
+    if Path(args.input).exists() and same_path(out, args.input):
+        raise UserError(f"--out {out} would overwrite the input {args.input}; choose another file")
     if args.source == "lines":
         records = [normalize(row, "alpaca", f"{args.input}:{i}")
                    for i, row in enumerate(lines_to_rows(Path(args.input), args.instruction))]
     else:
         records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
     rows = [record_to_row(r, args.to) for r in records]
-    out = Path(args.out)
     if out.suffix == ".json":
         atomic_write_text(out, json.dumps(rows, indent=2, ensure_ascii=False))
     else:

@@ -19,7 +19,10 @@ from . import add_common, add_instruction_data_args, add_sampling, load_model, p
 def add_args(p):
     add_common(p)
     add_instruction_data_args(p)
-    p.add_argument("--out", default=None, metavar="REPORT_DIR", help="write responses.jsonl and summary.json here")
+    p.add_argument("--out", default=None, metavar="REPORT_DIR",
+                   help="write responses.jsonl and summary.json here (a new or empty folder, or one eval made)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that eval did not make (same-named files are replaced)")
     p.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
     p.add_argument("--batch-size", type=ranged(int, 1), default=8, help="prompts generated together, >= 1")
     p.add_argument("--max-examples", type=ranged(int, 1), default=None,
@@ -35,15 +38,19 @@ def run(args):
     from ..templates import get_template
 
     data = Path(args.data)
+    out = _claim_out(args, data)
     if data.suffix in (".txt", ".md"):
         text = "".join(line for _, line in read_lines(data))
+        if not text.strip():
+            raise UserError(f"{data} is empty: there is no text to score")
         model, tokenizer = load_model(args)
         ppl, n = text_perplexity(model, tokenizer, text)
-        summary = {"perplexity": ppl, "tokens": n, "data": str(data)}
+        if n == 0:
+            raise UserError(f"{data} is a single token: perplexity needs at least two")
+        summary = {"perplexity": ppl, "tokens": n, "data": str(data.resolve())}
         _print_table(summary)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
+        if out:
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         return 0
     if data.is_dir():
         if not (data / "splits" / "test.jsonl").exists():
@@ -59,15 +66,27 @@ def run(args):
     template = get_template(args.template) if args.template else loaded.template or get_template("alpaca")
     sampling = sampling_config(args, list(template.stop))
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
-    summary.update(model=loaded.ref, data=str(data), rejected=len(rejected), template=template.name)
+    summary.update(model=loaded.ref, data=str(data) if str(data).startswith("hf:") else str(data.resolve()),
+                   rejected=len(rejected), template=template.name)
     _print_table(summary)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out:
         atomic_write_text(out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(f"wrote {out / 'responses.jsonl'} and {out / 'summary.json'}")
     return 0
+
+
+def _claim_out(args, data: Path) -> Path | None:
+    """--out, checked before any work: never the data itself, nor a folder eval did not make."""
+    from ..fileio import claim_output_dir
+
+    if not args.out:
+        return None
+    out = Path(args.out)
+    for name in ("responses.jsonl", "summary.json"):
+        if data.exists() and (out / name).exists() and (out / name).resolve() == data.resolve():
+            raise UserError(f"--out {out} would overwrite the --data file {data}; choose another folder")
+    return claim_output_dir(out, "gpt2ft eval", overwrite=args.overwrite)
 
 
 def _print_table(summary: dict) -> None:

@@ -13,19 +13,24 @@ from . import required
 
 def add_args(p):
     p.add_argument("text", nargs="+", metavar="TEXT", help="text files or folders")
-    required(p.add_argument("--out", help="data folder to write"))
+    required(p.add_argument("--out", help="data folder to write (a new or empty folder, or one prepare made)"))
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (from `gpt2ft tokenizer train` or a checkpoint); default GPT-2 BPE")
     p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
                    help="share of the tokens held out for validation, in [0, 1)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that prepare did not make (same-named files are replaced)")
 
 
 def run(args):
     from ..data.text import prepare
+    from ..fileio import claim_output_dir
     from ..tokenizer import load_tokenizer
 
-    meta = prepare(args.text, args.out, load_tokenizer(args.tokenizer), args.val_fraction,
+    tokenizer = load_tokenizer(args.tokenizer)
+    claim_output_dir(args.out, "gpt2ft prepare", overwrite=args.overwrite)
+    meta = prepare(args.text, args.out, tokenizer, args.val_fraction,
                    tokenizer_dir=args.tokenizer, text_field=args.text_field)
     print(f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
     return 0

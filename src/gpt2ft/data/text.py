@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ def read_lines(path: Path):
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            if b"\x00" in raw:
+                raise UserError(f"{path}:{n}: a NUL byte: this is a binary file, not UTF-8 text")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -63,9 +66,10 @@ def read_json(path: Path):
 
 
 def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0.0, chunk_chars: int = 1 << 20):
-    """Yield (text, ends_document, is_val) pieces of at most ~chunk_chars, cut at line ends, so files
-    larger than RAM stream through. Text files: the last val_fraction of the bytes is validation.
-    A .jsonl file has one document per line (in `text_field`); every 1/val_fraction-th is validation."""
+    """Yield (text, ends_document, is_val) pieces of at most ~chunk_chars, cut at blank lines, so files
+    larger than RAM stream through. A text file is one document (never validation here: `prepare`
+    holds out the last tokens of each file). A .jsonl file has one document per line (in
+    `text_field`); every 1/val_fraction-th is validation."""
     if path.suffix == ".jsonl":
         every = round(1 / val_fraction) if val_fraction > 0 else 0
         index = 0
@@ -77,32 +81,40 @@ def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0
             yield record[text_field], True, bool(every) and index % every == every - 1
             index += 1
         return
-    val_from = path.stat().st_size * (1 - val_fraction) if val_fraction > 0 else float("inf")
     buf: list[str] = []
-    size = done = 0
-    in_val = False
+    size = 0
     for _, line in read_lines(path):
-        if not in_val and done >= val_from and buf:
-            yield "".join(buf), True, False  # the held-out tail is its own document
-            buf, size, in_val = [], 0, True
         buf.append(line)
         size += len(line)
-        done += len(line.encode("utf-8"))
         if size >= chunk_chars and line.strip() == "":  # cut at a blank line: paragraphs stay whole
-            yield "".join(buf), False, in_val
+            yield "".join(buf), False, False
             buf, size = [], 0
-    yield "".join(buf), True, in_val or done >= val_from
+    yield "".join(buf), True, False
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
+def _move_tail(src, dst, n_bytes: int, chunk: int = 1 << 24) -> None:
+    """Move the last n_bytes of the open file src to the end of dst, then cut them from src."""
+    src.flush()
+    end = src.seek(0, os.SEEK_END)
+    for pos in range(end - n_bytes, end, chunk):
+        src.seek(pos)
+        dst.write(src.read(min(chunk, end - pos)))
+    src.truncate(end - n_bytes)
+    src.seek(0, os.SEEK_END)
+
+
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val_fraction: float = 0.1,
             tokenizer_dir: str | None = None, text_field: str = "text", progress: bool = True) -> dict:
     """Tokenize files into out/train.bin and out/val.bin; documents end with <|endoftext|>.
-    The last val_fraction of each text file (every 1/val_fraction-th .jsonl document) goes to val."""
+    The last val_fraction of each text file's tokens (so a one-line file splits too), and every
+    1/val_fraction-th .jsonl document, go to val. A failure leaves no temporary file behind."""
     from tqdm import tqdm
+
+    from ..fileio import atomic_write_text
 
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), not {val_fraction}")
@@ -110,41 +122,49 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
+    itemsize = np.dtype(dtype).itemsize
     counts = {"train": 0, "val": 0}
     digest = hashlib.sha256()
-    tmp = {split: out / f".tmp-{split}.bin" for split in counts}
-    handles = {split: open(tmp[split], "wb") for split in counts}
+    tmp = {split: Path(tempfile.mkstemp(prefix=f".tmp-{split}.", suffix=".bin", dir=out)[1]) for split in counts}
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare",
                disable=not progress)
     try:
-        for path in files:
-            for text, ends, is_val in iter_documents(path, text_field, val_fraction):
-                split = "val" if is_val else "train"
-                ids = tokenizer.encode(text) + ([tokenizer.eos_id] if ends else [])
-                arr = np.asarray(ids, dtype=dtype)
-                handles[split].write(arr.tobytes())
-                digest.update(arr.tobytes())
-                counts[split] += len(arr)
-                bar.update(len(text.encode("utf-8")))
+        with open(tmp["train"], "w+b") as train_f, open(tmp["val"], "wb") as val_f:
+            handles = {"train": train_f, "val": val_f}
+            for path in files:
+                file_start = counts["train"]
+                for text, ends, is_val in iter_documents(path, text_field, val_fraction):
+                    split = "val" if is_val else "train"
+                    ids = tokenizer.encode(text) + ([tokenizer.eos_id] if ends else [])
+                    arr = np.asarray(ids, dtype=dtype)
+                    handles[split].write(arr.tobytes())
+                    digest.update(arr.tobytes())
+                    counts[split] += len(arr)
+                    bar.update(len(text.encode("utf-8")))
+                if path.suffix != ".jsonl":  # hold out the file's last tokens
+                    n_val = int((counts["train"] - file_start) * val_fraction)
+                    _move_tail(train_f, val_f, n_val * itemsize)
+                    counts["train"] -= n_val
+                    counts["val"] += n_val
+        if counts["train"] < 2:
+            raise UserError(f"{', '.join(map(str, inputs))}: too little text to train on ({counts['train']} "
+                            "tokens)")
+        for split in counts:
+            os.replace(tmp[split], out / f"{split}.bin")
     finally:
         bar.close()
-        for h in handles.values():
-            h.close()
-    if counts["train"] < 2:
-        raise UserError(f"{', '.join(map(str, inputs))}: too little text to train on ({counts['train']} tokens)")
-    for split in counts:
-        os.replace(tmp[split], out / f"{split}.bin")
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     meta = {
-        "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint(), "dir": tokenizer_dir,
+        "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint(),
+                      "dir": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,  # absolute: cwd-free
                       "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
         "dtype": np.dtype(dtype).name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
         "fingerprint": digest.hexdigest()[:16],
-        "sources": [str(f) for f in files],
+        "sources": [str(f.resolve()) for f in files],
     }
-    from ..fileio import atomic_write_text
-
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     return meta
 
@@ -153,7 +173,17 @@ def read_meta(data_dir: Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{data_dir}: not a prepared data folder (no meta.json); run `gpt2ft prepare` first")
-    return json.loads(path.read_text())
+    from ..fileio import read_json
+
+    meta = read_json(path, "meta.json")
+    try:
+        tok = meta["tokenizer"]
+        tok["fingerprint"], meta["dtype"], meta["fingerprint"]
+    except (TypeError, KeyError):
+        raise UserError(f"{path}: not a meta.json written by `gpt2ft prepare`; prepare the data again") from None
+    if tok.get("dir") and not Path(tok["dir"]).is_absolute() and (Path(data_dir) / tok["dir"]).is_dir():
+        tok["dir"] = str(Path(data_dir) / tok["dir"])  # an older file's relative path: relative to the data
+    return meta
 
 
 class TokenBlocks:
