@@ -77,8 +77,10 @@ class LanguageModeling(MaskedLM):
 
         from .data.text import TokenBlocks
 
-        val = TokenBlocks(Path(data_dir) / "val.bin", meta["dtype"], length)
-        return cls(TokenBlocks(Path(data_dir) / "train.bin", meta["dtype"], length), val,
+        vocab = meta["tokenizer"].get("vocab_size")
+        val = TokenBlocks(Path(data_dir) / "val.bin", meta["dtype"], length, meta.get("val_tokens"), vocab)
+        train = TokenBlocks(Path(data_dir) / "train.bin", meta["dtype"], length, meta.get("train_tokens"), vocab)
+        return cls(train, val,
                    sample_prompts or val.sample_prompt(tokenizer), name, meta["fingerprint"])
 class InstructionTuning(MaskedLM):
     """SFT: loss on response tokens (and their EOS) only; validation also generates and scores."""

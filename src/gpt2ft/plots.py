@@ -10,16 +10,27 @@ SCORE_KEYS = ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "keyword_rate
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of run_dir/metrics.jsonl; a row that is not an object, or whose step, tokens_seen,
+    losses or scores are not numbers, is an error naming its line."""
+    from .data.text import read_lines
+
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl; is this a gpt2ft run folder?")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not valid JSON") from None
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object per line, not {type(row).__name__}")
+        for key in ("step", "tokens_seen", "train_loss", "val_loss", *SCORE_KEYS):
+            if key in row and (isinstance(row[key], bool) or not isinstance(row[key], (int, float))):
+                raise UserError(f"{path}:{n}: {key} must be a number, not {row[key]!r}")
+        rows.append(row)
     return rows
 
 
@@ -30,8 +41,15 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .fileio import atomic_write, made_by
+
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
+    if made_by(run_dir) is None:  # a folder gpt2ft did not make: never replace a file of the user's
+        taken = [f"loss.{fmt}" for fmt in formats if (run_dir / f"loss.{fmt}").exists()]
+        if taken:
+            raise UserError(f"{run_dir} was not made by gpt2ft and already holds {', '.join(taken)}; "
+                            "move it away first")
     train = [r for r in rows if "train_loss" in r]
     val = [r for r in rows if "val_loss" in r]
     scores = [k for k in SCORE_KEYS if any(k in r for r in rows)]
@@ -40,18 +58,20 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     panels = 3 if scores else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), constrained_layout=True)
     for ax, x_key, label in ((axes[0], "step", "step"), (axes[1], "tokens_seen", "tokens seen")):
-        if train:
-            ax.plot([r[x_key] for r in train], [r["train_loss"] for r in train], label="train", alpha=0.8)
-        if val:
-            ax.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        for kind, key, style in (("train", "train_loss", "-"), ("validation", "val_loss", "o-")):
+            pts = [r for r in rows if key in r and x_key in r]  # a row without this axis is left out
+            if pts:
+                ax.plot([r[x_key] for r in pts], [r[key] for r in pts], style, label=kind,
+                        alpha=0.8 if kind == "train" else 1.0)
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     axes[0].set_title(run_dir.name)
     if scores:
         for key in scores:  # every score on a 0-1 scale (BLEU is reported 0-100)
-            pts = [r for r in rows if key in r]
+            pts = [r for r in rows if key in r and "step" in r]
             scale, label = (100, "bleu / 100") if key == "bleu" else (1, key)
             axes[2].plot([r["step"] for r in pts], [r[key] / scale for r in pts], "o-", label=label)
         axes[2].set_xlabel("step")
@@ -61,7 +81,7 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     written = []
     for fmt in formats:
         out = run_dir / f"loss.{fmt}"
-        fig.savefig(out, dpi=120)
+        atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=120))
         written.append(out)
     plt.close(fig)
     return written

@@ -178,7 +178,9 @@ def read_meta(data_dir: Path) -> dict:
     meta = read_json(path, "meta.json")
     try:
         tok = meta["tokenizer"]
-        tok["fingerprint"], meta["dtype"], meta["fingerprint"]
+        tok["fingerprint"], meta["fingerprint"]
+        if meta["dtype"] not in ("uint16", "uint32"):
+            raise KeyError("dtype")
     except (TypeError, KeyError):
         raise UserError(f"{path}: not a meta.json written by `gpt2ft prepare`; prepare the data again") from None
     if tok.get("dir") and not Path(tok["dir"]).is_absolute() and (Path(data_dir) / tok["dir"]).is_dir():
@@ -189,10 +191,21 @@ def read_meta(data_dir: Path) -> dict:
 class TokenBlocks:
     """Non-overlapping windows of block_size + 1 tokens from a token memmap (input and shifted target)."""
 
-    def __init__(self, path: Path, dtype: str, block_size: int):
+    def __init__(self, path: Path, dtype: str, block_size: int, n_tokens: int | None = None,
+                 vocab_size: int | None = None):
+        """n_tokens and vocab_size (from meta.json) check that the file is what `prepare` wrote."""
         self.path, self.block_size = Path(path), block_size
-        n = self.path.stat().st_size // np.dtype(dtype).itemsize if self.path.exists() else 0
+        size = self.path.stat().st_size if self.path.exists() else 0
+        itemsize = np.dtype(dtype).itemsize
+        n = size // itemsize
+        again = "; run `gpt2ft prepare` again"
+        if size % itemsize or (n_tokens is not None and n != n_tokens):
+            raise UserError(f"{self.path}: {size} bytes, but meta.json records {n_tokens} tokens of {itemsize} "
+                            f"bytes: the file was damaged or changed{again}")
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype)
+        if vocab_size is not None and n and int(self.tokens.max()) >= vocab_size:
+            raise UserError(f"{self.path}: holds token ids up to {int(self.tokens.max())}, beyond the tokenizer's "
+                            f"{vocab_size}: the file is damaged or not from this tokenizer{again}")
         self.n_blocks = max((len(self.tokens) - 1) // block_size, 0)
 
     def __len__(self) -> int:

@@ -143,21 +143,21 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
     verb = f"gpt2ft {kind}"
     owner = made_by(path) if path.exists() else None
     contents = [p for p in path.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_FILE)] if path.exists() else []
+    if contents and owner is None:  # refused before the lock, so no lock file is left in a user's folder
+        clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+        if overwrite and clashing:  # --overwrite never deletes what gpt2ft did not write
+            raise UserError(f"--out {path} was not made by gpt2ft but holds {', '.join(clashing)}, which a "
+                            "run would replace; move them away or choose another --out")
+        if not overwrite:
+            raise UserError(f"--out {path} is not empty and was not made by gpt2ft; choose a new folder, or pass "
+                            "--overwrite to write into it anyway (nothing of yours there is deleted)")
     if contents:
         _lock(path)  # before looking closer: a run in progress is refused as such
         checkpoints = run_checkpoints(path)
         if overwrite:
             clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
-            if owner is None and clashing:  # --overwrite never deletes what gpt2ft did not write
-                _unlock(path)
-                raise UserError(f"--out {path} was not made by gpt2ft but holds {', '.join(clashing)}, which a "
-                                "run would replace; move them away or choose another --out")
             for name in clashing:
                 _remove(path / name)
-        elif owner is None:
-            _unlock(path)
-            raise UserError(f"--out {path} is not empty and was not made by gpt2ft; choose a new folder, or pass "
-                            "--overwrite to write into it anyway (nothing of yours there is deleted)")
         elif owner != verb:
             _unlock(path)
             raise UserError(f"--out {path} was made by `{owner}`; choose a new folder for `{verb}` "
