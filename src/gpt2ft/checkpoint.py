@@ -321,6 +321,10 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                         f"{model.config.vocab_size} embeddings; the folder mixes files of two models")
+    if model.config.vocab_size - tokenizer.vocab_size >= 64:  # more than padding to a multiple of 64
+        raise UserError(f"{folder}: the model has {model.config.vocab_size} embeddings but its tokenizer only "
+                        f"{tokenizer.vocab_size} ids, so generated ids could not be decoded; the folder mixes "
+                        "files of two models")
     if lora:
         attach_adapter(model, resolve(lora, verify))
     model.to(device=device, dtype=dtype)
