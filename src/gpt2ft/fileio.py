@@ -2,6 +2,7 @@
 output folders that say which verb made them. A leaf: it imports nothing else from gpt2ft but errors."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -180,6 +181,21 @@ def make_dir(folder: Path) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite"):
+    """claim_output_dir for the length of a `with`: a folder it created is removed again if the body
+    fails before writing anything besides the marker (a failed verb leaves nothing behind)."""
+    new = not Path(folder).exists()
+    path = claim_output_dir(folder, verb, overwrite=overwrite, flag=flag)
+    try:
+        yield path
+    except BaseException:
+        if new and [p.name for p in path.iterdir()] == [OUTPUT_MARKER]:
+            (path / OUTPUT_MARKER).unlink()
+            path.rmdir()
+        raise
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

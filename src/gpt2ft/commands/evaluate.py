@@ -31,14 +31,26 @@ def add_args(p):
 
 
 def run(args):
+    from ..fileio import output_dir
+
+    data = Path(args.data)
+    if not args.out:
+        return _evaluate(args, data, None)
+    out = Path(args.out)
+    for name in ("responses.jsonl", "summary.json"):
+        if data.exists() and (out / name).exists() and (out / name).resolve() == data.resolve():
+            raise UserError(f"--out {out} would overwrite the --data file {data}; choose another folder")
+    with output_dir(out, "gpt2ft eval", overwrite=args.overwrite):
+        return _evaluate(args, data, out)
+
+
+def _evaluate(args, data: Path, out: Path | None):
     from ..fileio import atomic_write_text
     from ..data.instructions import load_records
     from ..data.text import read_lines
     from ..evaluate import evaluate_records, text_perplexity
     from ..templates import get_template
 
-    data = Path(args.data)
-    out = _claim_out(args, data)
     if data.suffix in (".txt", ".md"):
         text = "".join(line for _, line in read_lines(data))
         if not text.strip():
@@ -74,19 +86,6 @@ def run(args):
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(f"wrote {out / 'responses.jsonl'} and {out / 'summary.json'}")
     return 0
-
-
-def _claim_out(args, data: Path) -> Path | None:
-    """--out, checked before any work: never the data itself, nor a folder eval did not make."""
-    from ..fileio import claim_output_dir
-
-    if not args.out:
-        return None
-    out = Path(args.out)
-    for name in ("responses.jsonl", "summary.json"):
-        if data.exists() and (out / name).exists() and (out / name).resolve() == data.resolve():
-            raise UserError(f"--out {out} would overwrite the --data file {data}; choose another folder")
-    return claim_output_dir(out, "gpt2ft eval", overwrite=args.overwrite)
 
 
 def _print_table(summary: dict) -> None:

@@ -25,12 +25,12 @@ def add_args(p):
 
 def run(args):
     from ..data.text import prepare
-    from ..fileio import claim_output_dir
+    from ..fileio import output_dir
     from ..tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    claim_output_dir(args.out, "gpt2ft prepare", overwrite=args.overwrite)
-    meta = prepare(args.text, args.out, tokenizer, args.val_fraction,
-                   tokenizer_dir=args.tokenizer, text_field=args.text_field)
+    with output_dir(args.out, "gpt2ft prepare", overwrite=args.overwrite):
+        meta = prepare(args.text, args.out, tokenizer, args.val_fraction,
+                       tokenizer_dir=args.tokenizer, text_field=args.text_field)
     print(f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
     return 0

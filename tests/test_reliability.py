@@ -1,0 +1,379 @@
+"""Issue 9, one test per rule, each driving the real CLI in a subprocess: the exit code, exactly one
+clear error line on stderr, and the bytes of every file that existed before left unchanged (and no
+file added). The world: a word tokenizer, prepared data and a 4-step pretrain run, made once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_cli
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--batch-size", "2",
+        "--device", "cpu", "--no-progress", "--warmup-steps", "1", "--eval-batches", "1"]
+WORDS = "the king queen said to be or not that is question love night day sword crown".split()
+
+
+def gpt2ft(*args, cwd=None, timeout=300):
+    """run_cli from another working directory."""
+    return subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and link under root -> its sha256 (or link target). `.lock` holds the pid of whoever
+    last locked a run folder, so it is left out."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.name == ".lock":
+            continue
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def refused(root: Path, *args, needles=(), cwd=None, run_out: Path | None = None):
+    """Run a command that must be refused: clean one-line error naming `needles`, nothing changed.
+    run_out: a new training --out that may be left holding only its marker (open_run marks the folder
+    before the data is read; known gap, see docs/reliability.md)."""
+    before = snapshot(root)
+    new_out = run_out is not None and not Path(run_out).exists()
+    proc = gpt2ft(*args, cwd=cwd)
+    assert_clean_error(proc, *needles)
+    after = snapshot(root)
+    if new_out:
+        after.pop(str(Path(run_out).relative_to(root) / ".gpt2ft-output.json"), None)
+    assert after == before, "a refused command changed files"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(300)) + "\n")
+    run_cli("tokenizer", "train", root / "text.txt", "--kind", "word", "--vocab-size", "100", "--out", root / "tok",
+            check=True)
+    run_cli("prepare", root / "text.txt", "--tokenizer", root / "tok", "--out", root / "data", check=True)
+    run_cli("pretrain", "--data", root / "data", "--out", root / "run", *TINY, "--max-steps", "4",
+            "--save-every", "2", "--eval-every", "2", check=True)
+    (root / "user").mkdir()
+    (root / "user" / "notes.txt").write_text("a week of notes\n")
+    return root
+
+
+# ----- nothing a user owns is destroyed -------------------------------------------------------------
+@pytest.mark.parametrize("out", ["user", ".", "run", "run/best", "run/checkpoints", "text.txt"])
+def test_export_never_writes_onto_user_files_or_its_source(world, out):
+    refused(world, "export", "run", "--out", out, cwd=world)
+
+
+def test_export_overwrite_writes_beside_user_files(world, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = gpt2ft("export", world / "run", "--out", tmp_path, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "model.safetensors").exists()
+
+
+def test_a_finished_run_is_not_restarted_without_resume(world):
+    refused(world, "pretrain", "--data", world / "data", "--out", world / "run", *TINY, "--max-steps", "4",
+            needles=("--resume auto", "--overwrite"))
+
+
+@pytest.mark.parametrize("out", ["run/best", "user", "data"])
+def test_tokenizer_train_refuses_a_model_a_user_folder_and_other_outputs(world, out):
+    refused(world, "tokenizer", "train", "text.txt", "--kind", "word", "--out", out, cwd=world, needles=(out,))
+
+
+@pytest.mark.parametrize("out", ["user", "tok", "run", "text.txt"])
+def test_prepare_refuses_folders_it_did_not_make(world, out):
+    refused(world, "prepare", "text.txt", "--tokenizer", "tok", "--out", out, cwd=world, needles=(out,))
+
+
+def test_outputs_never_overwrite_their_own_input(world, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "hi", "output": "the king"}) + "\n")
+    refused(tmp_path, "data", "convert", data, "--out", data, needles=("would overwrite the input",))
+    refused(tmp_path, "data", "convert", data, "--out", tmp_path, needles=("is a folder",))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the king\n")
+    for flag in ("--out-md", "--out-json"):
+        refused(tmp_path, "compare", world / "run", world / "run", "--prompts", prompts, flag, prompts,
+                needles=(flag, "input"))
+    refused(world, "compare", "run", "run", "--prompt", "the", "--out-md", "run/compare.md", cwd=world,
+            needles=("--out-md",))
+    # eval writes REPORT_DIR/summary.json: never when that file is the --data it reads
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / ".gpt2ft-output.json").write_text(json.dumps({"made_by": "gpt2ft eval"}))
+    (report / "summary.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    refused(tmp_path, "eval", world / "run", "--data", report / "summary.json", "--out", report,
+            needles=("--data",))
+    refused(world, "eval", "run", "--data", "text.txt", "--out", "user", cwd=world, needles=("--overwrite",))
+
+
+def test_two_trainings_in_one_out_then_kill_9_and_resume_auto(world, tmp_path):
+    """The second process is refused while the first trains; after kill -9 the stale lock is taken over."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "gpt2ft.cli", "pretrain", "--data", world / "data", "--out", out, *TINY,
+            "--max-steps", "100000", "--save-every", "3", "--eval-every", "0", "--log-every", "1"]
+    first = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list((out / "checkpoints").glob("step-*/COMPLETE")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first training ended early"
+        second = run_cli("pretrain", "--data", world / "data", "--out", out, *TINY, "--max-steps", "2",
+                         "--resume", "auto")
+        assert_clean_error(second, "in use", str(first.pid))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    metrics_rows = (out / "metrics.jsonl").read_text().count("\n")
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    step = int(newest.name.split("-")[1])
+    proc = run_cli("pretrain", "--data", world / "data", "--out", out, *TINY, "--max-steps", step + 2,
+                   "--resume", "auto", "--save-every", "3", "--eval-every", "0", "--log-every", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"step-{step + 2:08d}" in {p.name for p in (out / "checkpoints").iterdir()}
+    assert (out / "metrics.jsonl").read_text().count("\n") > metrics_rows - 3
+    assert not list(out.rglob(".tmp-*")), "a temp file survived"
+
+
+# ----- weights are verified -------------------------------------------------------------------------
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # inside the tensor data, not the header: the size stays the same
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_weights_name_the_file_and_a_run_falls_back(world, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run, symlinks=True)
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    _flip_byte(newest / "model.safetensors")
+    assert_clean_error(run_cli("generate", newest, "--prompt", "the king", "--max-new-tokens", "3"),
+                       "model.safetensors")
+    fallback = run_cli("generate", run, "--prompt", "the king", "--max-new-tokens", "3", "--temperature", "0")
+    assert fallback.returncode == 0, fallback.stderr
+    assert newest.name in fallback.stderr and "model.safetensors" in fallback.stderr  # says what it skipped
+    older = run_cli("generate", run / "checkpoints" / "step-00000002", "--prompt", "the king", "--max-new-tokens",
+                    "3", "--temperature", "0", check=True)
+    assert fallback.stdout == older.stdout  # and generates from the newest intact checkpoint
+
+
+# ----- every flag and YAML key checked where parsed --------------------------------------------------
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-steps", "0"], "--max-steps"), (["--max-steps", "-5"], "--max-steps"), (["--epochs", "nan"], "--epochs"),
+    (["--epochs", "0"], "--epochs"), (["--log-every", "0"], "--log-every"), (["--warmup-steps", "-1"], "--warmup"),
+    (["--max-length", "1000"], "--max-length"), (["--lr", "inf"], "--lr"), (["--n-layer", "0"], "--n-layer"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_training_flags_out_of_range(world, tmp_path, flags, needle):
+    args = ["pretrain", "--data", world / "data", "--out", tmp_path / "r", *TINY, *flags]
+    refused(tmp_path, *args, needles=(needle,), run_out=tmp_path / "r")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("checkpoints/*"))
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("lr: true\n", "--lr"), ("max_steps: 3.7\n", "--max-steps"), ("epochs: .nan\n", "epochs"),
+    ("grad_clip: -3\n", "--grad-clip"), ("seed: 1.5\n", "--seed"), ("progress: 1\n", "progress"),
+])
+def test_training_yaml_values_of_the_wrong_type_or_range(world, tmp_path, yaml_text, needle):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    refused(tmp_path, "pretrain", "--data", world / "data", "--out", tmp_path / "r", *TINY, "--config",
+            tmp_path / "c.yaml", needles=(needle,), run_out=tmp_path / "r")
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("prompt: 42\n", "prompt"), ("prompt: [a, b]\n", "prompt"), ("top_k: 2.5\n", "top_k"),
+    ("temperature: -1\n", "temperature"), ("stream: yes please\n", "stream"), ("stop: [1]\n", "stop"),
+    ("max_new_tokens: true\n", "max_new_tokens"), ("device: 3\n", "device"),
+])
+def test_yaml_values_for_other_verbs_are_checked_like_their_flags(world, tmp_path, yaml_text, needle):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    refused(world, "generate", "run", "--config", tmp_path / "c.yaml", cwd=world, needles=(needle,))
+
+
+def test_yaml_values_of_the_right_type_work(world, tmp_path):
+    (tmp_path / "c.yaml").write_text("prompt: the king\nmax_new_tokens: 3\ntemperature: 0\nstop: [zzz]\n")
+    proc = gpt2ft("generate", world / "run", "--config", tmp_path / "c.yaml")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "run", "--prompt", ""], "prompt"),
+    (["generate", "run", "--prompt", "   "], "prompt"),
+    (["generate", "run", "--prompt", "the", "--top-next", "-1"], "--top-next"),
+    (["generate", "run", "--prompt", "the", "--top-next", "1000"], "--top-next"),
+    (["generate", "run", "--prompt", "the", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "run", "--prompt", "the", "--temperature", "nan"], "--temperature"),
+    (["generate", "run", "--prompt", "the", "--top-p", "1.5"], "--top-p"),
+    (["generate", "run", "--prompt", "the", "--seed", "-1"], "--seed"),
+    (["eval", "run", "--data", "text.txt", "--max-examples", "0"], "--max-examples"),
+    (["eval", "run", "--data", "text.txt", "--batch-size", "0"], "--batch-size"),
+    (["sft", "run", "--data", "text.txt", "--out", "s", "--factor", "-2"], "--factor"),
+    (["sft", "run", "--data", "text.txt", "--out", "s", "--val-fraction", "1"], "--val-fraction"),
+    (["prepare", "text.txt", "--out", "p", "--val-fraction", "-0.1"], "--val-fraction"),
+    (["tokenizer", "train", "text.txt", "--out", "t", "--vocab-size", "0"], "--vocab-size"),
+    (["compare", "run", "run", "--prompt", "the", "--repetition-penalty", "0"], "--repetition-penalty"),
+])
+def test_flags_out_of_range_for_every_verb(world, args, needle):
+    refused(world, *args, cwd=world, needles=(needle,))
+
+
+def test_help_states_the_accepted_range():
+    out = run_cli("generate", "--help", check=True).stdout
+    assert "(0, 1]" in out and "vocabulary size" in out
+    assert ">= 1" in run_cli("eval", "--help", check=True).stdout
+
+
+# ----- empty, binary and damaged inputs -------------------------------------------------------------
+def test_empty_inputs(world, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    refused(tmp_path, "eval", world / "run", "--data", empty, needles=("empty",))
+    refused(tmp_path, "tokenizer", "train", empty, "--out", tmp_path / "t", needles=("no text",))
+    refused(tmp_path, "prepare", empty, "--tokenizer", world / "tok", "--out", tmp_path / "p",
+            needles=("too little text",))
+
+
+def test_binary_inputs(world, tmp_path):
+    rng = np.random.default_rng(1)
+    blob = tmp_path / "blob.txt"
+    blob.write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"the king\nthe\x00queen\n")
+    refused(tmp_path, "compare", world / "run", world / "run", "--prompts", blob, needles=("blob.txt:",))
+    refused(tmp_path, "compare", world / "run", world / "run", "--prompts", nul, needles=("nul.txt:2", "binary"))
+    refused(tmp_path, "prepare", nul, "--tokenizer", world / "tok", "--out", tmp_path / "p", needles=("nul.txt:2",))
+    refused(tmp_path, "eval", world / "run", "--data", blob, needles=("blob.txt",))
+    refused(tmp_path, "data", "convert", blob, "--from", "lines", "--instruction", "x", "--out", tmp_path / "o.jsonl",
+            needles=("blob.txt",))
+
+
+@pytest.mark.parametrize("damage", ["odd size", "random bytes", "bad meta"])
+def test_damaged_prepared_data(world, tmp_path, damage):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(world / "data", data)
+    size = (data / "train.bin").stat().st_size
+    if damage == "odd size":
+        (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-1])
+    elif damage == "random bytes":  # same size, ids beyond the vocabulary
+        (data / "train.bin").write_bytes(np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8).tobytes())
+    else:
+        (data / "meta.json").write_text('{"tokenizer": 3}')
+    refused(tmp_path, "pretrain", "--data", data, "--out", tmp_path / "r", *TINY, "--max-steps", "1",
+            needles=("prepare",), run_out=tmp_path / "r")
+
+
+def test_foreign_metrics_file_in_out(world, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"hello": 1}\n')
+    for extra in ([], ["--overwrite"]):
+        refused(tmp_path, "pretrain", "--data", world / "data", "--out", tmp_path, *TINY, "--max-steps", "1", *extra,
+                needles=(str(tmp_path),))
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ('{"step": 1, "train_loss": "x", "tokens_seen": 2}\n', "train_loss"),
+    ('[1, 2]\n', "object"),
+    ('{"step": 1, "train_loss": 2.0, "tokens_seen": 4}\nnot json\n', "metrics.jsonl:2"),
+])
+def test_plot_bad_metrics_rows(tmp_path, rows, needle):
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    refused(tmp_path, "plot", tmp_path, needles=(needle,))
+
+
+def test_plot_rows_missing_a_field_are_left_out_and_user_plots_kept(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n'
+                                            '{"step": 2, "train_loss": 1.5, "tokens_seen": 64}\n{"step": 3}\n')
+    proc = run_cli("plot", tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    refused(tmp_path, "plot", tmp_path, needles=("loss.png",))  # not a gpt2ft folder: its loss.png is kept
+
+
+def test_a_model_whose_tokenizer_is_smaller_than_its_vocabulary(world, tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "word_vocab.json").write_bytes((world / "tok" / "word_vocab.json").read_bytes())
+    refused(tmp_path, "generate", tmp_path / "m", "--prompt", "the king", needles=("tokenizer",))
+    refused(tmp_path, "generate", tmp_path / "m", "--prompt", "the king", "--top-next", "5", needles=("tokenizer",))
+
+
+def test_out_naming_an_existing_file(world):
+    for args in (["pretrain", "--data", "data", *TINY], ["prepare", "text.txt", "--tokenizer", "tok"],
+                 ["tokenizer", "train", "text.txt", "--kind", "word"], ["eval", "run", "--data", "text.txt"],
+                 ["export", "run"]):
+        refused(world, *args, "--out", "user/notes.txt", cwd=world, needles=("notes.txt",))
+
+
+# ----- prepare: split by tokens, no temp files, paths that do not depend on the cwd -------------------
+def test_prepare_splits_a_single_line_by_tokens(world, tmp_path):
+    from gpt2ft.tokenizer import load_tokenizer
+
+    text = " ".join(np.random.default_rng(3).choice(WORDS, 300_000))  # ~1.6 MB, one line
+    (tmp_path / "one.txt").write_text(text)
+    proc = run_cli("prepare", tmp_path / "one.txt", "--tokenizer", world / "tok", "--out", tmp_path / "d",
+                   "--val-fraction", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    expected = load_tokenizer(world / "tok").encode(text) + [0]  # the oracle: the whole file, then EOS
+    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16).tolist()
+    assert train + val == expected
+    assert len(val) == int(len(expected) * 0.1) == meta["val_tokens"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".gpt2ft-output.json", "meta.json", "train.bin",
+                                                                  "val.bin"]
+
+
+def test_a_failed_prepare_leaves_no_temp_file(world, tmp_path):
+    (tmp_path / "a.txt").write_text("the king said\n")
+    (tmp_path / "b.txt").write_bytes(b"the queen\n\xff\n")  # fails on the second file, mid-write
+    proc = run_cli("prepare", tmp_path / "a.txt", tmp_path / "b.txt", "--tokenizer", world / "tok",
+                   "--out", tmp_path / "d")
+    assert_clean_error(proc, "b.txt:2")
+    assert not list((tmp_path / "d").glob(".tmp*"))
+
+
+def test_prepared_data_works_from_another_directory(world, tmp_path):
+    """meta.json records the tokenizer by an absolute path, so pretrain runs from anywhere."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    proc = gpt2ft("prepare", world / "text.txt", "--tokenizer", os.path.relpath(world / "tok", tmp_path / "a"),
+                  "--out", "data", cwd=tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "a" / "data" / "meta.json").read_text())
+    assert Path(meta["tokenizer"]["dir"]).is_absolute()
+    proc = gpt2ft("pretrain", "--data", "../a/data", "--out", "r", *TINY, "--max-steps", "1", cwd=tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ctrl_c_during_training_saves_and_leaves_no_temp(world, tmp_path):
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "gpt2ft.cli", "pretrain", "--data", world / "data", "--out", out, *TINY,
+            "--max-steps", "100000", "--eval-every", "0", "--log-every", "1"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while (not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()) \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert list((out / "checkpoints").glob("step-*/COMPLETE")), "no checkpoint written on Ctrl-C"
+    assert not list(out.rglob(".tmp-*"))
