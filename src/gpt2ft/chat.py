@@ -124,8 +124,8 @@ def load_chat_model(ref: str, device: str, dtype: str, lora: str | None):
 def render(template, messages: list[dict], tokenizer) -> tuple[list[int], list[str]]:
     """Token ids of the conversation followed by the assistant's cue, and the stop strings.
 
-    Each part is tokenized on its own and every assistant reply ends with EOS, as in SFT, so the
-    ids of earlier turns never change when a turn is added (the kept cache stays valid).
+    Every assistant reply ends with EOS, as in SFT, so the ids of earlier turns do not change when a
+    turn is added (the kept cache stays valid).
     """
     from .templates import format_prompt
 
@@ -155,9 +155,13 @@ def render(template, messages: list[dict], tokenizer) -> tuple[list[int], list[s
                 parts.append(f"{m['role'].capitalize()}: {m['content']}\n")
         parts.append("Assistant:")
         stops = ["\nUser:", "\nAssistant:"]
-    ids = []
-    for part in parts:
-        ids += [part] if isinstance(part, int) else tokenizer.encode(part)
+    ids, text = [], ""
+    for part in parts + [None]:  # adjacent text is tokenized as a whole, as generate does
+        if isinstance(part, str):
+            text += part
+            continue
+        ids += tokenizer.encode(text) if text else []
+        ids, text = ids + ([part] if part is not None else []), ""
     return ids, stops
 
 
@@ -321,14 +325,22 @@ class Chat:
     def fit(self, extra: list[dict]):
         """(prompt ids, stops, max new tokens) with the oldest turns dropped until the reply fits;
         None (and a message) when even the system prompt and the newest message do not fit."""
+        keep = 2 if extra else 1  # the newest exchange (or user message) always stays
+        head = self.conversation()[:1] if self.system else []
+        needed = len(render(self.template, head + self.messages[-keep:] + extra, self.tokenizer)[0])
+        if needed >= self.context:  # refuse before dropping anything
+            self.note(f"that message needs {needed} tokens with the conversation's template but the model's "
+                      f"context is {self.context}: send a shorter one"
+                      + (" or shorten the system prompt" if self.system else ""))
+            return None
         while True:
             ids, stops = render(self.template, self.conversation() + extra, self.tokenizer)
             room = self.context - len(ids)
             if room >= self.settings.max_new_tokens:
                 return ids, stops, self.settings.max_new_tokens
-            droppable = len(self.messages) - (2 if extra else 1)  # keep the newest exchange
-            if droppable <= 0:
-                break
+            droppable = len(self.messages) - keep
+            if droppable <= 0:  # only the newest message is left: answer as much as fits
+                return ids, stops, room
             n = 2 if droppable >= 2 and self.messages[0]["role"] == "user" else 1  # a whole exchange
             self.dropped += self.messages[:n]
             del self.messages[:n]
@@ -337,11 +349,6 @@ class Chat:
                 self._told_dropping = True
                 self.note(f"(the conversation no longer fits the model's context of {self.context} tokens: "
                           "the oldest turns are dropped from now on; /memory lists them)")
-        if room >= 1:  # only the newest message is left: answer as much as fits
-            return ids, stops, room
-        self.note(f"that message needs {len(ids)} tokens with the conversation's template but the model's context "
-                  f"is {self.context}: send a shorter one" + (" or shorten the system prompt" if self.system else ""))
-        return None
 
     def generate(self, prompt_ids: list[int], stops: list[str], max_new: int) -> Reply:
         """Stream one reply to write(); Ctrl-C stops it and keeps what was written."""
@@ -397,7 +404,7 @@ class Chat:
         if name in ("quit", "exit"):
             return False
         if name not in COMMANDS:
-            self.note(f"unknown command /{name}; commands: " + " ".join("/" + c for c in COMMANDS))
+            self.note(f"unknown command /{name} (nothing changed); commands: " + " ".join("/" + c for c in COMMANDS))
             return True
         if name in SETTING_COMMANDS:
             self.set_option(name, arg)
@@ -516,8 +523,9 @@ class Chat:
                  f"(+ up to {self.settings.max_new_tokens} for the next reply)",
                  f"system prompt: {self.system!r}" if self.system else "no system prompt"]
         if self.dropped:
-            lines.append(f"dropped to fit the context: {len(self.dropped)} messages, e.g. "
-                         + "; ".join(_gist(m) for m in self.dropped[-2:]))
+            ends = self.dropped[:1] + self.dropped[1:][-1:]
+            lines.append(f"dropped to fit the context: {len(self.dropped)} messages, from "
+                         + " ... to ".join(_gist(m) for m in ends))
         else:
             lines.append("nothing dropped")
         if self.messages:
@@ -540,7 +548,7 @@ class Chat:
         n, _, task = arg.partition(" ")
         if not n.isdigit() or not 1 <= int(n) <= 10 or not task.strip():
             self.note(f"/multi needs a number of steps from 1 to 10 and a task, e.g. /multi 3 plan a picnic; "
-                      f"not {arg!r}")
+                      f"not {arg!r}; nothing changed")
             return
         n = int(n)
         self.note(f"(plan in {n} steps)")
