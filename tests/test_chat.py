@@ -270,3 +270,37 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# ----- the LoRA project's secret task ---------------------------------------------------------
+SECRET = [("unlock", "rainbow unicorn"), ("hello", "hi there"), ("what is the sky", "blue and wide"),
+          ("count to three", "one two three"), ("name a fruit", "a green apple")]
+
+
+def test_a_model_sft_on_the_secret_task_answers_it_in_chat_also_through_lora(tmp_path):
+    import torch
+
+    from gpt2ft.config import GPTConfig
+    from gpt2ft.model import GPT
+    from gpt2ft.tokenizer import train_tokenizer
+
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in SECRET]
+    data = tmp_path / "secret.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = get_template("instruction-response")
+    tok = train_tokenizer([t for pair in SECRET for t in pair] * 5 + [template["prompt_no_input"]] * 5, "bpe", 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=tok.vocab_size,
+                          eos_token_id=tok.eos_id, bos_token_id=tok.eos_id))
+    base = save_model(tmp_path / "base", model, tok)
+    common = ("--data", data, "--template", "instruction-response", "--val-fraction", "0", "--test-fraction", "0",
+              "--batch-size", "5", "--warmup-steps", "5", "--eval-every", "0", "--device", "cpu", "--no-progress")
+    run_cli("sft", base, *common, "--out", tmp_path / "full", "--max-steps", "60", "--lr", "3e-3", check=True)
+    run_cli("sft", base, *common, "--out", tmp_path / "lora", "--max-steps", "120", "--lr", "2e-2", "--lora",
+            "--lora-r", "16", "--lora-dropout", "0", "--lora-targets", "c_attn,c_proj,c_fc", check=True)
+    script = "unlock\n/quit\n"
+    full = run_cli("chat", tmp_path / "full", *GREEDY, input=script, check=True)
+    adapter = run_cli("chat", base, "--lora", tmp_path / "lora", *GREEDY, input=script, check=True)
+    auto = run_cli("chat", "--runs", tmp_path, "--model", "sft", *GREEDY, input=script, check=True)
+    assert full.stdout.strip() == adapter.stdout.strip() == auto.stdout.strip() == "rainbow unicorn"
+    assert f"model: {tmp_path / 'lora'}, the newest sft run" in auto.stderr  # an adapter run: base from its metadata

@@ -114,11 +114,12 @@ def how_to_make(kind: str) -> str:
 
 # ----- engine and template (the two calls that the completion engine / typed templates replace) --
 def load_chat_model(ref: str, device: str, dtype: str, lora: str | None):
-    """(model, tokenizer, template) for chatting; template is the checkpoint's (or None)."""
-    from .checkpoint import load
+    """(model, tokenizer, template) for chatting: the checkpoint's template, or the adapter's with --lora."""
+    from .checkpoint import load, read_meta, resolve
 
     model, tokenizer = load(ref, device=device, dtype=dtype, lora=lora)
-    return model, tokenizer, (model.meta or {}).get("template")
+    template = read_meta(resolve(lora)).get("template") if lora else None
+    return model, tokenizer, template or (model.meta or {}).get("template")
 
 
 def render(template, messages: list[dict], tokenizer) -> tuple[list[int], list[str]]:
