@@ -240,7 +240,7 @@ HELP = """commands:
   /refine [HOW]        ask the model to improve its last answer, and replace it
   /multi N TASK        a plan of N steps, then an answer to each step
   /help                this list
-Ctrl-C stops a reply (it is kept, marked as cut)."""
+Ctrl-C stops a reply (it is kept, marked as cut). A message that starts with / is sent as //message."""
 
 COMMANDS = ("quit", "exit", "reset", *SETTING_COMMANDS, "system", "undo", "retry", "save", "load", "info",
             "settings", "memory", "refine", "multi", "help")
