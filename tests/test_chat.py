@@ -1,7 +1,6 @@
 """`gpt2ft chat`: model auto-selection, every command, history dropping, save/load, Ctrl-C, pipes and a pty."""
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -22,7 +21,7 @@ def chat_ckpt(tiny_model, tmp_path_factory):
     """The tiny random model saved as an SFT checkpoint with the chat template (context 64)."""
     model, tokenizer = tiny_model
     return save_model(tmp_path_factory.mktemp("chat") / "ckpt", model, tokenizer,
-                      {"objective": "sft", "template": get_template("chat")})
+                      {"objective": "sft", "template": get_template("chat").to_dict()})
 
 
 def chat_cli(model, *lines, args=(), **kw):
@@ -39,19 +38,17 @@ def in_process(tiny_model, **kw):
 
 
 # ----- which model ----------------------------------------------------------------------------
-def _make_run(root, name, kind, ckpt, when, config=True):
+def _make_run(root, name, kind, tiny_model, when, config=True):
+    model, tokenizer = tiny_model
     run = root / name
-    step = run / "checkpoints" / "step-00000010"
-    shutil.copytree(ckpt, step)
-    meta = json.loads((step / "gpt2ft.json").read_text())
-    (step / "gpt2ft.json").write_text(json.dumps({**meta, "objective": kind}))
+    step = save_model(run / "checkpoints" / "step-00000010", model, tokenizer, {"objective": kind})
     if config:
         (run / "config.yaml").write_text(f"train: {{}}\nrun:\n  objective: {kind}\n")
     os.utime(step / "COMPLETE", (when, when))
     return run
 
 
-def test_auto_selection_prefers_the_most_tuned_kind_then_the_newest(chat_ckpt, tmp_path, monkeypatch):
+def test_auto_selection_prefers_the_most_tuned_kind_then_the_newest(tiny_model, tmp_path, monkeypatch):
     import gpt2ft.chat as chat
 
     monkeypatch.setattr(chat, "hub_model_cached", lambda repo="gpt2": False)
@@ -59,17 +56,17 @@ def test_auto_selection_prefers_the_most_tuned_kind_then_the_newest(chat_ckpt, t
     now = time.time()
     with pytest.raises(UserError, match="no model to chat with.*gpt2ft demo"):
         choose_model(runs)
-    _make_run(runs, "pre", "pretrain", chat_ckpt, now)
+    _make_run(runs, "pre", "pretrain", tiny_model, now)
     assert choose_model(runs)[0] == str(runs / "pre")
-    _make_run(runs, "demo/ft", "finetune", chat_ckpt, now - 100)  # nested like runs/demo/sft
+    _make_run(runs, "demo/ft", "finetune", tiny_model, now - 100)  # nested like runs/demo/sft
     assert choose_model(runs)[0] == str(runs / "demo" / "ft")
-    _make_run(runs, "sft-old", "sft", chat_ckpt, now - 50)
-    _make_run(runs, "sft-new", "sft", chat_ckpt, now - 10, config=False)  # kind from gpt2ft.json
+    _make_run(runs, "sft-old", "sft", tiny_model, now - 50)
+    _make_run(runs, "sft-new", "sft", tiny_model, now - 10, config=False)  # kind from gpt2ft.json
     ref, why = choose_model(runs)
     assert ref == str(runs / "sft-new") and "newest sft run" in why and "no dpo run" in why
     (runs / "sft-newer" / "checkpoints" / "step-00000001").mkdir(parents=True)  # no complete checkpoint
     assert choose_model(runs)[0] == str(runs / "sft-new")
-    _make_run(runs, "dpo", "dpo", chat_ckpt, now - 1000)
+    _make_run(runs, "dpo", "dpo", tiny_model, now - 1000)
     assert choose_model(runs)[0] == str(runs / "dpo")
     assert choose_model(runs, "pretrained")[0] == str(runs / "pre")
     assert choose_model(runs, "finetune")[0] == str(runs / "demo" / "ft")
@@ -98,7 +95,7 @@ def test_rendering_keeps_earlier_turns_as_a_prefix(tiny_model):
     ids, stops = render(get_template("chat"), history, tok)
     assert tok.decode(ids) == ("### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello!<|endoftext|>"
                                "### User:\nBye\n\n### Assistant:\n")
-    assert stops == get_template("chat")["stop"]
+    assert stops == list(get_template("chat").stop)
     ids, _ = render(get_template("instruction-response"), history, tok)
     assert tok.decode(ids) == ("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!<|endoftext|>"
                                "### Instruction:\nBye\n\n### Response:\n")
@@ -288,7 +285,7 @@ def test_a_model_sft_on_the_secret_task_answers_it_in_chat_also_through_lora(tmp
     data = tmp_path / "secret.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     template = get_template("instruction-response")
-    tok = train_tokenizer([t for pair in SECRET for t in pair] * 5 + [template["prompt_no_input"]] * 5, "bpe", 300)
+    tok = train_tokenizer([t for pair in SECRET for t in pair] * 5 + [template.prompt_no_input] * 5, "bpe", 300)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=tok.vocab_size,
                           eos_token_id=tok.eos_id, bos_token_id=tok.eos_id))

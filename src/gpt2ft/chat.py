@@ -113,57 +113,30 @@ def how_to_make(kind: str) -> str:
 
 
 # ----- engine and template (the two calls that the completion engine / typed templates replace) --
-def load_chat_model(ref: str, device: str, dtype: str, lora: str | None):
-    """(model, tokenizer, template) for chatting: the checkpoint's template, or the adapter's with --lora."""
+def load_chat_model(ref: str, device: str, dtype: str, lora: str | None, verify: bool = True):
+    """(loaded model, template): the checkpoint's template, or the adapter's with --lora."""
     from .checkpoint import load, read_meta, resolve
+    from .templates import as_template
 
-    model, tokenizer = load(ref, device=device, dtype=dtype, lora=lora)
-    template = read_meta(resolve(lora)).get("template") if lora else None
-    return model, tokenizer, template or (model.meta or {}).get("template")
+    loaded = load(ref, device=device, dtype=dtype, lora=lora, verify=verify)
+    template = as_template(read_meta(resolve(lora, verify)).get("template")) if lora else None
+    return loaded, template or loaded.template
 
 
 def render(template, messages: list[dict], tokenizer) -> tuple[list[int], list[str]]:
     """Token ids of the conversation followed by the assistant's cue, and the stop strings.
 
-    Every assistant reply ends with EOS, as in SFT, so the ids of earlier turns do not change when a
-    turn is added (the kept cache stays valid).
+    With a template, exactly the tokens SFT trained on (every reply ends with EOS), so the ids of
+    earlier turns do not change when a turn is added and the kept cache stays valid. A model
+    without a template (a base model) sees a plain User:/Assistant: transcript.
     """
-    from .templates import format_prompt
+    if template is not None:
+        from .data.sft import prompt_ids
 
-    parts: list[str | int] = []
-    eos = tokenizer.eos_id
-    if template and "user" in template:  # chat template: every turn
-        for m in messages:
-            if m["role"] == "assistant":
-                parts += [template["assistant"], m["content"], eos]
-            else:
-                parts.append(template[m["role"]].format(content=m["content"]))
-        parts.append(template["assistant"])
-        stops = list(template.get("stop", []))
-    elif template:  # single-turn instruction template: earlier pairs as context in the same format
-        parts += [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
-        for m in messages:
-            if m["role"] == "user":
-                parts.append(format_prompt(template, m["content"]))
-            elif m["role"] == "assistant":
-                parts += [m["content"], eos]
-        stops = list(template.get("stop", []))
-    else:  # a base model: a plain transcript
-        for m in messages:
-            if m["role"] == "system":
-                parts.append(m["content"] + "\n\n")
-            else:
-                parts.append(f"{m['role'].capitalize()}: {m['content']}\n")
-        parts.append("Assistant:")
-        stops = ["\nUser:", "\nAssistant:"]
-    ids, text = [], ""
-    for part in parts + [None]:  # adjacent text is tokenized as a whole, as generate does
-        if isinstance(part, str):
-            text += part
-            continue
-        ids += tokenizer.encode(text) if text else []
-        ids, text = ids + ([part] if part is not None else []), ""
-    return ids, stops
+        return prompt_ids(messages, template, tokenizer), list(template.stop)
+    text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}\n"
+                   for m in messages)
+    return tokenizer.encode(text + "Assistant:"), ["\nUser:", "\nAssistant:"]
 
 
 class Engine:
@@ -503,9 +476,8 @@ class Chat:
     def cmd_info(self, arg: str) -> None:
         m, info = self.model, self.model_info
         p = m.lm_head.weight
-        template = self.template.get("name") if isinstance(self.template, dict) else \
-            getattr(self.template, "name", None)
-        rows = [("model", info.get("source", getattr(m, "source", "?"))), ("kind", info.get("kind", "?")),
+        template = getattr(self.template, "name", None)
+        rows = [("model", info.get("source", "?")), ("kind", info.get("kind", "?")),
                 ("chosen", info.get("reason", "given on the command line")),
                 ("parameters", f"{m.num_params():,} ({m.num_params() / 1e6:.1f}M)"),
                 ("context", f"{self.context} tokens"), ("template", template or "none (plain User:/Assistant: text)"),

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import sys
 
-from . import add_common, add_sampling
+from . import add_device, add_no_verify, add_sampling
 
 
 def add_args(p):
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="Hub id, HF folder, gpt2ft checkpoint or run folder (default: chosen under --runs)")
     p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply this LoRA adapter on top of MODEL")
-    add_common(p, model=False)
+    add_no_verify(p)
+    add_device(p)
     g = p.add_argument_group("chat")
     g.add_argument("--runs", default="runs", metavar="DIR", help="where to look for runs when MODEL is not given")
     g.add_argument("--model", dest="kind", default=None, metavar="KIND",
@@ -54,20 +55,20 @@ def run(args):
         note(f"model: {ref}, {reason}")
     else:
         ref, reason = args.model, "given on the command line"
-    model, tokenizer, template = load_chat_model(ref, args.device, args.dtype, args.lora)
-    meta = model.meta or {}
-    kind = meta.get("objective") or ("pretrained (Hugging Face)" if not meta else "unknown")
+    loaded, template = load_chat_model(ref, args.device, args.dtype, args.lora, args.verify)
+    model, tokenizer = loaded
+    kind = loaded.meta.get("objective") or ("pretrained (Hugging Face)" if not loaded.meta else "unknown")
     settings = Settings(args.temperature, args.top_k or 0, args.top_p, args.max_new_tokens,
                         args.repetition_penalty, args.seed)
     transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None
     try:
         chat = Chat(model, tokenizer, template, settings, system=args.system, note=note, transcript=transcript,
                     verbose=args.verbose,
-                    model_info={"source": str(model.source), "kind": kind + (" + LoRA" if args.lora else ""),
+                    model_info={"source": str(loaded.source), "kind": kind + (" + LoRA" if args.lora else ""),
                                 "reason": reason, "lora": args.lora})
         if interactive:
-            name = template.get("name") if isinstance(template, dict) else getattr(template, "name", None)
-            note(f"chatting with {model.source} ({kind}, template {name or 'none'}, context "
+            name = template.name if template is not None else "none"
+            note(f"chatting with {loaded.source} ({kind}, template {name}, context "
                  f"{model.config.block_size}); /help for commands, Ctrl-D to leave")
             return interactive_loop(chat, args.multiline)
         return piped_loop(chat, sys.stdin)
