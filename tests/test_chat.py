@@ -269,6 +269,25 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
     assert child.exitstatus == 0
 
 
+def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(long_ckpt):
+    model, tokenizer = load(long_ckpt)
+    settings = Settings(temperature=0, max_new_tokens=16, repetition_penalty=1.3)  # greedy, not one token over
+    kept = Chat(model, tokenizer, get_template("chat"), settings, write=lambda t: None, note=lambda t: None)
+    previous = 0
+    for turn in ["hello", "tell me more", "and then what happened?", "why?"]:
+        reply = kept.say(turn)
+        fresh = Chat(model, tokenizer, get_template("chat"), settings, write=lambda t: None, note=lambda t: None)
+        fresh.messages = [dict(m) for m in kept.messages[:-1]]
+        alone = fresh.respond()
+        assert reply.token_ids == alone.token_ids and reply.text == alone.text and len(set(reply.token_ids)) > 4
+        assert alone.cached_tokens == 0 and reply.cached_tokens >= previous  # the last prompt was reused
+        previous = reply.prompt_tokens
+    kept.handle("/undo")  # an edited history: recomputed from the first differing token
+    reply = kept.say("something else")
+    fresh.messages = [dict(m) for m in kept.messages[:-1]]
+    assert reply.token_ids == fresh.respond().token_ids
+
+
 # ----- the LoRA project's secret task ---------------------------------------------------------
 SECRET = [("unlock", "rainbow unicorn"), ("hello", "hi there"), ("what is the sky", "blue and wide"),
           ("count to three", "one two three"), ("name a fruit", "a green apple")]

@@ -228,6 +228,7 @@ class Reply:
     cached_tokens: int = 0
     ttft: float | None = None
     seconds: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -347,7 +348,7 @@ class Chat:
         text = "".join(shown) if finish == "cut" else stream.text
         self.write((CUT_MARK if finish == "cut" else "") + "\n")
         reply = Reply(text, finish or stream.finish_reason, len(prompt_ids), stream.completion_tokens,
-                      getattr(stream, "cached_tokens", 0), ttft, seconds)
+                      getattr(stream, "cached_tokens", 0), ttft, seconds, list(getattr(stream, "token_ids", [])))
         if self.verbose:
             ttft_text = f"{reply.ttft:.3f} s" if reply.ttft is not None else "-"
             self.note(f"(time to first token {ttft_text}, {reply.tokens_per_s:.1f} tokens/s, "
