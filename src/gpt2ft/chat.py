@@ -112,7 +112,7 @@ def how_to_make(kind: str) -> str:
             "pretrain": "train one with `gpt2ft pretrain --data DATA --out runs/NAME`"}[kind]
 
 
-# ----- engine and template (the two calls that the completion engine / typed templates replace) --
+# ----- model and prompt ----------------------------------------------------------------------
 def load_chat_model(ref: str, device: str, dtype: str, lora: str | None, verify: bool = True):
     """(loaded model, template): the checkpoint's template, or the adapter's with --lora."""
     from .checkpoint import load, read_meta, resolve
@@ -137,22 +137,6 @@ def render(template, messages: list[dict], tokenizer) -> tuple[list[int], list[s
     text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}\n"
                    for m in messages)
     return tokenizer.encode(text + "Assistant:"), ["\nUser:", "\nAssistant:"]
-
-
-class Engine:
-    """Streams completions of token ids. (Stand-in until the completion engine's kept-cache Session.)"""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.cached_tokens = 0
-
-    def complete(self, prompt_ids: list[int], cfg):
-        from .generation import TextStream
-
-        return TextStream(self.model, self.tokenizer, prompt_ids, cfg)
-
-    def reset(self) -> None:
-        pass
 
 
 # ----- the conversation -----------------------------------------------------------------------
@@ -256,11 +240,14 @@ class Chat:
     messages: list[dict] = field(default_factory=list)  # user/assistant turns (the system prompt is apart)
     dropped: list[dict] = field(default_factory=list)  # turns that no longer fit the context
     cut: set = field(default_factory=set)  # indices of replies stopped with Ctrl-C
+    last_reply: Reply | None = None
 
     def __post_init__(self):
         self.write = self.write or (lambda text: print(text, end="", flush=True))
         self.note = self.note or (lambda text: print(text, flush=True))
-        self.engine = Engine(self.model, self.tokenizer)
+        from .generation import Session
+
+        self.engine = Session(self.model, self.tokenizer)  # keeps the conversation's KV cache
         self.context = self.model.config.block_size
         self._told_dropping = False
         if self.settings.max_new_tokens >= self.context:  # e.g. the default 150 on a tiny model
@@ -290,7 +277,7 @@ class Chat:
         if fitted is None:
             return None
         prompt_ids, stops, max_new = fitted
-        reply = self.generate(prompt_ids, stops, max_new)
+        reply = self.last_reply = self.generate(prompt_ids, stops, max_new)
         if keep:
             self.messages.append({"role": "assistant", "content": reply.text})
             if reply.finish_reason == "cut":
@@ -342,13 +329,12 @@ class Chat:
                 shown.append(piece)
                 self.write(piece)
         except KeyboardInterrupt:
-            finish = "cut"
-            self.engine.reset()  # the cache may hold a half-written step
+            finish = "cut"  # the engine keeps in cache only what was fully computed
         seconds = time.perf_counter() - start
         text = "".join(shown) if finish == "cut" else stream.text
         self.write((CUT_MARK if finish == "cut" else "") + "\n")
         reply = Reply(text, finish or stream.finish_reason, len(prompt_ids), stream.completion_tokens,
-                      getattr(stream, "cached_tokens", 0), ttft, seconds, list(getattr(stream, "token_ids", [])))
+                      stream.completion.cached_tokens, ttft, seconds, list(stream.completion.token_ids))
         if self.verbose:
             ttft_text = f"{reply.ttft:.3f} s" if reply.ttft is not None else "-"
             self.note(f"(time to first token {ttft_text}, {reply.tokens_per_s:.1f} tokens/s, "
