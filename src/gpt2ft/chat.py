@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .generation import SamplingConfig, Session
 
 KINDS = ("dpo", "sft", "finetune", "pretrain")  # preference order of auto-selection
 KIND_NAMES = {"pretrained": "pretrain", **{k: k for k in KINDS}}
@@ -245,8 +245,6 @@ class Chat:
     def __post_init__(self):
         self.write = self.write or (lambda text: print(text, end="", flush=True))
         self.note = self.note or (lambda text: print(text, flush=True))
-        from .generation import Session
-
         self.engine = Session(self.model, self.tokenizer)  # keeps the conversation's KV cache
         self.context = self.model.config.block_size
         self._told_dropping = False
@@ -314,8 +312,6 @@ class Chat:
 
     def generate(self, prompt_ids: list[int], stops: list[str], max_new: int) -> Reply:
         """Stream one reply to write(); Ctrl-C stops it and keeps what was written."""
-        from .generation import SamplingConfig
-
         s = self.settings
         cfg = SamplingConfig(max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                              repetition_penalty=s.repetition_penalty, stop=stops, seed=s.seed)
