@@ -264,7 +264,14 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
     child.expect("system prompt: 'Be brief.'")
     child.expect(r"summary: user: first line second line \|")
     child.expect(">>> ")
-    child.sendintr()
+    child.send("half a line")
+    child.expect("half a line")
+    child.sendintr()  # clears the typed line
+    child.expect(">>> ")
+    child.sendline("/settings")
+    child.expect("tokens 2,")
+    child.expect(">>> ")
+    child.sendintr()  # at an empty prompt: leaves
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

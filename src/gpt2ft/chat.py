@@ -573,21 +573,27 @@ def read_message(multiline: bool, prompt: str = ">>> ") -> str:
 
 
 def interactive_loop(chat: Chat, multiline: bool = False) -> int:
-    """The terminal REPL: readline editing; Ctrl-C stops a reply, Ctrl-C or Ctrl-D at the prompt leaves."""
+    """The terminal REPL with readline editing and history. Ctrl-C stops a reply, clears a typed line,
+    and at an empty prompt leaves, as Ctrl-D does."""
     try:
-        import readline  # noqa: F401 - line editing and input history for input()
+        import readline  # line editing and input history for input()
     except ImportError:
-        pass
+        readline = None
     while True:
         try:
             line = read_message(multiline)
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            if readline is not None and readline.get_line_buffer():
+                continue  # a typed line is discarded, as in a shell
             return 0
         try:
             if not chat.handle(line):
                 return 0
-        except KeyboardInterrupt:  # during a command that is not a reply (e.g. a /multi step's start)
+        except KeyboardInterrupt:  # outside a reply (e.g. while a prompt is rendered)
             print()
 
 
