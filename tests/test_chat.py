@@ -136,7 +136,7 @@ def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
                     "/bogus 1", "second question", "/retry", "/undo", "/undo", "/undo", "again", "/refine shorter",
                     "/multi x plan", "/multi 2 make tea", "/info", "/memory", "/save", f"/save {saved}",
                     "/reset", "/memory", f"/load {tmp_path / 'missing.json'}", f"/load {saved}", "/memory", "/help",
-                    "/quit", "never sent", args=("--transcript", transcript), check=True)
+                    "/quit", "never sent", args=("--transcript", transcript, "--stop", "zzz"), check=True)
     err = proc.stderr
     for needle in ["/temp needs a number >= 0", "not 'nan'", "/topk needs an integer >= 0", "/topp needs a number in (0, 1]",
                    "/tokens needs an integer from 1 to 63", "/penalty needs a number > 0", "/seed needs an integer >= 0",

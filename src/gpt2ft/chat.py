@@ -232,6 +232,7 @@ class Chat:
     template: object = None
     settings: Settings = field(default_factory=Settings)
     system: str | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings besides the template's (--stop)
     write: object = None
     note: object = None
     transcript: object = None  # an open text file: one JSON line per turn
@@ -314,7 +315,7 @@ class Chat:
         """Stream one reply to write(); Ctrl-C stops it and keeps what was written."""
         s = self.settings
         cfg = SamplingConfig(max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                             repetition_penalty=s.repetition_penalty, stop=stops, seed=s.seed)
+                             repetition_penalty=s.repetition_penalty, stop=stops + self.stop, seed=s.seed)
         start = time.perf_counter()
         stream = self.engine.complete(prompt_ids, cfg)
         shown, ttft, finish = [], None, None

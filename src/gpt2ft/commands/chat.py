@@ -46,8 +46,6 @@ def run(args):
     # check the sampling flags before a model loads
     SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if args.stop:
-        raise UserError("chat stops at the template's stop strings; --stop is not used here")
     if args.model is not None and args.kind is not None:
         raise UserError("give MODEL or --model KIND, not both")
     if args.model is None:
@@ -62,7 +60,8 @@ def run(args):
                         args.repetition_penalty, args.seed)
     transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None
     try:
-        chat = Chat(model, tokenizer, template, settings, system=args.system, note=note, transcript=transcript,
+        chat = Chat(model, tokenizer, template, settings, system=args.system, stop=list(args.stop or []),
+                    note=note, transcript=transcript,
                     verbose=args.verbose,
                     model_info={"source": str(loaded.source), "kind": kind + (" + LoRA" if args.lora else ""),
                                 "reason": reason, "lora": args.lora})
