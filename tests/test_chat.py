@@ -103,9 +103,11 @@ def test_rendering_keeps_earlier_turns_as_a_prefix(tiny_model):
 
 def test_history_overflow_drops_the_oldest_turns_and_says_so_once(tiny_model):
     chat, out, notes = in_process(tiny_model, system="Be kind.")
+    replies = []
     for i in range(6):
-        reply = chat.say(f"message number {i}")
-        assert reply is not None and reply.prompt_tokens + 12 <= 64
+        replies.append(chat.say(f"message number {i}"))
+        assert replies[-1] is not None and replies[-1].prompt_tokens + 12 <= 64
+    assert "".join(out) == "".join(r.text + "\n" for r in replies)  # the streamed pieces are the replies
     assert sum("no longer fits" in n for n in notes) == 1
     assert chat.dropped and chat.dropped[0]["content"] == "message number 0"
     assert chat.conversation()[0] == {"role": "system", "content": "Be kind."}
