@@ -228,6 +228,8 @@ def test_yaml_values_of_the_right_type_work(world, tmp_path):
     (["sft", "run", "--data", "text.txt", "--out", "s", "--val-fraction", "1"], "--val-fraction"),
     (["prepare", "text.txt", "--out", "p", "--val-fraction", "-0.1"], "--val-fraction"),
     (["tokenizer", "train", "text.txt", "--out", "t", "--vocab-size", "0"], "--vocab-size"),
+    (["tokenizer", "train", "text.txt", "--out", "t", "--kind", "word", "--vocab-size", "1"], "--vocab-size"),
+    (["tokenizer", "train", "text.txt", "--out", "t", "--vocab-size", "100"], "257"),
     (["compare", "run", "run", "--prompt", "the", "--repetition-penalty", "0"], "--repetition-penalty"),
 ])
 def test_flags_out_of_range_for_every_verb(world, args, needle):

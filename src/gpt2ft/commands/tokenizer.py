@@ -14,7 +14,7 @@ def add_args(p):
     p.add_argument("action", choices=["train"], help="what to do")
     p.add_argument("text", nargs="+", metavar="TEXT", help="text files or folders (.txt, .md, .jsonl)")
     p.add_argument("--kind", default="bpe", choices=["word", "bpe"], help="word-level or byte-level BPE")
-    p.add_argument("--vocab-size", type=ranged(int, 1), default=8000,
+    p.add_argument("--vocab-size", type=ranged(int, 2), default=8000,
                    help="vocabulary size, special tokens included (BPE: >= 257; word: >= 2)")
     p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
     required(p.add_argument("--out", help="folder to write the tokenizer to (a new or empty folder, or one this "
