@@ -207,6 +207,14 @@ def test_yaml_values_for_other_verbs_are_checked_like_their_flags(world, tmp_pat
     refused(world, "generate", "run", "--config", tmp_path / "c.yaml", cwd=world, needles=(needle,))
 
 
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\xff\xfe", b"1: 2\n", b"config: other.yaml\n", b"_run: 3\n",
+                                     b"[1, 2]\n", b"prompt: [unclosed\n"])
+def test_bad_config_files(world, tmp_path, content):
+    (tmp_path / "c.yaml").write_bytes(content)
+    refused(world, "generate", "run", "--prompt", "the", "--config", tmp_path / "c.yaml", cwd=world,
+            needles=("--config",))
+
+
 def test_yaml_values_of_the_right_type_work(world, tmp_path):
     (tmp_path / "c.yaml").write_text("prompt: the king\nmax_new_tokens: 3\ntemperature: 0\nstop: [zzz]\n")
     proc = gpt2ft("generate", world / "run", "--config", tmp_path / "c.yaml")

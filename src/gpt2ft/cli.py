@@ -41,8 +41,12 @@ def _load_yaml(path: str) -> dict:
         raise UserError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path}: not UTF-8 text (is it a YAML file?)") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
+    if bad := [k for k in data if not isinstance(k, str)]:
+        raise UserError(f"--config {path}: option names must be text, not {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -113,7 +117,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     config = getattr(args, "config", None)
     if config:
         values = _load_yaml(config)
-        unknown = sorted(set(values) - set(vars(args)))
+        options = {a.dest for a in args._parser._actions} - {"help", "config"}
+        unknown = sorted(set(values) - options)
         if unknown:
             raise UserError(f"--config {config}: unknown option(s) {unknown} for `gpt2ft {args.verb}`")
         args._parser.set_defaults(**{k: _yaml_value(args._parser, k, v, config) for k, v in values.items()})

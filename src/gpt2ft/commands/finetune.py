@@ -43,7 +43,7 @@ def run(args):
                         f"with --tokenizer {loaded.source}")
     length = sequence_length(cfg, model.config.block_size)
     objective = LanguageModeling.from_prepared(data, meta, length, tokenizer, args.sample_prompt, "finetune")
-    run_meta = {"objective": "finetune", "base_model": loaded.base_ref, "data": str(data)}
+    run_meta = {"objective": "finetune", "base_model": loaded.base_ref, "data": str(data.resolve())}
     train(model, tokenizer, objective, cfg, run_meta,
           data_resume_keys(tokenizer, meta["fingerprint"], length, model.config), run)
     return 0

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import os
+
 from ..argtypes import ranged
 from . import add_common, add_training, data_resume_keys, required, train_config
 
@@ -43,7 +45,8 @@ def run(args):
     model = GPT(config)
     length = sequence_length(cfg, config.block_size)
     objective = LanguageModeling.from_prepared(args.data, meta, length, tokenizer, args.sample_prompt, "pretrain")
-    run_meta = {"objective": "pretrain", "model_config": args.model_config, "data": str(args.data)}
+    run_meta = {"objective": "pretrain", "model_config": args.model_config,
+                "data": os.path.abspath(args.data)}  # absolute: the run is read from other directories
     train(model, tokenizer, objective, cfg, run_meta, data_resume_keys(tokenizer, meta["fingerprint"], length, config),
           run)
     return 0
