@@ -387,3 +387,15 @@ def test_ctrl_c_during_training_saves_and_leaves_no_temp(world, tmp_path):
     assert "Traceback" not in err
     assert list((out / "checkpoints").glob("step-*/COMPLETE")), "no checkpoint written on Ctrl-C"
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_chat_transcript_never_appends_to_a_model_or_a_user_file(world, tmp_path):
+    for target in (world / "run" / "best" / "config.json", world / "run" / "notes.jsonl", world / "text.txt",
+                   world / "user"):
+        refused(world, "chat", world / "run", "--transcript", target, "--max-new-tokens", "2",
+                needles=("--transcript",))
+    log = tmp_path / "chat.jsonl"
+    for _ in range(2):  # a new file, then the same transcript again: appended
+        proc = run_cli("chat", world / "run", "--transcript", log, "--max-new-tokens", "2", input="the king\n")
+        assert proc.returncode == 0, proc.stderr
+    assert len(log.read_text().splitlines()) >= 2

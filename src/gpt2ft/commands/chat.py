@@ -12,6 +12,7 @@ replies are printed:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from . import add_device, add_no_verify, add_sampling
 
@@ -58,6 +59,8 @@ def run(args):
     kind = loaded.meta.get("objective") or ("pretrained (Hugging Face)" if not loaded.meta else "unknown")
     settings = Settings(args.temperature, args.top_k or 0, args.top_p, args.max_new_tokens,
                         args.repetition_penalty, args.seed)
+    if args.transcript:
+        _check_transcript(Path(args.transcript), loaded.source)
     transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None
     try:
         chat = Chat(model, tokenizer, template, settings, system=args.system, stop=list(args.stop or []),
@@ -74,3 +77,29 @@ def run(args):
     finally:
         if transcript is not None:
             transcript.close()
+
+
+def _check_transcript(path: Path, model_source) -> None:
+    """--transcript appends only to a new file or an earlier transcript, never into a model or a
+    folder a gpt2ft verb made (appending to a checkpoint's config.json would break it)."""
+    import json
+
+    from ..errors import UserError
+    from ..fileio import made_by, same_path
+
+    if path.is_dir():
+        raise UserError(f"--transcript {path} is a folder; give a file name")
+    folder = path.resolve().parent
+    if same_path(path, model_source) or made_by(folder) or (folder / "config.json").exists() \
+            or (folder / "COMPLETE").exists():
+        raise UserError(f"--transcript {path} lies in a model or a gpt2ft output folder; choose a file elsewhere")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            first = f.readline()
+        try:
+            ok = isinstance(json.loads(first), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"--transcript {path} exists and is not a chat transcript (JSON lines); "
+                            "choose a new file")
