@@ -27,6 +27,21 @@ VERBS = {
 }
 
 
+class UsageError(UserError):
+    """A flag argparse refused (unknown, missing, wrong type or out of range), for `prog`."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """Flag errors are one line (`gpt2ft VERB: error: ...`), not usage plus error, like every other mistake."""
+
+    def error(self, message):
+        raise UsageError(self.prog, message)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults, keep the examples in each verb's docstring as written."""
 
@@ -51,7 +66,7 @@ def _load_yaml(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2ft", description="GPT-2 post-training toolkit.")
+    parser = Parser(prog="gpt2ft", description="GPT-2 post-training toolkit.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
@@ -114,6 +129,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.verb is None:
         parser.print_help()
         raise SystemExit(0)
+    try:
+        return _apply_config(parser, args, argv)
+    except UserError as e:
+        e.prog = getattr(e, "prog", args._parser.prog)  # the message names the verb
+        raise
+
+
+def _apply_config(parser, args, argv):
     config = getattr(args, "config", None)
     if config:
         values = _load_yaml(config)
@@ -138,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args._run(args)
         return int(result or 0)
     except UserError as e:
-        print(f"{verb}: error: {e}", file=sys.stderr)
+        print(f"{getattr(e, 'prog', verb)}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{verb}: interrupted", file=sys.stderr)
