@@ -399,3 +399,18 @@ def test_chat_transcript_never_appends_to_a_model_or_a_user_file(world, tmp_path
         proc = run_cli("chat", world / "run", "--transcript", log, "--max-new-tokens", "2", input="the king\n")
         assert proc.returncode == 0, proc.stderr
     assert len(log.read_text().splitlines()) >= 2
+
+
+def test_ctrl_c_during_prepare_leaves_nothing(world, tmp_path):
+    (tmp_path / "big.txt").write_text("\n".join(" ".join(np.random.default_rng(4).choice(WORDS, 2_000_000))
+                                                 for _ in range(3)))
+    args = [sys.executable, "-m", "gpt2ft.cli", "prepare", tmp_path / "big.txt", "--tokenizer", world / "tok",
+            "--out", tmp_path / "d"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list((tmp_path / "d").glob(".tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()  # the folder it made is gone with its temp files
