@@ -313,17 +313,15 @@ class SerialEngine:
             if cut >= 0:
                 c.text, c.finish_reason = c.text[:cut], "stop"
                 break
-            safe = len(c.text) - _held_back(c.text, cfg.stop)
-            piece, emitted = c.text[emitted:max(safe, emitted)], max(safe, emitted)
             if t == cfg.max_new_tokens - 1:
                 break
-            yield piece
+            safe = max(len(c.text) - _held_back(c.text, cfg.stop), emitted)
+            yield c.text[emitted:safe]
+            emitted = safe
             if seen is not None:
                 seen[0, token] = True
             counts[0, token] += 1
             logits = model(tok[:, None], input_pos=torch.tensor([P + t], device=device), logits_at="last")
-        else:  # pragma: no cover - the loop always breaks
-            pass
         if c.finish_reason is None:
             c.text += decoder.flush()
             c.finish_reason = "length"

@@ -23,7 +23,7 @@ def add_args(p):
                         "(default: $GPT2FT_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     p.add_argument("--name", default=None, help="the model's id in the API (default: MODEL as given)")
-    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+    p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-batch", type=int, default=8, help="most completions decoded together (>= 1)")
@@ -52,7 +52,7 @@ def _check(args):
     positive(args.shutdown_timeout, "--shutdown-timeout")
     check_bind(args.host, args.api_key, args.insecure)
     adapters = {}
-    for spec in args.lora or []:
+    for spec in args.adapters or []:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             raise UserError(f"--lora {spec!r}: expected NAME=ADAPTER_DIR")
