@@ -34,6 +34,7 @@ from .templates import TEMPLATES, format_prompt
 from .tokenizer import StreamDecoder
 
 OPEN_PATHS = {"/", "/health"}  # everything else needs the API key when one is set
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy
 
 
 @dataclass
@@ -631,8 +632,11 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         if len(user_stops) > 4:
             raise APIError(400, f"stop: at most 4 stop strings, got {len(user_stops)}", "stop")
         seed = None if req.seed is None else req.seed % 2**63
+        # float32 limits: logits / 1e-30 overflow, and a top_p below float32's range reads as 0. Both
+        # extremes mean "the most likely token", so they decode as that.
+        temperature = req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0
         return SamplingConfig(max_new_tokens=max_tokens or min(config.max_tokens, context - prompt_len),
-                              temperature=req.temperature, top_p=req.top_p,
+                              temperature=temperature, top_p=max(req.top_p, 1e-6),
                               top_k=req.top_k if req.top_k > 0 else None,
                               repetition_penalty=req.repetition_penalty, stop=user_stops + stops, seed=seed)
 
