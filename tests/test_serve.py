@@ -22,7 +22,11 @@ openai = pytest.importorskip("openai")
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHAT_USER = "### User:\n{}\n\n### Assistant:\n"  # the built-in chat template, written out by hand
+
+
+def chat_ids(tokenizer, user: str) -> list[int]:
+    """One user turn in the built-in chat template, written out by hand, tokenized piece by piece as SFT does."""
+    return tokenizer.encode(f"### User:\n{user}\n\n") + tokenizer.encode("### Assistant:\n")
 
 
 def free_port() -> int:
@@ -133,14 +137,14 @@ def test_chat_sync_streaming_and_not(server, tiny_model):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
     # the prompt is the chat template applied to the messages, counted as the tokenizer counts it
-    n_prompt = len(tiny_model[1].encode(CHAT_USER.format("Hello there")))
+    n_prompt = len(chat_ids(tiny_model[1], "Hello there"))
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == n_prompt
     # the reply equals raw completion of the rendered prompt
-    raw = client.completions.create(model="tiny", prompt=CHAT_USER.format("Hello there"), max_tokens=10, **greedy())
+    raw = client.completions.create(model="tiny", prompt=chat_ids(tiny_model[1], "Hello there"), max_tokens=10, **greedy())
     assert raw.choices[0].text == text
 
 
-def test_async_client_concurrent_requests_match_sequential(server):
+def test_async_client_concurrent_requests_match_sequential(server, tiny_model):
     prompts = ["Once upon a time", "To be or not", "In the beginning", "Hello"]
     sync = [server.client().completions.create(model="tiny", prompt=p, max_tokens=8, **greedy()).choices[0].text
             for p in prompts]
@@ -164,7 +168,7 @@ def test_async_client_concurrent_requests_match_sequential(server):
 
     results = asyncio.run(main())
     assert results[:4] == sync
-    chats = [server.client().completions.create(model="tiny", prompt=CHAT_USER.format(p), max_tokens=8,
+    chats = [server.client().completions.create(model="tiny", prompt=chat_ids(tiny_model[1], p), max_tokens=8,
                                                 **greedy()).choices[0].text for p in prompts]
     assert results[4:] == chats
 
@@ -212,12 +216,11 @@ def test_seeded_sampling_equals_in_process_stream(server, tiny_model):
 
 def test_logprobs_match_the_model(server, hf_model, tiny_model):
     tok = tiny_model[1]
-    prompt = CHAT_USER.format("Hi")
     r = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, logprobs=True, top_logprobs=3, **greedy())
     content = r.choices[0].logprobs.content
     assert len(content) == 4
-    ids = tok.encode(prompt)
+    ids = chat_ids(tok, "Hi")
     with torch.no_grad():
         logp = hf_model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)  # transformers as the oracle
     top = torch.topk(logp, 3)
@@ -417,3 +420,20 @@ def test_extreme_sampling_values_decode_greedily(server):
     for change in ({"temperature": 1e-30}, {"top_p": 5e-324, "temperature": 1.0}):
         r = server.post("/v1/completions", {**kw, **change})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+
+
+def test_chat_prompt_follows_the_template_as_sft_tokenizes_it(tiny_model):
+    from gpt2ft.serve import Message, chat_prompt
+    from gpt2ft.templates import TEMPLATES
+
+    tok = tiny_model[1]
+    msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
+            Message(role="assistant", content="Hello."), Message(role="user", content=[{"type": "text", "text": "Bye"}])]
+    ids, stops = chat_prompt(None, msgs, tok)
+    want = (tok.encode("### System:\nBe brief.\n\n") + tok.encode("### User:\nHi\n\n") + tok.encode("### Assistant:\n")
+            + tok.encode("Hello.") + [tok.eos_id] + tok.encode("### User:\nBye\n\n") + tok.encode("### Assistant:\n"))
+    assert ids == want and stops == ["\n### User:", "\n### System:"]
+    ids, stops = chat_prompt(TEMPLATES["alpaca"], msgs[:2], tok)
+    assert tok.decode(ids) == ("Be brief.\n\nBelow is an instruction that describes a task. Write a response that "
+                               "appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:\n")
+    assert stops == ["\n### Instruction:", "\n### Input:"]

@@ -180,30 +180,31 @@ class CompletionRequest(_Sampling):
 
 
 # ----- prompts --------------------------------------------------------------------------------
-def chat_prompt(template: dict | None, messages: list[Message], eos: str) -> tuple[str, list[str]]:
-    """The model's input for a conversation and the stop strings of its template.
+def chat_prompt(template: dict | None, messages: list[Message], tokenizer) -> tuple[list[int], list[str]]:
+    """The model's input ids for a conversation, tokenized piece by piece as SFT tokenizes it, and
+    the stop strings of its template.
 
-    A chat template renders every turn (assistant turns end with EOS, as in training); an
-    instruction template (alpaca, ...) renders the last user turn, after the earlier turns as plain
-    text; a model without a template uses the built-in chat template.
+    A chat template renders every turn (each assistant turn ends with EOS, as in training); an
+    instruction template (alpaca, ...) renders the system turns, the earlier turns as plain text and
+    the last user turn as the instruction; a model without a template uses the built-in chat template.
     """
     tpl = template or TEMPLATES["chat"]
     stops = list(tpl.get("stop", []))
     if "user" in tpl:
-        parts = []
+        ids = []
         for m in messages:
             role = "system" if m.role == "developer" else m.role
             if role == "assistant":
-                parts.append(tpl["assistant"] + m.text() + eos)
+                ids += tokenizer.encode(tpl["assistant"]) + tokenizer.encode(m.text()) + [tokenizer.eos_id]
             else:
-                parts.append(tpl[role if role in tpl else "user"].format(content=m.text()))
-        return "".join(parts) + tpl["assistant"], stops
+                ids += tokenizer.encode(tpl[role if role in tpl else "user"].format(content=m.text()))
+        return ids + tokenizer.encode(tpl["assistant"]), stops
     users = [i for i, m in enumerate(messages) if m.role == "user"]
     if not users:
         raise APIError(400, "messages: an instruction template needs at least one user message", "messages")
     last = users[-1]
     before = "".join(m.text() + "\n\n" for m in messages[:last])
-    return before + format_prompt(tpl, messages[last].text()), stops
+    return tokenizer.encode(before + format_prompt(tpl, messages[last].text())), stops
 
 
 # ----- the completion engine (stand-in until generation.Engine lands) ------------------------
@@ -690,8 +691,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         served = lookup(req.model)
-        text, stops = chat_prompt(served.template, req.messages, served.tokenizer.decode([served.tokenizer.eos_id]))
-        ids = served.tokenizer.encode(text)
+        ids, stops = chat_prompt(served.template, req.messages, served.tokenizer)
         max_tokens = req.max_completion_tokens or req.max_tokens
         cfg = sampling(req, served, len(ids), max_tokens, stops, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
