@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli import required
 from ..errors import UserError
+from . import add_columns_args, parse_columns, required
 
 
 def add_args(p):
@@ -23,10 +23,8 @@ def add_args(p):
     p.add_argument("--from", dest="source", default="auto",
                    help="auto|alpaca|instruction-response|messages|csv|lines")
     p.add_argument("--instruction", default=None, help="with --from lines: the instruction every line answers")
-    p.add_argument("--split", default="train", help="split of an hf: dataset")
-    p.add_argument("--columns", default=None, help="CSV header mapping, e.g. instruction=question,output=answer")
+    add_columns_args(p)
     p.add_argument("--on-invalid", default="error", help="error|skip")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
 
 
 def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
@@ -48,22 +46,15 @@ def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
 
 
 def run(args):
-    from ..checkpoint import atomic_write_text
-    from ..data.instructions import load_records, normalize, record_to_alpaca, record_to_json
-    from .sft import parse_columns
+    from ..fileio import atomic_write_text
+    from ..data.instructions import load_records, normalize, record_to_row
 
     if args.source == "lines":
         records = [normalize(row, "alpaca", f"{args.input}:{i}")
                    for i, row in enumerate(lines_to_rows(Path(args.input), args.instruction))]
     else:
         records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
-    if args.to == "messages":
-        rows = [record_to_json(r) for r in records]
-    else:
-        rows = [record_to_alpaca(r) for r in records]
-        if args.to == "instruction-response":
-            rows = [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
-                     "response": r["output"], **({"weight": r["weight"]} if "weight" in r else {})} for r in rows]
+    rows = [record_to_row(r, args.to) for r in records]
     out = Path(args.out)
     if out.suffix == ".json":
         atomic_write_text(out, json.dumps(rows, indent=2, ensure_ascii=False))

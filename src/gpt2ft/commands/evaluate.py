@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import add_common, add_sampling, load_model, sampling_config
-from .sft import add_instruction_data_args, parse_columns
+from . import add_common, add_instruction_data_args, add_sampling, load_model, parse_columns, sampling_config
 
 
 def add_args(p):
@@ -27,7 +26,7 @@ def add_args(p):
 
 
 def run(args):
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..data.instructions import load_records
     from ..data.text import read_lines
     from ..evaluate import evaluate_records, text_perplexity
@@ -53,13 +52,12 @@ def run(args):
     records, rejected = load_records(data if not str(args.data).startswith("hf:") else args.data, args.format,
                                      args.split, parse_columns(args.columns), args.on_invalid)
     records = records[: args.max_examples] if args.max_examples else records
-    model, tokenizer = load_model(args)
-    template = model.meta.get("template") or get_template(args.template or "alpaca")
-    if args.template:
-        template = get_template(args.template)
-    sampling = sampling_config(args, list(template.get("stop", [])))
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    template = get_template(args.template) if args.template else loaded.template or get_template("alpaca")
+    sampling = sampling_config(args, list(template.stop))
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
-    summary.update(model=str(args.model), data=str(data), rejected=len(rejected), template=template.get("name"))
+    summary.update(model=loaded.ref, data=str(data), rejected=len(rejected), template=template.name)
     _print_table(summary)
     if args.out:
         out = Path(args.out)
