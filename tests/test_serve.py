@@ -25,8 +25,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def chat_ids(tokenizer, user: str) -> list[int]:
-    """One user turn in the built-in chat template, written out by hand, tokenized piece by piece as SFT does."""
-    return tokenizer.encode(f"### User:\n{user}\n\n") + tokenizer.encode("### Assistant:\n")
+    """One user turn in the built-in chat template, written out by hand."""
+    return tokenizer.encode(f"### User:\n{user}\n\n### Assistant:\n")
 
 
 def free_port() -> int:
@@ -86,8 +86,8 @@ class Server:
 @pytest.fixture(scope="session")
 def adapter_dir(hf_dir, tmp_path_factory):
     """A LoRA adapter with non-zero weights, saved as training saves one."""
-    from gpt2ft.checkpoint import commit_checkpoint, load
-    from gpt2ft.lora import LoRAConfig, apply_lora, write_adapter_files
+    from gpt2ft.checkpoint import commit_checkpoint, load, write_adapter_files
+    from gpt2ft.lora import LoRAConfig, apply_lora
 
     model, tokenizer = load(hf_dir)
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj")))
@@ -120,7 +120,7 @@ def test_greedy_completion_equals_gpt2ft_generate(server, hf_dir, tiny_model):
     cli = run_cli("generate", hf_dir, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0, check=True)
     assert r.choices[0].text == cli.stdout[:-1]  # generate prints the completion and a newline
     assert r.choices[0].finish_reason == "length"
-    n_prompt = len(tiny_model[1].encode(prompt))
+    n_prompt = len(tiny_model.tokenizer.encode(prompt))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
     assert r.model == "tiny" and r.object == "text_completion"
 
@@ -137,10 +137,10 @@ def test_chat_sync_streaming_and_not(server, tiny_model):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
     # the prompt is the chat template applied to the messages, counted as the tokenizer counts it
-    n_prompt = len(chat_ids(tiny_model[1], "Hello there"))
+    n_prompt = len(chat_ids(tiny_model.tokenizer, "Hello there"))
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == n_prompt
     # the reply equals raw completion of the rendered prompt
-    raw = client.completions.create(model="tiny", prompt=chat_ids(tiny_model[1], "Hello there"), max_tokens=10, **greedy())
+    raw = client.completions.create(model="tiny", prompt=chat_ids(tiny_model.tokenizer, "Hello there"), max_tokens=10, **greedy())
     assert raw.choices[0].text == text
 
 
@@ -168,7 +168,7 @@ def test_async_client_concurrent_requests_match_sequential(server, tiny_model):
 
     results = asyncio.run(main())
     assert results[:4] == sync
-    chats = [server.client().completions.create(model="tiny", prompt=chat_ids(tiny_model[1], p), max_tokens=8,
+    chats = [server.client().completions.create(model="tiny", prompt=chat_ids(tiny_model.tokenizer, p), max_tokens=8,
                                                 **greedy()).choices[0].text for p in prompts]
     assert results[4:] == chats
 
@@ -215,7 +215,7 @@ def test_seeded_sampling_equals_in_process_stream(server, tiny_model):
 
 
 def test_logprobs_match_the_model(server, hf_model, tiny_model):
-    tok = tiny_model[1]
+    tok = tiny_model.tokenizer
     r = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, logprobs=True, top_logprobs=3, **greedy())
     content = r.choices[0].logprobs.content
@@ -426,12 +426,13 @@ def test_chat_prompt_follows_the_template_as_sft_tokenizes_it(tiny_model):
     from gpt2ft.serve import Message, chat_prompt
     from gpt2ft.templates import TEMPLATES
 
-    tok = tiny_model[1]
+    tok = tiny_model.tokenizer
     msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
             Message(role="assistant", content="Hello."), Message(role="user", content=[{"type": "text", "text": "Bye"}])]
     ids, stops = chat_prompt(None, msgs, tok)
-    want = (tok.encode("### System:\nBe brief.\n\n") + tok.encode("### User:\nHi\n\n") + tok.encode("### Assistant:\n")
-            + tok.encode("Hello.") + [tok.eos_id] + tok.encode("### User:\nBye\n\n") + tok.encode("### Assistant:\n"))
+    # the text between replies is tokenized as a whole; each earlier reply ends with the EOS id (as SFT trains)
+    want = (tok.encode("### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\n") + tok.encode("Hello.")
+            + [tok.eos_id] + tok.encode("### User:\nBye\n\n### Assistant:\n"))
     assert ids == want and stops == ["\n### User:", "\n### System:"]
     ids, stops = chat_prompt(TEMPLATES["alpaca"], msgs[:2], tok)
     assert tok.decode(ids) == ("Be brief.\n\nBelow is an instruction that describes a task. Write a response that "

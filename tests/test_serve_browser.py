@@ -85,11 +85,10 @@ def test_semantic_kernel_example_keeps_the_conversation(server, tiny_model):  # 
     used = [int(line.split()[0][1:]) for line in proc.stdout.splitlines() if line.startswith("  (")]
     assert len(replies) == len(used) == 2, proc.stdout
     # the second request carried the first exchange: its prompt is the whole conversation, rendered
-    # with the chat template (written out here by hand) and tokenized piece by piece as SFT does
-    tok = tiny_model[1]
-    first = tok.encode("### User:\nHi there\n\n") + tok.encode("### Assistant:\n")
-    second = first + tok.encode(replies[0]) + [tok.eos_id] + tok.encode("### User:\nTell me more\n\n") + \
-        tok.encode("### Assistant:\n")
+    # with the chat template (written out here by hand), each earlier reply ending with EOS as SFT trains
+    tok = tiny_model.tokenizer
+    first = tok.encode("### User:\nHi there\n\n### Assistant:\n")
+    second = first + tok.encode(replies[0]) + [tok.eos_id] + tok.encode("### User:\nTell me more\n\n### Assistant:\n")
     assert used == [len(first), len(second)]
     # and the replies are what the openai client gets for the same conversation
     client = server.client()

@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import UserError
 from .generation import SamplingConfig, _find_stop, _held_back, sample_next
-from .templates import TEMPLATES, format_prompt
+from .data import sft
+from .templates import TEMPLATES, Template, as_template
 from .tokenizer import StreamDecoder
 
 OPEN_PATHS = {"/", "/health"}  # everything else needs the API key when one is set
@@ -64,34 +65,29 @@ class ServedModel:
     name: str
     model: torch.nn.Module
     tokenizer: object
-    template: dict | None = None
+    template: Template | None = None
     info: dict = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def served_model(name: str, model, tokenizer, info: dict | None = None) -> ServedModel:
-    meta = getattr(model, "meta", None) or {}
+def served_model(name: str, model, tokenizer, template: Template | None = None, info: dict | None = None) -> ServedModel:
     info = {"context_length": model.config.block_size, "parameters": model.num_params(),
-            "template": (meta.get("template") or {}).get("name"), "source": str(getattr(model, "source", "")),
-            **(info or {})}
-    return ServedModel(name, model, tokenizer, meta.get("template"), info)
+            "template": template.name if template else None, **(info or {})}
+    return ServedModel(name, model, tokenizer, template, info)
 
 
-def share_base(base, adapter_folder) -> torch.nn.Module:
+def share_base(base, adapter_folder) -> tuple[torch.nn.Module, Template | None]:
     """A copy of `base` with the LoRA adapter in `adapter_folder` applied, whose base weights are the
-    same tensors as base's (only the adapter's small matrices take new memory)."""
-    from .checkpoint import read_meta, resolve
-    from .lora import attach_adapter
+    same tensors as base's (only the adapter's small matrices take new memory); and the adapter's
+    template, if it records one."""
+    from .checkpoint import attach_adapter, read_meta, resolve
 
     folder = resolve(adapter_folder)
     model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
     model.kv_caches = None
     attach_adapter(model, folder)
     model.to(base.lm_head.weight.device, base.lm_head.weight.dtype).eval()
-    meta = read_meta(folder)
-    model.meta = {**base.meta, **{k: v for k, v in meta.items() if v}}
-    model.source = folder
-    return model
+    return model, as_template(read_meta(folder).get("template"))
 
 
 # ----- errors ---------------------------------------------------------------------------------
@@ -180,31 +176,15 @@ class CompletionRequest(_Sampling):
 
 
 # ----- prompts --------------------------------------------------------------------------------
-def chat_prompt(template: dict | None, messages: list[Message], tokenizer) -> tuple[list[int], list[str]]:
-    """The model's input ids for a conversation, tokenized piece by piece as SFT tokenizes it, and
-    the stop strings of its template.
-
-    A chat template renders every turn (each assistant turn ends with EOS, as in training); an
-    instruction template (alpaca, ...) renders the system turns, the earlier turns as plain text and
-    the last user turn as the instruction; a model without a template uses the built-in chat template.
-    """
-    tpl = template or TEMPLATES["chat"]
-    stops = list(tpl.get("stop", []))
-    if "user" in tpl:
-        ids = []
-        for m in messages:
-            role = "system" if m.role == "developer" else m.role
-            if role == "assistant":
-                ids += tokenizer.encode(tpl["assistant"]) + tokenizer.encode(m.text()) + [tokenizer.eos_id]
-            else:
-                ids += tokenizer.encode(tpl[role if role in tpl else "user"].format(content=m.text()))
-        return ids + tokenizer.encode(tpl["assistant"]), stops
-    users = [i for i, m in enumerate(messages) if m.role == "user"]
-    if not users:
-        raise APIError(400, "messages: an instruction template needs at least one user message", "messages")
-    last = users[-1]
-    before = "".join(m.text() + "\n\n" for m in messages[:last])
-    return tokenizer.encode(before + format_prompt(tpl, messages[last].text())), stops
+def chat_prompt(template: Template | None, messages: list[Message], tokenizer) -> tuple[list[int], list[str]]:
+    """The tokens a reply continues, exactly as SFT trained them (data.sft.prompt_ids: the model's
+    template, earlier replies each ending with EOS), and the template's stop strings. A model
+    without a template uses the built-in chat template."""
+    template = template or TEMPLATES["chat"]
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    if template.kind == "instruction" and not any(m["role"] == "user" for m in msgs):
+        raise APIError(400, f"messages: the model's {template.name!r} template needs a user message", "messages")
+    return sft.prompt_ids(msgs, template, tokenizer), list(template.stop)
 
 
 # ----- the completion engine (stand-in until generation.Engine lands) ------------------------
@@ -740,7 +720,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
     async def completions(req: CompletionRequest):
         served = lookup(req.model)
         tok = served.tokenizer
-        prompts = prompt_ids(req.prompt, tok, served.model.config.vocab_size)
+        prompts = completion_prompts(req.prompt, tok, served.model.config.vocab_size)
         longest = max(prompts, key=len)
         cfg = sampling(req, served, len(longest), req.max_tokens, [], "prompt")
         for ids in prompts:
@@ -801,7 +781,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
     return app
 
 
-def prompt_ids(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
+def completion_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
     """A completions prompt (string, strings, token ids, lists of token ids) as token-id lists.
     An empty prompt starts from <|endoftext|>, as GPT-2 does for unconditional text."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):

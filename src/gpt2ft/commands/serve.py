@@ -74,14 +74,16 @@ def run(args):
         from ..errors import UserError
         raise UserError(f"gpt2ft serve needs {e.name}: pip install 'gpt2ft[serve]'") from None
 
-    model, tokenizer = load_model(args)
+    loaded = load_model(args)
     name = args.name or str(args.model).rstrip("/")
     if name in adapters:
         from ..errors import UserError
         raise UserError(f"--lora {name}=...: {name!r} is already the base model's name; pick another")
-    models = [served_model(name, model, tokenizer)]
+    models = [served_model(name, loaded.model, loaded.tokenizer, loaded.template, {"source": str(loaded.source)})]
     for adapter, folder in adapters.items():
-        models.append(served_model(adapter, share_base(model, folder), tokenizer, {"base": name, "lora": folder}))
+        model, template = share_base(loaded.model, folder)
+        models.append(served_model(adapter, model, loaded.tokenizer, template or loaded.template,
+                                   {"base": name, "lora": folder}))
     config = ServeConfig(api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                          max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body, timeout=args.timeout)
     app = create_app(models, config)
