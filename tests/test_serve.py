@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -438,3 +439,34 @@ def test_chat_prompt_follows_the_template_as_sft_tokenizes_it(tiny_model):
     assert tok.decode(ids) == ("Be brief.\n\nBelow is an instruction that describes a task. Write a response that "
                                "appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:\n")
     assert stops == ["\n### Instruction:", "\n### Input:"]
+
+
+def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
+    """In process: an engine that never finishes (the request times out), then a stopped scheduler."""
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    class Stuck:
+        def add(self, *args, **kw):
+            return types.SimpleNamespace(finish_reason=None, logprobs=[])
+
+        def busy(self):
+            time.sleep(0.005)
+            return False
+
+        def cancel(self, completion):
+            pass
+
+    app = create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig(timeout=0.3),
+                     engine_factory=lambda served: Stuck())
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        err = assert_error(r, 503, code="timeout")
+        assert "--timeout" in err["message"] and r.headers["Retry-After"] == "1"
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True})
+        assert r.status_code == 200 and '"code": "timeout"' in r.text and r.text.endswith("data: [DONE]\n\n")
+        app.state.scheduler.stop()
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert_error(r, 503, code="unavailable")
+        assert r.headers["Retry-After"] == "1"

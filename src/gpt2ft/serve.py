@@ -312,7 +312,11 @@ class SerialEngine:
 
 # ----- the scheduler: one thread drives every engine ------------------------------------------
 class QueueFull(Exception):
-    pass
+    """No room for a request: 429 when the queue is full, 503 while the server shuts down."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -366,7 +370,7 @@ class Scheduler:
         """Queue all of a request's jobs, or none (QueueFull)."""
         with self.cond:
             if self.stopping:
-                raise QueueFull("the server is shutting down")
+                raise QueueFull("the server is shutting down", 503)
             if len(self.waiting) + len(jobs) > self.max_queue + max(0, self.max_batch - len(self.running)):
                 raise QueueFull(f"the server is busy ({len(self.running)} running, {len(self.waiting)} waiting)")
             self.waiting.extend(jobs)
@@ -387,8 +391,12 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             job = self.waiting.pop(0)
             engine = self.engines[job.served.name]
-            job.completion = engine.add(job.prompt_ids, job.sampling, job.presence_penalty,
-                                        job.frequency_penalty, job.top_logprobs)
+            try:
+                job.completion = engine.add(job.prompt_ids, job.sampling, job.presence_penalty,
+                                            job.frequency_penalty, job.top_logprobs)
+            except Exception as e:  # noqa: BLE001 - the handler checked the request; never kill the thread
+                job.emit(("error", job.index, f"cannot start this completion: {e}"))
+                continue
             self.running[id(job.completion)] = job
 
     def _loop(self) -> None:
@@ -632,6 +640,9 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         try:
             scheduler.submit(jobs)
         except QueueFull as e:
+            if e.status == 503:
+                raise APIError(503, f"{e}; retry shortly", code="unavailable", type="server_error",
+                               headers={"Retry-After": "1"}) from None
             raise APIError(429, f"{e}; retry shortly", code="rate_limit_exceeded", type="rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         return jobs, queue
