@@ -37,8 +37,9 @@ def test_playground_streams_a_reply_with_the_chosen_settings(server):  # noqa: F
         browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
-            requests = []
+            requests, urls = [], []
             page.on("request", lambda r: requests.append(r) if r.url.endswith("/chat/completions") else None)
+            page.on("request", lambda r: urls.append(r.url))
             page.goto(server.url + "/")
             assert page.title() == "gpt2ft playground"
             page.fill("#apikey", KEY)
@@ -68,6 +69,7 @@ def test_playground_streams_a_reply_with_the_chosen_settings(server):  # noqa: F
             page.screenshot(path=str(ARTIFACTS / "playground.png"))
             page.click("#clear")
             assert page.query_selector_all(".msg") == []
+            assert urls and all(u.startswith(server.url + "/") for u in urls), urls  # nothing from a CDN
         finally:
             browser.close()
     assert (ARTIFACTS / "playground.png").stat().st_size > 5000
