@@ -90,6 +90,14 @@ def test_full_queue_429_and_disconnect_frees_the_slot(long_dir, tmp_path):
             assert time.monotonic() - left < t_full / 2, "the slot was not freed when the client left"
             time.sleep(0.01)
         assert srv.post("/v1/completions", {**body, "max_tokens": 2}).status_code == 200
+
+        # a plain (non-streaming) request whose client gives up is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json=body, headers=AUTH, timeout=0.5)
+        left = time.monotonic()
+        while running(srv.url):
+            assert time.monotonic() - left < t_full / 2, "a plain request kept its slot after the client left"
+            time.sleep(0.01)
     finally:
         assert srv.stop() == 0, srv.output()
 

@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Literal, Union
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,7 @@ from .tokenizer import StreamDecoder
 
 OPEN_PATHS = {"/", "/health"}  # everything else needs the API key when one is set
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy
+POLL = 0.2  # seconds between checks that the client of a non-streaming request is still there
 
 
 @dataclass
@@ -647,19 +648,28 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
                            headers={"Retry-After": "1"}) from None
         return jobs, queue
 
-    async def events(jobs: list[Job], queue: asyncio.Queue):
-        """The jobs' events until all are done; cancels them on timeout or when the client leaves."""
+    async def events(jobs: list[Job], queue: asyncio.Queue, request: Request | None = None):
+        """The jobs' events until all are done; cancels them on timeout or when the client leaves
+        (a stream notices at its next write; a plain request is checked every POLL seconds)."""
         deadline = time.monotonic() + config.timeout
+        check = time.monotonic() + POLL
         left = len(jobs)
         try:
             while left:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if request is not None and now >= check:
+                    check = now + POLL
+                    if await request.is_disconnected():
+                        raise APIError(499, "the client closed the connection", code="client_closed")
                 try:
-                    event = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
+                    wait = min(deadline, check if request is not None else deadline) - now
+                    event = await asyncio.wait_for(queue.get(), max(wait, 0.001))
                 except asyncio.TimeoutError:
-                    raise APIError(503, f"the request took longer than the server's limit of {config.timeout:g} s "
-                                   "(gpt2ft serve --timeout)", code="timeout", type="server_error",
-                                   headers={"Retry-After": "1"}) from None
+                    if time.monotonic() >= deadline:
+                        raise APIError(503, f"the request took longer than the server's limit of {config.timeout:g} "
+                                       "s (gpt2ft serve --timeout)", code="timeout", type="server_error",
+                                       headers={"Retry-After": "1"}) from None
+                    continue
                 if event[0] == "error":
                     raise APIError(503, event[2], code="unavailable", type="server_error", headers={"Retry-After": "1"})
                 if event[0] == "done":
@@ -680,7 +690,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         served = lookup(req.model)
         ids, stops = chat_prompt(served.template, req.messages, served.tokenizer)
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -690,8 +700,8 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         rid, created, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.tokenizer
         if req.stream:
             return sse(chat_chunks(req, jobs, queue, rid, created, tok))
-        texts, done = [""] * len(jobs), [None] * len(jobs)
-        async for event in events(jobs, queue):
+        done = [None] * len(jobs)
+        async for event in events(jobs, queue, request):
             if event[0] == "done":
                 done[event[1]] = event[2]
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -728,7 +738,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
             yield chunk([], usage=usage(jobs[0].completion.prompt_tokens, completion_tokens))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         served = lookup(req.model)
         tok = served.tokenizer
         prompts = completion_prompts(req.prompt, tok, served.model.config.vocab_size)
@@ -776,7 +786,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
                     yield {**base, "choices": [], "usage": usage(sum(map(len, prompts)), completion_tokens)}
             return sse(chunks())
         done = [None] * len(jobs)
-        async for event in events(jobs, queue):
+        async for event in events(jobs, queue, request):
             if event[0] == "done":
                 done[event[1]] = event[2]
         choices = []
