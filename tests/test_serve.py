@@ -198,20 +198,18 @@ def test_n_and_seed(server):
     assert len(set(texts(a))) > 1                   # the n choices are different samples
     assert texts(a) != texts(c)
     assert a.usage.completion_tokens == 3 * 6
-    # one seeded choice equals gpt2ft's sampler with that seed (SamplingConfig + TextStream)
     single = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=1.0, seed=5)
     again = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=1.0, seed=5)
     assert single.choices[0].text == again.choices[0].text
 
 
 def test_seeded_sampling_equals_in_process_stream(server, tiny_model):
-    from gpt2ft.generation import SamplingConfig, TextStream
+    from gpt2ft.generation import stream
 
     model, tok = tiny_model
     r = server.client().completions.create(model="tiny", prompt="Sampled", max_tokens=9, temperature=0.9, top_p=0.9,
                                            seed=123, extra_body={"top_k": 50})
-    ref = TextStream(model, tok, "Sampled", SamplingConfig(max_new_tokens=9, temperature=0.9, top_p=0.9, top_k=50,
-                                                            seed=123))
+    ref = stream(model, tok, "Sampled", max_new_tokens=9, temperature=0.9, top_p=0.9, top_k=50, seed=123)
     assert r.choices[0].text == "".join(ref)
 
 
@@ -303,6 +301,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
     ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by the fuzzer: logits / 5e-324 overflow
 ])
 def test_invalid_values_are_400(server, change, param):
     err = assert_error(server.post("/v1/chat/completions", {**CHAT, **change}), 400, param)
@@ -451,7 +450,8 @@ def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
         def add(self, *args, **kw):
             return types.SimpleNamespace(finish_reason=None, logprobs=[])
 
-        def busy(self):
+        @property
+        def has_work(self):
             time.sleep(0.005)
             return False
 

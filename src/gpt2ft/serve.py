@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hmac
 import json
 import math
@@ -29,10 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import UserError
-from .generation import SamplingConfig, _find_stop, _held_back, sample_next
+from .generation import Completion, Engine, SamplingConfig
 from .data import sft
 from .templates import TEMPLATES, Template, as_template
-from .tokenizer import StreamDecoder
 
 OPEN_PATHS = {"/", "/health"}  # everything else needs the API key when one is set
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy
@@ -158,7 +158,7 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     top_k: int = Field(-1, ge=-1, description="vLLM's extra: keep the k most likely tokens (-1 or 0: all)")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM's extra (1.0: off)")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="vLLM's extra (1.0: off)")
     user: str | None = None
 
 
@@ -188,129 +188,6 @@ def chat_prompt(template: Template | None, messages: list[Message], tokenizer) -
     return sft.prompt_ids(msgs, template, tokenizer), list(template.stop)
 
 
-# ----- the completion engine (stand-in until generation.Engine lands) ------------------------
-@dataclass
-class Completion:
-    """One completion in progress: text so far, token ids, logprobs and, once done, finish_reason."""
-
-    prompt_ids: list[int]
-    sampling: SamplingConfig
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    top_logprobs: int | None = None
-    """None: no logprobs; k >= 0: each token's logprob and the k most likely alternatives."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
-                             frequency: float) -> torch.Tensor:
-    """OpenAI's penalties: logit -= count * frequency + (count > 0) * presence, over generated tokens."""
-    if presence == 0 and frequency == 0:
-        return logits
-    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
-
-
-class SerialEngine:
-    """The engine interface the scheduler drives (add / step / cancel), one completion at a time."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.waiting: list[Completion] = []
-        self.active: tuple[Completion, object] | None = None
-
-    def add(self, prompt_ids: list[int], sampling: SamplingConfig, presence_penalty: float = 0.0,
-            frequency_penalty: float = 0.0, top_logprobs: int | None = None) -> Completion:
-        c = Completion(list(prompt_ids), sampling, presence_penalty, frequency_penalty, top_logprobs)
-        self.waiting.append(c)
-        return c
-
-    def cancel(self, c: Completion) -> None:
-        if c in self.waiting:
-            self.waiting.remove(c)
-        if self.active and self.active[0] is c:
-            self.active = None
-        c.finish_reason = c.finish_reason or "cancelled"
-
-    def busy(self) -> bool:
-        return bool(self.waiting or self.active)
-
-    def step(self) -> list[tuple[Completion, str]]:
-        """One token for the active completion: [(completion, new text)] (text may be "")."""
-        if self.active is None:
-            if not self.waiting:
-                return []
-            c = self.waiting.pop(0)
-            self.active = (c, self._decode(c))
-        c, steps = self.active
-        piece = next(steps, None)
-        if piece is None or c.finish_reason:
-            self.active = None
-        return [(c, piece or "")]
-
-    @torch.inference_mode()
-    def _decode(self, c: Completion):
-        """Yield the new text after each token, as generation.generate_ids + TextStream do."""
-        model, cfg, eos = self.model, c.sampling, self.tokenizer.eos_id
-        device = model.lm_head.weight.device
-        P = len(c.prompt_ids)
-        model.setup_cache(1, P + cfg.max_new_tokens)
-        logits = model(torch.tensor([c.prompt_ids], device=device), input_pos=torch.arange(P, device=device),
-                       logits_at="last")
-        seen = None
-        if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-            seen[0, torch.tensor(c.prompt_ids, device=device)] = True
-        counts = torch.zeros(1, model.config.vocab_size, device=device)
-        generator = None
-        if cfg.temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        decoder, emitted = StreamDecoder(self.tokenizer), 0
-        for t in range(cfg.max_new_tokens):
-            raw = logits.float()
-            adjusted = apply_presence_frequency(raw, counts, c.presence_penalty, c.frequency_penalty)
-            tok = sample_next(adjusted, cfg, seen, generator)
-            token = int(tok[0])
-            c.token_ids.append(token)
-            if c.top_logprobs is not None:
-                logp = raw[0].log_softmax(-1)
-                top = torch.topk(logp, c.top_logprobs) if c.top_logprobs else None
-                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-                c.logprobs.append((token, float(logp[token]), alts))
-            if token == eos and cfg.stop_at_eos:
-                c.finish_reason = "stop"
-                break
-            c.text += decoder.push(token)
-            cut = _find_stop(c.text, cfg.stop)
-            if cut >= 0:
-                c.text, c.finish_reason = c.text[:cut], "stop"
-                break
-            if t == cfg.max_new_tokens - 1:
-                break
-            safe = max(len(c.text) - _held_back(c.text, cfg.stop), emitted)
-            yield c.text[emitted:safe]
-            emitted = safe
-            if seen is not None:
-                seen[0, token] = True
-            counts[0, token] += 1
-            logits = model(tok[:, None], input_pos=torch.tensor([P + t], device=device), logits_at="last")
-        if c.finish_reason is None:
-            c.text += decoder.flush()
-            c.finish_reason = "length"
-        yield c.text[emitted:]
-
-
 # ----- the scheduler: one thread drives every engine ------------------------------------------
 class QueueFull(Exception):
     """No room for a request: 429 when the queue is full, 503 while the server shuts down."""
@@ -331,9 +208,6 @@ class Job:
     index: int
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    top_logprobs: int | None = None
     completion: Completion | None = None
     sent_logprobs: int = 0
     cancelled: bool = False
@@ -349,7 +223,7 @@ class Scheduler:
     """Admits jobs up to max_batch running + max_queue waiting, and steps the engines in a thread."""
 
     def __init__(self, models: dict[str, ServedModel], max_batch: int, max_queue: int, engine_factory=None):
-        factory = engine_factory or (lambda s: SerialEngine(s.model, s.tokenizer))
+        factory = engine_factory or (lambda s: Engine(s.model, s.tokenizer, max_batch))
         self.engines = {name: factory(s) for name, s in models.items()}
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting: list[Job] = []
@@ -393,8 +267,7 @@ class Scheduler:
             job = self.waiting.pop(0)
             engine = self.engines[job.served.name]
             try:
-                job.completion = engine.add(job.prompt_ids, job.sampling, job.presence_penalty,
-                                            job.frequency_penalty, job.top_logprobs)
+                job.completion = engine.add(job.prompt_ids, job.sampling)
             except Exception as e:  # noqa: BLE001 - the handler checked the request; never kill the thread
                 job.emit(("error", job.index, f"cannot start this completion: {e}"))
                 continue
@@ -414,8 +287,8 @@ class Scheduler:
                         self.engines[job.served.name].cancel(job.completion)
                         del self.running[key]
                 self._admit()
-            for name, engine in self.engines.items():
-                if not engine.busy():
+            for name, engine in self.engines.items():  # one token for every row of every model
+                if not engine.has_work:
                     continue
                 try:
                     events = engine.step()
@@ -429,8 +302,8 @@ class Scheduler:
         job = self.running.get(id(completion))
         if job is None:
             return
-        new_logprobs = completion.logprobs[job.sent_logprobs:]
-        job.sent_logprobs = len(completion.logprobs)
+        new_logprobs = (completion.logprobs or [])[job.sent_logprobs:]
+        job.sent_logprobs += len(new_logprobs)
         if piece or new_logprobs:
             job.emit(("text", job.index, piece, new_logprobs))
         if completion.finish_reason:
@@ -603,7 +476,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         return by_name[name]
 
     def sampling(req: _Sampling, served: ServedModel, prompt_len: int, max_tokens: int | None,
-                 stops: list[str], param: str) -> SamplingConfig:
+                 stops: list[str], param: str, logprobs: int | None) -> SamplingConfig:
         context = served.model.config.block_size
         if req.n > config.max_n:
             raise APIError(400, f"n is {req.n} but this server allows at most {config.max_n} "
@@ -628,16 +501,17 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         return SamplingConfig(max_new_tokens=max_tokens or min(config.max_tokens, context - prompt_len),
                               temperature=temperature, top_p=max(req.top_p, 1e-6),
                               top_k=req.top_k if req.top_k > 0 else None,
-                              repetition_penalty=req.repetition_penalty, stop=user_stops + stops, seed=seed)
+                              repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, stop=user_stops + stops, seed=seed,
+                              logprobs=logprobs)
 
-    def make_jobs(served, prompts: list[list[int]], cfg: SamplingConfig, req: _Sampling, top_logprobs):
+    def make_jobs(served, prompts: list[list[int]], cfg: SamplingConfig, req: _Sampling):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         jobs = []
         for p, ids in enumerate(prompts):
             for i in range(req.n):
                 seed = None if cfg.seed is None else (cfg.seed + i) % 2**63  # n choices differ
-                jobs.append(Job(served, ids, SamplingConfig(**{**cfg.__dict__, "seed": seed}), p * req.n + i,
-                                queue, loop, req.presence_penalty, req.frequency_penalty, top_logprobs))
+                jobs.append(Job(served, ids, dataclasses.replace(cfg, seed=seed), p * req.n + i, queue, loop))
         try:
             scheduler.submit(jobs)
         except QueueFull as e:
@@ -694,9 +568,9 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         served = lookup(req.model)
         ids, stops = chat_prompt(served.template, req.messages, served.tokenizer)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        cfg = sampling(req, served, len(ids), max_tokens, stops, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        jobs, queue = make_jobs(served, [ids], cfg, req, top)
+        cfg = sampling(req, served, len(ids), max_tokens, stops, "messages", top)
+        jobs, queue = make_jobs(served, [ids], cfg, req)
         rid, created, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.tokenizer
         if req.stream:
             return sse(chat_chunks(req, jobs, queue, rid, created, tok))
@@ -728,7 +602,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         async for event in events(jobs, queue):
             if event[0] == "text":
                 _, i, piece, lps = event
-                logprobs = chat_logprobs(tok, lps) if jobs[i].top_logprobs is not None else None
+                logprobs = chat_logprobs(tok, lps) if jobs[i].sampling.logprobs is not None else None
                 yield chunk([{"index": i, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None}])
             else:
                 c = event[2]
@@ -743,10 +617,8 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         tok = served.tokenizer
         prompts = completion_prompts(req.prompt, tok, served.model.config.vocab_size)
         longest = max(prompts, key=len)
-        cfg = sampling(req, served, len(longest), req.max_tokens, [], "prompt")
-        for ids in prompts:
-            sampling(req, served, len(ids), req.max_tokens, [], "prompt")
-        jobs, queue = make_jobs(served, prompts, cfg, req, req.logprobs)
+        cfg = sampling(req, served, len(longest), req.max_tokens, [], "prompt", req.logprobs)
+        jobs, queue = make_jobs(served, prompts, cfg, req)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
         prompt_lps = [prompt_logprobs(served, ids, req.logprobs) if req.echo and req.logprobs is not None else []
@@ -792,7 +664,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         choices = []
         for j, c in zip(jobs, done):
             p = j.index // req.n
-            entries = prompt_lps[p] + c.logprobs
+            entries = prompt_lps[p] + (c.logprobs or [])
             choices.append({"index": j.index, "text": echoes[p] + c.text, "finish_reason": c.finish_reason,
                             "logprobs": logprobs_of(j, entries, 0)})
         return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
