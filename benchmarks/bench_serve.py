@@ -127,7 +127,8 @@ def main() -> None:
             finally:
                 server.stop()
     print(f"\ngpt2ft serve, {args.preset} architecture (random weights), {args.dtype} on {args.device}, "
-          f"~{args.prompt_words}-token prompts + {args.max_tokens} new tokens, greedy, streaming ({machine()})")
+          f"~{args.prompt_words}-token prompts + {args.max_tokens} new tokens, greedy, streaming ({machine()}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end)")
     print("| clients | one at a time: tok/s | p50 / p99 latency | batched (--max-batch "
           f"{args.max_batch}): tok/s | p50 / p99 latency | throughput ratio | same texts |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
