@@ -29,9 +29,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .data import sft
 from .errors import UserError
 from .generation import Completion, Engine, SamplingConfig
-from .data import sft
 from .templates import TEMPLATES, Template, as_template
 
 OPEN_PATHS = {"/", "/health"}  # everything else needs the API key when one is set
@@ -84,8 +84,8 @@ def share_base(base, adapter_folder) -> tuple[torch.nn.Module, Template | None]:
     from .checkpoint import attach_adapter, read_meta, resolve
 
     folder = resolve(adapter_folder)
-    model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
-    model.kv_caches = None
+    model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})  # shares base's parameters
+    model.clear_cache()
     attach_adapter(model, folder)
     model.to(base.lm_head.weight.device, base.lm_head.weight.dtype).eval()
     return model, as_template(read_meta(folder).get("template"))
@@ -621,8 +621,9 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         jobs, queue = make_jobs(served, prompts, cfg, req)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
-        prompt_lps = [prompt_logprobs(served, ids, req.logprobs) if req.echo and req.logprobs is not None else []
-                      for ids in prompts]
+        prompt_lps = [[] for _ in prompts]
+        if req.echo and req.logprobs is not None:  # one forward per prompt, off the event loop
+            prompt_lps = [await asyncio.to_thread(prompt_logprobs, served, ids, req.logprobs) for ids in prompts]
 
         def logprobs_of(job, entries, offset):
             if req.logprobs is None:
