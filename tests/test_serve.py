@@ -470,3 +470,24 @@ def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
         r = client.post("/v1/chat/completions", json=CHAT)
         assert_error(r, 503, code="unavailable")
         assert r.headers["Retry-After"] == "1"
+
+
+def test_chat_with_the_checkpoints_template_equals_gpt2ft_generate(tiny_model, tmp_path):
+    """A checkpoint saved with the alpaca template: the chat reply is `gpt2ft generate`'s (which applies
+    the same template), and the server needs no key when none is given."""
+    from gpt2ft.checkpoint import save_model
+    from gpt2ft.templates import TEMPLATES
+
+    ckpt = save_model(tmp_path / "sft", tiny_model.model, tiny_model.tokenizer,
+                      meta={"template": TEMPLATES["alpaca"].to_dict()})
+    srv = Server(ckpt, key=None, log=tmp_path / "log")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="anything", max_retries=0)
+        assert client.models.list().data[0].template == "alpaca"
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a play"}],
+                                           max_tokens=10, temperature=0)
+        cli = run_cli("generate", ckpt, "--prompt", "Name a play", "--max-new-tokens", 10, "--temperature", 0,
+                      check=True)
+        assert r.choices[0].message.content == cli.stdout[:-1]
+    finally:
+        assert srv.stop() == 0, srv.output()
