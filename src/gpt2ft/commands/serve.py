@@ -18,11 +18,11 @@ def add_args(p):
     add_common(p, adapter_flag=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one needs --api-key)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--api-key", default=os.environ.get("GPT2FT_API_KEY"),
+    p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but / and /health "
-                        "(default: $GPT2FT_API_KEY)")
+                        "(when not given: $GPT2FT_API_KEY, if set)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
-    p.add_argument("--name", default=None, help="the model's id in the API (default: MODEL as given)")
+    p.add_argument("--name", default=None, help="the model's id in the API (when not given: MODEL as given)")
     p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
     g = p.add_argument_group("limits")
@@ -39,6 +39,8 @@ def add_args(p):
 def _check(args):
     from ..errors import UserError
     from ..serve import check_bind, positive
+
+    args.api_key = args.api_key or os.environ.get("GPT2FT_API_KEY") or None
 
     for flag in ("max_batch", "max_tokens", "max_n", "max_body"):
         value = getattr(args, flag)
