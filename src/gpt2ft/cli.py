@@ -11,6 +11,7 @@ from .errors import UserError
 # verb: (module in gpt2ft.commands, one-line help). Each module has add_args(parser) and run(args).
 VERBS = {
     "generate": ("generate", "continue a prompt (streams with --stream)"),
+    "chat": ("chat", "chat over many turns with a model (the best one under ./runs by default)"),
     "info": ("info", "show a model's config, parameter count, dtype and tokenizer"),
     "export": ("export", "write a plain Hugging Face folder (optionally merging LoRA)"),
     "tokenizer": ("tokenizer", "train a word-level or BPE tokenizer for from-scratch models"),

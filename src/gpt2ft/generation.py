@@ -135,6 +135,12 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
                         f"lower max_new_tokens to {context - prompt_len} or shorten the prompt")
 
 
+def fits_context(prompt_ids: list[int], max_new_tokens: int, context: int) -> bool:
+    """Whether a non-empty prompt leaves room for max_new_tokens in the context (the filter of batch jobs
+    that skip, rather than fail on, prompts that are too long)."""
+    return 0 < len(prompt_ids) <= context - max_new_tokens
+
+
 # ----- one completion: tokens -> safe text, stops, finish_reason, usage --------------------------
 class TextDecoder:
     """Token ids -> text pieces that never split a UTF-8 character, for any tokenizer.
@@ -570,7 +576,7 @@ def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[in
     return completions
 
 
-def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: SamplingConfig,
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg: SamplingConfig,
                    batch_size: int = 8) -> list[str]:
     """The completions' texts, each cut at EOS, a stop string or max_new_tokens."""
     return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size)]
