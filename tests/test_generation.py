@@ -157,3 +157,13 @@ def test_predict_next_token(tiny_model, hf_model):
     best = torch.topk(probs, 3)
     assert [p for _, p in top] == pytest.approx(best.values.tolist(), abs=1e-5)
     assert [t for t, _ in top] == [tok.decode([i]) for i in best.indices.tolist()]
+
+
+def test_extreme_sampling_values_stay_finite():
+    """Found by fuzzing the server: a denormal temperature or top_p must not turn logits into NaN."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, SamplingConfig(temperature=1e-30), g).tolist() == [0]
+    assert sample_next(logits, SamplingConfig(temperature=1.0, top_p=1e-45), g).tolist() == [0]
+    with pytest.raises(UserError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=5e-324)

@@ -20,6 +20,7 @@ VERBS = {
     "finetune": ("finetune", "continue training a model on raw text (style/domain adaptation)"),
     "sft": ("sft", "instruction-tune a model with loss on response tokens only"),
     "eval": ("evaluate", "score a model: exact match, BLEU, ROUGE, keywords, perplexity"),
+    "serve": ("serve", "serve a model over the OpenAI API, with a browser playground at /"),
     "compare": ("compare", "generate from two models side by side with the same settings"),
     "plot": ("plot", "plot a run's losses and metrics to PNG/PDF"),
     "data": ("data", "convert instruction data between formats"),

@@ -55,8 +55,8 @@ class SamplingConfig:
             raise UserError(f"top_k must be >= 0, not {self.top_k}")
         if not (0 < self.top_p <= 1) or math.isnan(self.top_p):
             raise UserError(f"top_p must be in (0, 1], not {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:  # beyond, logits overflow to inf (NaN NaNs too)
+            raise UserError(f"repetition_penalty must be in [0.01, 100] (1.0: off), not {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (-2 <= value <= 2):  # also refuses NaN
@@ -110,6 +110,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
     drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop_sorted[..., 0] = False  # the most likely token always stays (p may underflow to 0)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -120,7 +121,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    # a temperature so small that logits / T overflows is greedy in all but name
+    logits = top_p_filter(top_k_filter(logits / max(cfg.temperature, 1e-6), cfg.top_k), cfg.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
