@@ -46,7 +46,8 @@ def add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8, max_new_t
     g.add_argument("--top-k", type=ranged(int, 0), default=None, help="keep the k most likely tokens, >= 0 (0: all)")
     g.add_argument("--top-p", type=ranged(float, 0, 1, lo_open=True), default=1.0,
                    help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--repetition-penalty", type=ranged(float, 0, lo_open=True), default=1.0, help="> 0; 1.0 = off")
+    g.add_argument("--repetition-penalty", type=ranged(float, 0.01, 100), default=1.0,
+                   help="in [0.01, 100]; 1.0 = off")
     g.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
     g.add_argument("--seed", type=ranged(int, 0), default=None, help="sampling seed, >= 0")
 
