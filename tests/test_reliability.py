@@ -44,16 +44,12 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def refused(root: Path, *args, needles=(), cwd=None, run_out: Path | None = None):
     """Run a command that must be refused: clean one-line error naming `needles`, nothing changed.
-    run_out: a new training --out that may be left holding only its marker (open_run marks the folder
-    before the data is read; known gap, see docs/reliability.md)."""
-    before = snapshot(root)
-    new_out = run_out is not None and not Path(run_out).exists()
+    run_out: a new training --out, which must not be left behind either (no empty run folder)."""
+    before, existed = snapshot(root), run_out is not None and Path(run_out).exists()
     proc = gpt2ft(*args, cwd=cwd)
     assert_clean_error(proc, *needles)
-    after = snapshot(root)
-    if new_out:
-        after.pop(str(Path(run_out).relative_to(root) / ".gpt2ft-output.json"), None)
-    assert after == before, "a refused command changed files"
+    assert snapshot(root) == before, "a refused command changed files"
+    assert run_out is None or Path(run_out).exists() == existed, f"a refused command left {run_out} behind"
     return proc
 
 

@@ -12,6 +12,7 @@ Checkpoints are saved whole by the main process; sharded (FSDP) state would be g
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -167,11 +168,23 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
             raise UserError(f"--out {path} already holds a run (newest checkpoint {checkpoints[0].name}); pass "
                             "--resume auto to continue it, --overwrite to start it over, or choose a new --out")
     else:
+        if not path.exists():
+            atexit.register(_remove_if_unused, path)  # a verb that fails before training leaves nothing
         make_dir(path)
         _lock(path)
     if owner != verb:
         atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb})
     return RunFolder(path, main)
+
+
+def _remove_if_unused(path: Path) -> None:
+    """Remove a run folder this process created if nothing but its marker and lock was written to it."""
+    try:
+        if {p.name for p in path.iterdir()} <= {OUTPUT_MARKER, LOCK_FILE}:
+            _unlock(path)
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _remove(p: Path) -> None:
