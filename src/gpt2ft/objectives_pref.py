@@ -211,3 +211,51 @@ class PreferenceOptimization(Objective):
                 logps = sequence_logps(model, batch)[0].float().cpu()
                 out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
         return out
+
+
+# ----- scoring any model on preference data (gpt2ft eval --data PREFS) ------------------------------
+@torch.no_grad()
+def score_pairs(model, tokenizer, pairs, template: dict, max_length: int, reference=None, beta: float = 0.1,
+                batch_size: int = 8) -> tuple[list[dict], dict]:
+    """Per-pair log-probs and a summary. Without a reference, the model prefers the answer it finds more
+    likely (log p(chosen) > log p(rejected)); with one, the answer with the higher implicit reward
+    beta * (log p - log p_ref), as DPO defines it. Ties prefer neither (count half)."""
+    from .data import to_device
+    from .data.preferences import PreferenceDataset, tokenize_pairs
+
+    tokenized, kept, _ = tokenize_pairs(pairs, template, tokenizer, max_length)
+    if not tokenized:
+        raise UserError(f"no preference pair fits the model's context of {max_length} tokens")
+    data = PreferenceDataset(tokenized, tokenizer.eos_id)
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(data), batch_size):
+        idx = list(range(start, min(start + batch_size, len(data))))
+        batch = to_device(data.batch(idx), device)
+        with evaluating(model):
+            logps, lengths = sequence_logps(model, batch)
+        ref = None
+        if reference is not None:
+            with evaluating(reference):
+                ref = sequence_logps(reference, batch)[0]
+        B = len(idx)
+        for j, i in enumerate(idx):
+            row = {"where": kept[i].where, "logp_chosen": float(logps[j]), "logp_rejected": float(logps[B + j]),
+                   "tokens_chosen": int(lengths[j]), "tokens_rejected": int(lengths[B + j])}
+            if ref is not None:
+                row["reward_chosen"] = beta * (row["logp_chosen"] - float(ref[j]))
+                row["reward_rejected"] = beta * (row["logp_rejected"] - float(ref[B + j]))
+            rows.append(row)
+
+    def accuracy(margins):
+        return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+
+    likelihood = [r["logp_chosen"] - r["logp_rejected"] for r in rows]
+    summary = {"pairs": len(rows), "left_out": len(pairs) - len(rows),
+               "likelihood_accuracy": accuracy(likelihood), "mean_logp_margin": sum(likelihood) / len(rows)}
+    if reference is not None:
+        rewards = [r["reward_chosen"] - r["reward_rejected"] for r in rows]
+        summary.update(preference_accuracy=accuracy(rewards), mean_margin=sum(rewards) / len(rows), beta=beta)
+    else:
+        summary.update(preference_accuracy=summary["likelihood_accuracy"], mean_margin=summary["mean_logp_margin"])
+    return rows, summary

@@ -104,6 +104,58 @@ def build_reference(args, model, tokenizer, precompute: bool):
     return (None if precompute else other), other, str(kind)
 
 
+def reference_model_ref(ref_name: str, model, args) -> str | None:
+    """What `gpt2ft eval` loads as this run's reference: the starting model, its base, or the named MODEL."""
+    if ref_name == "none":
+        return None
+    if ref_name == "copy":
+        return str(model.source)
+    return base_model_ref(model, args) if ref_name == "adapters-off" else ref_name
+
+
+def is_preference_data(path) -> bool:
+    """Whether a data file holds chosen/rejected pairs (its first row has both)."""
+    from ..data.preferences import read_rows
+
+    for _, row in read_rows(path, "train", {}):
+        return isinstance(row, dict) and "chosen" in row and "rejected" in row
+    return False
+
+
+def run_eval(args, data) -> int:
+    """gpt2ft eval MODEL --data PREFS: preference accuracy and mean margin, by likelihood or, with a
+    reference (--reference, or the one a DPO checkpoint recorded), by DPO's implicit reward."""
+    from ..checkpoint import atomic_write_text, load
+    from ..data.preferences import load_pairs
+    from ..objectives_pref import score_pairs
+    from .evaluate import _print_table
+    from .sft import parse_columns
+
+    pairs, rejected = load_pairs(data, args.split, parse_columns(args.columns), args.on_invalid)
+    pairs = pairs[: args.max_examples] if args.max_examples else pairs
+    loaded = load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None))
+    model, tokenizer = loaded
+    meta = getattr(model, "meta", None) or {}
+    template = model_template(args.template, model, pairs)
+    ref_ref = args.reference or (meta.get("reference_model") if meta.get("objective") == "dpo" else None)
+    beta = args.beta if args.beta is not None else float(meta.get("beta") or 0.1)
+    reference = None
+    if ref_ref:
+        reference, _ = load(ref_ref, device=args.device, dtype=args.dtype)
+    rows, summary = score_pairs(model, tokenizer, pairs, template, model.config.block_size - 1, reference, beta,
+                                args.batch_size)
+    summary.update(model=str(args.model), data=str(data), reference=str(ref_ref) if ref_ref else "none (likelihood)",
+                   rejected=len(rejected), template=template.get("name"))
+    _print_table(summary)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        print(f"wrote {out / 'pairs.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
 def run(args):
     from ..data.instructions import split_records
     from ..data.preferences import load_pairs
@@ -148,6 +200,7 @@ def run(args):
             del pre_ref  # another MODEL: free it before training
     run_meta = {"objective": "dpo", "base_model": base_model_ref(model, args), "template": template,
                 "data": str(args.data), "loss": pref.loss, "beta": pref.beta, "reference": ref_name,
+                "reference_model": reference_model_ref(ref_name, model, args),
                 "precomputed_reference": bool(precompute)}
     keys = {"tokenizer": tokenizer.fingerprint(), "data": objective.fingerprint, "max_length": max_len,
             "model": model.config.to_dict(), "preference": {"loss": pref.loss, **pref.loss_kwargs()},
@@ -155,3 +208,53 @@ def run(args):
     train(model, tokenizer, objective, cfg, run_meta, keys)
     return 0
 
+
+
+def pair_row(record, rejected: str) -> dict:
+    """A preference row from an instruction record (its answer chosen) and another answer (rejected)."""
+    from ..data.instructions import record_to_json
+
+    users = [m for m in record.messages if m["role"] == "user"]
+    if len(record.messages) == 2 and len(users) == 1:
+        content = users[0]["content"]
+        if isinstance(content, dict):
+            return {"instruction": content["instruction"], "input": content["input"], "chosen": record.response,
+                    "rejected": rejected}
+        return {"prompt": content, "chosen": record.response, "rejected": rejected}
+    messages = record_to_json(record)["messages"]
+    return {"prompt": messages[:-1], "chosen": [messages[-1]], "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def run_pairs(args) -> int:
+    """gpt2ft data pairs MODEL --data SFT_FILE --out PREFS: the model's own answer becomes `rejected`
+    wherever it differs from the reference answer (on-policy pairs)."""
+    from ..checkpoint import atomic_write_text, load
+    from ..data.instructions import load_records, prompt_text
+    from ..errors import UserError
+    from ..evaluate import normalize_answer
+    from ..generation import generate_batch
+    from . import sampling_config
+    from .sft import parse_columns
+
+    if not args.data:
+        raise UserError("data pairs needs --data: the instruction data whose answers are `chosen`")
+    records, _ = load_records(args.data, "auto", args.split, parse_columns(args.columns), args.on_invalid)
+    model, tokenizer = load(args.input, device=args.device, dtype=args.dtype)
+    template = model_template(args.template or (None if model.meta.get("template") else "alpaca"), model, [])
+    sampling = sampling_config(args, list(template.get("stop", [])))
+    prompts = [prompt_text(r, template) for r in records]
+    limit = model.config.block_size - sampling.max_new_tokens
+    kept = [i for i, p in enumerate(prompts) if 0 < len(tokenizer.encode(p)) <= limit]
+    model.eval()
+    outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, args.batch_size)
+    rows, same = [], 0
+    for i, output in zip(kept, outputs):
+        output = output.strip()
+        if not output or normalize_answer(output) == normalize_answer(records[i].response):
+            same += 1  # the model already gives this answer: no preference to learn
+            continue
+        rows.append(pair_row(records[i], output))
+    atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} pairs to {args.out}; {same} answers matched the reference (or were empty) and "
+          f"{len(records) - len(kept)} prompts were too long for {sampling.max_new_tokens} new tokens")
+    return 0

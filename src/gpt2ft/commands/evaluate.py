@@ -24,6 +24,10 @@ def add_args(p):
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records")
     add_sampling(p, temperature=0.0, max_new_tokens=128)
+    g = p.add_argument_group("preference data (--data with chosen/rejected pairs)")
+    g.add_argument("--reference", default=None, metavar="MODEL",
+                   help="score by DPO's implicit reward against MODEL (default: a DPO checkpoint's own reference)")
+    g.add_argument("--beta", type=float, default=None, help="implicit reward scale (default: the DPO run's)")
 
 
 def run(args):
@@ -50,6 +54,11 @@ def run(args):
         data = data / "splits" / "test.jsonl"
         if not data.read_text().strip():
             raise UserError(f"{data} is empty (the run used --test-fraction 0); pass a data file")
+    from .dpo import is_preference_data, run_eval
+
+    source = args.data if str(args.data).startswith("hf:") else data
+    if is_preference_data(source):  # chosen/rejected pairs: preference accuracy and margin
+        return run_eval(args, source)
     records, rejected = load_records(data if not str(args.data).startswith("hf:") else args.data, args.format,
                                      args.split, parse_columns(args.columns), args.on_invalid)
     records = records[: args.max_examples] if args.max_examples else records
