@@ -216,10 +216,10 @@ class PreferenceOptimization(Objective):
 # ----- scoring any model on preference data (gpt2ft eval --data PREFS) ------------------------------
 @torch.no_grad()
 def score_pairs(model, tokenizer, pairs, template: dict, max_length: int, reference=None, beta: float = 0.1,
-                batch_size: int = 8) -> tuple[list[dict], dict]:
-    """Per-pair log-probs and a summary. Without a reference, the model prefers the answer it finds more
-    likely (log p(chosen) > log p(rejected)); with one, the answer with the higher implicit reward
-    beta * (log p - log p_ref), as DPO defines it. Ties prefer neither (count half)."""
+                batch_size: int = 8, per_token: bool = False) -> tuple[list[dict], dict]:
+    """Per-pair log-probs and a summary. preference_accuracy: with a reference, the share of pairs whose
+    chosen answer has the higher implicit reward beta * (log p - log p_ref), as DPO defines it; without,
+    the higher log-likelihood (per token if per_token, SimPO's and ORPO's reward). Ties count half."""
     from .data import to_device
     from .data.preferences import PreferenceDataset, tokenize_pairs
 
@@ -251,11 +251,15 @@ def score_pairs(model, tokenizer, pairs, template: dict, max_length: int, refere
         return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
 
     likelihood = [r["logp_chosen"] - r["logp_rejected"] for r in rows]
+    average = [r["logp_chosen"] / r["tokens_chosen"] - r["logp_rejected"] / r["tokens_rejected"] for r in rows]
     summary = {"pairs": len(rows), "left_out": len(pairs) - len(rows),
-               "likelihood_accuracy": accuracy(likelihood), "mean_logp_margin": sum(likelihood) / len(rows)}
+               "likelihood_accuracy": accuracy(likelihood), "mean_logp_margin": sum(likelihood) / len(rows),
+               "per_token_accuracy": accuracy(average), "mean_per_token_margin": sum(average) / len(rows)}
     if reference is not None:
         rewards = [r["reward_chosen"] - r["reward_rejected"] for r in rows]
         summary.update(preference_accuracy=accuracy(rewards), mean_margin=sum(rewards) / len(rows), beta=beta)
     else:
-        summary.update(preference_accuracy=summary["likelihood_accuracy"], mean_margin=summary["mean_logp_margin"])
+        kind = "per_token" if per_token else "likelihood"
+        summary.update(preference_accuracy=summary[f"{kind}_accuracy"],
+                       mean_margin=summary["mean_per_token_margin" if per_token else "mean_logp_margin"])
     return rows, summary

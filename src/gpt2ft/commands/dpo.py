@@ -43,7 +43,7 @@ def add_args(p):
                    help="compute the reference log-probs once, cached in the run folder; train without a reference model")
     g.add_argument("--val-fraction", type=float, default=0.10, help="share of pairs for validation")
     g.add_argument("--test-fraction", type=float, default=0.05, help="share of pairs held out for testing")
-    add_training(p, lr=5e-6, warmup_steps=10, epochs=1.0, eval_every=50, batch_size=4)
+    add_training(p, lr=5e-5, warmup_steps=10, epochs=1.0, eval_every=50, batch_size=4)
     p.set_defaults(dropout=0.0)  # as TRL: dropout off, so the policy's and reference's log-probs compare
     add_lora(p)
 
@@ -127,6 +127,7 @@ def run_eval(args, data) -> int:
     reference (--reference, or the one a DPO checkpoint recorded), by DPO's implicit reward."""
     from ..checkpoint import atomic_write_text, load
     from ..data.preferences import load_pairs
+    from ..losses import REFERENCE_FREE
     from ..objectives_pref import score_pairs
     from .evaluate import _print_table
     from .sft import parse_columns
@@ -142,9 +143,11 @@ def run_eval(args, data) -> int:
     reference = None
     if ref_ref:
         reference, _ = load(ref_ref, device=args.device, dtype=args.dtype)
+    per_token = meta.get("objective") == "dpo" and meta.get("loss") in REFERENCE_FREE  # SimPO's / ORPO's reward
     rows, summary = score_pairs(model, tokenizer, pairs, template, model.config.block_size - 1, reference, beta,
-                                args.batch_size)
-    summary.update(model=str(args.model), data=str(data), reference=str(ref_ref) if ref_ref else "none (likelihood)",
+                                args.batch_size, per_token)
+    scored_by = "per-token likelihood" if per_token else "likelihood"
+    summary.update(model=str(args.model), data=str(data), reference=str(ref_ref) if ref_ref else f"none ({scored_by})",
                    rejected=len(rejected), template=template.get("name"))
     _print_table(summary)
     if args.out:
