@@ -55,7 +55,7 @@ def run_ours(cfg: dict) -> list[float]:
     from gpt2ft.config import preset
     from gpt2ft.lora import LoRAConfig, apply_lora
     from gpt2ft.model import GPT
-    from gpt2ft.objectives import Objective
+    from gpt2ft.objectives import MaskedLM
     from gpt2ft.tokenizer import gpt2_tokenizer
     from gpt2ft.train import TrainConfig, train
 
@@ -63,7 +63,7 @@ def run_ours(cfg: dict) -> list[float]:
     model = GPT(preset("gpt2", dropout=0.0, block_size=max(cfg["length"], 1024)))
     if cfg["kind"] == "ours_lora":
         apply_lora(model, LoRAConfig(**LORA))
-    objective = Objective()
+    objective = MaskedLM()
     objective.train = RandomBlocks(cfg["batch"] * (cfg["steps"] + 1), cfg["length"], cfg.get("masked", 0.0))
     objective.val = None
     out = tempfile.mkdtemp()

@@ -16,7 +16,7 @@ def test_export_loads_in_transformers_with_identical_logits(tiny_model, tmp_path
     from transformers import AutoModelForCausalLM
 
     model, tok = tiny_model
-    out = export(str(model.source), tmp_path / "exported")
+    out = export(str(tiny_model.source), tmp_path / "exported")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     x = torch.randint(0, 50257, (2, 30))
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_export_bfloat16_and_transformers_tokenizer(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
     model, tok = tiny_model
-    out = export(str(model.source), tmp_path / "bf16", dtype="bfloat16")
+    out = export(str(tiny_model.source), tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf_tok = AutoTokenizer.from_pretrained(out)
     assert hf_tok("Hello world")["input_ids"] == [15496, 995]

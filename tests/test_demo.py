@@ -13,7 +13,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["examples"] > 0 and 0 <= summary["rougeL"] <= 1
     model, tok = load(out / "sft")
-    assert model.meta["template"]["name"] == "instruction-response" and tok.vocab_size == 1024
+    assert load(out / "sft").meta["template"]["name"] == "instruction-response" and tok.vocab_size == 1024
     assert "$ gpt2ft sft" in proc.stdout and "demo finished" in proc.stdout
 
 
@@ -22,4 +22,4 @@ def test_quick_demo_from_an_existing_model_skips_pretraining(hf_dir, tmp_path):
     proc = run_cli("demo", "--quick", "--model", hf_dir, "--out", out, "--device", "cpu", check=True, timeout=600)
     assert "pretrain a small GPT-2" not in proc.stdout and not (out / "pretrain").exists()
     assert (out / "sft" / "loss.png").exists() and (out / "before_after.md").exists()
-    assert load(out / "sft")[0].meta["base_model"] == str(hf_dir)
+    assert load(out / "sft").meta["base_model"] == str(hf_dir)

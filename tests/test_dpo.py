@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from gpt2ft.checkpoint import load
-from gpt2ft.data.instructions import prompt_text
 from gpt2ft.data.preferences import PreferencePair
-from gpt2ft.objectives_pref import (ADAPTERS_OFF, PreferenceConfig, PreferenceOptimization, freeze,
+from gpt2ft.objectives_pref import (ADAPTERS_OFF, PRECOMPUTED, PreferenceConfig, PreferenceOptimization, freeze,
                                     weights_fingerprint)
 from gpt2ft.templates import get_template
 
@@ -49,12 +48,12 @@ def test_first_step_matches_trl_dpo_trainer(hf_dir, ref_dir, tmp_path, loss_type
     from trl import DPOConfig, DPOTrainer
 
     policy, tok = load(hf_dir, device="cpu", dtype="float32")
-    reference = freeze(load(ref_dir, device="cpu", dtype="float32")[0])
+    reference = freeze(load(ref_dir, device="cpu", dtype="float32").model)
     objective = _objective(tok, reference, loss_type, **kw)
     with torch.no_grad():
         ours, metrics = _means(objective, policy)
 
-    rows = [{"prompt": prompt_text(p.record(p.chosen), ALPACA), "chosen": p.chosen, "rejected": p.rejected}
+    rows = [{"prompt": ALPACA.prompt(p.prompt), "chosen": p.chosen, "rejected": p.rejected}
             for p in PAIRS]
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), beta=objective.config.beta,
                      loss_type=[loss_type], label_smoothing=kw.get("label_smoothing", 0.0), use_cpu=True,
@@ -88,7 +87,7 @@ def _perturbed(model, seed=5, scale=0.02, only_lora=False):
 def test_precomputed_reference_gives_the_live_copys_loss_and_gradients(hf_dir, tmp_path, loss_type):
     model, tok = load(hf_dir, device="cpu", dtype="float32")
     live = _objective(tok, freeze(copy.deepcopy(model)), loss_type)
-    pre = _objective(tok, "precomputed", loss_type)
+    pre = _objective(tok, PRECOMPUTED, loss_type)
     logs = []
     key = weights_fingerprint(model)
     pre.precompute_reference(model, tmp_path / "ref.pt", key, torch.device("cpu"), torch.float32, 3, logs.append)
@@ -106,10 +105,10 @@ def test_precomputed_reference_gives_the_live_copys_loss_and_gradients(hf_dir, t
     assert all(metrics[k] == pytest.approx(v, abs=1e-5) for k, v in expected[1].items())
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     # the cache is reused for the same data and reference, recomputed when the reference changes
-    again = _objective(tok, "precomputed", loss_type)
+    again = _objective(tok, PRECOMPUTED, loss_type)
     again.precompute_reference(None, tmp_path / "ref.pt", key, torch.device("cpu"), torch.float32, 3, logs.append)
     assert "reusing" in logs[-1] and torch.equal(again.train.reference, pre.train.reference)
-    other = _objective(tok, "precomputed", loss_type)
+    other = _objective(tok, PRECOMPUTED, loss_type)
     other.precompute_reference(model, tmp_path / "ref.pt", weights_fingerprint(model), torch.device("cpu"),
                                torch.float32, 3, logs.append)
     assert "computing" in logs[-1] and not torch.equal(other.train.reference, pre.train.reference)

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from gpt2ft.data.instructions import load_records, tokenize
-from gpt2ft.data.preferences import (PreferenceDataset, TokenizedPair, fit_pair, load_pairs, pair_to_json,
-                                     tokenize_pair, tokenize_pairs)
+from gpt2ft.data.instructions import load_records
+from gpt2ft.data.preferences import (PreferenceDataset, TokenizedPair, fit_pair, is_preference_data, load_pairs,
+                                     pair_row, tokenize_pair, tokenize_pairs)
+from gpt2ft.data.sft import tokenize_messages
 from gpt2ft.errors import UserError
 from gpt2ft.losses import IGNORE, sequence_logps
 from gpt2ft.templates import get_template
@@ -36,7 +37,9 @@ def test_every_format_reads_to_the_same_pair(tmp_path):
     assert not bad
     for p in pairs + csv_pairs + json_pairs:
         assert (p.prompt, p.chosen, p.rejected) == (user, "Blue.", "Seven.")
-    assert pair_to_json(pairs[0])["prompt"] == user
+    assert pair_row(user, "Blue.", "Seven.") == rows[0] and is_preference_data(tmp_path / "p.jsonl")
+    conversational = pair_row([{"role": "system", "content": "Be brief."}] + user, "Blue.", "Seven.")
+    assert load_pairs(_jsonl(tmp_path / "c.jsonl", [conversational]))[0][0].prompt[1:] == user
 
 
 def test_bad_pairs_are_listed_by_line_and_can_be_skipped(tmp_path):
@@ -77,7 +80,7 @@ def test_prompt_and_answers_are_tokenized_exactly_as_sft(tmp_path, template):
     pairs, _ = load_pairs(pref)
     records, _ = load_records(sft)
     for pair, record in zip(pairs, records):
-        ex = tokenize(record, template, tok)
+        ex = tokenize_messages(record.messages, template, tok)
         tp = tokenize_pair(pair, template, tok)
         assert tp.prompt + tp.chosen == ex.ids
         assert tp.chosen == [t for t, s in zip(ex.ids, ex.supervised) if s]

@@ -7,7 +7,8 @@ import torch
 from conftest import assert_clean_error, run_cli
 from gpt2ft.checkpoint import save_model
 from gpt2ft.config import GPTConfig
-from gpt2ft.data.instructions import (InstructionDataset, fit_to_length, load_records, prompt_text, tokenize)
+from gpt2ft.data.instructions import load_records
+from gpt2ft.data.sft import InstructionDataset, TokenizedExample, fit_to_length, tokenize_messages
 from gpt2ft.errors import UserError
 from gpt2ft.evaluate import score
 from gpt2ft.losses import IGNORE, masked_lm_loss_sum
@@ -34,15 +35,15 @@ def test_supervised_tokens_are_exactly_response_plus_eos(tmp_path):
     ])
     records, _ = load_records(data)
     for record, template in zip(records, [ALPACA, ALPACA, get_template("chat")]):
-        ex = tokenize(record, template, tok)
+        ex = tokenize_messages(record.messages, template, tok)
         batch = InstructionDataset([ex], tok.eos_id).batch([0])
         targets = batch["labels"][batch["labels"] != IGNORE].tolist()
         replies = [m["content"] for m in record.messages if m["role"] == "assistant"]
         expected = [t for r in replies for t in tok.encode(r) + [tok.eos_id]]
         assert targets == expected
         assert tok.decode(targets) == "<|endoftext|>".join(replies) + "<|endoftext|>"
-    assert "### Input:\nbonjour" in prompt_text(records[1], ALPACA)
-    assert prompt_text(records[0], ALPACA).startswith("Below is an instruction that describes a task.")
+    assert "### Input:\nbonjour" in ALPACA.prompt(records[1].messages[:-1])
+    assert ALPACA.prompt(records[0].messages[:-1]).startswith("Below is an instruction that describes a task.")
 
 
 def test_padding_and_batching_never_change_an_examples_loss():
@@ -54,7 +55,7 @@ def test_padding_and_batching_never_change_an_examples_loss():
     recs = [Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
             for q, a in [("Short?", "Yes."), ("A much longer question that pads the others?", "Indeed it does so."),
                          ("Mid?", "Medium answer here.")]]
-    examples = [tokenize(r, ALPACA, tok) for r in recs]
+    examples = [tokenize_messages(r.messages, ALPACA, tok) for r in recs]
     data = InstructionDataset(examples, tok.eos_id)
     with torch.no_grad():
         alone = [masked_lm_loss_sum(model, data.batch([i]))[0] for i in range(3)]
@@ -67,8 +68,6 @@ def test_padding_and_batching_never_change_an_examples_loss():
 
 
 def test_truncation_keeps_a_supervised_token():
-    from gpt2ft.data.instructions import TokenizedExample
-
     ex = TokenizedExample(list(range(30)), [False] * 20 + [True] * 10)
     cut, what = fit_to_length(ex, 24)
     assert what == "response truncated" and len(cut.ids) == 25 and sum(cut.supervised) == 5
@@ -140,7 +139,7 @@ def tiny_sft_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
     data = _write_jsonl(root / "qa.jsonl", rows)
-    corpus = [render_text for q, a in QA for render_text in (q, a)] + [get_template("instruction-response")["prompt_no_input"]]
+    corpus = [render_text for q, a in QA for render_text in (q, a)] + [get_template("instruction-response").prompt_no_input]
     tok = train_tokenizer(corpus * 5, "bpe", 400)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=tok.vocab_size,
@@ -192,7 +191,7 @@ def test_sft_with_splits_skip_invalid_packing_and_oversampling(tiny_sft_setup, t
 
 
 def test_oversampling_weights_feed_the_sampler():
-    from gpt2ft.train import order_for_epoch
+    from gpt2ft.train.state import order_for_epoch
 
     weights = torch.tensor([1.0] * 9 + [10.0])
     order = order_for_epoch(10, 0, 1, weights).tolist() + order_for_epoch(10, 1, 1, weights).tolist()
@@ -222,7 +221,7 @@ def test_custom_template_file_and_hf_dataset_from_a_local_folder(tmp_path):
     folder.mkdir()
     _write_jsonl(folder / "train.jsonl", [{"instruction": "Two plus two?", "output": " Four."}])
     records, _ = load_records(f"hf:{folder}")  # the datasets library, offline, from a local folder
-    assert prompt_text(records[0], template) == "Q: Two plus two?\nA:"
+    assert template.prompt(records[0].messages[:-1]) == "Q: Two plus two?\nA:"
     with pytest.raises(UserError, match="needs a 'prompt'"):
         bad = tmp_path / "bad.json"
         bad.write_text('{"prompt": "no placeholder"}')

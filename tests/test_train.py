@@ -18,7 +18,7 @@ from gpt2ft.config import GPTConfig
 from gpt2ft.data.text import TokenBlocks, prepare
 from gpt2ft.errors import UserError
 from gpt2ft.model import GPT
-from gpt2ft.objectives import LanguageModeling, Objective
+from gpt2ft.objectives import LanguageModeling, MaskedLM
 from gpt2ft.tokenizer import WordTokenizer
 from gpt2ft.train import TrainConfig, accumulate_gradients, train
 
@@ -76,7 +76,7 @@ def test_pretraining_lowers_val_loss(corpus, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-class _Masked(Objective):
+class _Masked(MaskedLM):
     """Labels masked differently per row, so micro-batches hold unequal token counts."""
 
     def __init__(self, data):
@@ -130,7 +130,10 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(corpus, tmp_path
     for attempt in range(3):  # kill -9 at random moments: mid-step or mid-save
         before = _hashes(run) if run.exists() else {}
         proc = _popen(_train_args(corpus, run, steps=60, save_every=1, extra=["--resume", "auto"]))
-        time.sleep(rng.uniform(1.5, 3.5))
+        deadline = time.time() + 120  # a loaded machine starts slowly: kill once it saves checkpoints
+        while time.time() < deadline and proc.poll() is None and set(_hashes(run) if run.exists() else {}) <= set(before):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         for ckpt in run_checkpoints(run):  # every checkpoint at a final name is complete and loads
@@ -194,14 +197,14 @@ class _NaNAt(LanguageModeling):
         super().__init__(inner.train, inner.val)
         self.calls, self.bad_steps, self.snapshots = 0, bad_steps, []
 
-    def loss_sum(self, model, batch):
-        loss, n = super().loss_sum(model, batch)
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
         if not model.training:  # evaluation passes do not count
-            return loss, n
+            return loss, metrics
         self.calls += 1
         if self.calls in self.bad_steps or self.calls - 1 in self.bad_steps:
             self.snapshots.append([p.detach().clone() for p in model.parameters()])
-        return (loss * float("nan"), n) if self.calls in self.bad_steps else (loss, n)
+        return (loss * float("nan"), metrics) if self.calls in self.bad_steps else (loss, metrics)
 
 
 def _in_process(corpus, out, steps, bad_steps=()):

@@ -7,113 +7,39 @@ COMPLETE marker, written last, exists.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import shutil
-import struct
+import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .config import GPTConfig
 from .errors import UserError
+from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_text, claim_output_dir, file_digest,
+                     fsync_dir, load_safetensors, read_json, same_path)
+from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, load_adapter_state, peft_config
 from .model import GPT
+from .templates import as_template
+from .tokenizer import Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
 META_FILE = "gpt2ft.json"
 TRAIN_STATE_FILE = "trainer_state.pt"
+CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints/step-N: the rest of a run folder's layout is train/run_folder.py
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-             "adapter_config.json", META_FILE]
-MAX_SAFETENSORS_HEADER = 100 * 2**20
-
-
-# ----- atomic file writes ---------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temp file in path's folder, fsync, then rename over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write(path, lambda f: f.write(data))
+             ADAPTER_CONFIG, META_FILE]
 
 
 # ----- reading weights ------------------------------------------------------------------------
-def check_safetensors(path: Path) -> None:
-    """Fail fast, with the reason, on a truncated file or an absurd header (before any allocation)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise UserError(f"{path}: malformed safetensors header (claims {n} bytes, file has {size}); "
-                            "the file is truncated or not safetensors: download it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}: malformed safetensors header (not JSON); download the file again") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise UserError(f"{path}: truncated safetensors file ({size} bytes, tensors need {8 + n + end}); "
-                        "download it again")
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    check_safetensors(path)
-    try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise UserError(f"{path}: malformed safetensors file ({e})") from None
-
-
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     """pytorch_model.bin through torch.load(weights_only=True): a pickle that runs code is refused."""
     try:
@@ -205,29 +131,55 @@ def is_complete(folder: Path) -> bool:
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
     """The complete checkpoints of a run folder, newest first."""
-    root = run_dir / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and is_complete(p)]
     return sorted(steps, key=lambda p: p.name, reverse=True)
 
 
-def resolve(model_ref: str | os.PathLike) -> Path:
-    """A folder holding the model: a local HF/gpt2ft folder, a run's newest checkpoint, or a Hub snapshot."""
-    path = Path(model_ref).expanduser()
+def verify_checkpoint(folder: Path, hashes: bool = True) -> str | None:
+    """None if every file the COMPLETE marker lists is present with its size (and hash), else the reason."""
+    marker = folder / COMPLETE
+    if not marker.exists():
+        return f"no {COMPLETE} marker"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE} marker"
+    for name, info in files.items():
+        p = folder / name
+        if not p.exists():
+            return f"{name} is missing"
+        if p.stat().st_size != info["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, expected {info['bytes']}"
+        if hashes and file_digest(p) != info["sha256"]:
+            return f"{name} is damaged (its sha256 hash differs from the one recorded at save time)"
+    return None
+
+
+def resolve(ref: str | os.PathLike, verify: bool = True) -> Path:
+    """A folder holding the model: a local HF/gpt2ft folder, a run's newest intact checkpoint, or a Hub
+    snapshot. gpt2ft checkpoints are checked against their COMPLETE marker (sizes always, sha256 unless
+    verify=False); a run whose newest checkpoint is damaged falls back to the newest intact one."""
+    path = Path(ref).expanduser()
     if path.is_dir():
-        if (path / "config.json").exists() or (path / "adapter_config.json").exists():
-            if (path / META_FILE).exists() and not is_complete(path):
-                raise UserError(f"{path}: incomplete checkpoint (no {COMPLETE} marker); it was interrupted "
-                                "while saving: use an earlier checkpoint")
+        if (path / "config.json").exists() or (path / ADAPTER_CONFIG).exists():
+            if (path / META_FILE).exists():
+                problem = verify_checkpoint(path, hashes=verify)
+                if problem:
+                    raise UserError(f"{path}: {problem}; use another checkpoint (or --no-verify to load it anyway)")
             return path
-        if (path / "checkpoints").is_dir():
+        if (path / CHECKPOINTS_DIR).is_dir():
             found = run_checkpoints(path)
-            if not found:
-                raise UserError(f"{path}: run folder has no complete checkpoint yet")
-            return found[0]
+            for i, folder in enumerate(found):
+                problem = verify_checkpoint(folder, hashes=verify)
+                if problem is None:
+                    return folder
+                print(f"warning: skipping {folder}: {problem}", file=sys.stderr)
+            raise UserError(f"{path}: run folder has no {'intact' if found else 'complete'} checkpoint yet")
         raise UserError(f"{path}: not a model folder (no config.json) nor a gpt2ft run folder")
-    ref = str(model_ref)
+    ref = str(ref)
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
         raise UserError(f"{ref}: no such model folder")
     return _hub_snapshot(ref)
@@ -244,7 +196,7 @@ def _hub_snapshot(repo_id: str) -> Path:
            "the Hugging Face cache (~/.cache/huggingface) here, or pass a local folder")
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-        if not any(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
+        if not any(folder.glob("*.safetensors")) and not (folder / ADAPTER_CONFIG).exists():
             folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + ["pytorch_model.bin"]))
         return folder
     except LocalEntryNotFoundError:
@@ -255,51 +207,125 @@ def _hub_snapshot(repo_id: str) -> Path:
                         f"{str(e).splitlines()[0] if str(e) else ''}): {how}") from None
 
 
+def model_ref(ref: str | os.PathLike) -> str:
+    """How a model is recorded in files: a local folder as an absolute path, a Hub id as is."""
+    path = Path(ref).expanduser()
+    return os.path.abspath(path) if path.exists() else str(ref)
+
+
 def read_meta(folder: Path) -> dict:
     p = folder / META_FILE
     if not p.exists():
         return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: malformed metadata ({e})") from None
+    meta = read_json(p, "gpt2ft metadata")
+    if not isinstance(meta, dict):
+        raise UserError(f"{p}: malformed gpt2ft metadata (not a JSON object)")
+    return meta
 
 
 def read_config(folder: Path) -> GPTConfig:
     p = folder / "config.json"
-    try:
-        return GPTConfig.from_hf(json.loads(p.read_text()), source=str(p))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p}: cannot read model config ({e})") from None
+    data = read_json(p, "model config")
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: malformed model config (not a JSON object)")
+    return GPTConfig.from_hf(data, source=str(p))
 
 
-def load(model_ref, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-         lora: str | None = None):
-    """(model, tokenizer) from a Hub id, HF folder, gpt2ft checkpoint or run folder.
+# ----- adapters (PEFT format) -----------------------------------------------------------------
+def write_adapter_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict) -> None:
+    """adapter_config.json + adapter_model.safetensors (PEFT), tokenizer, and gpt2ft.json naming the base."""
+    atomic_write_json(folder / ADAPTER_CONFIG, peft_config(model.lora_config, meta.get("base_model")))
+    atomic_save_safetensors(adapter_state_dict(model), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    tokenizer.save(folder)
+    atomic_write_json(folder / META_FILE, {"format": 1, **meta, "lora": asdict(model.lora_config)})
 
-    model.meta holds our metadata (prompt template, base model); model.source the folder it came from.
-    """
+
+def read_adapter_config(folder: Path) -> LoRAConfig:
+    path = folder / ADAPTER_CONFIG
+    data = read_json(path, "adapter config")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: malformed adapter config (not a JSON object)")
+    return config_from_peft(data, str(path))
+
+
+def load_adapter_weights(model: GPT, folder: Path) -> None:
+    load_adapter_state(model, load_safetensors(folder / ADAPTER_WEIGHTS), str(folder / ADAPTER_WEIGHTS))
+
+
+def attach_adapter(model: GPT, folder: Path) -> None:
+    """Apply the adapter saved in `folder` on top of `model`."""
+    if not (folder / ADAPTER_CONFIG).exists():
+        raise UserError(f"{folder}: no {ADAPTER_CONFIG}; not a LoRA adapter folder")
+    apply_lora(model, read_adapter_config(folder))
+    load_adapter_weights(model, folder)
+
+
+def _adapter_base(folder: Path, meta: dict) -> str:
+    """The base model an adapter-only folder names (absolute, or relative to the folder itself)."""
+    base = meta.get("base_model") or read_json(folder / ADAPTER_CONFIG, "adapter config").get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{folder}: adapter folder does not name its base model; pass the base as MODEL "
+                        f"and --lora {folder}")
+    beside = folder / base
+    return str(beside) if not Path(base).is_absolute() and beside.exists() else base
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).exists() for f in ("vocab.json", "tokenizer.json", "word_vocab.json"))
+
+
+# ----- loading --------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """What load() returns: unpacks as `model, tokenizer = load(...)`; also carries the folder it came
+    from, the reference as recorded in files, gpt2ft's metadata and the prompt template."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    source: Path
+    ref: str
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer))
+
+    @property
+    def template(self):
+        """The prompt template it was tuned with (a templates.Template), or None."""
+        return as_template(self.meta.get("template"))
+
+    @property
+    def base_ref(self) -> str:
+        """What a run trained from this model records as its base: a LoRA model's own base, else this model."""
+        return self.meta["base_model"] if self.meta.get("lora") else self.ref
+
+
+def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+         lora: str | None = None, verify: bool = True) -> LoadedModel:
+    """The model from a Hub id, HF folder, gpt2ft checkpoint, run folder or LoRA adapter folder."""
     from .runtime import resolve_device, resolve_dtype
-    from .tokenizer import load_tokenizer
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
-    folder = resolve(model_ref)
+    folder = resolve(ref_or_path, verify)
     meta = read_meta(folder)
-    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
-        from .lora import load_adapter_model  # an adapter-only folder: base + adapter
-        model, tokenizer = load_adapter_model(folder, meta)
+    if (folder / ADAPTER_CONFIG).exists() and not (folder / "config.json").exists():
+        base = load(_adapter_base(folder, meta), verify=verify)  # an adapter-only folder: base + adapter
+        model = base.model
+        attach_adapter(model, folder)
+        tokenizer = load_tokenizer(folder) if has_tokenizer_files(folder) else base.tokenizer
     else:
         model = GPT(read_config(folder))
         load_hf_state_dict(model, read_weights(folder), str(folder))
         tokenizer = load_tokenizer(folder)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                        f"{model.config.vocab_size} embeddings; the folder mixes files of two models")
     if lora:
-        from .lora import attach_adapter
-        attach_adapter(model, resolve(lora))
-    model.meta, model.source = meta, folder
+        attach_adapter(model, resolve(lora, verify))
     model.to(device=device, dtype=dtype)
     model.eval()
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, meta, folder, model_ref(ref_or_path))
 
 
 # ----- saving ---------------------------------------------------------------------------------
@@ -311,54 +337,42 @@ def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dt
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    atomic_write_text(folder / "config.json", json.dumps(hf, indent=2))
+    atomic_write_json(folder / "config.json", hf)
     atomic_save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    atomic_write_text(folder / "generation_config.json", json.dumps(gen, indent=2))
+    atomic_write_json(folder / "generation_config.json",
+                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
     tokenizer.save(folder)
     if meta is not None:
-        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2))
+        atomic_write_json(folder / META_FILE, meta)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def write_checkpoint_files(folder: Path, model: GPT, tokenizer, meta: dict) -> None:
+    """A model folder, or only the adapter files when the model trains LoRA adapters."""
+    if model.lora_config is not None:
+        write_adapter_files(folder, model, tokenizer, meta)
+    else:
+        write_model_files(folder, model, tokenizer, {"format": 1, **meta})
+
+
+def restore_checkpoint_weights(model: GPT, folder: Path) -> None:
+    """Load a training checkpoint's weights back into the model it was saved from (resume)."""
+    if model.lora_config is not None:
+        load_adapter_weights(model, folder)
+    else:
+        load_hf_state_dict(model, read_weights(folder), str(folder))
 
 
 def commit_checkpoint(tmp: Path, final: Path) -> Path:
     """Write the COMPLETE marker (sizes and hashes of every file) into tmp, then rename tmp -> final."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
              for p in sorted(tmp.iterdir()) if p.is_file() and p.name != COMPLETE}
     atomic_write_text(tmp / COMPLETE, json.dumps({"files": files}, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
-
-
-def verify_checkpoint(folder: Path) -> str | None:
-    """None if every file the marker lists is present with its size and hash, else the reason."""
-    marker = folder / COMPLETE
-    if not marker.exists():
-        return f"no {COMPLETE} marker"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return f"unreadable {COMPLETE} marker"
-    for name, info in files.items():
-        p = folder / name
-        if not p.exists():
-            return f"{name} is missing"
-        if p.stat().st_size != info["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, expected {info['bytes']}"
-        if _file_digest(p) != info["sha256"]:
-            return f"{name} does not match its recorded hash"
-    return None
 
 
 def save_model(folder: str | Path, model: GPT, tokenizer, meta: dict | None = None, dtype=None) -> Path:
@@ -374,28 +388,28 @@ def save_model(folder: str | Path, model: GPT, tokenizer, meta: dict | None = No
         raise
 
 
-def export(model_ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool = False) -> Path:
-    """Write a plain HF folder (config, safetensors, tokenizer) that transformers loads as is."""
+def export(ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool = False,
+           overwrite: bool = False, verify: bool = True) -> Path:
+    """Write a plain HF folder (config, safetensors, tokenizer) that transformers loads as is.
+
+    Only export's own files are written into `out` (each atomically); nothing else there is touched,
+    and `out` may not be the model being exported or lie inside it."""
     from .runtime import DTYPES
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
-    model, tokenizer = load(model_ref, device="cpu", dtype="float32")
-    if any("lora_" in k for k in model.state_dict()):
+    loaded = load(ref, device="cpu", dtype="float32", verify=verify)
+    model, tokenizer = loaded
+    local = Path(ref).expanduser()
+    for src in {loaded.source, local} if local.exists() else {loaded.source}:
+        if same_path(src, out):
+            raise UserError(f"--out {out} is the model being exported (or inside it); choose another folder")
+    if model.lora_config is not None:
         if not merge_lora:
-            raise UserError(f"{model_ref} has a LoRA adapter: pass --merge-lora to export merged weights")
+            raise UserError(f"{ref} has a LoRA adapter: pass --merge-lora to export merged weights")
         from .lora import merge_lora as merge
 
         merge(model)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
-    try:
-        write_model_files(tmp, model, tokenizer, meta=None, dtype=DTYPES[dtype])
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = claim_output_dir(out, "gpt2ft export", overwrite=overwrite)
+    write_model_files(out, model, tokenizer, meta=None, dtype=DTYPES[dtype])
     return out

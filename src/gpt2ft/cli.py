@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=help_text, description=(mod.__doc__ or help_text).strip(),
                            formatter_class=HelpFormatter)
         mod.add_args(p)
+        p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML; flags override it")
         p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
@@ -84,12 +85,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
         if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:
             raise UserError(f"{'/'.join(action.option_strings)} is required (on the command line or in --config)")
     return args
-
-
-def required(action: argparse.Action) -> argparse.Action:
-    """Mark an option as required after --config is applied: `required(p.add_argument("--out"))`."""
-    action.metadata_required = True
-    return action
 
 
 def main(argv: list[str] | None = None) -> int:

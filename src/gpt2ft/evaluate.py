@@ -2,14 +2,14 @@
 ratio, keywords), the perplexity of the reference responses, and plain-text perplexity."""
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .data import to_device
-from .data.instructions import InstructionDataset, Record, fit_to_length, prompt_text, tokenize
+from .data.instructions import Record
+from .data.sft import InstructionDataset, fit_to_length, tokenize_messages
 from .generation import SamplingConfig, generate_batch
-from .losses import masked_lm_loss_sum
+from .losses import masked_lm_loss_sum, perplexity
 
 
 def normalize_answer(text: str) -> str:
@@ -55,11 +55,11 @@ def score(outputs: list[str], references: list[str], keywords: list[str] | None 
 
 
 @torch.no_grad()
-def reference_perplexity(model, tokenizer, records: list[Record], template: dict, batch_size: int = 8) -> float:
+def reference_perplexity(model, tokenizer, records: list[Record], template, batch_size: int = 8) -> float:
     """exp(mean NLL of the reference response tokens, EOS included, given their prompts)."""
     examples = []
     for r in records:
-        ex, _ = fit_to_length(tokenize(r, template, tokenizer), model.config.block_size)
+        ex, _ = fit_to_length(tokenize_messages(r.messages, template, tokenizer), model.config.block_size)
         if ex is not None:
             examples.append(ex)
     data = InstructionDataset(examples, tokenizer.eos_id)
@@ -70,15 +70,15 @@ def reference_perplexity(model, tokenizer, records: list[Record], template: dict
         batch = to_device(batch, device)
         loss, n = masked_lm_loss_sum(model, batch)
         total, count = total + float(loss), count + n
-    return math.exp(min(total / max(count, 1), 50))
+    return perplexity(total / max(count, 1))
 
 
-def evaluate_records(model, tokenizer, records: list[Record], template: dict, sampling: SamplingConfig,
+def evaluate_records(model, tokenizer, records: list[Record], template, sampling: SamplingConfig,
                      keywords: list[str] | None = None, batch_size: int = 8) -> tuple[list[dict], dict]:
     """Generate for every record (batched) and score against its reference response."""
     was_training = model.training
     model.eval()
-    prompts = [prompt_text(r, template) for r in records]
+    prompts = [template.prompt(r.messages[:-1]) for r in records]  # all but the final reply
     limit = model.config.block_size - sampling.max_new_tokens
     kept = [i for i, p in enumerate(prompts) if 0 < len(tokenizer.encode(p)) <= limit]
     outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, batch_size)
@@ -106,4 +106,4 @@ def text_perplexity(model, tokenizer, text: str, stride: int | None = None) -> t
             break
         loss, n = masked_lm_loss_sum(model, {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]})
         total, count = total + float(loss), count + n
-    return math.exp(min(total / max(count, 1), 50)), count
+    return perplexity(total / max(count, 1)), count

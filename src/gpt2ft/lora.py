@@ -1,16 +1,14 @@
 """LoRA: a drop-in nn.Linear that keeps the base keys (weight, bias) and adds lora_A / lora_B.
 
-Adapters are saved in PEFT's format (adapter_config.json + adapter_model.safetensors), so
-peft.PeftModel.from_pretrained(GPT2LMHeadModel, folder) loads them. disable_adapters() gives DPO its
+Pure nn: no file I/O (checkpoint.py writes and reads adapters in PEFT's format, which
+peft.PeftModel.from_pretrained(GPT2LMHeadModel, folder) loads). disable_adapters() gives DPO its
 reference model without a second copy of the weights.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,8 +16,6 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -131,77 +127,42 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {PEFT_PREFIX + k: v for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def write_adapter_files(folder: Path, model, tokenizer, meta: dict) -> None:
-    """adapter_config.json + adapter_model.safetensors (PEFT), tokenizer, and gpt2ft.json naming the base."""
-    from .checkpoint import META_FILE, atomic_save_safetensors, atomic_write_text
-
-    cfg: LoRAConfig = model.lora_config
-    base = meta.get("base_model")
-    peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets),
-        "fan_in_fan_out": True,  # GPT-2's HF layers are Conv1D
-        "bias": "none", "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False,
-    }
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(peft_config, indent=2))
-    atomic_save_safetensors(adapter_state_dict(model), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    tokenizer.save(folder)
-    atomic_write_text(folder / META_FILE, json.dumps({"format": 1, **meta, "lora": asdict(cfg)}, indent=2))
-
-
-def read_adapter_config(folder: Path) -> LoRAConfig:
-    path = folder / ADAPTER_CONFIG
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read adapter config ({e})") from None
-    if data.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{path}: only LoRA adapters are supported, not {data.get('peft_type')}")
-    targets = data.get("target_modules") or ["c_attn", "c_proj"]
-    if isinstance(targets, str):
-        raise UserError(f"{path}: regex target_modules are not supported; list the module names")
-    return LoRAConfig(r=int(data["r"]), alpha=float(data.get("lora_alpha", data["r"])),
-                      dropout=float(data.get("lora_dropout", 0.0)), targets=tuple(targets))
-
-
-def load_adapter_weights(model, folder: Path) -> None:
-    from .checkpoint import load_safetensors
-
-    state = load_safetensors(folder / ADAPTER_WEIGHTS)
+def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy adapter tensors (PEFT names, with or without the adapter name) into the model's LoRA layers."""
     own = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     # PEFT may name tensors with or without the adapter name ("lora_A.default.weight").
     named = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in state.items()}
     missing, unexpected = sorted(set(own) - set(named)), sorted(set(named) - set(own))
     if missing or unexpected:
-        raise UserError(f"{folder / ADAPTER_WEIGHTS}: adapter does not fit the model (missing {missing[:4]}, "
+        raise UserError(f"{source}: adapter does not fit the model (missing {missing[:4]}, "
                         f"unexpected {unexpected[:4]})")
     with torch.no_grad():
         for key, target in own.items():
             if named[key].shape != target.shape:
-                raise UserError(f"{folder / ADAPTER_WEIGHTS}: {key} has shape {tuple(named[key].shape)}, "
+                raise UserError(f"{source}: {key} has shape {tuple(named[key].shape)}, "
                                 f"the model expects {tuple(target.shape)}")
             target.copy_(named[key])
 
 
-def attach_adapter(model, folder: Path) -> None:
-    """Apply the adapter saved in `folder` on top of `model`."""
-    if not (folder / ADAPTER_CONFIG).exists():
-        raise UserError(f"{folder}: no {ADAPTER_CONFIG}; not a LoRA adapter folder")
-    apply_lora(model, read_adapter_config(folder))
-    load_adapter_weights(model, folder)
+def peft_config(config: LoRAConfig, base_model: str | None) -> dict:
+    """adapter_config.json as PEFT writes it for GPT-2 (whose HF layers are Conv1D: fan_in_fan_out)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": list(config.targets), "fan_in_fan_out": True, "bias": "none",
+        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False,
+    }
 
 
-def load_adapter_model(folder: Path, meta: dict):
-    """(model, tokenizer) for an adapter-only folder: its base model (from metadata) plus the adapter."""
-    from .checkpoint import load
-    from .tokenizer import load_tokenizer
-
-    base = meta.get("base_model") or json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{folder}: adapter folder does not name its base model; pass the base as MODEL "
-                        f"and --lora {folder}")
-    model, tokenizer = load(base, device="cpu", dtype="float32")
-    attach_adapter(model, folder)
-    has_tokenizer = any((folder / f).exists() for f in ("vocab.json", "tokenizer.json", "word_vocab.json"))
-    return model, (load_tokenizer(folder) if has_tokenizer else tokenizer)
+def config_from_peft(data: dict, source: str) -> LoRAConfig:
+    if data.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{source}: only LoRA adapters are supported, not {data.get('peft_type')}")
+    targets = data.get("target_modules") or ["c_attn", "c_proj"]
+    if isinstance(targets, str):
+        raise UserError(f"{source}: regex target_modules are not supported; list the module names")
+    try:
+        return LoRAConfig(r=int(data["r"]), alpha=float(data.get("lora_alpha", data["r"])),
+                          dropout=float(data.get("lora_dropout", 0.0)), targets=tuple(targets))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: malformed adapter config ({type(e).__name__}: {e})") from None

@@ -2,10 +2,17 @@
 loop can divide by the global count and accumulate exactly per token."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a mean negative log-likelihood, capped so a diverged model reports a number, not inf."""
+    return math.exp(min(mean_nll, 50))
 
 
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
+        self.lora_config = None  # a lora.LoRAConfig once apply_lora() wrapped layers
         self.kv_caches: list[KVCache] | None = None
         self._static_mask: torch.Tensor | None = None
         self.apply(self._init_weights)

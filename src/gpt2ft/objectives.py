@@ -1,8 +1,10 @@
-"""What differs between training verbs: the data and the loss. The loop in train.py does the rest.
+"""What differs between training verbs: the data and the loss. The loop in train/ does the rest.
 
-An objective has `train` and `val` datasets (len() and batch(indices) -> dict of tensors), counts the
-units its loss is averaged over (`count`), returns the summed loss of a batch (`loss_sum`), and may
-add metrics at evaluation time (`evaluate`).
+The contract (`Objective`) is small and explicit: the datasets (`train`, `val`: len() and
+batch(indices) -> dict), the `fingerprint` that resume checks, the `unit` its loss is averaged over
+and `count(batch)` of them, `setup()` for anything it holds besides the model (a reference model),
+`loss(model, batch) -> (summed loss, dict of summed metrics)`, `evaluate()` for extra scores, and the
+metric that picks `best/`. Sums, not means, so accumulation over micro-batches and ranks is exact.
 """
 from __future__ import annotations
 
@@ -16,37 +18,60 @@ from .losses import IGNORE, masked_lm_loss_sum
 
 
 class Objective:
-    name = "lm"
-    unit = "tokens"
-    sample_prompts: list[str] = []
+    name = "lm"  # the run's kind: pretrain, finetune, sft, dpo
+    unit = "tokens"  # what count() counts
+    train = None  # dataset: len(ds), ds.batch(indices) -> dict of tensors (and plain values)
+    val = None
+    fingerprint = ""  # identity of the training data (a resume key)
     weights: torch.Tensor | None = None  # per-example sampling weights (None: uniform)
+    sample_prompts: list[str] = []  # generated from at each evaluation
+    best_metric = "val_loss"  # the evaluation record's key that picks best/ and drives --patience
+    best_mode = "min"  # or "max"
+
+    def setup(self, model, device: torch.device, dtype: torch.dtype) -> None:
+        """Called once the model is on its device: move or build what the objective holds."""
 
     def count(self, batch: dict) -> int:
-        return int((batch["labels"] != IGNORE).sum())
+        """Units in the batch; the loop divides the summed loss by the global count."""
+        raise NotImplementedError
 
     def tokens(self, batch: dict) -> int:
         """Tokens processed (for tokens/s), whether supervised or not."""
         return int(batch["input_ids"].numel())
 
-    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        return masked_lm_loss_sum(model, batch)
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(summed loss over the batch's units, summed metrics). `model` may be wrapped (DDP, compile)."""
+        raise NotImplementedError
 
     def evaluate(self, model, tokenizer, step: int) -> dict:
+        """Extra scores at evaluation time (main process), e.g. generation metrics."""
         return {}
 
 
-class LanguageModeling(Objective):
+class MaskedLM(Objective):
+    """Next-token cross-entropy on the positions whose label is not -100."""
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def loss(self, model, batch: dict):
+        loss, _ = masked_lm_loss_sum(model, batch)
+        return loss, {}
+
+
+class LanguageModeling(MaskedLM):
     """Next-token prediction on every position of fixed-length blocks (pretraining, raw-text fine-tuning)."""
 
-    def __init__(self, train, val, sample_prompts: list[str] | None = None):
-        self.train, self.val = train, val
+    def __init__(self, train, val, sample_prompts: list[str] | None = None, name: str = "lm", fingerprint: str = ""):
+        self.train, self.val, self.name, self.fingerprint = train, val, name, fingerprint
         self.sample_prompts = sample_prompts or []
 
     def count(self, batch: dict) -> int:
         return int(batch["labels"].numel())
 
     @classmethod
-    def from_prepared(cls, data_dir, meta: dict, length: int, tokenizer, sample_prompts: list[str] | None):
+    def from_prepared(cls, data_dir, meta: dict, length: int, tokenizer, sample_prompts: list[str] | None,
+                      name: str = "lm"):
         """Blocks of `length` tokens from a `gpt2ft prepare` folder; samples open with the val text by default."""
         from pathlib import Path
 
@@ -54,25 +79,23 @@ class LanguageModeling(Objective):
 
         val = TokenBlocks(Path(data_dir) / "val.bin", meta["dtype"], length)
         return cls(TokenBlocks(Path(data_dir) / "train.bin", meta["dtype"], length), val,
-                   sample_prompts or val.sample_prompt(tokenizer))
-
-
-class InstructionTuning(Objective):
+                   sample_prompts or val.sample_prompt(tokenizer), name, meta["fingerprint"])
+class InstructionTuning(MaskedLM):
     """SFT: loss on response tokens (and their EOS) only; validation also generates and scores."""
 
     name = "sft"
 
-    def __init__(self, train_records, val_records, tokenizer, template: dict, max_length: int,
+    def __init__(self, train_records, val_records, tokenizer, template, max_length: int,
                  train_on_prompt: bool = False, packing: bool = False, oversample=(None, 1.0),
                  eval_examples: int = 32, eval_max_new_tokens: int = 64, keywords: list[str] | None = None):
-        from .data.instructions import InstructionDataset
+        from .data.sft import InstructionDataset, build_examples
 
         self.template, self.keywords = template, keywords or []
         self.val_records = val_records[:eval_examples]
         self.eval_max_new_tokens = eval_max_new_tokens
-        train_examples, weights, counts = self._tokenize(train_records, tokenizer, max_length, train_on_prompt,
-                                                          oversample)
-        val_examples, _, _ = self._tokenize(val_records, tokenizer, max_length, train_on_prompt, (None, 1.0))
+        train_examples, weights, counts = build_examples(train_records, template, tokenizer, max_length,
+                                                         train_on_prompt, oversample)
+        val_examples, _, _ = build_examples(val_records, template, tokenizer, max_length, train_on_prompt)
         self.train = InstructionDataset(train_examples, tokenizer.eos_id, max_length if packing else None)
         self.val = InstructionDataset(val_examples, tokenizer.eos_id)
         if packing and len(set(weights)) > 1:
@@ -86,23 +109,6 @@ class InstructionTuning(Objective):
                        f"{counts['response truncated']} responses and {counts['prompt truncated']} prompts "
                        f"truncated to {max_length} tokens, {counts['no supervised token']} dropped")
 
-    def _tokenize(self, records, tokenizer, max_length, train_on_prompt, oversample):
-        """Tokenize, fit to max_length (keeping >= 1 supervised token), weight; count what was cut."""
-        from .data.instructions import fit_to_length, tokenize
-
-        keyword, factor = oversample
-        examples, weights = [], []
-        counts = {"response truncated": 0, "prompt truncated": 0, "no supervised token": 0}
-        for r in records:
-            ex, what = fit_to_length(tokenize(r, self.template, tokenizer, train_on_prompt), max_length)
-            if what:
-                counts[what] += 1
-            if ex is None:
-                continue
-            examples.append(ex)
-            weights.append(r.weight * (factor if keyword and keyword.lower() in json.dumps(r.raw).lower() else 1.0))
-        return examples, weights, counts
-
     def tokens(self, batch: dict) -> int:
         return batch["n_tokens"]
 
@@ -113,7 +119,7 @@ class InstructionTuning(Objective):
         if not self.val_records:
             return {}
         sampling = SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=0.0,
-                                  stop=list(self.template.get("stop", [])))
+                                  stop=list(self.template.stop))
         _, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
         return {k: v for k, v in summary.items() if k in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL",
                                                           "keyword_rate", "length_ratio")}

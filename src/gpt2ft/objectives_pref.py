@@ -21,6 +21,7 @@ from .losses import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence
 from .objectives import Objective
 
 ADAPTERS_OFF = "adapters-off"
+PRECOMPUTED = "precomputed"  # filled in by precompute_reference() before training
 DEFAULT_BETA = {"simpo": 2.0}  # SimPO's rewards are per-token averages: a larger scale (Meng et al. use 2-2.5)
 
 
@@ -94,10 +95,9 @@ class PreferenceOptimization(Objective):
     best_metric = "val_loss"
     best_mode = "min"
 
-    def __init__(self, train_pairs, val_pairs, tokenizer, template: dict, max_length: int,
+    def __init__(self, train_pairs, val_pairs, tokenizer, template, max_length: int,
                  config: PreferenceConfig, reference=None, sample_prompts: int = 3):
-        """reference: None (reference-free losses), a frozen nn.Module, or ADAPTERS_OFF."""
-        from .data.instructions import prompt_text
+        """reference: None (reference-free losses), a frozen nn.Module, ADAPTERS_OFF or PRECOMPUTED."""
         from .data.preferences import PreferenceDataset, fingerprint, tokenize_pairs
 
         self.config = config
@@ -113,7 +113,7 @@ class PreferenceOptimization(Objective):
         self.train, self.val = PreferenceDataset(train, tokenizer.eos_id), PreferenceDataset(val, tokenizer.eos_id)
         self.fingerprint = fingerprint(train)
         self.val_fingerprint = fingerprint(val)
-        self.sample_prompts = [prompt_text(p.record(p.chosen), template) for p in self.val_pairs[:sample_prompts]]
+        self.sample_prompts = [template.prompt(p.prompt) for p in self.val_pairs[:sample_prompts]]
         counts = {k: train_counts[k] + val_counts[k] for k in train_counts}
         self.report = (f"preference data: {len(train)} train / {len(val)} val pairs; "
                        f"{counts['response truncated']} with answers and {counts['prompt truncated']} with prompts "
@@ -137,9 +137,6 @@ class PreferenceOptimization(Objective):
         out = self.pair_outputs(logps, lengths, self.reference_logps(model, batch))
         return out.pop("loss").sum(), {k: float(v.sum()) for k, v in out.items()}
 
-    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, int]:  # the loop before the objective protocol
-        return self.loss(model, batch)[0], self.count(batch)
-
     def evaluate(self, model, tokenizer, step: int) -> dict:
         return {}
 
@@ -150,6 +147,8 @@ class PreferenceOptimization(Objective):
             return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).float()
         if self.reference is None:
             return None
+        if self.reference == PRECOMPUTED:
+            raise RuntimeError("precompute_reference() was not called before training")
         with torch.no_grad():
             if self.reference == ADAPTERS_OFF:
                 from .lora import disable_adapters
@@ -178,7 +177,7 @@ class PreferenceOptimization(Objective):
         """Fill train.reference / val.reference with the reference's log-probs of every pair, from the cache
         at `path` when its key (data fingerprints + reference weights) matches, else computed and cached.
         The objective then holds no reference model. `reference` is a module or (model, ADAPTERS_OFF)."""
-        from .checkpoint import atomic_torch_save
+        from .fileio import atomic_torch_save
 
         key = {"train": self.fingerprint, "val": self.val_fingerprint, "reference": reference_key,
                "dtype": str(dtype)}
@@ -189,6 +188,7 @@ class PreferenceOptimization(Objective):
             log(f"reference log-probs: computing {len(self.train) + len(self.val)} pairs once -> {path}")
             cached = {"key": key, "train": self.compute_reference(reference, self.train, device, dtype, batch_size),
                       "val": self.compute_reference(reference, self.val, device, dtype, batch_size)}
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(cached, Path(path))
         self.train.reference, self.val.reference = cached["train"], cached["val"]
         self.reference = None
@@ -215,7 +215,7 @@ class PreferenceOptimization(Objective):
 
 # ----- scoring any model on preference data (gpt2ft eval --data PREFS) ------------------------------
 @torch.no_grad()
-def score_pairs(model, tokenizer, pairs, template: dict, max_length: int, reference=None, beta: float = 0.1,
+def score_pairs(model, tokenizer, pairs, template, max_length: int, reference=None, beta: float = 0.1,
                 batch_size: int = 8, per_token: bool = False) -> tuple[list[dict], dict]:
     """Per-pair log-probs and a summary. preference_accuracy: with a reference, the share of pairs whose
     chosen answer has the higher implicit reward beta * (log p - log p_ref), as DPO defines it; without,
@@ -263,3 +263,64 @@ def score_pairs(model, tokenizer, pairs, template: dict, max_length: int, refere
         summary.update(preference_accuracy=summary[f"{kind}_accuracy"],
                        mean_margin=summary["mean_per_token_margin" if per_token else "mean_logp_margin"])
     return rows, summary
+
+
+def pick_template(name: str | None, saved, prompts: list[list[dict]]):
+    """--template, else the template the model was instruction-tuned with, else SFT's default
+    (chat for conversations with a system turn or several turns, alpaca otherwise)."""
+    from .templates import get_template
+
+    if name:
+        return get_template(name)
+    if saved is not None:
+        return saved
+    multi_turn = any(len(p) > 1 or p[0]["role"] == "system" for p in prompts)
+    return get_template("chat" if multi_turn else "alpaca")
+
+
+def evaluate_preferences(loaded, pairs, template_name: str | None = None, reference_ref: str | None = None,
+                         beta: float | None = None, batch_size: int = 8) -> tuple[list[dict], dict]:
+    """`gpt2ft eval MODEL --data PREFS`: score_pairs with the reference given, or else the one a DPO
+    checkpoint recorded (and its beta); a SimPO/ORPO checkpoint is scored by its per-token reward."""
+    from .checkpoint import load
+
+    model, tokenizer = loaded
+    meta = loaded.meta or {}
+    dpo_run = meta.get("objective") == "dpo"
+    reference_ref = reference_ref or (meta.get("reference_model") if dpo_run else None)
+    beta = beta if beta is not None else float(meta.get("beta") or 0.1)
+    device = next(model.parameters()).device
+    reference = load(reference_ref, device=device, dtype=next(model.parameters()).dtype).model if reference_ref else None
+    per_token = dpo_run and meta.get("loss") in REFERENCE_FREE
+    template = pick_template(template_name, loaded.template, [p.prompt for p in pairs])
+    rows, summary = score_pairs(model, tokenizer, pairs, template, model.config.block_size - 1, reference, beta,
+                                batch_size, per_token)
+    scored_by = "per-token likelihood" if per_token else "likelihood"
+    summary.update(reference=str(reference_ref) if reference_ref else f"none ({scored_by})", template=template.name)
+    return rows, summary
+
+
+@torch.no_grad()
+def on_policy_pairs(model, tokenizer, records, template, sampling, batch_size: int = 8) -> tuple[list[dict], dict]:
+    """`gpt2ft data pairs`: the model answers each instruction record; where its answer differs from the
+    record's (after normalising case and punctuation), the record's answer is chosen and the model's is
+    rejected. Returns (preference rows, counts)."""
+    from .data.preferences import pair_row
+    from .evaluate import normalize_answer
+    from .generation import generate_batch
+
+    conversations = [r.messages[:-1] for r in records]
+    prompts = [template.prompt(c) for c in conversations]
+    limit = model.config.block_size - sampling.max_new_tokens
+    kept = [i for i, p in enumerate(prompts) if 0 < len(tokenizer.encode(p)) <= limit]
+    with evaluating(model):
+        outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, batch_size)
+    model.clear_cache()
+    rows, same = [], 0
+    for i, output in zip(kept, outputs):
+        output = output.strip()
+        if not output or normalize_answer(output) == normalize_answer(records[i].response):
+            same += 1  # the model already gives this answer: no preference to learn
+            continue
+        rows.append(pair_row(conversations[i], records[i].response, output))
+    return rows, {"pairs": len(rows), "same_answer": same, "too_long": len(records) - len(kept)}

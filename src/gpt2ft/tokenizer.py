@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .fileio import atomic_write_text
 
 EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -130,8 +131,6 @@ class BPETokenizer(Tokenizer):
         return self._enc.decode_bytes(ids)
 
     def save(self, folder: Path) -> None:
-        from .checkpoint import atomic_write_text
-
         folder = Path(folder)
         atomic_write_text(folder / "vocab.json", json.dumps(self.vocab, ensure_ascii=False))
         atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
@@ -195,8 +194,6 @@ class WordTokenizer(Tokenizer):
         return out
 
     def save(self, folder: Path) -> None:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(Path(folder) / WORD_VOCAB_FILE,
                           json.dumps({"kind": "word", "lowercase": self.lowercase, "words": self.words}))
 
@@ -221,6 +218,11 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             raise UserError(f"{path}:{n}: a merge line must be two tokens separated by one space")
         merges.append((parts[0], parts[1]))
     return merges
+
+
+def _json_merges(model: dict) -> list[tuple[str, str]]:
+    """tokenizer.json's merges: "a b" strings (older files) or [a, b] pairs (newer ones)."""
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
 
 @lru_cache(maxsize=1)
@@ -254,8 +256,7 @@ def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
             model = _read_json(folder / "tokenizer.json").get("model", {})
             if model.get("type") != "BPE":
                 raise UserError(f"{folder / 'tokenizer.json'}: only byte-level BPE tokenizers are supported")
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            return BPETokenizer(model["vocab"], merges, name=folder.name)
+            return BPETokenizer(model["vocab"], _json_merges(model), name=folder.name)
     return gpt2_tokenizer()
 
 
@@ -275,5 +276,4 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, lowercase: boo
     trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
                                 show_progress=False)
     model = json.loads(trainer.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return BPETokenizer(model["vocab"], merges, name="bpe")
+    return BPETokenizer(model["vocab"], _json_merges(model), name="bpe")

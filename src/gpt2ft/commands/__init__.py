@@ -9,16 +9,32 @@ import dataclasses
 import typing
 
 
+def required(action: argparse.Action) -> argparse.Action:
+    """Mark an option as required after --config is applied: `required(p.add_argument("--out"))`."""
+    action.metadata_required = True
+    return action
+
+
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
-    """MODEL positional, --lora ADAPTER_DIR, --device, --dtype, --config."""
+    """MODEL positional, --lora ADAPTER_DIR, --no-verify, --device, --dtype (--config is on every verb)."""
     if model:
         p.add_argument("model", metavar="MODEL",
                        help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder")
     if model and adapter_flag:
         p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply this LoRA adapter on top of MODEL")
+    if model:
+        add_no_verify(p)
+    add_device(p)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda > mps > cpu)")
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML; flags override it")
+
+
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of a gpt2ft checkpoint's files (sizes are still checked)")
 
 
 def add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 100) -> None:
@@ -41,9 +57,11 @@ def sampling_config(args, extra_stop: list[str] | None = None):
 
 
 def load_model(args):
+    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer)."""
     from ..checkpoint import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None))
+    return load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None),
+                verify=getattr(args, "verify", True))
 
 
 def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
@@ -108,28 +126,23 @@ def add_lora(p: argparse.ArgumentParser) -> None:
 
 
 def load_for_training(args):
-    """(model, tokenizer) on CPU in fp32, with LoRA applied as --lora asks (or kept from a LoRA MODEL)."""
-    from pathlib import Path
+    """The MODEL to train (a checkpoint.LoadedModel) on CPU in fp32, with LoRA applied as --lora asks
+    (or kept from a LoRA MODEL)."""
+    from ..checkpoint import attach_adapter, load, resolve
+    from ..lora import LoRAConfig, apply_lora, trainable_summary
 
-    from ..checkpoint import load, resolve
-    from ..lora import LoRAConfig, apply_lora, attach_adapter, trainable_summary
-
-    model, tokenizer = load(args.model, device="cpu", dtype="float32")
+    loaded = load(args.model, device="cpu", dtype="float32", verify=getattr(args, "verify", True))
+    model = loaded.model
     if isinstance(args.lora, str):
-        attach_adapter(model, resolve(Path(args.lora)))
+        attach_adapter(model, resolve(args.lora))
     elif args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         apply_lora(model, LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout, targets))
-    if getattr(model, "lora_config", None) is not None:  # apply_lora froze all but the adapters
+    if model.lora_config is not None:  # apply_lora froze all but the adapters
         print(trainable_summary(model))
     if getattr(args, "dropout", None) is not None:
         set_dropout(model, args.dropout)
-    return model, tokenizer
-
-
-def base_model_ref(model, args) -> str:
-    """What a LoRA checkpoint records as its base: the base of a LoRA MODEL, else MODEL's folder."""
-    return model.meta.get("base_model") if model.meta.get("lora") else str(model.source)
+    return loaded
 
 
 def set_dropout(model, p: float) -> None:
@@ -141,3 +154,32 @@ def set_dropout(model, p: float) -> None:
             m.p = p
         if hasattr(m, "dropout") and isinstance(m.dropout, float):
             m.dropout = p
+
+
+# ----- instruction data flags (sft, eval, data) ------------------------------------------------------
+def add_instruction_data_args(p) -> None:
+    required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID"))
+    p.add_argument("--format", default="auto", help="auto|alpaca|instruction-response|messages|csv")
+    add_columns_args(p)
+    p.add_argument("--template", default=None,
+                   help="alpaca|instruction-response|chat|FILE (default: chat for messages, else alpaca)")
+    p.add_argument("--on-invalid", default="error", help="error: stop and list bad records; skip: train on the rest")
+
+
+def add_columns_args(p) -> None:
+    p.add_argument("--split", default="train", help="split of an hf: dataset")
+    p.add_argument("--columns", default=None, metavar="MAP",
+                   help="CSV header mapping, e.g. instruction=question,output=answer")
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """'instruction=question,output=answer' -> {'question': 'instruction', 'answer': 'output'}."""
+    from ..errors import UserError
+
+    mapping = {}
+    for pair in filter(None, (text or "").split(",")):
+        if "=" not in pair:
+            raise UserError(f"--columns expects FIELD=HEADER pairs, got {pair!r}")
+        ours, theirs = (s.strip() for s in pair.split("=", 1))
+        mapping[theirs] = ours
+    return mapping

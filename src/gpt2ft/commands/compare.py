@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import add_sampling
+from . import add_device, add_no_verify, add_sampling
 
 
 def add_args(p):
@@ -22,9 +22,8 @@ def add_args(p):
                    help="format every prompt with this template for both models (default: each model's own)")
     p.add_argument("--out-md", default=None, help="also write a Markdown table here")
     p.add_argument("--out-json", default=None, help="also write JSON here")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
-    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
+    add_no_verify(p)
+    add_device(p)
     add_sampling(p, temperature=0.0, max_new_tokens=50)
     p.set_defaults(seed=0)
 
@@ -46,11 +45,12 @@ def run(args):
     columns = {}
     forced = {"template": get_template(args.template)} if args.template else None
     for ref in (args.model_a, args.model_b):
-        model, tok = load(ref, device=args.device, dtype=args.dtype)
-        formatted = [prompt_for_generation(forced or model.meta, p, args.raw) for p in prompts]
+        loaded = load(ref, device=args.device, dtype=args.dtype, verify=args.verify)
+        model, tok = loaded
+        formatted = [prompt_for_generation(forced or loaded.meta, p, args.raw) for p in prompts]
         stops = formatted[0][1]
         columns[ref] = generate_batch(model, tok, [f for f, _ in formatted], sampling_config(args, stops))
-        del model
+        del model, loaded
     rows = [{"prompt": p, "a": columns[args.model_a][i], "b": columns[args.model_b][i]} for i, p in enumerate(prompts)]
     for row in rows:
         print(f"=== prompt: {row['prompt']}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +29,6 @@ def add_args(p):
                    help="SFT passes over the instruction set (default: 12 from scratch, 3 with --model)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
 
 
 def clean_play(markdown: str) -> str:
@@ -39,11 +40,10 @@ def clean_play(markdown: str) -> str:
 
 
 def _step(title: str, args: list) -> None:
-    from ..cli import main
-
+    """Run one ordinary gpt2ft command (a separate process, as a user would type it)."""
     args = [str(a) for a in args]
     print(f"\n== {title}\n$ gpt2ft {shlex.join(args)}", flush=True)
-    code = main(args)
+    code = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *args]).returncode
     if code:
         raise SystemExit(code)
 

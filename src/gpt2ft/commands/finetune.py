@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import required
-from . import (add_common, add_lora, add_training, base_model_ref, data_resume_keys, load_for_training,
-               train_config)
+from . import add_common, add_lora, add_training, data_resume_keys, load_for_training, required, train_config
 
 
 def add_args(p):
@@ -26,13 +24,13 @@ def run(args):
     from ..errors import UserError
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
-    from ..train import sequence_length, train
+    from ..train import open_run, sequence_length, train
 
     cfg = train_config(args)
-    if not cfg.out:
-        raise UserError("--out is required: the run folder for checkpoints and logs")
+    run = open_run(cfg.out, "finetune", cfg.resume, cfg.overwrite)
     seed_everything(args.seed)
-    model, tokenizer = load_for_training(args)
+    loaded = load_for_training(args)
+    model, tokenizer = loaded
     data = Path(args.data)
     if not (data / "meta.json").exists():
         data = Path(cfg.out) / "data"
@@ -40,10 +38,10 @@ def run(args):
     meta = read_meta(data)
     if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
         raise UserError(f"{args.data} was prepared with another tokenizer than {args.model}'s; prepare it again "
-                        f"with --tokenizer {model.source}")
+                        f"with --tokenizer {loaded.source}")
     length = sequence_length(cfg, model.config.block_size)
-    objective = LanguageModeling.from_prepared(data, meta, length, tokenizer, args.sample_prompt)
-    run_meta = {"objective": "finetune", "base_model": base_model_ref(model, args), "data": str(data)}
+    objective = LanguageModeling.from_prepared(data, meta, length, tokenizer, args.sample_prompt, "finetune")
+    run_meta = {"objective": "finetune", "base_model": loaded.base_ref, "data": str(data)}
     train(model, tokenizer, objective, cfg, run_meta,
-          data_resume_keys(tokenizer, meta["fingerprint"], length, model.config))
+          data_resume_keys(tokenizer, meta["fingerprint"], length, model.config), run)
     return 0

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import required
-from . import add_common, add_sampling, load_model, sampling_config
+from . import add_common, add_sampling, load_model, required, sampling_config
 
 
 def add_args(p):
@@ -27,8 +26,9 @@ def run(args):
     from ..templates import prompt_for_generation
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_model(args)
-    text, stops = prompt_for_generation(model.meta, prompt, raw=args.raw)
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    text, stops = prompt_for_generation(loaded.meta, prompt, raw=args.raw)
     if args.top_next:
         for token, prob in predict_next_token(model, tokenizer, text, args.top_next):
             print(f"{prob:8.4f}  {token!r}")

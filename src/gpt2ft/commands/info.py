@@ -17,14 +17,15 @@ def add_args(p):
 def run(args):
     if args.dtype == "auto":
         args.dtype = "float32"
-    model, tokenizer = load_model(args)
+    loaded = load_model(args)
+    model, tokenizer = loaded
     info = {
-        "source": str(model.source),
+        "source": str(loaded.source),
         "config": model.config.to_dict(),
         "parameters": model.num_params(),
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-        "meta": model.meta,
+        "meta": loaded.meta,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -35,6 +36,6 @@ def run(args):
     print("config      " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     print(f"tokenizer   {tokenizer.kind}, {tokenizer.vocab_size} ids, eos={tokenizer.eos_id}")
     for key in ("template", "base_model", "step", "lora"):
-        if key in model.meta:
-            print(f"{key:<11} {model.meta[key]}")
+        if key in loaded.meta:
+            print(f"{key:<11} {loaded.meta[key]}")
     return 0

@@ -10,7 +10,6 @@ def add_args(p):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with metrics.jsonl")
     p.add_argument("--format", action="append", default=None, choices=["png", "pdf", "svg"],
                    help="file format (repeatable; default png)")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
 
 
 def run(args):

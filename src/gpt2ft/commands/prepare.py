@@ -6,7 +6,8 @@ memmaps and meta.json, streaming, so a corpus larger than memory works. Document
 """
 from __future__ import annotations
 
-from ..cli import required
+from . import required
+
 
 
 def add_args(p):
@@ -16,7 +17,6 @@ def add_args(p):
                    help="tokenizer folder (from `gpt2ft tokenizer train` or a checkpoint); default GPT-2 BPE")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
 
 
 def run(args):

@@ -4,8 +4,7 @@
 """
 from __future__ import annotations
 
-from ..cli import required
-from . import add_common, add_training, data_resume_keys, train_config
+from . import add_common, add_training, data_resume_keys, required, train_config
 
 
 def add_args(p):
@@ -26,8 +25,10 @@ def run(args):
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
     from ..tokenizer import load_tokenizer
-    from ..train import sequence_length, train
+    from ..train import open_run, sequence_length, train
 
+    cfg = train_config(args)
+    run = open_run(cfg.out, "pretrain", cfg.resume, cfg.overwrite)
     meta = read_meta(args.data)
     tokenizer = load_tokenizer(args.tokenizer or meta["tokenizer"].get("dir"))
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
@@ -38,9 +39,9 @@ def run(args):
                     bos_token_id=tokenizer.eos_id, dropout=args.dropout, **overrides)
     seed_everything(args.seed)
     model = GPT(config)
-    cfg = train_config(args)
     length = sequence_length(cfg, config.block_size)
-    objective = LanguageModeling.from_prepared(args.data, meta, length, tokenizer, args.sample_prompt)
+    objective = LanguageModeling.from_prepared(args.data, meta, length, tokenizer, args.sample_prompt, "pretrain")
     run_meta = {"objective": "pretrain", "model_config": args.model_config, "data": str(args.data)}
-    train(model, tokenizer, objective, cfg, run_meta, data_resume_keys(tokenizer, meta["fingerprint"], length, config))
+    train(model, tokenizer, objective, cfg, run_meta, data_resume_keys(tokenizer, meta["fingerprint"], length, config),
+          run)
     return 0

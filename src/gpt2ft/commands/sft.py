@@ -11,10 +11,9 @@ checkpoint, so generate, eval, chat and serve format prompts exactly as in train
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from ..cli import required
-from . import add_common, add_lora, add_training, base_model_ref, load_for_training, train_config
+from . import (add_common, add_instruction_data_args, add_lora, add_training, load_for_training, parse_columns,
+               train_config)
 
 
 def add_args(p):
@@ -35,31 +34,7 @@ def add_args(p):
     add_lora(p)
 
 
-def add_instruction_data_args(p) -> None:
-    required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID"))
-    p.add_argument("--format", default="auto", help="auto|alpaca|instruction-response|messages|csv")
-    p.add_argument("--split", default="train", help="split of an hf: dataset")
-    p.add_argument("--columns", default=None, metavar="MAP",
-                   help="CSV header mapping, e.g. instruction=question,output=answer")
-    p.add_argument("--template", default=None,
-                   help="alpaca|instruction-response|chat|FILE (default: chat for messages, else alpaca)")
-    p.add_argument("--on-invalid", default="error", help="error: stop and list bad records; skip: train on the rest")
-
-
-def parse_columns(text: str | None) -> dict[str, str]:
-    """'instruction=question,output=answer' -> {'question': 'instruction', 'answer': 'output'}."""
-    from ..errors import UserError
-
-    mapping = {}
-    for pair in filter(None, (text or "").split(",")):
-        if "=" not in pair:
-            raise UserError(f"--columns expects FIELD=HEADER pairs, got {pair!r}")
-        ours, theirs = (s.strip() for s in pair.split("=", 1))
-        mapping[theirs] = ours
-    return mapping
-
-
-def choose_template(name: str | None, records) -> dict:
+def choose_template(name: str | None, records):
     from ..templates import get_template
 
     if name:
@@ -69,20 +44,17 @@ def choose_template(name: str | None, records) -> dict:
 
 
 def run(args):
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..data.instructions import load_records, split_records
-    from ..errors import UserError
     from ..objectives import InstructionTuning
     from ..runtime import seed_everything
-    from ..train import sequence_length, train
+    from ..train import open_run, sequence_length, train
 
     cfg = train_config(args)
-    if not cfg.out:
-        raise UserError("--out is required: the run folder for checkpoints and logs")
-    # Validate all data before the (slow) model load.
+    # Validate all data before the run folder is claimed and the (slow) model loads.
     records, rejected = load_records(args.data, args.format, args.split, parse_columns(args.columns), args.on_invalid)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = open_run(cfg.out, "sft", cfg.resume, cfg.overwrite)
+    run_dir = run.path
     if rejected:
         atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
         print(f"skipped {len(rejected)} invalid record(s), kept {len(records)}; reasons in {run_dir / 'rejected.jsonl'}")
@@ -93,7 +65,8 @@ def run(args):
         atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))
 
     seed_everything(args.seed)
-    model, tokenizer = load_for_training(args)
+    loaded = load_for_training(args)
+    model, tokenizer = loaded
     max_len = sequence_length(cfg, model.config.block_size)
     objective = InstructionTuning(train_records, val_records, tokenizer, template, max_len,
                                   train_on_prompt=args.train_on_prompt, packing=args.packing,
@@ -101,9 +74,9 @@ def run(args):
                                   eval_examples=args.eval_examples, eval_max_new_tokens=args.eval_max_new_tokens,
                                   keywords=args.keyword or [])
     print(objective.report)
-    run_meta = {"objective": "sft", "base_model": base_model_ref(model, args), "template": template,
+    run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(args.data)}
     keys = {"tokenizer": tokenizer.fingerprint(), "data": objective.fingerprint, "max_length": max_len,
             "model": model.config.to_dict()}
-    train(model, tokenizer, objective, cfg, run_meta, keys)
+    train(model, tokenizer, objective, cfg, run_meta, keys, run)
     return 0

@@ -5,7 +5,8 @@
 """
 from __future__ import annotations
 
-from ..cli import required
+from . import required
+
 
 
 def add_args(p):
@@ -15,7 +16,6 @@ def add_args(p):
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size, special tokens included")
     p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
     required(p.add_argument("--out", help="folder to write the tokenizer to"))
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML")
 
 
 def run(args):

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..losses import IGNORE
-from .instructions import MAX_LISTED, ROLES, Record, render
+from ..templates import ROLES, Template, message_text
+from .instructions import MAX_LISTED, read_rows as read_instruction_rows
+from .sft import prompt_ids as sft_prompt_ids
 
 
 @dataclass
@@ -30,10 +31,6 @@ class PreferencePair:
     where: str = ""  # file:line, for messages about this pair
     raw: dict = field(default_factory=dict)
 
-    def record(self, response: str) -> Record:
-        """The pair's prompt with one answer, as SFT sees an instruction record."""
-        return Record(self.prompt + [{"role": "assistant", "content": response}], 1.0, self.where, self.raw)
-
 
 class Dropped(UserError):
     """A well-formed pair that carries no preference (identical or empty answers): reported, not trained on."""
@@ -42,10 +39,7 @@ class Dropped(UserError):
 # ----- reading --------------------------------------------------------------------------------
 def read_rows(path, split: str, columns: dict[str, str]):
     """(where, row) of a file or hf:dataset, with --columns renaming applied to every format."""
-    from .instructions import _rows  # becoming instructions.read_rows(path, fmt, split, columns)
-
-    path = Path(path) if not str(path).startswith("hf:") else path
-    for where, row in _rows(path, "auto", split, {}):
+    for where, row in read_instruction_rows(path, "auto", split):
         if columns and isinstance(row, dict):
             row = {columns.get(k, k): v for k, v in row.items()}
         yield where, row
@@ -88,7 +82,7 @@ def normalize_pair(row, where: str) -> PreferencePair:
                 raise UserError("'input' must be a string")
             if not prompt.strip():
                 raise UserError("empty prompt")
-            messages = [{"role": "user", "content": prompt if not extra else {"instruction": prompt, "input": extra}}]
+            messages = [{"role": "user", "content": prompt, **({"input": extra} if extra else {})}]
         else:
             messages = _messages(prompt, "prompt")
         chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
@@ -136,14 +130,6 @@ def load_pairs(path, split: str = "train", columns: dict[str, str] | None = None
     return good, bad
 
 
-def pair_to_json(pair: PreferencePair) -> dict:
-    """A pair in TRL's conversational form (the canonical file format of splits and conversions)."""
-    prompt = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-               f"{m['content']['instruction']}\n\n{m['content']['input']}"} for m in pair.prompt]
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": pair.chosen}],
-            "rejected": [{"role": "assistant", "content": pair.rejected}]}
-
-
 # ----- tokenizing -----------------------------------------------------------------------------
 @dataclass
 class TokenizedPair:
@@ -152,18 +138,10 @@ class TokenizedPair:
     rejected: list[int]
 
 
-def prompt_ids(pair: PreferencePair, template: dict, tokenizer) -> list[int]:
-    """The prompt's tokens exactly as SFT tokenizes everything before the final reply (segment by
-    segment, earlier assistant turns ending with EOS)."""
-    ids = []
-    for text, supervised in render(pair.record(pair.chosen), template)[:-1]:
-        ids += tokenizer.encode(text) + ([tokenizer.eos_id] if supervised else [])
-    return ids
-
-
-def tokenize_pair(pair: PreferencePair, template: dict, tokenizer) -> TokenizedPair:
+def tokenize_pair(pair: PreferencePair, template: Template, tokenizer) -> TokenizedPair:
+    """The prompt's tokens exactly as SFT tokenises everything before a reply; each answer and its EOS."""
     eos = [tokenizer.eos_id]
-    return TokenizedPair(prompt_ids(pair, template, tokenizer), tokenizer.encode(pair.chosen) + eos,
+    return TokenizedPair(sft_prompt_ids(pair.prompt, template, tokenizer), tokenizer.encode(pair.chosen) + eos,
                          tokenizer.encode(pair.rejected) + eos)
 
 
@@ -185,7 +163,7 @@ def fit_pair(pair: TokenizedPair, max_len: int) -> tuple[TokenizedPair | None, s
     return fitted, what
 
 
-def tokenize_pairs(pairs: list[PreferencePair], template: dict, tokenizer, max_len: int):
+def tokenize_pairs(pairs: list[PreferencePair], template: Template, tokenizer, max_len: int):
     """(tokenized pairs, kept PreferencePairs, counts of what truncation did)."""
     kept, tokenized = [], []
     counts = {"response truncated": 0, "prompt truncated": 0, "identical after truncation": 0}
@@ -233,3 +211,23 @@ class PreferenceDataset:
             ref = self.reference[indices]
             batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0], ref[:, 1]
         return batch
+
+
+def pair_row(messages: list[dict], chosen: str, rejected: str) -> dict:
+    """A preference row: {"prompt": str} (with "instruction"/"input" for an Alpaca input) for a single
+    user turn, else TRL's conversational form."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        user = messages[0]
+        if user.get("input"):
+            return {"instruction": user["content"], "input": user["input"], "chosen": chosen, "rejected": rejected}
+        return {"prompt": user["content"], "chosen": chosen, "rejected": rejected}
+    prompt = [{"role": m["role"], "content": message_text(m)} for m in messages]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def is_preference_data(path) -> bool:
+    """Whether a data file holds chosen/rejected pairs (its first row has both)."""
+    for _, row in read_instruction_rows(path, "auto"):
+        return isinstance(row, dict) and "chosen" in row and "rejected" in row
+    return False

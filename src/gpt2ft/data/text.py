@@ -42,6 +42,26 @@ def read_lines(path: Path):
             yield n, line.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def read_jsonl(path: Path):
+    """(where, value) for each non-blank line of a JSON Lines file, where = "file:line"; a line that is
+    not JSON gives a UserError as its value, so a caller can stop or collect it."""
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{path}:{n}", UserError(f"invalid JSON ({e.msg})")
+
+
+def read_json(path: Path):
+    """A whole JSON file; a syntax error names its line."""
+    try:
+        return json.loads("".join(line for _, line in read_lines(path)))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0.0, chunk_chars: int = 1 << 20):
     """Yield (text, ends_document, is_val) pieces of at most ~chunk_chars, cut at line ends, so files
     larger than RAM stream through. Text files: the last val_fraction of the bytes is validation.
@@ -49,15 +69,11 @@ def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0
     if path.suffix == ".jsonl":
         every = round(1 / val_fraction) if val_fraction > 0 else 0
         index = 0
-        for n, line in read_lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        for where, record in read_jsonl(path):
+            if isinstance(record, UserError):
+                raise UserError(f"{where}: {record}")
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UserError(f"{path}:{n}: expected an object with a string field {text_field!r}")
+                raise UserError(f"{where}: expected an object with a string field {text_field!r}")
             yield record[text_field], True, bool(every) and index % every == every - 1
             index += 1
         return
@@ -127,7 +143,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val
         "fingerprint": digest.hexdigest()[:16],
         "sources": [str(f) for f in files],
     }
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
 
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     return meta

@@ -1,0 +1,14 @@
+"""The one training loop, for every objective (pretrain, finetune, sft, dpo; with or without LoRA).
+
+    config.py      TrainConfig (every training flag, validated) and TrainState (what resume restores)
+    state.py       data order, RNG states, the LR schedule, resume checks
+    run_folder.py  the run folder: ownership marker, lock, checkpoints (latest/best/rotation), resume
+    metrics.py     metrics.jsonl, samples.jsonl, TensorBoard, the progress bar
+    distributed.py torch.distributed under torchrun (sums reduced on the device)
+    loop.py        train(): set up -> resume -> step -> log -> evaluate -> save
+"""
+from .config import TrainConfig, TrainState, sequence_length
+from .loop import accumulate_gradients, train
+from .run_folder import open_run
+
+__all__ = ["TrainConfig", "TrainState", "sequence_length", "train", "accumulate_gradients", "open_run"]

@@ -1,0 +1,222 @@
+"""The run folder, written in one place:
+
+    RUN/.gpt2ft-output.json   which verb made it ({"made_by": "gpt2ft sft"})
+    RUN/.lock                 held (flock) while a process trains here; the OS drops it when the process dies
+    RUN/config.yaml           the resolved options and run metadata
+    RUN/metrics.jsonl         one JSON object per logged step / evaluation
+    RUN/samples.jsonl         generations at each evaluation
+    RUN/checkpoints/step-N/   complete checkpoints (COMPLETE marker written last); latest -> newest, best -> best
+
+A run folder is only ever written by the verb that made it; a finished run is never silently restarted.
+Checkpoints are saved whole by the main process; sharded (FSDP) state would be gathered in `save()`.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
+                          run_checkpoints, verify_checkpoint, write_checkpoint_files)
+from ..errors import UserError
+from ..fileio import OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
+
+LOCK_FILE = ".lock"
+# What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
+RUN_FILES = ("checkpoints", "latest", "best", "metrics.jsonl", "samples.jsonl", "config.yaml", "splits",
+             "rejected.jsonl", "data", "reference_logps", "loss.png", "loss.pdf", "tensorboard")
+_held_locks: dict[Path, int] = {}  # run folders this process holds, so a command and train() share one claim
+
+
+class RunFolder:
+    def __init__(self, path: Path, main: bool = True):
+        self.path, self.main = path, main
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    def checkpoints(self) -> list[Path]:
+        return run_checkpoints(self.path)
+
+    def write_config(self, text: str) -> None:
+        atomic_write_text(self.path / "config.yaml", text)
+
+    def start_fresh(self) -> None:
+        """Logs of an earlier start that never saved a checkpoint are not this run's."""
+        for p in (self.metrics, self.samples):
+            p.unlink(missing_ok=True)
+
+    def remove_leftovers(self) -> None:
+        """Temp files and folders of a save that was killed (kill -9) before it committed."""
+        for leftover in list(self.path.glob(".tmp-*")) + list((self.path / CHECKPOINTS_DIR).glob(".tmp-*")):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def save(self, model, tokenizer, meta: dict, trainer_state: dict, keep_last: int, best: bool) -> Path:
+        """Write checkpoints/step-N atomically, point latest (and best) at it, then rotate old ones."""
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise UserError(f"refusing to save non-finite weights ({name}); the last good checkpoint is "
+                                f"{self.path / 'latest'}")
+        root = self.path / CHECKPOINTS_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{trainer_state['state']['step']:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
+        try:
+            write_checkpoint_files(tmp, model, tokenizer, meta)
+            atomic_torch_save(trainer_state, tmp / TRAIN_STATE_FILE)
+            commit_checkpoint(tmp, final)
+        except BaseException:  # an error or a second Ctrl-C: leave no temp folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._link("latest", final)
+        if best:
+            self._link("best", final)
+        best_target = (self.path / "best").resolve() if (self.path / "best").exists() else None
+        for old in self.checkpoints()[keep_last:]:
+            if old.resolve() != best_target:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _link(self, name: str, target: Path) -> None:
+        """Point RUN/name at target (relative symlink, replaced atomically)."""
+        tmp = self.path / f".tmp-link-{name}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(target, self.path), tmp)
+        os.replace(tmp, self.path / name)
+
+    def resume_point(self, resume: str, log) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its trainer state; 'auto' skips damaged ones with a log line."""
+        if resume == "auto":
+            candidates = self.checkpoints()
+            if not candidates:
+                log(f"--resume auto: no checkpoint in {self.path}, starting fresh")
+                return None
+        else:
+            candidates = [Path(resume)]
+        for folder in candidates:
+            problem = verify_checkpoint(folder) if (folder / TRAIN_STATE_FILE).exists() or resume == "auto" \
+                else f"no {TRAIN_STATE_FILE} (not a training checkpoint)"
+            if problem is None:
+                try:
+                    return folder, torch.load(folder / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+                except Exception as e:  # noqa: BLE001 - any unreadable state counts as damaged
+                    problem = f"unreadable {TRAIN_STATE_FILE} ({type(e).__name__})"
+            if resume != "auto":
+                raise UserError(f"--resume {folder}: cannot resume from it: {problem}")
+            log(f"--resume auto: skipping {folder}: {problem}")
+        raise UserError(f"--resume auto: no intact checkpoint in {self.path / CHECKPOINTS_DIR}")
+
+    @staticmethod
+    def restore_weights(model, folder: Path) -> None:
+        restore_checkpoint_weights(model, folder)
+
+
+def open_run(out: str | Path | None, kind: str, resume: str | None = None, overwrite: bool = False) -> RunFolder:
+    """Claim `out` as the run folder of `gpt2ft KIND`: refuse what is not ours to write, lock it.
+
+    - absent or empty: created and marked;
+    - another process trains there: refused (the lock);
+    - holds a run with checkpoints: refused unless --resume (same verb) or --overwrite (deletes the run's
+      own files, listed in RUN_FILES; nothing else);
+    - not empty and not made by gpt2ft: refused unless --overwrite (then nothing there is deleted).
+    Only the main process (RANK 0) claims; the others use the folder it claimed.
+    """
+    if not out:
+        raise UserError("--out is required: the run folder for checkpoints and logs")
+    path = Path(out)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main or path.resolve() in _held_locks:
+        return RunFolder(path, main)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; the run folder must be a folder")
+    verb = f"gpt2ft {kind}"
+    owner = made_by(path) if path.exists() else None
+    contents = [p for p in path.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_FILE)] if path.exists() else []
+    if contents:
+        _lock(path)  # before looking closer: a run in progress is refused as such
+        checkpoints = run_checkpoints(path)
+        if overwrite:
+            clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+            if owner is None and clashing:  # --overwrite never deletes what gpt2ft did not write
+                _unlock(path)
+                raise UserError(f"--out {path} was not made by gpt2ft but holds {', '.join(clashing)}, which a "
+                                "run would replace; move them away or choose another --out")
+            for name in clashing:
+                _remove(path / name)
+        elif owner is None:
+            _unlock(path)
+            raise UserError(f"--out {path} is not empty and was not made by gpt2ft; choose a new folder, or pass "
+                            "--overwrite to write into it anyway (nothing of yours there is deleted)")
+        elif owner != verb:
+            _unlock(path)
+            raise UserError(f"--out {path} was made by `{owner}`; choose a new folder for `{verb}` "
+                            "(or pass --overwrite to replace that run)")
+        elif checkpoints and not resume:
+            _unlock(path)
+            raise UserError(f"--out {path} already holds a run (newest checkpoint {checkpoints[0].name}); pass "
+                            "--resume auto to continue it, --overwrite to start it over, or choose a new --out")
+    else:
+        make_dir(path)
+        _lock(path)
+    if owner != verb:
+        atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb})
+    return RunFolder(path, main)
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)
+
+
+def _lock(path: Path) -> None:
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"--out {path} is in use: another gpt2ft process (pid {holder}) is training there; "
+                        "wait for it to finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks[path.resolve()] = fd  # held until the process exits (the OS releases it even on kill -9)
+
+
+def _unlock(path: Path) -> None:
+    fd = _held_locks.pop(path.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release(run: RunFolder) -> None:
+    """Let go of the run folder (in-process callers that train several runs; a CLI process just exits)."""
+    _unlock(run.path)
+
+
+def read_jsonl_steps(path: Path, step: int) -> str:
+    """metrics.jsonl truncated to the rows of steps <= step (resume logs the later ones again)."""
+    keep = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: not a gpt2ft metrics row; move the file away or use a new --out") from None
+        if row_step <= step:
+            keep.append(line + "\n")
+    return "".join(keep)
