@@ -72,9 +72,16 @@ def test_dpo_lifts_held_out_preference_accuracy(sft_model, tmp_path, loss):
     assert float(before["likelihood_accuracy"]) <= 0.5  # the SFT model does not prefer the chosen answers
     assert float(after["preference_accuracy"]) >= 0.9, (before, after)
     assert float(after["mean_logp_margin"]) > float(before["mean_logp_margin"]) + 0.5
+    first, last = _metrics(run)[0], _metrics(run)[-1]  # the loop evaluates at step 0 and at the end
+    assert last["val_reward_accuracy"] >= 0.9 and last["val_reward_margin"] > first["val_reward_margin"]
+    assert {"train_loss", "train_reward_chosen", "train_reward_rejected", "train_reward_margin",
+            "train_reward_accuracy", "train_logp_chosen", "train_logp_rejected"} <= set(_metrics(run)[1])
     if loss != "simpo":  # scored by the implicit reward against the run's own reference, the SFT model
+        assert first["val_reward_accuracy"] == 0.5 and first["val_reward_margin"] == 0  # policy == reference
         assert after["reference"].startswith(str(sft))
         assert _eval(sft, val, "--reference", sft)["preference_accuracy"] == "0.5000"  # ties: chance
+    run_cli("plot", run, check=True)
+    assert (run / "loss.png").exists()
 
 
 def _popen(args):
