@@ -47,7 +47,12 @@ def test_first_step_matches_trl_dpo_trainer(hf_dir, ref_dir, tmp_path, loss_type
     from transformers import AutoTokenizer, GPT2LMHeadModel
     from trl import DPOConfig, DPOTrainer
 
+    from gpt2ft.checkpoint import export, save_model
+
     policy, tok = load(hf_dir, device="cpu", dtype="float32")
+    save_model(tmp_path / "ours", policy, tok, {"objective": "sft"})  # a gpt2ft checkpoint, exported for TRL
+    exported = export(str(tmp_path / "ours"), tmp_path / "hf")
+    policy, tok = load(tmp_path / "ours", device="cpu", dtype="float32")
     reference = freeze(load(ref_dir, device="cpu", dtype="float32").model)
     objective = _objective(tok, reference, loss_type, **kw)
     with torch.no_grad():
@@ -55,12 +60,12 @@ def test_first_step_matches_trl_dpo_trainer(hf_dir, ref_dir, tmp_path, loss_type
 
     rows = [{"prompt": ALPACA.prompt(p.prompt), "chosen": p.chosen, "rejected": p.rejected}
             for p in PAIRS]
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), beta=objective.config.beta,
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), beta=objective.config.beta,
                      loss_type=[loss_type], label_smoothing=kw.get("label_smoothing", 0.0), use_cpu=True,
                      report_to=[], max_length=None, bf16=False, save_strategy="no")
-    trainer = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(hf_dir), ref_model=GPT2LMHeadModel.from_pretrained(ref_dir),
-                         args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(hf_dir))
+    trainer = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(exported),
+                         ref_model=GPT2LMHeadModel.from_pretrained(ref_dir), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(exported))
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))  # the whole set: the mean does not depend on the order
     with torch.no_grad():

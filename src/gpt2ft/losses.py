@@ -134,13 +134,6 @@ def masked_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return linear_cross_entropy_sum(hidden, unwrap(model).lm_head.weight, labels[mask]), int(mask.sum())
 
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(target) over masked positions of each row: (B, T, V), (B, T), (B, T) -> (B,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
-
-
 # ----- preference losses ------------------------------------------------------------------------
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(label) over each row's supervised positions (R,), their count (R,)) in one forward
