@@ -164,3 +164,18 @@ def test_losses_by_hand():
 def test_reference_losses_need_reference():
     with pytest.raises(ValueError, match="reference"):
         preference_loss("sigmoid", torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
+
+
+def test_per_sequence_path_takes_bfloat16_hidden_states():
+    torch.manual_seed(4)
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t, seg = torch.randint(0, 20, (10,)), torch.tensor([0] * 4 + [1] * 6)
+    low = linear_cross_entropy_per_sequence(h.to(torch.bfloat16), w, t, seg, 2, chunk_size=3)
+    low.sum().backward()
+    g_low = w.grad.clone()
+    w.grad = None
+    high = linear_cross_entropy_per_sequence(h, w, t, seg, 2, chunk_size=3)
+    high.sum().backward()
+    assert low.dtype == torch.float32 and torch.allclose(low, high, rtol=2e-2)
+    assert torch.allclose(g_low, w.grad, rtol=5e-2, atol=5e-2)

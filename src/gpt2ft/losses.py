@@ -29,7 +29,7 @@ def _ce_chunk(h, weight, t, want_grad: bool):
     """Per-row CE of the logits h @ weight^T against t, and (if want_grad) d CE / d logits = softmax - one_hot,
     computed in place on one float32 (n, V) logits buffer."""
     rows = torch.arange(len(t), device=h.device)
-    z = (h @ weight.t()).float()
+    z = (h @ weight.to(h.dtype).t()).float()
     z.sub_(z.amax(dim=-1, keepdim=True))
     target_z = z[rows, t]
     z.exp_()
