@@ -197,11 +197,11 @@ class PreferenceOptimization(Objective):
     @torch.no_grad()
     def compute_reference(reference, dataset, device, dtype, batch_size: int) -> torch.Tensor:
         """(N, 2) reference log-probs (chosen, rejected) of every pair of `dataset`."""
-        from .lora import disable_adapters
         from .data import to_device
+        from .lora import disable_adapters
 
         adapters_off = isinstance(reference, tuple)
-        model = reference[0] if adapters_off else reference
+        model = (reference[0] if adapters_off else reference).to(device)
         out = torch.zeros(len(dataset), 2)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         with evaluating(model), disable_adapters(model) if adapters_off else contextlib.nullcontext(), autocast:
