@@ -158,3 +158,14 @@ def test_data_pairs_keeps_answers_that_differ(sft_model, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert rows and all(r["chosen"] != r["rejected"] and r["prompt"] for r in rows)
     assert any(r["chosen"] == "Nothing like it." for r in rows)  # the model never says that
+
+
+def test_another_model_as_reference(sft_model, hf_dir, tmp_path):
+    root, sft, prefs = sft_model
+    run = tmp_path / "other"
+    run_cli("dpo", sft, "--data", prefs, "--out", run, "--reference", root / "base", "--precompute-reference",
+            "--max-steps", "1", "--eval-every", "0", *CPU, check=True)
+    meta = json.loads((run / "latest" / "gpt2ft.json").read_text())
+    assert meta["reference_model"] == str(root / "base") and meta["precomputed_reference"]
+    assert_clean_error(run_cli("dpo", sft, "--data", prefs, "--out", tmp_path / "bad", "--reference", hf_dir, *CPU),
+                       "its tokenizer differs")
