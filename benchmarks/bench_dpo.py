@@ -1,7 +1,8 @@
 """DPO training throughput and peak memory: `gpt2ft dpo`'s objective and loop vs TRL's DPOTrainer, on
 the same GPT-2 124M (random weights), the bundled preference pairs (instruction-response template),
 batch, max length, beta 0.1 and sigmoid loss. Each candidate runs in a fresh process (its own peak
-memory), alternating A B C A B C ... for --rounds rounds in one run; prints best and median.
+memory), alternating A B C A B C ... for --rounds rounds in one run; prints best and median. Neither
+side writes checkpoints (TRL: save_strategy "no"; ours: the run folder's save is stubbed out).
 
   ours      live frozen copy as the reference (the default for full fine-tuning)
   ours_pre  --precompute-reference: one pass caches the reference log-probs, training holds the policy only
@@ -43,8 +44,9 @@ def run_ours(cfg: dict) -> dict:
     from gpt2ft.objectives_pref import PRECOMPUTED, PreferenceConfig, PreferenceOptimization, freeze
     from gpt2ft.runtime import resolve_device, resolve_dtype
     from gpt2ft.tokenizer import gpt2_tokenizer
-    from gpt2ft.train import TrainConfig, train
+    from gpt2ft.train import TrainConfig, run_folder, train
 
+    run_folder.RunFolder.save = lambda self, *a, **k: self.path  # measure training, not checkpoint writes (as TRL)
     pairs, template = bench_pairs(cfg["batch"] * (cfg["steps"] + 1))
     tok = gpt2_tokenizer()
     torch.manual_seed(0)
@@ -109,7 +111,7 @@ def worker(config: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--length", type=int, default=256, help="max tokens per sequence")
     args = p.parse_args()
