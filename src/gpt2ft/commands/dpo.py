@@ -9,7 +9,9 @@ Losses (--loss): sigmoid (DPO; --label-smoothing makes it cDPO), robust, ipo, hi
 --sft-weight adds the chosen answer's NLL (RPO).
 
 Reference (--reference): copy (a frozen copy of the starting model; the default), adapters-off (the
-default with --lora: the same weights with the adapters disabled, no second model), or another MODEL.
+default with --lora: the same weights with the adapters disabled, no second model; when continuing an
+adapter with --lora DIR that reference is the base without it, so pass --reference copy to keep the
+starting adapter as the reference), or another MODEL.
 --precompute-reference computes its log-probs once, caches them in the run folder, and trains
 holding the policy only.
 
