@@ -12,8 +12,9 @@ import torch
 from benchmarks.common import alternate, report, timed
 from gpt2ft.checkpoint import load_hf_state_dict
 from gpt2ft.config import preset
-from gpt2ft.generation import SamplingConfig, generate_ids
+from gpt2ft.generation import SamplingConfig, complete_batch
 from gpt2ft.model import GPT
+from gpt2ft.tokenizer import gpt2_tokenizer
 
 
 def main() -> None:
@@ -34,6 +35,7 @@ def main() -> None:
     ours = GPT(preset("gpt2", dropout=0.0))
     load_hf_state_dict(ours, hf.state_dict(), "HF model")
     ours = ours.to(device, dtype).eval()
+    tokenizer = gpt2_tokenizer()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
 
     for batch in args.batch:
@@ -42,7 +44,7 @@ def main() -> None:
         n = batch * args.new_tokens
 
         def run_ours(compile=False):
-            return n / timed(lambda: list(generate_ids(ours, rows, cfg, compile=compile)))
+            return n / timed(lambda: complete_batch(ours, tokenizer, rows, cfg, batch, compile=compile))
 
         def run_hf():
             with torch.inference_mode():

@@ -2,42 +2,48 @@ import pytest
 import torch
 
 from gpt2ft.errors import UserError
-from gpt2ft.generation import (SamplingConfig, TextStream, apply_repetition_penalty, generate, generate_ids,
-                               predict_next_token, sample_next, top_k_filter, top_p_filter)
+from gpt2ft.generation import (SamplingConfig, TextDecoder, apply_repetition_penalty, complete_batch, generate,
+                               predict_next_token, sample_next, stream, top_k_filter, top_p_filter)
 from gpt2ft.tokenizer import StreamDecoder, gpt2_tokenizer
 
 GREEDY = dict(temperature=0.0, stop_at_eos=False)
 
 
-def _ours(model, prompt_ids, n, **kw):
-    cfg = SamplingConfig(max_new_tokens=n, **GREEDY)
-    return torch.stack(list(generate_ids(model, prompt_ids, cfg, **kw)), dim=1).tolist()
+def _ours(model, prompt_ids, n, compile=False, **sampling):
+    """Token ids generated for each prompt, through the engine (batched, KV cache)."""
+    cfg = SamplingConfig(max_new_tokens=n, **{**GREEDY, **sampling})
+    return [c.token_ids for c in complete_batch(model, gpt2_tokenizer(), prompt_ids, cfg, compile=compile)]
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_greedy_equals_transformers_generate(hf_model, tiny_model, use_cache):
+@torch.no_grad()
+def _without_cache(model, prompt, n):
+    """The oracle: greedy decoding that reruns the whole sequence for every token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_transformers_generate_and_no_cache(hf_model, tiny_model):
     model, _ = tiny_model
     prompt = [[464, 3290, 318, 257, 922, 1110]]
     hf = hf_model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=20, min_new_tokens=20,
                            pad_token_id=50256)[0, 6:].tolist()
-    assert _ours(model, prompt, 20, use_cache=use_cache)[0] == hf
+    assert _ours(model, prompt, 20)[0] == hf
+    assert _without_cache(model, prompt[0], 20) == hf
 
 
-def test_static_cache_path_equals_dynamic(tiny_model):
-    from gpt2ft.generation import _decode_step  # the static path without compile, same shapes
-
+def test_static_cache_path_equals_dynamic(tiny_model, monkeypatch):
     model, _ = tiny_model
     prompts = [[1, 2, 3, 4, 5], [9, 8]]
-    assert _ours(model, prompts, 12, compile=False) == _ours(model, prompts, 12, use_cache=False)
+    expected = [_without_cache(model, p, 12) for p in prompts]
+    assert _ours(model, prompts, 12) == expected
     import gpt2ft.generation as g
-    g._compiled_steps[id(model)] = _decode_step  # run the static-shape branch eagerly
-    try:
-        assert _ours(model, prompts, 12, compile=True) == _ours(model, prompts, 12, use_cache=False)
-    finally:
-        g._compiled_steps.pop(id(model))
+    monkeypatch.setattr(g, "_compiled_decode", g._decode)  # the static-shape branch, run eagerly
+    assert _ours(model, prompts, 12, compile=True) == expected
 
 
-def test_batched_left_padding_equals_one_by_one(tiny_model):
+def test_batched_prompts_of_different_lengths_equal_one_by_one(tiny_model):
     model, _ = tiny_model
     prompts = [[464, 3290, 318], [40, 1842, 257, 922, 1110, 284, 11], [101]]
     batched = _ours(model, prompts, 15)
@@ -48,9 +54,8 @@ def test_batched_left_padding_equals_one_by_one(tiny_model):
 def test_batched_sampling_with_repetition_penalty_matches_one_by_one(tiny_model):
     model, _ = tiny_model
     prompts = [[464, 3290, 318], [40, 1842, 257, 922, 1110]]
-    cfg = SamplingConfig(max_new_tokens=10, temperature=0.0, repetition_penalty=1.5, stop_at_eos=False)
-    batched = torch.stack(list(generate_ids(model, prompts, cfg)), 1).tolist()
-    assert batched[1] == torch.stack(list(generate_ids(model, [prompts[1]], cfg)), 1)[0].tolist()
+    batched = _ours(model, prompts, 10, repetition_penalty=1.5)
+    assert batched[1] == _ours(model, [prompts[1]], 10, repetition_penalty=1.5)[0]
 
 
 def test_repetition_penalty_matches_transformers(hf_model, tiny_model):
@@ -58,8 +63,7 @@ def test_repetition_penalty_matches_transformers(hf_model, tiny_model):
     prompt = [[464, 3290, 318, 257, 922, 1110]]
     hf = hf_model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=12, min_new_tokens=12,
                            repetition_penalty=1.3, pad_token_id=50256)[0, 6:].tolist()
-    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3, stop_at_eos=False)
-    assert torch.stack(list(generate_ids(model, prompt, cfg)), 1)[0].tolist() == hf
+    assert _ours(model, prompt, 12, repetition_penalty=1.3)[0] == hf
 
 
 def test_top_k_keeps_exactly_k():
@@ -84,11 +88,11 @@ def test_temperature_scales_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
     cfg = SamplingConfig(temperature=0.5)
-    draws = torch.stack([sample_next(logits, cfg, None, gen) for _ in range(4000)])
+    draws = torch.stack([sample_next(logits, cfg, gen) for _ in range(4000)])
     freq = torch.bincount(draws.flatten(), minlength=3).float() / 4000
     expected = (logits / 0.5).softmax(-1)[0]
     assert (freq - expected).abs().max() < 0.03
-    assert sample_next(logits, SamplingConfig(temperature=0), None, None).item() == 0
+    assert sample_next(logits, SamplingConfig(temperature=0)).item() == 0
 
 
 def test_repetition_penalty_on_hand_made_logits():
@@ -108,21 +112,22 @@ def test_sampling_is_seeded(tiny_model):
 def test_stop_strings_cut_output_and_stream_equals_whole(tiny_model):
     model, tok = tiny_model
     cfg = SamplingConfig(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
-    full = TextStream(model, tok, "The", cfg)
+    full = stream(model, tok, "The", cfg)
     list(full)
     stop = full.text[5:8]
     assert len(stop) == 3
-    stream = TextStream(model, tok, "The", SamplingConfig(max_new_tokens=30, temperature=0.0, stop=[stop]))
-    pieces = list(stream)
-    assert "".join(pieces) == stream.text == full.text[: full.text.find(stop)]
-    assert stream.finish_reason == "stop"
-    assert generate(model, tok, "The", max_new_tokens=30, temperature=0.0, stop=[stop]) == stream.text
+    cut = stream(model, tok, "The", max_new_tokens=30, temperature=0.0, stop=[stop])
+    pieces = list(cut)
+    assert "".join(pieces) == cut.text == full.text[: full.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert generate(model, tok, "The", max_new_tokens=30, temperature=0.0, stop=[stop]) == cut.text
 
 
-def test_stream_decoder_never_splits_utf8():
+@pytest.mark.parametrize("decoder", [StreamDecoder, TextDecoder])
+def test_stream_decoder_never_splits_utf8(decoder):
     tok = gpt2_tokenizer()
     text = "naïve café 日本語 🙂🙃 done"
-    dec = StreamDecoder(tok)
+    dec = decoder(tok)
     pieces = [dec.push(i) for i in tok.encode(text)] + [dec.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
@@ -132,14 +137,15 @@ def test_stream_decoder_never_splits_utf8():
 def test_context_overflow_is_a_clear_error(tiny_model):
     model, tok = tiny_model
     with pytest.raises(UserError, match="exceed the model's context of 64; lower max_new_tokens to 54"):
-        list(generate_ids(model, [list(range(10))], SamplingConfig(max_new_tokens=60)))
+        generate(model, tok, [list(range(10))], max_new_tokens=60)
     with pytest.raises(UserError, match="shorten the prompt"):
-        list(generate_ids(model, [list(range(64))], SamplingConfig(max_new_tokens=1)))
+        generate(model, tok, [list(range(64))], max_new_tokens=1)
 
 
 def test_bad_sampling_values_are_rejected():
     for bad in (dict(temperature=float("nan")), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0),
-                dict(repetition_penalty=0)):
+                dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
+                dict(logprobs=-1), dict(logprobs=1.5)):
         with pytest.raises(UserError):
             SamplingConfig(**bad)
 
@@ -151,3 +157,13 @@ def test_predict_next_token(tiny_model, hf_model):
     best = torch.topk(probs, 3)
     assert [p for _, p in top] == pytest.approx(best.values.tolist(), abs=1e-5)
     assert [t for t, _ in top] == [tok.decode([i]) for i in best.indices.tolist()]
+
+
+def test_extreme_sampling_values_stay_finite():
+    """Found by fuzzing the server: a denormal temperature or top_p must not turn logits into NaN."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, SamplingConfig(temperature=1e-30), g).tolist() == [0]
+    assert sample_next(logits, SamplingConfig(temperature=1.0, top_p=1e-45), g).tolist() == [0]
+    with pytest.raises(UserError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=5e-324)

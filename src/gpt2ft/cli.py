@@ -11,6 +11,7 @@ from .errors import UserError
 # verb: (module in gpt2ft.commands, one-line help). Each module has add_args(parser) and run(args).
 VERBS = {
     "generate": ("generate", "continue a prompt (streams with --stream)"),
+    "chat": ("chat", "chat over many turns with a model (the best one under ./runs by default)"),
     "info": ("info", "show a model's config, parameter count, dtype and tokenizer"),
     "export": ("export", "write a plain Hugging Face folder (optionally merging LoRA)"),
     "tokenizer": ("tokenizer", "train a word-level or BPE tokenizer for from-scratch models"),
@@ -20,6 +21,7 @@ VERBS = {
     "sft": ("sft", "instruction-tune a model with loss on response tokens only"),
     "dpo": ("dpo", "preference-tune a model on chosen/rejected pairs (DPO, IPO, SimPO, ORPO)"),
     "eval": ("evaluate", "score a model: exact match, BLEU, ROUGE, keywords, perplexity"),
+    "serve": ("serve", "serve a model over the OpenAI API, with a browser playground at /"),
     "compare": ("compare", "generate from two models side by side with the same settings"),
     "plot": ("plot", "plot a run's losses and metrics to PNG/PDF"),
     "data": ("data", "convert instruction data between formats"),

@@ -7,8 +7,8 @@ import torch
 
 from .data import to_device
 from .data.instructions import Record
-from .data.sft import InstructionDataset, fit_to_length, tokenize_messages
-from .generation import SamplingConfig, generate_batch
+from .data.sft import InstructionDataset, fit_to_length, prompt_ids, tokenize_messages
+from .generation import SamplingConfig, fits_context, generate_batch
 from .losses import masked_lm_loss_sum, perplexity
 
 
@@ -79,10 +79,9 @@ def evaluate_records(model, tokenizer, records: list[Record], template, sampling
     was_training = model.training
     model.eval()
     prompts = [template.prompt(r.messages[:-1]) for r in records]  # all but the final reply
-    limit = model.config.block_size - sampling.max_new_tokens
-    kept = [i for i, p in enumerate(prompts) if 0 < len(tokenizer.encode(p)) <= limit]
-    outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, batch_size)
-    model.clear_cache()
+    ids = [prompt_ids(r.messages[:-1], template, tokenizer) for r in records]  # exactly as SFT tokenised them
+    kept = [i for i, p in enumerate(ids) if fits_context(p, sampling.max_new_tokens, model.config.block_size)]
+    outputs = generate_batch(model, tokenizer, [ids[i] for i in kept], sampling, batch_size)
     references = [records[i].response for i in kept]
     per_example, summary = score(outputs, references, keywords)
     summary["skipped_too_long"] = len(records) - len(kept)

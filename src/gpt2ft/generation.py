@@ -1,20 +1,26 @@
-"""Text generation: logits processors -> sample_next() -> generate_ids() (batched, KV cache) ->
-TextStream (one prompt, streaming text for the CLI, chat and server) and generate() (many prompts)."""
+"""Text generation, bottom-up: logits processors -> sample_next() -> Completion (one row's text,
+stops, finish_reason, usage, logprobs) -> Engine (rows join and leave a running batch, each in its
+own KV-cache slot) -> the thin wrappers: generate(), stream(), generate_batch(), complete_batch()
+and Session (one conversation's cache kept between chat turns)."""
 from __future__ import annotations
 
+import codecs
 import math
+import os
+from collections import deque
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 
 from .errors import UserError
 from .model import GPT
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import Tokenizer
 
 
 @dataclass
 class SamplingConfig:
-    """How to pick each next token."""
+    """How to pick each next token, and when a completion ends."""
 
     max_new_tokens: int = 100
     """Most tokens to generate per prompt."""
@@ -26,15 +32,22 @@ class SamplingConfig:
     """Keep the smallest set of tokens whose probability mass reaches p (1.0: all)."""
     repetition_penalty: float = 1.0
     """Divide positive / multiply negative logits of tokens already in the context (1.0: off)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtract this from the logit of every token generated so far (-2..2; 0: off)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtract this times the token's count among the generated tokens (-2..2; 0: off)."""
     stop: list[str] = field(default_factory=list)
     """Strings that end the generation; the output stops before them."""
     seed: int | None = None
-    """Seed for sampling (None: a fresh random seed)."""
+    """Seed for sampling (None: a fresh random seed). Each completion has its own generator."""
     stop_at_eos: bool = True
     """End a row at <|endoftext|>."""
+    logprobs: int | None = None
+    """Record log-probabilities (of the model's raw logits): None off; 0 the chosen token's; k also
+    the k most likely tokens'."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
@@ -42,8 +55,15 @@ class SamplingConfig:
             raise UserError(f"top_k must be >= 0, not {self.top_k}")
         if not (0 < self.top_p <= 1) or math.isnan(self.top_p):
             raise UserError(f"top_p must be in (0, 1], not {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:  # beyond, logits overflow to inf (NaN NaNs too)
+            raise UserError(f"repetition_penalty must be in [0.01, 100] (1.0: off), not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (-2 <= value <= 2):  # also refuses NaN
+                raise UserError(f"{name} must be between -2 and 2, not {value}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            raise UserError(f"logprobs must be None or an integer >= 0, not {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
@@ -66,6 +86,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
+def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logit -= presence * [count > 0] + frequency * count, where count is how
+    often each token was generated so far."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     if not k or k >= logits.size(-1):
         return logits
@@ -81,23 +110,22 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
     drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop_sorted[..., 0] = False  # the most likely token always stays (p may underflow to 0)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next token ids."""
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits (penalties already applied) -> (B,) next token ids: greedy, or temperature,
+    top-k and top-p then a draw from `generator`."""
     logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    # a temperature so small that logits / T overflows is greedy in all but name
+    logits = top_p_filter(top_k_filter(logits / max(cfg.temperature, 1e-6), cfg.top_k), cfg.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-# ----- token generation -----------------------------------------------------------------------
 def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
     if prompt_len == 0:
         raise UserError("the prompt is empty")
@@ -109,84 +137,43 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
                         f"lower max_new_tokens to {context - prompt_len} or shorten the prompt")
 
 
-def _decode_step(model: GPT, tok, position_ids, input_pos, attention_mask, static: bool):
-    return model(tok, position_ids=position_ids, attention_mask=attention_mask, input_pos=input_pos,
-                 static_cache=static, logits_at="last")
+def fits_context(prompt_ids: list[int], max_new_tokens: int, context: int) -> bool:
+    """Whether a non-empty prompt leaves room for max_new_tokens in the context (the filter of batch jobs
+    that skip, rather than fail on, prompts that are too long)."""
+    return 0 < len(prompt_ids) <= context - max_new_tokens
 
 
-_compiled_steps: dict[int, object] = {}
+# ----- one completion: tokens -> safe text, stops, finish_reason, usage --------------------------
+class TextDecoder:
+    """Token ids -> text pieces that never split a UTF-8 character, for any tokenizer.
 
-
-@torch.inference_mode()
-def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, use_cache: bool = True,
-                 compile: bool = False, eos_id: int | None = None):
-    """Yield the next token of every row, (B,) per step, until all rows end or max_new_tokens.
-
-    Prompts of different lengths are left-padded; positions then count real tokens only, so each
-    row generates exactly what it would alone. Finished rows keep yielding eos_id.
+    Each token's bytes are what it adds to the decoding of its predecessor (so a word-level
+    tokenizer gets its spaces; for byte-level BPE that is just the token's own bytes).
     """
-    device = model.lm_head.weight.device
-    eos_id = model.config.eos_token_id if eos_id is None else eos_id
-    B, P = len(prompts), max(len(p) for p in prompts)
-    for p in prompts:
-        check_context(len(p), cfg.max_new_tokens, model.config.block_size)
-    total = P + cfg.max_new_tokens
-    idx = torch.full((B, P), eos_id, dtype=torch.long, device=device)
-    mask = torch.ones(B, total, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        mask[i, :P - len(p)] = 0
-    padded = bool((mask == 0).any())
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, total)
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, idx, mask[:, :P].bool())
-    generator = None
-    if cfg.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
 
-    static = compile
-    step = _decode_step
-    if use_cache:
-        model.setup_cache(B, total)
-        if compile:
-            step = _compiled_steps.setdefault(id(model), torch.compile(_decode_step, dynamic=False))
-        logits = model(idx, position_ids=positions[:, :P], attention_mask=mask[:, :P] if padded else None,
-                       input_pos=torch.arange(P, device=device), logits_at="last")
-    else:
-        logits = model(idx, position_ids=positions[:, :P], attention_mask=mask[:, :P] if padded else None,
-                       logits_at="last")
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    seq = idx
-    for t in range(cfg.max_new_tokens):
-        tok = sample_next(logits, cfg, seen, generator)
-        tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-        yield tok
-        if cfg.stop_at_eos:
-            done |= tok == eos_id
-            if bool(done.all()):
-                return
-        if t == cfg.max_new_tokens - 1:
-            return
-        if seen is not None:
-            seen.scatter_(1, tok[:, None], True)
-        cur = P + t
-        if use_cache:
-            attn = mask if static else (mask[:, :cur + 1] if padded else None)
-            logits = step(model, tok[:, None], positions[:, cur:cur + 1],
-                          torch.tensor([cur], device=device), attn, static)
-        else:
-            seq = torch.cat([seq, tok[:, None]], dim=1)
-            logits = model(seq, position_ids=positions[:, :cur + 1],
-                           attention_mask=mask[:, :cur + 1] if padded else None, logits_at="last")
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._last: int | None = None
+
+    def push(self, token_id: int) -> str:
+        decode = self.tokenizer.decode_bytes
+        new = decode([token_id])
+        if self._last is not None:
+            before, both = decode([self._last]), decode([self._last, token_id])
+            if both.startswith(before):
+                new = both[len(before):]
+        self._last = token_id
+        return self._utf8.decode(new)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
-def _find_stop(text: str, stops: list[str]) -> int:
-    """Index of the earliest stop string in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
+def _find_stop(text: str, stops: list[str]) -> tuple[int, str | None]:
+    """(index, stop) of the earliest stop string in text, or (-1, None)."""
+    hits = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+    return min(hits, key=lambda h: h[0]) if hits else (-1, None)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -200,87 +187,441 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
-class TextStream:
-    """Iterate over the text of one completion as it is generated.
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """The k most likely (token id, logprob), most likely first (empty when logprobs=0)."""
 
-    After the loop: .text (the whole completion), .finish_reason ("stop" or "length"),
-    .prompt_tokens and .completion_tokens. Pieces never split a UTF-8 character, and text that
-    may begin a stop string is held back until it is known not to.
+
+class Completion:
+    """One row: its prompt, the tokens generated, the text released so far and how it ended.
+
+    push(token_id) returns the newly safe text: whole UTF-8 characters, and never text that may
+    still begin a stop string (held back until it is known not to). When it ends, finish_reason is
+    "stop" (EOS or a stop string; stop_reason is then the stop string, or the EOS id), "length"
+    (max_new_tokens) or "cancelled"; .text is then the whole completion, cut before any stop.
+    token_ids (and logprobs, aligned with them) include the EOS token or the tokens of a stop.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: str | list[int], cfg: SamplingConfig,
-                 compile: bool = False):
-        self.prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.model, self.tokenizer, self.cfg, self.compile = model, tokenizer, cfg, compile
-        self.prompt_tokens = len(self.prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
+    def __init__(self, prompt_ids: list[int], sampling: SamplingConfig, tokenizer: Tokenizer):
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.eos_id = tokenizer.eos_id
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
         self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.cached_tokens = 0  # prompt tokens whose keys/values were already in the cache
+        self._decoder = TextDecoder(tokenizer)
+        self._held = ""  # decoded text not released yet: it may begin a stop string
+        self._generator: torch.Generator | None = None  # per-row sampling state, set by _start()
+        self._seen: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def push(self, token_id: int) -> str:
+        """Take the next generated token; return the text it makes safe to show."""
+        if self.finished:
+            return ""
+        self.token_ids.append(token_id)
+        if self._seen is not None:
+            self._seen[token_id] = True
+        if self._counts is not None:
+            self._counts[token_id] += 1
+        if token_id == self.eos_id and self.sampling.stop_at_eos:
+            return self._end("stop", self._decoder.flush(), token_id)
+        piece = self._decoder.push(token_id)
+        if len(self.token_ids) >= self.sampling.max_new_tokens:
+            return self._end("length", piece + self._decoder.flush())
+        return self._release(piece)
+
+    def cancel(self) -> None:
+        """End now (the text held back is dropped); the engine frees the row at its next step."""
+        if not self.finished:
+            self.finish_reason, self._held = "cancelled", ""
+
+    def _release(self, piece: str, final: bool = False) -> str:
+        text = self._held + piece
+        cut, stop = _find_stop(text, self.sampling.stop)
+        if cut >= 0:
+            out, self._held = text[:cut], ""
+            self.finish_reason, self.stop_reason = "stop", stop
+        elif final:
+            out, self._held = text, ""
+        else:
+            keep = len(text) - _held_back(text, self.sampling.stop)
+            out, self._held = text[:keep], text[keep:]
+        self.text += out
+        return out
+
+    def _end(self, reason: str, piece: str, stop_reason: str | int | None = None) -> str:
+        out = self._release(piece, final=True)
+        if not self.finished:  # a stop string in the last piece wins
+            self.finish_reason, self.stop_reason = reason, stop_reason
+        return out
+
+    # sampling state: one generator per row, so a seeded request gives the same text in any batch
+    def _start(self, device: torch.device, vocab_size: int) -> None:
+        cfg = self.sampling
+        if cfg.temperature > 0:
+            seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(seed)
+        if cfg.repetition_penalty != 1.0:  # transformers penalises prompt and generated tokens alike
+            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self._seen[torch.tensor(self.prompt_ids, device=device)] = True
+        if cfg.presence_penalty or cfg.frequency_penalty:  # OpenAI's count generated tokens only
+            self._counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+
+    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """(1, V) raw logits -> (1,) token id, with this row's penalties, settings and generator."""
+        cfg = self.sampling
+        if self._seen is not None:
+            logits = apply_repetition_penalty(logits, self._seen, cfg.repetition_penalty)
+        if self._counts is not None:
+            logits = apply_presence_frequency_penalty(logits, self._counts, cfg.presence_penalty,
+                                                      cfg.frequency_penalty)
+        return sample_next(logits, cfg, self._generator)
+
+
+# ----- the engine: a running batch that rows join and leave ---------------------------------------
+def _decode(model: GPT, tokens, input_pos, kv_caches, cache_rows, static: bool):
+    return model(tokens, input_pos=input_pos, kv_caches=kv_caches, cache_rows=cache_rows, static_cache=static,
+                 logits_at="last")
+
+
+_compiled_decode = None  # torch.compile(_decode), made once; dynamo's guards tell models apart
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Decodes many completions together; each row has its own cache slot and positions.
+
+    add() queues a completion; it joins the running batch at the next step() (prefilled alone,
+    into a free slot), and generates exactly what it would alone. step() picks one token for every
+    row and returns [(completion, new text)] for each; rows that end leave and free their slot.
+    A slot keeps the tokens of its last row in cache: a new prompt that begins with them (the next
+    turn of a chat) prefills only the rest. add() and cancel() may be called from other threads than
+    the one calling step() (the server's request handlers and its decode loop).
+
+    compile=True runs a static-shape decode step (every slot, the whole cache) under torch.compile.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, compile: bool = False):
+        if max_batch < 1:
+            raise UserError(f"max_batch must be >= 1, not {max_batch}")
+        self.model, self.tokenizer, self.max_batch, self.compile = model, tokenizer, max_batch, compile
+        self.device = model.lm_head.weight.device
+        self._rows: list[Completion | None] = [None] * max_batch  # the completion in each slot
+        self._cached: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V each slot holds
+        self._queue: deque[Completion] = deque()
+        self._caches = None  # the KV cache, (max_batch, nh, cache_len, hs) per layer
+        self._cache_len = 0
+        self._logits: torch.Tensor | None = None  # (max_batch, V): each row's next-token logits
+
+    def add(self, prompt_ids: list[int], sampling: SamplingConfig | None = None) -> Completion:
+        """Queue a completion of prompt_ids; it joins the batch at the next step()."""
+        sampling = sampling or SamplingConfig()
+        check_context(len(prompt_ids), sampling.max_new_tokens, self.model.config.block_size)
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab))
+            raise UserError(f"prompt token {bad!r} is not a token id of this model (0 to {vocab - 1})")
+        completion = Completion(prompt_ids, sampling, self.tokenizer)
+        self._queue.append(completion)
+        return completion
+
+    def cancel(self, completion: Completion) -> None:
+        """End a completion (finish_reason "cancelled"); its slot is freed at the next step()."""
+        completion.cancel()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._queue) or any(c is not None for c in self._rows)
+
+    @property
+    def active(self) -> int:
+        """Rows in the running batch."""
+        return sum(c is not None for c in self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Completions queued for a free slot."""
+        return len(self._queue)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Completion, str]]:
+        """One token for every row: [(completion, newly safe text)], the text possibly empty."""
+        for slot, c in enumerate(self._rows):
+            if c is not None and c.finished:  # cancelled since the last step
+                self._rows[slot] = None
+        self._admit()
+        rows = [(slot, c) for slot, c in enumerate(self._rows) if c is not None]
+        if not rows:
+            return []
+        out = [(c, c.push(token)) for (_, c), token in zip(rows, self._pick(rows))]
+        for slot, c in rows:
+            if c.finished:
+                self._rows[slot] = None
+        live = [(slot, c) for slot, c in rows if not c.finished]
+        if live:
+            self._feed(live)
+        return out
+
+    # ----- the steps --------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Prefill queued completions into free slots (each where the longest shared prefix is)."""
+        joining: list[tuple[int, Completion]] = []
+        free = [slot for slot, c in enumerate(self._rows) if c is None]
+        while self._queue and free:
+            c = self._queue.popleft()
+            if c.finished:  # cancelled while waiting
+                continue
+            slot = max(free, key=lambda s: (_common_prefix(self._cached[s], c.prompt_ids), -s))
+            free.remove(slot)
+            joining.append((slot, c))
+        if joining:
+            self._prefill(joining)
+
+    def _prefill(self, joining: list[tuple[int, Completion]]) -> None:
+        """One forward over the new rows' prompts (right-padded), after the prefix each slot holds."""
+        self._ensure_cache(max(len(c.prompt_ids) + c.sampling.max_new_tokens for _, c in joining))
+        starts = [min(_common_prefix(self._cached[slot], c.prompt_ids), len(c.prompt_ids) - 1)  # >= 1 token
+                  for slot, c in joining]
+        width = max(len(c.prompt_ids) - start for (_, c), start in zip(joining, starts))
+        tokens, positions = [], []
+        last = torch.zeros(len(joining), width, dtype=torch.bool)
+        for i, ((slot, c), start) in enumerate(zip(joining, starts)):
+            new = c.prompt_ids[start:]
+            tokens.append(new + [0] * (width - len(new)))
+            # padding writes past the prompt, which the row's decoding overwrites before reading
+            positions.append([min(start + j, self._cache_len - 1) for j in range(width)])
+            last[i, len(new) - 1] = True
+            c.cached_tokens = start
+            del self._cached[slot][start:]  # first, so that an interrupted prefill leaves no stale claim
+        slots = [slot for slot, _ in joining]
+        rows = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=self.device)
+        logits = self.model(torch.tensor(tokens, device=self.device), kv_caches=self._caches, cache_rows=rows,
+                            input_pos=torch.tensor(positions, device=self.device),
+                            logits_at=last.to(self.device))  # (len(joining), V)
+        self._logits[slots] = logits.float()
+        for slot, c in joining:
+            self._cached[slot] = list(c.prompt_ids)
+            self._rows[slot] = c
+            c._start(self.device, self._logits.shape[1])
+
+    def _pick(self, rows: list[tuple[int, Completion]]) -> list[int]:
+        """Each row's next token (one transfer to the host), and the log-probs asked for."""
+        logits = self._logits[torch.tensor([slot for slot, _ in rows], device=self.device)]  # (n, V)
+        tokens = torch.cat([c._next_token(logits[i:i + 1]) for i, (_, c) in enumerate(rows)])
+        want = [i for i, (_, c) in enumerate(rows) if c.sampling.logprobs is not None]
+        if want:
+            self._record_logprobs([rows[i][1] for i in want], logits[want], tokens[want])
+        return tokens.tolist()
+
+    @staticmethod
+    def _record_logprobs(completions: list[Completion], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        k = min(max(c.sampling.logprobs for c in completions), logprobs.shape[1])
+        top = logprobs.topk(k, dim=-1) if k else None
+        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if k else ([], [])
+        for i, (c, token) in enumerate(zip(completions, tokens.tolist())):
+            n = c.sampling.logprobs
+            alternatives = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
+            c.logprobs.append(TokenLogprob(token, chosen[i], alternatives))
+
+    def _feed(self, live: list[tuple[int, Completion]]) -> None:
+        """Run the newest token of every live row through the model: the next step's logits."""
+        static = self.compile
+        n = self.max_batch if static else max(slot for slot, _ in live) + 1  # rows [0, n) of the cache
+        tokens, positions = [0] * n, [0] * n
+        for slot in range(n):  # free slots write a dummy just past what they hold in cache
+            positions[slot] = min(len(self._cached[slot]), self._cache_len - 1)
+            del self._cached[slot][positions[slot]:]
+        for slot, c in live:
+            tokens[slot] = c.token_ids[-1]
+        x = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        step = _decode
+        if static:
+            global _compiled_decode
+            if _compiled_decode is None:
+                _compiled_decode = torch.compile(_decode, dynamic=False)
+            step = _compiled_decode
+        logits = step(self.model, x, pos, self._caches, None if static else slice(0, n), static)
+        self._logits[:n] = logits.float()
+        for slot, c in live:
+            self._cached[slot].append(c.token_ids[-1])
+
+    def _ensure_cache(self, need: int) -> None:
+        """Grow the cache (copying what it holds) to `need` slots per row; static: the whole context."""
+        block = self.model.config.block_size
+        if self._caches is not None and self._cache_len >= need:
+            return
+        length = block if self.compile else min(block, max(need, 2 * self._cache_len))
+        caches = self.model.new_cache(self.max_batch, length)
+        if self._caches is not None:
+            for old, new in zip(self._caches, caches):
+                new.k[:, :, :self._cache_len] = old.k
+                new.v[:, :, :self._cache_len] = old.v
+        else:
+            self._logits = torch.zeros(self.max_batch, self.model.config.vocab_size, device=self.device)
+        self._caches, self._cache_len = caches, length
+
+
+# ----- wrappers -----------------------------------------------------------------------------------
+class Stream:
+    """The text of one completion, piece by piece: `for piece in s: print(piece, end="")`.
+
+    Afterwards .text, .finish_reason, .prompt_tokens, .completion_tokens (and .completion for the
+    rest: token ids, stop_reason, logprobs, usage). The first iteration generates; iterating again
+    replays the pieces already produced and generates nothing. Leaving the first loop early
+    (break, an exception such as Ctrl-C) cancels the completion: finish_reason "cancelled", .text
+    what was shown.
+    """
+
+    def __init__(self, engine: Engine, completion: Completion):
+        self.engine, self.completion = engine, completion
+        self._pieces: list[str] = []
+        self._started = False
 
     def __iter__(self):
-        decoder, stops, emitted = StreamDecoder(self.tokenizer), self.cfg.stop, 0
-        eos = self.tokenizer.eos_id
-        self.finish_reason = "length"
-        for tok in generate_ids(self.model, [self.prompt_ids], self.cfg, compile=self.compile, eos_id=eos):
-            token = int(tok[0])
-            self.completion_tokens += 1
-            if token == eos and self.cfg.stop_at_eos:
-                self.finish_reason = "stop"
-                break
-            self.text += decoder.push(token)
-            cut = _find_stop(self.text, stops)
-            if cut >= 0:
-                self.text, self.finish_reason = self.text[:cut], "stop"
-                break
-            safe = len(self.text) - _held_back(self.text, stops)
-            if safe > emitted:
-                yield self.text[emitted:safe]
-                emitted = safe
-        else:
-            self.text += decoder.flush()
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
+        if self._started:
+            return iter(list(self._pieces))
+        self._started = True
+        return self._generate()
+
+    def _generate(self):
+        c = self.completion
+        try:
+            while not c.finished:
+                for row, piece in self.engine.step():
+                    if row is c and piece:
+                        self._pieces.append(piece)
+                        yield piece
+        finally:
+            self.engine.cancel(c)  # a no-op when it ended by itself
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.completion.finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.completion.stop_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.completion.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.completion.completion_tokens
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompt: str, **sampling) -> TextStream:
+def _sampling(cfg: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
+    if cfg is not None and kwargs:
+        raise TypeError("pass either a SamplingConfig or sampling keywords, not both")
+    return cfg if cfg is not None else SamplingConfig.from_kwargs(**kwargs)
+
+
+def _ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None, *,
+           compile: bool = False, **sampling) -> Stream:
     """Stream the completion of one prompt: `for piece in stream(model, tok, "Hi"): print(piece, end="")`."""
-    return TextStream(model, tokenizer, prompt, SamplingConfig.from_kwargs(**sampling))
+    engine = Engine(model, tokenizer, max_batch=1, compile=compile)
+    return Stream(engine, engine.add(_ids(tokenizer, prompt), _sampling(cfg, sampling)))
 
 
-def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: SamplingConfig,
+def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg: SamplingConfig,
+                   batch_size: int = 8, compile: bool = False) -> list[Completion]:
+    """Complete many prompts, up to batch_size at a time (a finished row's slot goes to the next
+    prompt at once); the Completions carry text, finish_reason, stop_reason, usage and logprobs."""
+    engine = Engine(model, tokenizer, max_batch=max(1, min(batch_size, len(prompts))), compile=compile)
+    completions = [engine.add(_ids(tokenizer, p), cfg) for p in prompts]
+    while engine.has_work:
+        engine.step()
+    return completions
+
+
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg: SamplingConfig,
                    batch_size: int = 8) -> list[str]:
-    """Completions of many prompts, batched with left padding; each cut at EOS or a stop string."""
-    outputs: list[str] = []
-    eos = tokenizer.eos_id
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer.encode(p) for p in prompts[start:start + batch_size]]
-        rows: list[list[int]] = [[] for _ in chunk]
-        stopped = [False] * len(chunk)
-        for tok in generate_ids(model, chunk, cfg, eos_id=eos):
-            for i, t in enumerate(tok.tolist()):
-                if stopped[i]:
-                    continue
-                if t == eos and cfg.stop_at_eos:
-                    stopped[i] = True
-                    continue
-                rows[i].append(t)
-                if cfg.stop and _find_stop(tokenizer.decode(rows[i][-64:]), cfg.stop) >= 0:
-                    stopped[i] = True
-            if all(stopped):
-                break
-        for ids in rows:
-            text = tokenizer.decode(ids)
-            cut = _find_stop(text, cfg.stop)
-            outputs.append(text[:cut] if cut >= 0 else text)
-    return outputs
+    """The completions' texts, each cut at EOS, a stop string or max_new_tokens."""
+    return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size)]
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], **sampling) -> str | list[str]:
-    """The completion of a prompt (or a list of completions for a list of prompts)."""
-    cfg = SamplingConfig.from_kwargs(**sampling)
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: SamplingConfig | None = None,
+             **sampling) -> str | list[str]:
+    """The completion of a prompt (or a list of completions for a list of prompts); prompts are text
+    or token ids. Sampling: a SamplingConfig or its fields as keywords."""
+    cfg = _sampling(cfg, sampling)
     if isinstance(prompt, str):
         return generate_batch(model, tokenizer, [prompt], cfg)[0]
     return generate_batch(model, tokenizer, list(prompt), cfg)
+
+
+class Session:
+    """One conversation whose KV cache is kept between turns (for chat).
+
+    complete(prompt_ids) prefills only the tokens after the longest prefix it shares with what the
+    cache holds (the previous prompt and reply), so an unchanged history costs nothing; after an
+    edit or dropped turns it recomputes from the first differing token. Returns a Stream; starting
+    a new turn cancels an unfinished one. stream.completion.cached_tokens tells how many prompt
+    tokens were reused.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, compile: bool = False):
+        self.engine = Engine(model, tokenizer, max_batch=1, compile=compile)
+        self._last: Completion | None = None
+
+    def complete(self, prompt_ids: list[int], cfg: SamplingConfig | None = None, **sampling) -> Stream:
+        if self._last is not None:
+            self.engine.cancel(self._last)
+        self._last = self.engine.add(list(prompt_ids), _sampling(cfg, sampling))
+        return Stream(self.engine, self._last)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The tokens whose keys and values the cache holds."""
+        return list(self.engine._cached[0])
+
+    def reset(self) -> None:
+        """Forget the cache (the next turn prefills everything)."""
+        self.engine._cached[0] = []
 
 
 @torch.inference_mode()

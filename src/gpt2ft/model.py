@@ -25,17 +25,34 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None):
-        """Write k, v (B, nh, T, hs) at cache slots input_pos (T,); return keys/values to attend over.
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | None,
+               rows: slice | torch.Tensor | None = None):
+        """Write k, v (B, nh, T, hs) at cache slots input_pos; return the keys/values to attend over.
 
-        length=None returns the whole buffer (static shapes for torch.compile; the mask hides the
-        unwritten slots), otherwise the first `length` slots.
+        input_pos is (T,) (every row writes the same slots) or (B, T) (each row its own slots).
+        rows: which of the cache's rows these B rows are: all (None), a slice (views, no copy), or
+        a (B,) index tensor (e.g. several new rows prefilled together; the keys returned are then a
+        copy). length=None returns the whole buffer (static shapes for torch.compile; the mask
+        hides the unwritten slots), otherwise the first `length` slots.
         """
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if isinstance(rows, torch.Tensor):
+            pos = input_pos if input_pos.dim() == 2 else input_pos.expand(len(rows), -1)
+            self.k[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) into row b, slot pos[b, t]
+            self.v[rows[:, None], :, pos] = v.transpose(1, 2)
+            end = self.k.shape[2] if length is None else length
+            return self.k[rows, :, :end], self.v[rows, :, :end]
+        keys, values = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])  # views
+        if input_pos.dim() == 1:
+            keys.index_copy_(2, input_pos, k)
+            values.index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
         if length is None:
-            return self.k, self.v
-        return self.k[:, :, :length], self.v[:, :, :length]
+            return keys, values
+        return keys[:, :, :length], values[:, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None):
+    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None):
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -56,7 +73,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v, cache_len)  # (B, nh, S, hs)
+            k, v = kv_cache.update(input_pos, k, v, cache_len, cache_rows)  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
@@ -86,8 +103,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, input_pos, cache_len)
+    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, input_pos, cache_len, cache_rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,8 +123,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
         self.lora_config = None  # a lora.LoRAConfig once apply_lora() wrapped layers
-        self.kv_caches: list[KVCache] | None = None
-        self._static_mask: torch.Tensor | None = None
+        self.kv_caches: list[KVCache] | None = None  # the default cache (setup_cache); see new_cache
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -127,23 +143,26 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     # ----- KV cache -----------------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None) -> None:
-        """Allocate a KV cache for `batch` rows of up to `max_len` tokens (reused when big enough)."""
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        """A KV cache (one KVCache per layer) for `batch` rows of up to `max_len` tokens, to pass as
+        forward(kv_caches=...): a completion engine owns its own cache, apart from the model."""
         if max_len > self.config.block_size:
             raise ValueError(f"cache length {max_len} exceeds the context {self.config.block_size}")
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
-        c = self.kv_caches[0] if self.kv_caches else None
-        if c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == dtype:
-            return
         hs = self.config.n_embd // self.config.n_head
-        self.kv_caches = [KVCache(batch, self.config.n_head, max_len, hs, dtype, device)
-                          for _ in range(self.config.n_layer)]
-        self._static_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+        return [KVCache(batch, self.config.n_head, max_len, hs, dtype, device) for _ in range(self.config.n_layer)]
+
+    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None) -> None:
+        """Allocate the model's default KV cache (used when forward gets input_pos but no kv_caches)."""
+        p = self.lm_head.weight
+        c = self.kv_caches[0] if self.kv_caches else None
+        if c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == (dtype or p.dtype):
+            return
+        self.kv_caches = self.new_cache(batch, max_len, dtype, device)
 
     def clear_cache(self) -> None:
         self.kv_caches = None
-        self._static_mask = None
 
     # ----- forward ------------------------------------------------------------------------------
     def forward(
@@ -156,6 +175,8 @@ class GPT(nn.Module):
         static_cache: bool = False,
         logits_at: torch.Tensor | str | None = None,
         hidden_only: bool = False,
+        kv_caches: list[KVCache] | None = None,
+        cache_rows: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits.
 
@@ -163,7 +184,12 @@ class GPT(nn.Module):
         attention_mask (B, S): 1 for real tokens, 0 for padding, over every key the rows attend to
             (S = T without cache; S = cache slots used so far, or the whole cache when static);
             or, without cache, a bool (B, T, T) mask of which keys each query may see.
-        input_pos (T,): cache slots of these tokens; using it needs setup_cache() first.
+        input_pos: cache slots of these tokens, (T,) shared by every row or (B, T) per row (each row
+            then attends to its own slots up to its own position). Caching needs kv_caches (from
+            new_cache) or setup_cache() first.
+        kv_caches: the cache to use (default: the one from setup_cache).
+        cache_rows: which rows of the cache these B rows are: a slice, e.g. slice(3, 4), or a (B,)
+            tensor of row indices (default: all of them, in order).
         static_cache: attend over the whole preallocated cache (fixed shapes for torch.compile).
         logits_at: None -> (B, T, V); "last" -> (B, V); a bool mask (B, T) -> (N, V) at the True
             positions only, which skips the vocabulary projection everywhere else.
@@ -172,21 +198,26 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         use_cache = input_pos is not None
-        if use_cache and self.kv_caches is None:
-            raise RuntimeError("call setup_cache() before passing input_pos")
+        caches = kv_caches if kv_caches is not None else self.kv_caches
+        if use_cache and caches is None:
+            raise RuntimeError("pass kv_caches= (or call setup_cache()) to use input_pos")
         if position_ids is None:
-            position_ids = (input_pos if use_cache else torch.arange(T, device=idx.device)).unsqueeze(0)
+            if use_cache:
+                position_ids = input_pos if input_pos.dim() == 2 else input_pos.unsqueeze(0)
+            else:
+                position_ids = torch.arange(T, device=idx.device).unsqueeze(0)
         if not use_cache and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context {self.config.block_size}")
 
-        attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, idx.device)
+        max_len = caches[0].k.shape[2] if use_cache else None
+        attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
-            cache = self.kv_caches[i] if use_cache else None
+            cache = caches[i] if use_cache else None
             if self.gradient_checkpointing and self.training and not use_cache:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
-                x = block(x, attn_mask, cache, input_pos, cache_len)
+                x = block(x, attn_mask, cache, input_pos, cache_len, cache_rows)
         x = self.transformer.ln_f(x)
         if isinstance(logits_at, str):
             if logits_at != "last":
@@ -196,8 +227,10 @@ class GPT(nn.Module):
             x = x[logits_at]
         return x if hidden_only else self.lm_head(x)
 
-    def _attention_mask(self, T, attention_mask, input_pos, static_cache, device):
-        """The bool mask (B|1, 1, T, S) for SDPA, or None where is_causal / attend-to-all suffices."""
+    @staticmethod
+    def _attention_mask(T, attention_mask, input_pos, static_cache, max_len, device):
+        """The bool mask (B|1, 1, T, S) for SDPA, or None where is_causal / attend-to-all suffices;
+        with a cache also S, the number of cache slots to attend over (None: all of them)."""
         if input_pos is None:
             if attention_mask is None:
                 return None, None
@@ -206,16 +239,20 @@ class GPT(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
             return mask | torch.eye(T, dtype=torch.bool, device=device), None  # pad rows see themselves
+        per_row = input_pos.dim() == 2
+        if per_row and input_pos.shape[0] == 1:  # one row: the shared-positions mask is the same
+            input_pos, per_row = input_pos[0], False
         if static_cache:
-            mask = self._static_mask[input_pos][None, None]  # (1, 1, T, max_len)
-            if attention_mask is not None:
-                mask = mask & attention_mask.bool()[:, None, None, :]
-            return mask, None
-        cache_len = int(input_pos[-1]) + 1
-        if attention_mask is None and T == 1:
-            return None, cache_len  # one new token attends to every cached one
-        mask = self._static_mask[input_pos, :cache_len][None, None]  # (1, 1, T, S)
+            S, cache_len = max_len, None
+        else:
+            S = int(input_pos.max()) + 1
+            cache_len = S
+            if attention_mask is None and T == 1 and not per_row:
+                return None, cache_len  # one new token attends to every cached one
+        pos = (input_pos if per_row else input_pos[None])[:, None, :, None]  # (B|1, 1, T, 1)
+        slots = torch.arange(S, device=device)
+        mask = slots <= pos  # (B|1, 1, T, S): each query sees the slots up to its own
         if attention_mask is not None:
-            mask = mask & attention_mask[:, :cache_len].bool()[:, None, None, :]
-            mask = mask | (torch.arange(cache_len, device=device) == input_pos[:, None])  # see self
+            mask = mask & attention_mask[:, :S].bool()[:, None, None, :]
+            mask = mask | (slots == pos)  # padding queries see themselves
         return mask, cache_len

@@ -22,7 +22,7 @@ def add_args(p):
 
 
 def run(args):
-    from ..generation import TextStream, predict_next_token
+    from ..generation import predict_next_token, stream
     from ..templates import prompt_for_generation
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -33,7 +33,7 @@ def run(args):
         for token, prob in predict_next_token(model, tokenizer, text, args.top_next):
             print(f"{prob:8.4f}  {token!r}")
         return 0
-    completion = TextStream(model, tokenizer, text, sampling_config(args, stops), compile=args.compile)
+    completion = stream(model, tokenizer, text, sampling_config(args, stops), compile=args.compile)
     if args.stream:
         for piece in completion:
             print(piece, end="", flush=True)

@@ -16,7 +16,7 @@ import torch
 
 from ..data import to_device
 from ..errors import UserError
-from ..generation import SamplingConfig, generate_batch
+from ..generation import SamplingConfig, fits_context, generate_batch
 from ..losses import perplexity
 from ..objectives import Objective
 from ..runtime import resolve_device, resolve_dtype
@@ -237,10 +237,8 @@ def sample_generations(model, tokenizer, prompts: list[str], max_new_tokens: int
     model.eval()
     max_new_tokens = min(max_new_tokens, model.config.block_size // 2)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=0)
-    limit = model.config.block_size - max_new_tokens
-    usable = [p for p in prompts if 0 < len(tokenizer.encode(p)) <= limit]
+    usable = [p for p in prompts if fits_context(tokenizer.encode(p), max_new_tokens, model.config.block_size)]
     outputs = generate_batch(model, tokenizer, usable, cfg) if usable else []
-    model.clear_cache()
     model.train()
     return [{"prompt": p, "output": o} for p, o in zip(usable, outputs)]
 

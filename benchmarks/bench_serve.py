@@ -1,0 +1,143 @@
+"""`gpt2ft serve` under concurrent streaming clients: continuous batching vs serving one at a time.
+
+    python -m benchmarks.bench_serve                      # GPT-2 124M architecture, random weights, CPU
+    python -m benchmarks.bench_serve --clients 1 8 --max-tokens 32
+
+Starts the real server twice on 127.0.0.1 (--max-batch N, then --max-batch 1: requests queue and are
+served one at a time), sends the same greedy streaming requests from 1, 8 and 32 concurrent clients,
+and prints aggregate tokens/s and p50/p99 latency (request sent -> last byte) for both, and checks
+that both return the same texts.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import machine
+
+
+def make_model(folder: Path, preset: str) -> Path:
+    import torch
+
+    from gpt2ft.checkpoint import save_model
+    from gpt2ft.config import PRESETS
+    from gpt2ft.model import GPT
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    return save_model(folder / preset, GPT(PRESETS[preset]), gpt2_tokenizer())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, max_batch: int, extra: list[str]):
+        import httpx
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        cmd = [sys.executable, "-m", "gpt2ft.cli", "serve", str(model), "--name", "m", "--port", self.url.rsplit(":", 1)[1],
+               "--max-batch", str(max_batch), "--max-queue", "256", *extra]
+        self.log = tempfile.NamedTemporaryFile(prefix="bench_serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise SystemExit("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
+
+
+def prompt(i: int, words: int) -> str:
+    return f"Client {i} writes:" + " and then" * (words // 2)
+
+
+async def run_clients(url: str, n: int, max_tokens: int, prompt_words: int) -> dict:
+    import httpx
+
+    async def one(client, i):
+        body = {"model": "m", "prompt": prompt(i, prompt_words), "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        text, used, first = "", 0, None
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
+                    text += chunk["choices"][0]["text"]
+                    first = first or time.perf_counter() - start
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+        return text, used, time.perf_counter() - start, first
+
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=n + 4)) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, i) for i in range(n)))
+        wall = time.perf_counter() - start
+    latencies = sorted(r[2] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"texts": [r[0] for r in results], "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
+            "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "ttft_p50": statistics.median(r[3] or 0 for r in results)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=30, help="about this many prompt tokens")
+    p.add_argument("--preset", default="gpt2", help="model architecture (random weights)")
+    p.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    extra = ["--device", args.device, "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(Path(tmp), args.preset)
+        results = {}
+        for label, batch in (("batched", args.max_batch), ("one at a time", 1)):
+            server = Server(model, batch, extra)
+            try:
+                asyncio.run(run_clients(server.url, 1, 4, args.prompt_words))  # warm-up
+                results[label] = {n: asyncio.run(run_clients(server.url, n, args.max_tokens, args.prompt_words))
+                                  for n in args.clients}
+            finally:
+                server.stop()
+    print(f"\ngpt2ft serve, {args.preset} architecture (random weights), {args.dtype} on {args.device}, "
+          f"~{args.prompt_words}-token prompts + {args.max_tokens} new tokens, greedy, streaming ({machine()}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end)")
+    print("| clients | one at a time: tok/s | p50 / p99 latency | batched (--max-batch "
+          f"{args.max_batch}): tok/s | p50 / p99 latency | throughput ratio | same texts |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n in args.clients:
+        a, b = results["one at a time"][n], results["batched"][n]
+        print(f"| {n} | {a['tok_s']:.1f} | {a['p50']:.2f} s / {a['p99']:.2f} s | {b['tok_s']:.1f} | "
+              f"{b['p50']:.2f} s / {b['p99']:.2f} s | {b['tok_s'] / a['tok_s']:.2f}x | "
+              f"{'yes' if a['texts'] == b['texts'] else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Serve a model over the OpenAI API (chat and text completions, streaming) with a playground at /.
+
+    gpt2ft serve runs/demo/sft --name sft                # http://127.0.0.1:8000/ in a browser
+    gpt2ft serve gpt2 --lora shake=runs/lora --lora poet=runs/poet   # adapters chosen by `model`
+    gpt2ft serve gpt2 --host 0.0.0.0 --api-key "$KEY"     # reachable from other machines
+
+Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").
+SIGTERM finishes the requests in flight (up to --shutdown-timeout seconds) and exits 0.
+"""
+from __future__ import annotations
+
+import os
+
+from . import add_common, load_model
+
+
+def add_args(p):
+    add_common(p, adapter_flag=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one needs --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but / and /health "
+                        "(when not given: $GPT2FT_API_KEY, if set)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
+    p.add_argument("--name", default=None, help="the model's id in the API (when not given: MODEL as given)")
+    p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
+                   help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-batch", type=int, default=8, help="most completions decoded together (>= 1)")
+    g.add_argument("--max-queue", type=int, default=64, help="most completions waiting; past it 429 + Retry-After")
+    g.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens")
+    g.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
+    g.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 past it)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take (503 past it)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
+
+
+def _check(args):
+    from ..errors import UserError
+    from ..serve import check_bind, positive
+
+    args.api_key = args.api_key or os.environ.get("GPT2FT_API_KEY") or None
+
+    for flag in ("max_batch", "max_tokens", "max_n", "max_body"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, not {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, not {args.port}")
+    positive(args.timeout, "--timeout")
+    positive(args.shutdown_timeout, "--shutdown-timeout")
+    check_bind(args.host, args.api_key, args.insecure)
+    adapters = {}
+    for spec in args.adapters or []:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--lora {spec!r}: expected NAME=ADAPTER_DIR")
+        if name in adapters:
+            raise UserError(f"--lora {spec!r}: the name {name!r} is given twice")
+        adapters[name] = folder
+    return adapters
+
+
+def run(args):
+    import signal
+
+    adapters = _check(args)
+    try:
+        import uvicorn
+
+        from ..serve import ServeConfig, create_app, served_model, share_base
+    except ImportError as e:
+        from ..errors import UserError
+        raise UserError(f"gpt2ft serve needs {e.name}: pip install 'gpt2ft[serve]'") from None
+
+    loaded = load_model(args)
+    name = args.name or str(args.model).rstrip("/")
+    if name in adapters:
+        from ..errors import UserError
+        raise UserError(f"--lora {name}=...: {name!r} is already the base model's name; pick another")
+    models = [served_model(name, loaded.model, loaded.tokenizer, loaded.template, {"source": str(loaded.source)})]
+    for adapter, folder in adapters.items():
+        model, template = share_base(loaded.model, folder)
+        models.append(served_model(adapter, model, loaded.tokenizer, template or loaded.template,
+                                   {"base": name, "lora": folder}))
+    config = ServeConfig(api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                         max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body, timeout=args.timeout)
+    app = create_app(models, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    print(f"serving {', '.join(m.name for m in models)} on http://{args.host}:{args.port}/ "
+          f"(OpenAI base URL http://{args.host}:{args.port}/v1)", flush=True)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; a no-op handler makes that a clean exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    if not server.started:
+        from ..errors import UserError
+        raise UserError(f"could not listen on {args.host}:{args.port} (in use? see the log above)")
+    return 0

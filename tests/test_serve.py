@@ -1,0 +1,493 @@
+"""`gpt2ft serve`: a real server on 127.0.0.1 with a tiny model, talked to with the official openai
+client (sync and async), raw HTTP for every error case, and schemathesis fuzzing of /openapi.json."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_cli
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def chat_ids(tokenizer, user: str) -> list[int]:
+    """One user turn in the built-in chat template, written out by hand."""
+    return tokenizer.encode(f"### User:\n{user}\n\n### Assistant:\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`gpt2ft serve MODEL FLAGS` in a subprocess on a free loopback port."""
+
+    def __init__(self, model_dir, *flags, name: str = "tiny", key: str | None = KEY, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log)
+        cmd = [sys.executable, "-m", "gpt2ft.cli", "serve", str(model_dir), "--name", name, "--port", str(self.port),
+               *(["--api-key", key] if key else []), *map(str, flags)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("GPT2FT_API_KEY", None)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise AssertionError(f"server did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
+
+    def async_client(self):
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def post(self, path, body=None, headers=AUTH, **kw):
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(hf_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero weights, saved as training saves one."""
+    from gpt2ft.checkpoint import commit_checkpoint, load, write_adapter_files
+    from gpt2ft.lora import LoRAConfig, apply_lora
+
+    model, tokenizer = load(hf_dir)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj")))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B.weight, std=0.5)
+    root = tmp_path_factory.mktemp("adapter")
+    write_adapter_files(root / "tmp", model, tokenizer, {"base_model": str(hf_dir)})
+    return commit_checkpoint(root / "tmp", root / "poet")
+
+
+@pytest.fixture(scope="session")
+def server(hf_dir, adapter_dir, tmp_path_factory):
+    srv = Server(hf_dir, "--lora", f"poet={adapter_dir}", "--max-n", "4", "--max-tokens", "40",
+                 "--max-body", "20000", log=tmp_path_factory.mktemp("serve") / "server.log")
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+def greedy(**kw):
+    return dict(temperature=0, **kw)
+
+
+# ----- the openai client -------------------------------------------------------------------------
+def test_greedy_completion_equals_gpt2ft_generate(server, hf_dir, tiny_model):
+    prompt = "The meaning of life is"
+    r = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, **greedy())
+    cli = run_cli("generate", hf_dir, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0, check=True)
+    assert r.choices[0].text == cli.stdout[:-1]  # generate prints the completion and a newline
+    assert r.choices[0].finish_reason == "length"
+    n_prompt = len(tiny_model.tokenizer.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+    assert r.model == "tiny" and r.object == "text_completion"
+
+
+def test_chat_sync_streaming_and_not(server, tiny_model):
+    client = server.client()
+    messages = [{"role": "user", "content": "Hello there"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, **greedy())
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}, **greedy()))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    # the prompt is the chat template applied to the messages, counted as the tokenizer counts it
+    n_prompt = len(chat_ids(tiny_model.tokenizer, "Hello there"))
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == n_prompt
+    # the reply equals raw completion of the rendered prompt
+    raw = client.completions.create(model="tiny", prompt=chat_ids(tiny_model.tokenizer, "Hello there"), max_tokens=10, **greedy())
+    assert raw.choices[0].text == text
+
+
+def test_async_client_concurrent_requests_match_sequential(server, tiny_model):
+    prompts = ["Once upon a time", "To be or not", "In the beginning", "Hello"]
+    sync = [server.client().completions.create(model="tiny", prompt=p, max_tokens=8, **greedy()).choices[0].text
+            for p in prompts]
+
+    async def main():
+        client = server.async_client()
+
+        async def stream(p):
+            out = ""
+            async for chunk in await client.completions.create(model="tiny", prompt=p, max_tokens=8, stream=True,
+                                                               **greedy()):
+                out += chunk.choices[0].text if chunk.choices else ""
+            return out
+
+        async def chat(p):
+            r = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
+                                                     max_tokens=8, **greedy())
+            return r.choices[0].message.content
+
+        return await asyncio.gather(*map(stream, prompts), *map(chat, prompts))
+
+    results = asyncio.run(main())
+    assert results[:4] == sync
+    chats = [server.client().completions.create(model="tiny", prompt=chat_ids(tiny_model.tokenizer, p), max_tokens=8,
+                                                **greedy()).choices[0].text for p in prompts]
+    assert results[4:] == chats
+
+
+def test_stop_cuts_before_the_stop_string(server):
+    client = server.client()
+    full = client.completions.create(model="tiny", prompt="Stop here", max_tokens=20, **greedy()).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = client.completions.create(model="tiny", prompt="Stop here", max_tokens=20, stop=[stop], **greedy())
+    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Stop here", max_tokens=20, stop=stop, stream=True, **greedy()) if c.choices)
+    assert streamed == cut.choices[0].text
+
+
+def test_n_and_seed(server):
+    client = server.client()
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Pick"}], max_tokens=6, temperature=1.0)
+    a = client.chat.completions.create(n=3, seed=7, **kw)
+    b = client.chat.completions.create(n=3, seed=7, **kw)
+    c = client.chat.completions.create(n=3, seed=8, **kw)
+    texts = lambda r: [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)]  # noqa: E731
+    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    assert texts(a) == texts(b)                     # same seed, same choices
+    assert len(set(texts(a))) > 1                   # the n choices are different samples
+    assert texts(a) != texts(c)
+    assert a.usage.completion_tokens == 3 * 6
+    single = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=1.0, seed=5)
+    again = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=1.0, seed=5)
+    assert single.choices[0].text == again.choices[0].text
+
+
+def test_seeded_sampling_equals_in_process_stream(server, tiny_model):
+    from gpt2ft.generation import stream
+
+    model, tok = tiny_model
+    r = server.client().completions.create(model="tiny", prompt="Sampled", max_tokens=9, temperature=0.9, top_p=0.9,
+                                           seed=123, extra_body={"top_k": 50})
+    ref = stream(model, tok, "Sampled", max_new_tokens=9, temperature=0.9, top_p=0.9, top_k=50, seed=123)
+    assert r.choices[0].text == "".join(ref)
+
+
+def test_logprobs_match_the_model(server, hf_model, tiny_model):
+    tok = tiny_model.tokenizer
+    r = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4, logprobs=True, top_logprobs=3, **greedy())
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    ids = chat_ids(tok, "Hi")
+    with torch.no_grad():
+        logp = hf_model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)  # transformers as the oracle
+    top = torch.topk(logp, 3)
+    first = content[0]
+    assert first.token == tok.decode([int(top.indices[0])])  # greedy picks the most likely token
+    assert first.logprob == pytest.approx(float(top.values[0]), abs=1e-4)
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert bytes(first.bytes) == tok.decode_bytes([int(top.indices[0])])
+    # completions: logprobs=k, echo gives the prompt's tokens first (the very first has no logprob)
+    c = server.client().completions.create(model="tiny", prompt="One two", max_tokens=3, logprobs=2, echo=True,
+                                           **greedy())
+    lp = c.choices[0].logprobs
+    n_prompt = len(tok.encode("One two"))
+    assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None
+    assert c.choices[0].text.startswith("One two")
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[n_prompt] == len("One two")
+
+
+def test_presence_and_frequency_penalties_change_greedy_text(server):
+    client = server.client()
+    kw = dict(model="tiny", prompt="Repeat repeat", max_tokens=12, **greedy())
+    plain = client.completions.create(**kw).choices[0].text
+    penalized = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **kw).choices[0].text
+    assert plain != penalized  # the tiny model repeats one token greedily; the penalties forbid that
+
+
+def test_lora_adapter_chosen_by_model_field(server, hf_dir, adapter_dir):
+    from gpt2ft.checkpoint import load
+    from gpt2ft.generation import generate
+
+    client = server.client()
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny", "poet"]
+    kw = dict(prompt="Roses are", max_tokens=8, **greedy())
+    base = client.completions.create(model="tiny", **kw).choices[0].text
+    poet = client.completions.create(model="poet", **kw).choices[0].text
+    model, tok = load(hf_dir, lora=str(adapter_dir))
+    assert poet == generate(model, tok, "Roses are", max_new_tokens=8, temperature=0)
+    assert poet != base
+
+
+def test_models_and_health(server):
+    r = httpx.get(server.url + "/v1/models", headers=AUTH).json()
+    assert r["object"] == "list" and r["data"][0]["id"] == "tiny" and r["data"][0]["context_length"] == 64
+    assert httpx.get(server.url + "/v1/models/poet", headers=AUTH).json()["lora"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
+    assert "openapi" in httpx.get(server.url + "/openapi.json", headers=AUTH).json()
+
+
+# ----- errors: OpenAI's shape and status, never a 500 ----------------------------------------------
+def assert_error(r, status: int, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 5}, "n"),                       # over --max-n 4
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 41}, "max_tokens"),    # over --max-tokens 40
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": "hello"}, "messages"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by the fuzzer: logits / 5e-324 overflow
+])
+def test_invalid_values_are_400(server, change, param):
+    err = assert_error(server.post("/v1/chat/completions", {**CHAT, **change}), 400, param)
+    assert err["type"] == "invalid_request_error" and param.split(".")[0] in err["message"]
+
+
+def test_nan_and_non_json_are_400(server):
+    body = json.dumps(CHAT)[:-1] + ', "temperature": NaN}'
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(r, 400, "temperature")
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{oops", headers={**AUTH, "Content-Type": "application/json"})
+    assert "JSON" in assert_error(r, 400)["message"]
+    assert_error(server.post("/v1/chat/completions", {"model": "tiny"}), 400, "messages")
+
+
+def test_context_length_exceeded(server, tiny_model):
+    long = "word " * 80  # > 64 tokens
+    assert_error(server.post("/v1/completions", {"model": "tiny", "prompt": long}), 400, "prompt",
+                 "context_length_exceeded")
+    err = assert_error(server.post("/v1/completions", {"model": "tiny", "prompt": "word " * 30, "max_tokens": 40}),
+                       400, "prompt", "context_length_exceeded")
+    assert "64" in err["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_wrong_or_missing_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+        assert_error(server.post("/v1/chat/completions", CHAT, headers=headers), 401, code="invalid_api_key")
+        assert_error(httpx.get(server.url + "/v1/models", headers=headers), 401)
+        assert_error(httpx.get(server.url + "/openapi.json", headers=headers), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_unknown_model_and_route_are_404(server):
+    assert_error(server.post("/v1/chat/completions", {**CHAT, "model": "gpt-4"}), 404, "model", "model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="nope", prompt="x", max_tokens=2)
+    assert_error(httpx.get(server.url + "/v1/nothing", headers=AUTH), 404)
+    assert_error(httpx.get(server.url + "/v1/models/nope", headers=AUTH), 404, "model")
+
+
+def test_oversized_body_is_413(server):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 30000}]}
+    assert_error(server.post("/v1/chat/completions", big), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: the cap holds on the bytes actually read
+        for _ in range(30):
+            yield b"x" * 1000
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers=AUTH)
+    assert_error(r, 413)
+    assert server.post("/v1/chat/completions", CHAT).status_code == 200
+
+
+def test_fuzz_openapi_no_5xx(server):
+    """schemathesis: bodies that fit the schema and bodies that do not; no 5xx, and the server lives."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json", headers=AUTH)
+    failures, calls = [], 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":  # GETs without parameters have no invalid inputs
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+            @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                nonlocal calls
+                bodies = [case.body]
+                if isinstance(case.body, dict) and "model" in case.body:  # also reach generation
+                    bodies.append({**case.body, "model": "tiny"})
+                for body in bodies:
+                    case.body = body
+                    r = case.call(base_url=server.url, headers=AUTH, timeout=60)
+                    calls += 1
+                    if r.status_code >= 500:
+                        failures.append((case.method, case.path, case.body, r.status_code, r.text[:300]))
+
+            check()
+    assert calls > 200
+    assert not failures, "\n".join(map(str, failures[:3]))
+    assert server.post("/v1/chat/completions", CHAT).status_code == 200
+
+
+# ----- the command line -----------------------------------------------------------------------------
+def test_public_host_needs_a_key(hf_dir):
+    assert_clean_error(run_cli("serve", hf_dir, "--host", "0.0.0.0"), "--api-key", "--insecure")
+    assert_clean_error(run_cli("serve", hf_dir, "--lora", "nameonly"), "NAME=ADAPTER_DIR")
+    assert_clean_error(run_cli("serve", hf_dir, "--max-batch", "0"), "--max-batch")
+
+
+def test_check_bind():
+    from gpt2ft.errors import UserError
+    from gpt2ft.serve import check_bind
+
+    check_bind("127.0.0.1", None, False)
+    check_bind("::1", None, False)
+    check_bind("localhost", None, False)
+    check_bind("0.0.0.0", "k", False)
+    check_bind("0.0.0.0", None, True)
+    with pytest.raises(UserError):
+        check_bind("192.168.1.5", None, False)
+
+
+def test_extreme_sampling_values_decode_greedily(server):
+    """Found by the fuzzer: temperature 1e-30 overflows float32 logits, top_p 5e-324 reads as 0."""
+    kw = dict(model="tiny", prompt="Edge", max_tokens=5)
+    want = server.post("/v1/completions", {**kw, "temperature": 0}).json()["choices"][0]["text"]
+    for change in ({"temperature": 1e-30}, {"top_p": 5e-324, "temperature": 1.0}):
+        r = server.post("/v1/completions", {**kw, **change})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+
+
+def test_chat_prompt_follows_the_template_as_sft_tokenizes_it(tiny_model):
+    from gpt2ft.serve import Message, chat_prompt
+    from gpt2ft.templates import TEMPLATES
+
+    tok = tiny_model.tokenizer
+    msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
+            Message(role="assistant", content="Hello."), Message(role="user", content=[{"type": "text", "text": "Bye"}])]
+    ids, stops = chat_prompt(None, msgs, tok)
+    # the text between replies is tokenized as a whole; each earlier reply ends with the EOS id (as SFT trains)
+    want = (tok.encode("### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\n") + tok.encode("Hello.")
+            + [tok.eos_id] + tok.encode("### User:\nBye\n\n### Assistant:\n"))
+    assert ids == want and stops == ["\n### User:", "\n### System:"]
+    ids, stops = chat_prompt(TEMPLATES["alpaca"], msgs[:2], tok)
+    assert tok.decode(ids) == ("Be brief.\n\nBelow is an instruction that describes a task. Write a response that "
+                               "appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:\n")
+    assert stops == ["\n### Instruction:", "\n### Input:"]
+
+
+def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
+    """In process: an engine that never finishes (the request times out), then a stopped scheduler."""
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    class Stuck:
+        def add(self, *args, **kw):
+            return types.SimpleNamespace(finish_reason=None, logprobs=[])
+
+        @property
+        def has_work(self):
+            time.sleep(0.005)
+            return False
+
+        def cancel(self, completion):
+            pass
+
+    app = create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig(timeout=0.3),
+                     engine_factory=lambda served: Stuck())
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        err = assert_error(r, 503, code="timeout")
+        assert "--timeout" in err["message"] and r.headers["Retry-After"] == "1"
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True})
+        assert r.status_code == 200 and '"code": "timeout"' in r.text and r.text.endswith("data: [DONE]\n\n")
+        app.state.scheduler.stop()
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert_error(r, 503, code="unavailable")
+        assert r.headers["Retry-After"] == "1"
+
+
+def test_chat_with_the_checkpoints_template_equals_gpt2ft_generate(tiny_model, tmp_path):
+    """A checkpoint saved with the alpaca template: the chat reply is `gpt2ft generate`'s (which applies
+    the same template), and the server needs no key when none is given."""
+    from gpt2ft.checkpoint import save_model
+    from gpt2ft.templates import TEMPLATES
+
+    ckpt = save_model(tmp_path / "sft", tiny_model.model, tiny_model.tokenizer,
+                      meta={"template": TEMPLATES["alpaca"].to_dict()})
+    srv = Server(ckpt, key=None, log=tmp_path / "log")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="anything", max_retries=0)
+        assert client.models.list().data[0].template == "alpaca"
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a play"}],
+                                           max_tokens=10, temperature=0)
+        cli = run_cli("generate", ckpt, "--prompt", "Name a play", "--max-new-tokens", 10, "--temperature", 0,
+                      check=True)
+        assert r.choices[0].message.content == cli.stdout[:-1]
+    finally:
+        assert srv.stop() == 0, srv.output()

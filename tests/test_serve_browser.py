@@ -1,0 +1,102 @@
+"""The playground page in headless Chromium (Playwright driving Debian's chromium), and the Semantic
+Kernel example, both against a real `gpt2ft serve`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_serve import KEY, adapter_dir, server  # noqa: F401 - fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("GPT2FT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    return path
+
+
+def test_playground_streams_a_reply_with_the_chosen_settings(server):  # noqa: F811
+    sync_api = pytest.importorskip("playwright.sync_api")
+    client = server.client()
+    want = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello page"}],
+                                          max_tokens=12, temperature=0).choices[0].message.content
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            requests, urls = [], []
+            page.on("request", lambda r: requests.append(r) if r.url.endswith("/chat/completions") else None)
+            page.on("request", lambda r: urls.append(r.url))
+            page.goto(server.url + "/")
+            assert page.title() == "gpt2ft playground"
+            page.fill("#apikey", KEY)
+            page.dispatch_event("#apikey", "change")
+            page.wait_for_function("document.querySelectorAll('#model option').length == 2")
+            assert "context: 64 tokens" in page.inner_text("#info")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "12")
+            page.fill("#system", "")
+            page.fill("#input", "Hello page")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".assistant[data-state=done]", timeout=30000)
+            reply = page.inner_text(".assistant span")
+            assert reply == want
+            assert "finish: length" in page.inner_text(".assistant .meta")
+            sent = json.loads(requests[-1].post_data)
+            assert sent["temperature"] == 0 and sent["max_tokens"] == 12 and sent["stream"] is True
+            assert sent["messages"] == [{"role": "user", "content": "Hello page"}]
+            # a setting changes the request: a stop string and another model
+            page.fill("#stop", want[3:6])
+            page.select_option("#model", "poet")
+            page.click("#retry")
+            page.wait_for_selector(".assistant[data-state=done]", timeout=30000)
+            sent = json.loads(requests[-1].post_data)
+            assert sent["stop"] == [want[3:6]] and sent["model"] == "poet"
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "playground.png"))
+            page.click("#clear")
+            assert page.query_selector_all(".msg") == []
+            assert urls and all(u.startswith(server.url + "/") for u in urls), urls  # nothing from a CDN
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "playground.png").stat().st_size > 5000
+
+
+def test_semantic_kernel_example_keeps_the_conversation(server, tiny_model):  # noqa: F811
+    pytest.importorskip("semantic_kernel")
+    turns = ["Hi there", "Tell me more"]
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "semantic_kernel_chat.py"), "--base-url",
+                           server.url + "/v1", "--api-key", KEY, "--model", "tiny", "--temperature", "1", "--seed", "3",
+                           "--max-tokens", "6", *[a for t in turns for a in ("--say", t)]],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replies = [line[len("assistant> "):] for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
+    used = [int(line.split()[0][1:]) for line in proc.stdout.splitlines() if line.startswith("  (")]
+    assert len(replies) == len(used) == 2, proc.stdout
+    # the second request carried the first exchange: its prompt is the whole conversation, rendered
+    # with the chat template (written out here by hand), each earlier reply ending with EOS as SFT trains
+    tok = tiny_model.tokenizer
+    first = tok.encode("### User:\nHi there\n\n### Assistant:\n")
+    second = first + tok.encode(replies[0]) + [tok.eos_id] + tok.encode("### User:\nTell me more\n\n### Assistant:\n")
+    assert used == [len(first), len(second)]
+    # and the replies are what the openai client gets for the same conversation
+    client = server.client()
+    messages = []
+    for user, got in zip(turns, replies):
+        messages.append({"role": "user", "content": user})
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1, seed=3)
+        assert got == r.choices[0].message.content
+        messages.append({"role": "assistant", "content": got})
