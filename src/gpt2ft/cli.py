@@ -19,6 +19,7 @@ VERBS = {
     "pretrain": ("pretrain", "train a GPT-2 from scratch on prepared text"),
     "finetune": ("finetune", "continue training a model on raw text (style/domain adaptation)"),
     "sft": ("sft", "instruction-tune a model with loss on response tokens only"),
+    "dpo": ("dpo", "preference-tune a model on chosen/rejected pairs (DPO, IPO, SimPO, ORPO)"),
     "eval": ("evaluate", "score a model: exact match, BLEU, ROUGE, keywords, perplexity"),
     "serve": ("serve", "serve a model over the OpenAI API, with a browser playground at /"),
     "compare": ("compare", "generate from two models side by side with the same settings"),

@@ -25,53 +25,95 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def _ce_chunk(h, weight, t, want_grad: bool):
+    """Per-row CE of the logits h @ weight^T against t, and (if want_grad) d CE / d logits = softmax - one_hot,
+    computed in place on one float32 (n, V) logits buffer."""
+    rows = torch.arange(len(t), device=h.device)
+    z = (h @ weight.to(h.dtype).t()).float()
+    z.sub_(z.amax(dim=-1, keepdim=True))
+    target_z = z[rows, t]
+    z.exp_()
+    total = z.sum(dim=-1)
+    row_loss = total.log() - target_z  # logsumexp - target logit, both shifted by the max
+    if not want_grad:
+        return row_loss, None
+    g = z.div_(total[:, None])  # softmax
+    g[rows, t] -= 1.0
+    return row_loss, g
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight^T, target_i), computed chunk by chunk so the (N, V) logits are never
     held whole. The gradients are formed in the forward pass (softmax - one_hot is all backward needs),
-    so there is no recomputation; the weight's gradient is skipped when it is frozen (LoRA)."""
+    so there is no recomputation; the weight's gradient is skipped when it is frozen (LoRA).
+
+    With `segments` (N,) of sequence ids in [0, n_segments), it returns one sum per sequence (S,) instead.
+    Each row's gradient is then scaled by its sequence's incoming gradient, known only in backward:
+    the hidden-state gradient is still formed in the forward pass and scaled per row, while the weight's
+    gradient (a sum over rows) is recomputed chunk by chunk in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, segments=None, n_segments=1):
         grads = torch.is_grad_enabled() or any(ctx.needs_input_grad[:2])
         need_h = ctx.needs_input_grad[0] and grads
         need_w = ctx.needs_input_grad[1] and grads
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        per_seq = segments is not None
+        loss = torch.zeros(n_segments if per_seq else (), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
         for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            rows = torch.arange(len(t), device=h.device)
-            z = (h @ weight.t()).float()  # (n, V) logits; every step below works in place on them
-            z.sub_(z.amax(dim=-1, keepdim=True))
-            target_z = z[rows, t]
-            z.exp_()
-            total = z.sum(dim=-1)
-            loss += (total.log() - target_z).sum()  # logsumexp - target logit, both shifted by the max
-            if need_h or need_w:
-                g = z.div_(total[:, None])  # softmax
-                g[rows, t] -= 1.0  # d loss / d logits
+            part = slice(start, start + chunk_size)
+            h, t = hidden[part], targets[part]
+            row_loss, g = _ce_chunk(h, weight, t, need_h or (need_w and not per_seq))
+            if per_seq:
+                loss.index_add_(0, segments[part], row_loss)
+            else:
+                loss += row_loss.sum()
+            if g is not None:
                 g = g.to(h.dtype)
                 if need_h:
-                    grad_h[start:start + chunk_size] = g @ weight.to(h.dtype)
-                if need_w:
-                    part = g.t().float() @ h.float()
-                    grad_w = part if grad_w is None else grad_w.add_(part)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+                    grad_h[part] = g @ weight.to(h.dtype)
+                if need_w and not per_seq:
+                    step = g.t().float() @ h.float()
+                    grad_w = step if grad_w is None else grad_w.add_(step)
+        ctx.per_seq, ctx.chunk_size, ctx.weight_dtype = per_seq, chunk_size, weight.dtype
+        ctx.recompute_w = per_seq and need_w
+        kept = (hidden, weight, targets) if ctx.recompute_w else (None, None, None)
+        ctx.save_for_backward(grad_h, grad_w, segments, *kept)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors  # used once: scale them in place
-        dh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
-        dw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        grad_h, grad_w, segments, hidden, weight, targets = ctx.saved_tensors  # used once: scaled in place
+        if not ctx.per_seq:
+            dh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+            dw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+            return dh, dw, None, None, None, None
+        dh = dw = None
+        if grad_h is not None:
+            dh = grad_h.mul_(grad_loss[segments].to(grad_h.dtype)[:, None])
+        if ctx.recompute_w:
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                part = slice(start, start + ctx.chunk_size)
+                h = hidden[part]
+                _, g = _ce_chunk(h, weight, targets[part], True)
+                g.mul_(grad_loss[segments[part]][:, None])
+                dw.addmm_(g.t(), h.float())
+            dw = dw.to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_size: int = 1024) -> torch.Tensor:
     """Summed cross-entropy of the logits hidden @ weight^T (N, V) against targets (N,), float32 math."""
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+def linear_cross_entropy_per_sequence(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                      segments: torch.Tensor, n_segments: int, chunk_size: int = 1024) -> torch.Tensor:
+    """(S,) summed cross-entropy per sequence: row i of hidden/targets belongs to sequence segments[i]."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, segments, n_segments)
 
 
 def unwrap(model):
@@ -92,8 +134,94 @@ def masked_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return linear_cross_entropy_sum(hidden, unwrap(model).lm_head.weight, labels[mask]), int(mask.sum())
 
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(target) over masked positions of each row: (B, T, V), (B, T), (B, T) -> (B,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+# ----- preference losses ------------------------------------------------------------------------
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(label) over each row's supervised positions (R,), their count (R,)) in one forward
+    pass; only supervised positions reach the vocabulary projection, chunk by chunk (no full logits)."""
+    labels = batch["labels"]
+    mask = supervised_mask(labels)
+    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+    hidden = model(batch["input_ids"], logits_at=mask, hidden_only=True, **extra)  # (N, C), row-major order
+    rows = mask.nonzero()[:, 0]  # the sequence each supervised position belongs to
+    nll = linear_cross_entropy_per_sequence(hidden, unwrap(model).lm_head.weight, labels[mask], rows, len(labels))
+    return -nll, mask.sum(-1)
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def sigmoid_loss(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290); label_smoothing > 0 is cDPO (Mitchell 2023): the
+    preference label is taken as flipped with that probability. delta = chosen - rejected log-ratio."""
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+
+
+def robust_loss(delta: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, arXiv:2403.00409): unbiased under label noise of rate label_smoothing."""
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+            + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
+
+
+def hinge_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    """SLiC-HF hinge (Zhao et al. 2023, arXiv:2305.10425) on the log-ratio difference."""
+    return torch.relu(1 - beta * delta)
+
+
+def ipo_loss(delta_per_token: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17) with tau = beta, on log-ratios averaged per token
+    (the length normalisation the authors and TRL use)."""
+    return (delta_per_token - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734): reference-free, on per-token average log-probs, margin gamma."""
+    return -F.logsigmoid(beta * (chosen_avg - rejected_avg) - gamma)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def odds_ratio_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> torch.Tensor:
+    """ORPO's odds-ratio term (Hong et al. 2024, arXiv:2403.07691, eqs. 4-7): -log sigmoid(log odds(chosen)
+    - log odds(rejected)), with odds(y) = p / (1 - p) and p the per-token average probability."""
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    return -F.logsigmoid(log_odds)
+
+
+def preference_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_len: torch.Tensor,
+                    rejected_len: torch.Tensor, ref_chosen: torch.Tensor | None = None,
+                    ref_rejected: torch.Tensor | None = None, beta: float = 0.1, label_smoothing: float = 0.0,
+                    gamma: float = 0.5, lam: float = 0.1, sft_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-pair loss and implicit rewards from per-sequence log-probs (summed over response tokens) of the
+    policy (and, unless reference-free, the reference), each (B,). Returns {"loss", "chosen_reward",
+    "rejected_reward"}, all (B,). sft_weight adds the chosen response's per-token NLL (RPO: Pang et al.
+    2024, arXiv:2404.19733); ORPO always includes that NLL with weight 1, its odds-ratio term weighted by lam."""
+    chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
+    nll = -chosen_avg
+    if kind in ("simpo", "orpo"):
+        scale = beta if kind == "simpo" else lam
+        chosen_reward, rejected_reward = scale * chosen_avg.detach(), scale * rejected_avg.detach()
+        loss = simpo_loss(chosen_avg, rejected_avg, beta, gamma) if kind == "simpo" else \
+            nll + lam * odds_ratio_loss(chosen_avg, rejected_avg)
+    else:
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"the {kind} loss needs reference log-probs")
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        delta = chosen_ratio - rejected_ratio
+        if kind == "sigmoid":
+            loss = sigmoid_loss(delta, beta, label_smoothing)
+        elif kind == "robust":
+            loss = robust_loss(delta, beta, label_smoothing)
+        elif kind == "hinge":
+            loss = hinge_loss(delta, beta)
+        elif kind == "ipo":
+            loss = ipo_loss(chosen_ratio / chosen_len.clamp(min=1) - rejected_ratio / rejected_len.clamp(min=1), beta)
+        else:
+            raise ValueError(f"unknown preference loss {kind!r}; one of {', '.join(PREFERENCE_LOSSES)}")
+        chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    if sft_weight:
+        loss = loss + sft_weight * nll
+    return {"loss": loss, "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}

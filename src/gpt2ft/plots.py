@@ -6,7 +6,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-SCORE_KEYS = ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "keyword_rate", "reward_accuracy")
+SCORE_KEYS = ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "keyword_rate", "reward_accuracy",
+              "train_reward_accuracy", "val_reward_accuracy")
+REWARD_KEYS = tuple(f"{split}_reward_{k}" for split in ("train", "val") for k in ("chosen", "rejected", "margin"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -53,9 +55,10 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     train = [r for r in rows if "train_loss" in r]
     val = [r for r in rows if "val_loss" in r]
     scores = [k for k in SCORE_KEYS if any(k in r for r in rows)]
+    rewards = [k for k in REWARD_KEYS if any(k in r for r in rows)]  # DPO: implicit rewards
     if not train and not val:
         raise UserError(f"{run_dir}/metrics.jsonl has no losses to plot yet")
-    panels = 3 if scores else 2
+    panels = 2 + bool(scores) + bool(rewards)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), constrained_layout=True)
     for ax, x_key, label in ((axes[0], "step", "step"), (axes[1], "tokens_seen", "tokens seen")):
         for kind, key, style in (("train", "train_loss", "-"), ("validation", "val_loss", "o-")):
@@ -75,9 +78,19 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
             scale, label = (100, "bleu / 100") if key == "bleu" else (1, key)
             axes[2].plot([r["step"] for r in pts], [r[key] / scale for r in pts], "o-", label=label)
         axes[2].set_xlabel("step")
-        axes[2].set_title("validation scores")
+        axes[2].set_title("scores")
         axes[2].grid(alpha=0.3)
         axes[2].legend()
+    if rewards:
+        ax = axes[-1]
+        for key in rewards:
+            pts = [r for r in rows if key in r]
+            ax.plot([r["step"] for r in pts], [r[key] for r in pts], "o-" if key.startswith("val") else "-",
+                    label=key.replace("_reward_", " "), alpha=0.8)
+        ax.set_xlabel("step")
+        ax.set_title("implicit rewards")
+        ax.grid(alpha=0.3)
+        ax.legend()
     written = []
     for fmt in formats:
         out = run_dir / f"loss.{fmt}"

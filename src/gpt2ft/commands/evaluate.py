@@ -2,9 +2,13 @@
 and report exact match, BLEU (sacrebleu), ROUGE-1/2/L (rouge-score), length ratio, keyword presence
 and the perplexity of the reference responses. Writes responses.jsonl and summary.json. A plain
 text file (.txt, .md) gives its perplexity instead. --data may be an SFT run folder: its test split.
+Preference data (chosen/rejected pairs, or a DPO run folder) gives preference accuracy and the mean
+margin: by DPO's implicit reward against --reference (default: a DPO checkpoint's own reference), else
+by likelihood (log p(chosen) > log p(rejected)).
 
     gpt2ft eval runs/demo/sft --data runs/demo/sft --out runs/demo/eval
     gpt2ft eval gpt2 --data shakespeare.txt
+    gpt2ft eval runs/demo/dpo --data runs/demo/dpo
 """
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ def add_args(p):
     p.add_argument("--max-examples", type=ranged(int, 1), default=None,
                    help="evaluate only the first N records, >= 1 (default: all)")
     add_sampling(p, temperature=0.0, max_new_tokens=128)
+    g = p.add_argument_group("preference data (--data with chosen/rejected pairs)")
+    g.add_argument("--reference", default=None, metavar="MODEL",
+                   help="score by DPO's implicit reward against MODEL (default: a DPO checkpoint's own reference)")
+    g.add_argument("--beta", type=float, default=None, help="implicit reward scale (default: the DPO run's)")
 
 
 def run(args):
@@ -47,6 +55,7 @@ def run(args):
 def _evaluate(args, data: Path, out: Path | None):
     from ..fileio import atomic_write_text
     from ..data.instructions import load_records
+    from ..data.preferences import is_preference_data
     from ..data.text import read_lines
     from ..evaluate import evaluate_records, text_perplexity
     from ..templates import get_template
@@ -66,12 +75,14 @@ def _evaluate(args, data: Path, out: Path | None):
         return 0
     if data.is_dir():
         if not (data / "splits" / "test.jsonl").exists():
-            raise UserError(f"{data}: a folder given to --data must be an SFT run with splits/test.jsonl")
+            raise UserError(f"{data}: a folder given to --data must be an SFT or DPO run with splits/test.jsonl")
         data = data / "splits" / "test.jsonl"
         if not data.read_text().strip():
             raise UserError(f"{data} is empty (the run used --test-fraction 0); pass a data file")
-    records, rejected = load_records(data if not str(args.data).startswith("hf:") else args.data, args.format,
-                                     args.split, parse_columns(args.columns), args.on_invalid)
+    source = args.data if str(args.data).startswith("hf:") else data
+    if is_preference_data(source):
+        return run_preferences(args, source)
+    records, rejected = load_records(source, args.format, args.split, parse_columns(args.columns), args.on_invalid)
     records = records[: args.max_examples] if args.max_examples else records
     loaded = load_model(args)
     model, tokenizer = loaded
@@ -85,6 +96,27 @@ def _evaluate(args, data: Path, out: Path | None):
         atomic_write_text(out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(f"wrote {out / 'responses.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
+def run_preferences(args, source) -> int:
+    """Chosen/rejected pairs: preference accuracy and mean margin (see objectives_pref.evaluate_preferences)."""
+    from ..data.preferences import load_pairs
+    from ..fileio import atomic_write_text
+    from ..objectives_pref import evaluate_preferences
+
+    pairs, rejected = load_pairs(source, args.split, parse_columns(args.columns), args.on_invalid)
+    pairs = pairs[: args.max_examples] if args.max_examples else pairs
+    loaded = load_model(args)
+    rows, summary = evaluate_preferences(loaded, pairs, args.template, args.reference, args.beta, args.batch_size)
+    summary.update(model=loaded.ref, data=str(source), rejected=len(rejected))
+    _print_table(summary)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        print(f"wrote {out / 'pairs.jsonl'} and {out / 'summary.json'}")
     return 0
 
 
