@@ -19,6 +19,9 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     prefs = json.loads((out / "prefs_dpo" / "summary.json").read_text())
     assert prefs["pairs"] > 0 and 0 <= prefs["preference_accuracy"] <= 1 and prefs["reference"].endswith("sft")
     assert load(out / "dpo").meta["objective"] == "dpo"
+    assert "HAMLET:" in (out / "pretrain_samples.md").read_text()
+    again = run_cli("demo", "--quick", "--out", out, "--device", "cpu")  # never silently over an earlier demo
+    assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_quick_demo_from_an_existing_model_skips_pretraining(hf_dir, tmp_path):
