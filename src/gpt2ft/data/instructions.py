@@ -160,13 +160,18 @@ def load_records(path: str | Path, fmt: str = "auto", split: str = "train", colu
         except UserError as e:
             bad.append({"where": where, "reason": str(e), "record": row if isinstance(row, dict) else None})
     if bad and on_invalid == "error":
-        listed = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:MAX_LISTED])
-        more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
-        raise UserError(f"{len(bad)} invalid record(s): {listed}{more}. Fix them, or pass --on-invalid skip "
-                        "to train on the valid ones")
+        raise invalid_rows_error(bad, "record")
     if not good:
         raise UserError(f"{path}: no valid records")
     return good, bad
+
+
+def invalid_rows_error(bad: list[dict], noun: str) -> UserError:
+    """One error listing `file:line: reason` for each bad row (capped), and the way out."""
+    listed = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:MAX_LISTED])
+    more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+    return UserError(f"{len(bad)} invalid {noun}(s): {listed}{more}. Fix them, or pass --on-invalid skip "
+                     "to train on the valid ones")
 
 
 def split_records(records: list[Record], val_fraction: float, test_fraction: float, seed: int):

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..losses import IGNORE
 from ..templates import ROLES, Template, message_text
-from .instructions import MAX_LISTED, read_rows as read_instruction_rows
+from .instructions import invalid_rows_error, read_rows as read_instruction_rows
 from .sft import prompt_ids as sft_prompt_ids
 
 
@@ -120,10 +120,7 @@ def load_pairs(path, split: str = "train", columns: dict[str, str] | None = None
                         "dropped": isinstance(e, Dropped)})
     invalid = [b for b in bad if not b["dropped"]]
     if invalid and on_invalid == "error":
-        listed = "; ".join(f"{b['where']}: {b['reason']}" for b in invalid[:MAX_LISTED])
-        more = f" (and {len(invalid) - MAX_LISTED} more)" if len(invalid) > MAX_LISTED else ""
-        raise UserError(f"{len(invalid)} invalid pair(s): {listed}{more}. Fix them, or pass --on-invalid skip "
-                        "to train on the valid ones")
+        raise invalid_rows_error(invalid, "pair")
     if not good:
         reasons = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3])
         raise UserError(f"{path}: no usable preference pairs ({reasons})")
