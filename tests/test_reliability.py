@@ -86,6 +86,11 @@ def test_a_finished_run_is_not_restarted_without_resume(world):
             needles=("--resume auto", "--overwrite"))
 
 
+def test_overwrite_never_deletes_the_model_a_run_trains_from(world):
+    refused(world, "finetune", world / "run", "--data", world / "data", "--out", world / "run", "--overwrite",
+            "--max-steps", "2", "--device", "cpu", needles=("trains from",))
+
+
 @pytest.mark.parametrize("out", ["run/best", "user", "data"])
 def test_tokenizer_train_refuses_a_model_a_user_folder_and_other_outputs(world, out):
     refused(world, "tokenizer", "train", "text.txt", "--kind", "word", "--out", out, cwd=world, needles=(out,))

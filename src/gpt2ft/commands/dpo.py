@@ -112,7 +112,7 @@ def run(args):
     pref = PreferenceConfig(args.loss, args.beta, args.label_smoothing, args.gamma, args.lam, args.sft_weight)
     # Validate all data before the run folder is claimed and the (slow) model loads.
     pairs, rejected = load_pairs(args.data, args.split, parse_columns(args.columns), args.on_invalid)
-    run = open_run(cfg.out, "dpo", cfg.resume, cfg.overwrite)
+    run = open_run(cfg.out, "dpo", cfg.resume, cfg.overwrite, inputs=(args.model, args.data))
     write_rejected(run.path, rejected, len(pairs))
     train_pairs, val_pairs, test_pairs = split_records(pairs, args.val_fraction, args.test_fraction, args.seed)
     make_dir(run.path / "splits")

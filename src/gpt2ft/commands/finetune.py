@@ -29,7 +29,7 @@ def run(args):
     from ..train import open_run, sequence_length, train
 
     cfg = train_config(args)
-    run = open_run(cfg.out, "finetune", cfg.resume, cfg.overwrite)
+    run = open_run(cfg.out, "finetune", cfg.resume, cfg.overwrite, inputs=(args.model, args.data))
     seed_everything(args.seed)
     loaded = load_for_training(args)
     model, tokenizer = loaded

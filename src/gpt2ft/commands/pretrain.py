@@ -32,7 +32,7 @@ def run(args):
     from ..train import open_run, sequence_length, train
 
     cfg = train_config(args)
-    run = open_run(cfg.out, "pretrain", cfg.resume, cfg.overwrite)
+    run = open_run(cfg.out, "pretrain", cfg.resume, cfg.overwrite, inputs=(args.data,))
     meta = read_meta(args.data)
     tokenizer = load_tokenizer(args.tokenizer or meta["tokenizer"].get("dir"))
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:

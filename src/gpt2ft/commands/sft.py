@@ -57,7 +57,7 @@ def run(args):
     cfg = train_config(args)
     # Validate all data before the run folder is claimed and the (slow) model loads.
     records, rejected = load_records(args.data, args.format, args.split, parse_columns(args.columns), args.on_invalid)
-    run = open_run(cfg.out, "sft", cfg.resume, cfg.overwrite)
+    run = open_run(cfg.out, "sft", cfg.resume, cfg.overwrite, inputs=(args.model, args.data))
     run_dir = run.path
     if rejected:
         atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))

@@ -25,7 +25,8 @@ import torch
 from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
                           run_checkpoints, verify_checkpoint, write_checkpoint_files)
 from ..errors import UserError
-from ..fileio import OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
+from ..fileio import (OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir,
+                      same_path)
 
 LOCK_FILE = ".lock"
 # What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
@@ -123,7 +124,8 @@ class RunFolder:
         restore_checkpoint_weights(model, folder)
 
 
-def open_run(out: str | Path | None, kind: str, resume: str | None = None, overwrite: bool = False) -> RunFolder:
+def open_run(out: str | Path | None, kind: str, resume: str | None = None, overwrite: bool = False,
+             inputs: tuple = ()) -> RunFolder:
     """Claim `out` as the run folder of `gpt2ft KIND`: refuse what is not ours to write, lock it.
 
     - absent or empty: created and marked;
@@ -131,6 +133,7 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
     - holds a run with checkpoints: refused unless --resume (same verb) or --overwrite (deletes the run's
       own files, listed in RUN_FILES; nothing else);
     - not empty and not made by gpt2ft: refused unless --overwrite (then nothing there is deleted).
+    `inputs` (the model and data trained from) may not lie in a folder --overwrite would clear.
     Only the main process (RANK 0) claims; the others use the folder it claimed.
     """
     if not out:
@@ -142,6 +145,10 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file; the run folder must be a folder")
     verb = f"gpt2ft {kind}"
+    for given in inputs:
+        if overwrite and given and Path(given).exists() and path.exists() and same_path(path, given):
+            raise UserError(f"--out {path} holds {given}, which this run trains from; --overwrite would delete "
+                            "it: choose another --out")
     owner = made_by(path) if path.exists() else None
     contents = [p for p in path.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_FILE)] if path.exists() else []
     if contents and owner is None:  # refused before the lock, so no lock file is left in a user's folder
