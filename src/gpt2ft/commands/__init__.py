@@ -187,3 +187,21 @@ def parse_columns(text: str | None) -> dict[str, str]:
         ours, theirs = (s.strip() for s in pair.split("=", 1))
         mapping[theirs] = ours
     return mapping
+
+
+def save_rejected_and_splits(run_dir, rows, rejected: list[dict], what: str, args):
+    """Write rejected.jsonl (when rows were skipped) and the seeded train/val/test splits (splits/*.jsonl,
+    each row as read) into the run folder; return the three splits. Shared by sft and dpo."""
+    import json
+
+    from ..data.instructions import split_records
+    from ..fileio import atomic_write_text, make_dir
+
+    if rejected:
+        atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
+        print(f"left out {what}, kept {len(rows)}; reasons in {run_dir / 'rejected.jsonl'}")
+    splits = split_records(rows, args.val_fraction, args.test_fraction, args.seed)
+    make_dir(run_dir / "splits")
+    for name, part in zip(("train", "val", "test"), splits):
+        atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))
+    return splits

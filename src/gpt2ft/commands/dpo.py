@@ -22,11 +22,10 @@ holding the policy only.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 from . import (add_columns_args, add_common, add_lora, add_training, load_for_training, parse_columns, required,
-               train_config)
+               save_rejected_and_splits, train_config)
 
 REFERENCE_CACHE = Path("reference_logps") / "logps.pt"  # in the run folder
 
@@ -55,17 +54,6 @@ def add_args(p):
     add_training(p, lr=5e-5, warmup_steps=10, epochs=1.0, eval_every=50, batch_size=4)
     p.set_defaults(dropout=0.0)  # as TRL: dropout off, so the policy's and reference's log-probs compare
     add_lora(p)
-
-
-def write_rejected(run_dir: Path, rejected: list[dict], kept: int) -> None:
-    from ..fileio import atomic_write_text
-
-    if not rejected:
-        return
-    atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
-    dropped = sum(r["dropped"] for r in rejected)
-    print(f"left out {len(rejected) - dropped} invalid pair(s) and {dropped} with identical or empty answers, "
-          f"kept {kept}; reasons in {run_dir / 'rejected.jsonl'}")
 
 
 def build_reference(args, loaded, precompute: bool):
@@ -101,9 +89,7 @@ def reference_model_ref(ref_name: str, loaded) -> str | None:
 
 
 def run(args):
-    from ..data.instructions import split_records
     from ..data.preferences import load_pairs
-    from ..fileio import atomic_write_text, make_dir
     from ..objectives_pref import PreferenceConfig, PreferenceOptimization, pick_template, weights_fingerprint
     from ..runtime import resolve_device, resolve_dtype, seed_everything
     from ..train import open_run, sequence_length, train
@@ -113,11 +99,10 @@ def run(args):
     # Validate all data before the run folder is claimed and the (slow) model loads.
     pairs, rejected = load_pairs(args.data, args.split, parse_columns(args.columns), args.on_invalid)
     run = open_run(cfg.out, "dpo", cfg.resume, cfg.overwrite, inputs=(args.model, args.data))
-    write_rejected(run.path, rejected, len(pairs))
-    train_pairs, val_pairs, test_pairs = split_records(pairs, args.val_fraction, args.test_fraction, args.seed)
-    make_dir(run.path / "splits")
-    for name, part in (("train", train_pairs), ("val", val_pairs), ("test", test_pairs)):
-        atomic_write_text(run.path / "splits" / f"{name}.jsonl", "".join(json.dumps(p.raw) + "\n" for p in part))
+    dropped = sum(r["dropped"] for r in rejected)
+    train_pairs, val_pairs, _ = save_rejected_and_splits(
+        run.path, pairs, rejected,
+        f"{len(rejected) - dropped} invalid pair(s) and {dropped} with identical or empty answers", args)
 
     seed_everything(args.seed)
     loaded = load_for_training(args)

@@ -10,11 +10,10 @@ checkpoint, so generate, eval, chat and serve format prompts exactly as in train
 """
 from __future__ import annotations
 
-import json
 
 from ..argtypes import ranged
 from . import (add_common, add_instruction_data_args, add_lora, add_training, load_for_training, parse_columns,
-               train_config)
+               save_rejected_and_splits, train_config)
 
 
 def add_args(p):
@@ -48,8 +47,7 @@ def choose_template(name: str | None, records):
 
 
 def run(args):
-    from ..fileio import atomic_write_text
-    from ..data.instructions import load_records, split_records
+    from ..data.instructions import load_records
     from ..objectives import InstructionTuning
     from ..runtime import seed_everything
     from ..train import open_run, sequence_length, train
@@ -58,15 +56,9 @@ def run(args):
     # Validate all data before the run folder is claimed and the (slow) model loads.
     records, rejected = load_records(args.data, args.format, args.split, parse_columns(args.columns), args.on_invalid)
     run = open_run(cfg.out, "sft", cfg.resume, cfg.overwrite, inputs=(args.model, args.data))
-    run_dir = run.path
-    if rejected:
-        atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
-        print(f"skipped {len(rejected)} invalid record(s), kept {len(records)}; reasons in {run_dir / 'rejected.jsonl'}")
     template = choose_template(args.template, records)
-    train_records, val_records, test_records = split_records(records, args.val_fraction, args.test_fraction, args.seed)
-    (run_dir / "splits").mkdir(exist_ok=True)
-    for name, part in (("train", train_records), ("val", val_records), ("test", test_records)):
-        atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))
+    train_records, val_records, _ = save_rejected_and_splits(run.path, records, rejected,
+                                                             f"{len(rejected)} invalid record(s)", args)
 
     seed_everything(args.seed)
     loaded = load_for_training(args)
