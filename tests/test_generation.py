@@ -143,7 +143,7 @@ def test_context_overflow_is_a_clear_error(tiny_model):
 
 
 def test_bad_sampling_values_are_rejected():
-    for bad in (dict(temperature=float("nan")), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0),
+    for bad in (dict(temperature=float("nan")), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0),
                 dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
                 dict(logprobs=-1), dict(logprobs=1.5)):
         with pytest.raises(UserError):

@@ -17,6 +17,12 @@ from .errors import UserError
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20
 OUTPUT_MARKER = ".gpt2ft-output.json"  # {"made_by": "gpt2ft VERB"}: what made a folder
+WRITTEN_LEDGER = ".gpt2ft-files.json"  # {file name: sha256}: the loose files gpt2ft wrote in a folder
+# a folder holding any of these is a model, adapter or run folder: no user file is ever written into it
+MODEL_FILES = ("gpt2ft.json", "COMPLETE", "model.safetensors", "pytorch_model.bin", "adapter_model.safetensors",
+               "adapter_config.json", "model.safetensors.index.json", ".lock")
+TRAINING_VERBS = ("gpt2ft pretrain", "gpt2ft finetune", "gpt2ft sft", "gpt2ft dpo", "gpt2ft export")
+MAX_USER_FILE = 50 * 2**20  # the most bytes a conversation or other small user file may have
 
 
 # ----- atomic writes ----------------------------------------------------------------------------
@@ -72,19 +78,6 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     atomic_write(path, lambda f: f.write(data))
 
 
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder to `final`, replacing what is there (both in the same parent)."""
-    if final.exists():
-        old = final.with_name(f".tmp-old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -93,10 +86,120 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# ----- the one guarded writer for loose files ---------------------------------------------------
+def model_folder_of(path: str | Path) -> Path | None:
+    """The model, adapter or training-run folder that `path` is (or lies inside), or None."""
+    path = Path(path).expanduser().absolute()
+    for folder in (path, *path.parents):
+        if not folder.is_dir():
+            continue
+        if any((folder / name).exists() for name in MODEL_FILES) or made_by(folder) in TRAINING_VERBS:
+            return folder
+    return None
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether gpt2ft wrote `path` (recorded in its folder's ledger) and nobody changed it since."""
+    try:
+        ledger = json.loads((path.parent / WRITTEN_LEDGER).read_text(encoding="utf-8"))
+        return isinstance(ledger, dict) and ledger.get(path.name) == file_digest(path)
+    except (OSError, ValueError):
+        return False
+
+
+def check_writable(path: str | Path, *, overwrite: bool = False, inputs=(), what: str = "output",
+                   overwrite_hint: str = "pass --overwrite to replace it") -> Path:
+    """Check, before any work, that a loose file may be written at `path`; the path, or a UserError.
+
+    Refused: a parent that is a file; a folder at `path`; `path` inside a model or run folder; `path`
+    equal to or inside one of `inputs`; an existing file gpt2ft did not write (never replaced, even with
+    `overwrite`); an existing file gpt2ft wrote, unless `overwrite`.
+    """
+    path = Path(path).expanduser()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+            break
+    if path.is_dir():
+        raise UserError(f"cannot write {what} {path}: it is a folder; name a file")
+    for source in inputs:
+        if source is not None and same_path(path, source):
+            raise UserError(f"cannot write {what} {path}: it is (or is inside) the input {source}; "
+                            "choose another name")
+    if folder := model_folder_of(path.parent):
+        raise UserError(f"cannot write {what} {path}: {folder} is a model or run folder; write outside it")
+    if path.exists() or path.is_symlink():
+        if not path.is_file() or not _written_by_us(path):
+            raise UserError(f"{path} already exists and gpt2ft did not write it: choose another name "
+                            "(it is never replaced)")
+        if not overwrite:
+            raise UserError(f"{path} already exists (written by gpt2ft earlier): choose another name, "
+                            f"or {overwrite_hint}")
+    return path
+
+
+def write_user_file(path: str | Path, data: str | bytes, *, overwrite: bool = False, inputs=(),
+                    what: str = "output", overwrite_hint: str = "pass --overwrite to replace it") -> Path:
+    """check_writable, then write atomically and record the file in its folder's ledger (so a later
+    --overwrite may replace it, and nothing else)."""
+    path = check_writable(path, overwrite=overwrite, inputs=inputs, what=what, overwrite_hint=overwrite_hint)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(path, lambda f: f.write(raw))
+    record_written(path)
+    return path
+
+
+def record_written(path: Path) -> None:
+    """Add a file gpt2ft just wrote to its folder's ledger."""
+    ledger_path = path.parent / WRITTEN_LEDGER
+    try:
+        ledger = json.loads(ledger_path.read_text(encoding="utf-8"))
+        ledger = ledger if isinstance(ledger, dict) else {}
+    except (OSError, ValueError):
+        ledger = {}
+    ledger[path.name] = file_digest(path)
+    atomic_write_json(ledger_path, ledger, indent=None)
+
+
+def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | None], flag: str = "--out") -> None:
+    """`--overwrite` never clears a folder that is, holds or lies inside an input of the run (MODEL,
+    --reference, --data, --lora, a draft model): a one-line refusal naming both."""
+    for name, source in inputs.items():
+        if source is None or not isinstance(source, (str, Path)) or not Path(source).exists():
+            continue
+        if same_path(out, source):
+            raise UserError(f"{flag} {out} is, holds or lies inside {name} {source}: choose another {flag} "
+                            "(an input is never overwritten)")
+
+
 # ----- reading ------------------------------------------------------------------------------------
-def read_json(path: Path, what: str = "file"):
+def read_user_text(path: str | Path, what: str = "file", limit: int = MAX_USER_FILE) -> str:
+    """A small user file's text: refused with one line when missing, a folder, over `limit` bytes
+    (with the limit named), binary or not UTF-8."""
+    path = Path(path).expanduser()
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, not a {what}")
+        if size > limit:
+            raise UserError(f"{path}: {size / 2**20:.1f} MB is over the {limit / 2**20:.0f} MB limit for a {what}")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if b"\0" in raw:
+        raise UserError(f"{path}: not a {what} (binary data)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: malformed {what} (not UTF-8 text)") from None
+
+
+def read_json(path: Path, what: str = "file", limit: int | None = None):
     """Parsed JSON, or a UserError naming the file, the line and the problem."""
     try:
+        if limit is not None:
+            return json.loads(read_user_text(path, what, limit))
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed {what} ({e.msg})") from None

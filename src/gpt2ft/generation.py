@@ -15,66 +15,8 @@ import torch
 
 from .errors import UserError
 from .model import GPT
+from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token, and when a completion ends."""
-
-    max_new_tokens: int = 100
-    """Most tokens to generate per prompt."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 means greedy (argmax)."""
-    top_k: int | None = None
-    """Keep only the k most likely tokens (None or 0: all)."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability mass reaches p (1.0: all)."""
-    repetition_penalty: float = 1.0
-    """Divide positive / multiply negative logits of tokens already in the context (1.0: off)."""
-    presence_penalty: float = 0.0
-    """OpenAI's: subtract this from the logit of every token generated so far (-2..2; 0: off)."""
-    frequency_penalty: float = 0.0
-    """OpenAI's: subtract this times the token's count among the generated tokens (-2..2; 0: off)."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the generation; the output stops before them."""
-    seed: int | None = None
-    """Seed for sampling (None: a fresh random seed). Each completion has its own generator."""
-    stop_at_eos: bool = True
-    """End a row at <|endoftext|>."""
-    logprobs: int | None = None
-    """Record log-probabilities (of the model's raw logits): None off; 0 the chosen token's; k also
-    the k most likely tokens'."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise UserError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, not {self.top_k}")
-        if not (0 < self.top_p <= 1) or math.isnan(self.top_p):
-            raise UserError(f"top_p must be in (0, 1], not {self.top_p}")
-        if not 0.01 <= self.repetition_penalty <= 100:  # beyond, logits overflow to inf (NaN NaNs too)
-            raise UserError(f"repetition_penalty must be in [0.01, 100] (1.0: off), not {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not (-2 <= value <= 2):  # also refuses NaN
-                raise UserError(f"{name} must be between -2 and 2, not {value}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or self.logprobs < 0):
-            raise UserError(f"logprobs must be None or an integer >= 0, not {self.logprobs!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in self.stop if s]
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "SamplingConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(kwargs) - names
-        if unknown:
-            raise TypeError(f"unknown sampling option(s): {sorted(unknown)}")
-        return cls(**kwargs)
 
 
 # ----- logits processors (pure functions on (B, V) float logits) ------------------------------

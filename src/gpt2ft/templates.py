@@ -165,6 +165,10 @@ TEMPLATES: dict[str, Template] = {
     "chat": Template(
         "chat", "chat", system="### System:\n{content}\n\n", user="### User:\n{content}\n\n",
         assistant="### Assistant:\n", stop=("\n### User:", "\n### System:")),
+    # What chat and serve give a model tuned without a template (a base GPT-2): a plain transcript.
+    "plain": Template(
+        "plain", "chat", system="{content}\n\n", user="User: {content}\n", assistant="Assistant:",
+        stop=("\nUser:", "\nAssistant:")),
 }
 
 
@@ -200,6 +204,22 @@ def as_template(value) -> Template | None:
     if value is None or isinstance(value, Template):
         return value
     return Template.from_dict(value)
+
+
+def pick_template(name: str | None = None, saved: Template | dict | None = None,
+                  conversations: list[list[dict]] | None = None) -> Template:
+    """The one template picker of sft, dpo, eval, chat and serve: `--template NAME|FILE`; else the
+    template the model was tuned with; else, for training data, `chat` when any conversation is
+    multi-turn or has a system prompt and `alpaca` otherwise; else (talking to an untuned model)
+    `plain`, a User:/Assistant: transcript."""
+    if name:
+        return get_template(name)
+    if (template := as_template(saved)) is not None:
+        return template
+    if conversations is not None:
+        multi_turn = any(len(c) > 2 or (c and c[0].get("role") == "system") for c in conversations)
+        return TEMPLATES["chat" if multi_turn else "alpaca"]
+    return TEMPLATES["plain"]
 
 
 def prompt_for_generation(meta: dict | None, prompt: str, raw: bool = False) -> tuple[str, list[str]]:

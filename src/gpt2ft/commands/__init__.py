@@ -38,26 +38,46 @@ def add_no_verify(p: argparse.ArgumentParser) -> None:
                    help="skip the sha256 check of a gpt2ft checkpoint's files (sizes are still checked)")
 
 
-def add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 100) -> None:
+def add_sampling(p: argparse.ArgumentParser, **defaults) -> None:
+    """Every sampling option that has a flag, from the one schema (gpt2ft.sampling.OPTIONS): its type,
+    range and help; `defaults` are this verb's own defaults (e.g. temperature=0.0 for eval)."""
+    from ..sampling import OPTIONS
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=ranged(int, 1), default=max_new_tokens,
-                   help="most tokens to generate, >= 1 (prompt + these must fit the context)")
-    g.add_argument("--temperature", type=ranged(float, 0), default=temperature, help=">= 0; 0 = greedy")
-    g.add_argument("--top-k", type=ranged(int, 0), default=None, help="keep the k most likely tokens, >= 0 (0: all)")
-    g.add_argument("--top-p", type=ranged(float, 0, 1, lo_open=True), default=1.0,
-                   help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--repetition-penalty", type=ranged(float, 0.01, 100), default=1.0,
-                   help="in [0.01, 100]; 1.0 = off")
-    g.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
-    g.add_argument("--seed", type=ranged(int, 0), default=None, help="sampling seed, >= 0")
+    for opt in OPTIONS.values():
+        if opt.flag is None:
+            continue
+        default = defaults.pop(opt.name, opt.default)
+        if opt.kind is list:
+            g.add_argument(opt.flag, action="append", default=None, metavar="S", help=opt.help + " (repeatable)")
+            continue
+        g.add_argument(opt.flag, type=_option_type(opt), default=default, help=f"{opt.help}; {opt.accepts}")
+    if defaults:
+        raise TypeError(f"not sampling options: {sorted(defaults)}")
+
+
+def _option_type(opt):
+    """argparse `type=` for a schema option: its one check (gpt2ft.sampling.check), as argparse reports it."""
+    from ..errors import UserError
+
+    def convert(text: str):
+        try:
+            return opt.parse_text(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = opt.kind.__name__  # cli._yaml_value reads the base kind
+    convert.kind = opt.kind
+    return convert
 
 
 def sampling_config(args, extra_stop: list[str] | None = None):
-    from ..generation import SamplingConfig
+    """The SamplingConfig of a verb's sampling flags (add_sampling), plus e.g. a template's stop strings."""
+    from ..sampling import OPTIONS, SamplingConfig
 
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          stop=list(args.stop or []) + list(extra_stop or []), seed=args.seed)
+    values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
+    values["stop"] = list(values.get("stop") or []) + list(extra_stop or [])
+    return SamplingConfig(**values)
 
 
 def load_model(args):

@@ -1,0 +1,164 @@
+"""The sampling schema: every sampling option declared once (name, type, range, default, help, and
+its names on each surface), and SamplingConfig, the engine's settings built from it.
+
+The CLI's flags (commands.add_sampling), the server's request fields, the chat REPL's commands with
+its /help and /settings, and the playground's inputs (GET /v1/sampling) are all derived from
+OPTIONS, so a value gets the same verdict everywhere. A leaf: it imports only errors and argtypes.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+from .argtypes import Range
+from .errors import UserError
+
+MAX_STOP_STRINGS = 16  # per request/prompt, besides the model template's own stop strings
+
+
+def option(default=MISSING, *, range: Range | None = None, help: str, flag: str | None = None,
+           command: str | None = None, api: str | None = None, none: str | None = None,
+           default_factory=MISSING):
+    """Field metadata of one sampling option.
+
+    flag: the CLI flag (None: no flag); command: the chat REPL's /command (None: none); api: the
+    request field of the OpenAI-compatible server (None: not there); none: the word that means
+    None in text (e.g. "random" for the seed), for an optional option.
+    """
+    meta = {"range": range, "help": help, "flag": flag, "command": command, "api": api, "none": none}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token, and when a completion ends."""
+
+    max_new_tokens: int = option(100, range=Range(int, 1), flag="--max-new-tokens", command="tokens",
+                                 api="max_tokens",
+                                 help="most tokens to generate (the prompt and these must fit the context)")
+    temperature: float = option(0.8, range=Range(float, 0, 2), flag="--temperature", command="temp",
+                                api="temperature", help="softmax temperature; 0 = greedy (argmax)")
+    top_k: int | None = option(None, range=Range(int, -1), flag="--top-k", command="topk", api="top_k",
+                               none="off", help="keep only the k most likely tokens (0 or -1: all)")
+    top_p: float = option(1.0, range=Range(float, 0, 1, lo_open=True), flag="--top-p", command="topp",
+                          api="top_p", help="keep the most likely tokens whose probability mass reaches p (1: all)")
+    repetition_penalty: float = option(1.0, range=Range(float, 0.01, 100), flag="--repetition-penalty",
+                                       command="penalty", api="repetition_penalty",
+                                       help="divide positive / multiply negative logits of tokens already in "
+                                            "the context (CTRL's penalty; 1 = off)")
+    presence_penalty: float = option(0.0, range=Range(float, -2, 2), flag="--presence-penalty",
+                                     command="presence", api="presence_penalty",
+                                     help="OpenAI's: subtract this from the logit of every token generated "
+                                          "so far (0 = off)")
+    frequency_penalty: float = option(0.0, range=Range(float, -2, 2), flag="--frequency-penalty",
+                                      command="frequency", api="frequency_penalty",
+                                      help="OpenAI's: subtract this times the token's count among the "
+                                           "generated tokens (0 = off)")
+    stop: list[str] = option(default_factory=list, flag="--stop", api="stop",
+                             help=f"strings that end the generation, which stops before them "
+                                  f"(at most {MAX_STOP_STRINGS})")
+    seed: int | None = option(None, range=Range(int, 0, 2**64 - 1), flag="--seed", command="seed", api="seed",
+                              none="random", help="sampling seed (none: a fresh random seed); each completion "
+                                                  "has its own generator")
+    logprobs: int | None = option(None, range=Range(int, 0, 20), api="logprobs",
+                                  help="record log-probabilities of the raw logits: 0 the chosen token's; "
+                                       "k also the k most likely tokens'")
+    stop_at_eos: bool = option(True, help="end a row at <|endoftext|>")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, check(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "SamplingConfig":
+        unknown = set(kwargs) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampling option as every surface sees it."""
+
+    name: str
+    default: object
+    range: Range | None
+    help: str
+    flag: str | None
+    command: str | None
+    api: str | None
+    none: str | None
+    optional: bool
+
+    @property
+    def kind(self) -> type:
+        return self.range.kind if self.range else (bool if isinstance(self.default, bool) else list)
+
+    @property
+    def accepts(self) -> str:
+        """What a value must be, as one phrase: "a number in [0, 2]", "an integer >= 0, or random"."""
+        if self.kind is bool:
+            return "true or false"
+        if self.kind is list:
+            return f"a string or a list of at most {MAX_STOP_STRINGS} strings"
+        text = f"{self.range.noun} {self.range.text}"
+        return f"{text}, or {self.none}" if self.none else text
+
+    def parse_text(self, text: str):
+        """A value typed by a person (a flag, a REPL argument) -> the checked value, or UserError."""
+        if self.none and text.strip().lower() in (self.none, "none"):
+            return None
+        if self.range is None:
+            return check(self.name, text)
+        try:
+            return check(self.name, self.range.parse(text.strip()))
+        except ValueError:
+            raise UserError(f"{self.name} must be {self.accepts}, not {text!r}") from None
+
+    def describe(self) -> dict:
+        """JSON for the playground and /v1/sampling: name, type, bounds, default, help."""
+        r = self.range
+        return {"name": self.name, "api": self.api, "type": self.kind.__name__, "default": self.default,
+                "min": r.lo if r else None, "max": r.hi if r else None,
+                "min_exclusive": bool(r and r.lo_open), "max_exclusive": bool(r and r.hi_open),
+                "optional": self.optional, "accepts": self.accepts, "help": self.help}
+
+
+def _options() -> dict[str, Option]:
+    out = {}
+    for f in fields(SamplingConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        m = f.metadata
+        out[f.name] = Option(f.name, default, m["range"], m["help"], m["flag"], m["command"], m["api"], m["none"],
+                             optional=default is None)
+    return out
+
+
+def check(name: str, value):
+    """The value of option `name` if it is acceptable (normalised: top_k -1 -> 0, a stop string ->
+    [it]); else a UserError naming the option, what it accepts and the value. The one check."""
+    opt = OPTIONS[name]
+    rng = opt.range
+    if value is None and opt.optional:
+        return None
+    if rng is not None:
+        ok_type = not isinstance(value, bool) and (isinstance(value, int) or (rng.kind is float and isinstance(value, float)))
+        if not ok_type or not rng.contains(value):
+            raise UserError(f"{name} must be {opt.accepts}, not {value!r}")
+        value = rng.kind(value)
+        return 0 if name == "top_k" and value == -1 else value
+    if name == "stop":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value) \
+                or len(value) > MAX_STOP_STRINGS:
+            raise UserError(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, not {value!r}")
+        return [s for s in value if s]
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+OPTIONS: dict[str, Option] = _options()
