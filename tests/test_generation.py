@@ -33,6 +33,16 @@ def test_greedy_equals_transformers_generate_and_no_cache(hf_model, tiny_model):
     assert _without_cache(model, prompt[0], 20) == hf
 
 
+def test_empty_prompt_generates_unconditionally_like_transformers(hf_model, tiny_model):
+    """An empty prompt starts from <|endoftext|>, as transformers' generate() does without input ids."""
+    model, tok = tiny_model
+    hf = hf_model.generate(do_sample=False, max_new_tokens=12, min_new_tokens=12, bos_token_id=50256,
+                           pad_token_id=50256)[0, 1:].tolist()
+    assert _ours(model, [[]], 12)[0] == hf
+    c = complete_batch(model, tok, [""], SamplingConfig(max_new_tokens=12, **GREEDY))[0]
+    assert c.token_ids == hf and c.text == tok.decode(hf)
+
+
 def test_static_cache_path_equals_dynamic(tiny_model, monkeypatch):
     model, _ = tiny_model
     prompts = [[1, 2, 3, 4, 5], [9, 8]]

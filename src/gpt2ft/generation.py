@@ -69,8 +69,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
 
 
 def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
-    if prompt_len == 0:
-        raise UserError("the prompt is empty")
+    prompt_len = max(prompt_len, 1)  # an empty prompt starts from <|endoftext|> (Engine.add)
     if prompt_len >= context:
         raise UserError(f"the prompt is {prompt_len} tokens but the model's context is {context}: shorten the prompt")
     if prompt_len + max_new_tokens > context:
@@ -80,9 +79,9 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
 
 
 def fits_context(prompt_ids: list[int], max_new_tokens: int, context: int) -> bool:
-    """Whether a non-empty prompt leaves room for max_new_tokens in the context (the filter of batch jobs
-    that skip, rather than fail on, prompts that are too long)."""
-    return 0 < len(prompt_ids) <= context - max_new_tokens
+    """Whether a prompt leaves room for max_new_tokens in the context (the filter of batch jobs that
+    skip, rather than fail on, prompts that are too long). An empty prompt is one <|endoftext|>."""
+    return max(len(prompt_ids), 1) <= context - max_new_tokens
 
 
 # ----- one completion: tokens -> safe text, stops, finish_reason, usage --------------------------
@@ -288,8 +287,11 @@ class Engine:
         self._logits: torch.Tensor | None = None  # (max_batch, V): each row's next-token logits
 
     def add(self, prompt_ids: list[int], sampling: SamplingConfig | None = None) -> Completion:
-        """Queue a completion of prompt_ids; it joins the batch at the next step()."""
+        """Queue a completion of prompt_ids; it joins the batch at the next step(). An empty prompt is
+        unconditional generation: it starts from <|endoftext|>, as GPT-2 was trained (and as
+        transformers' generate() does without input ids)."""
         sampling = sampling or SamplingConfig()
+        prompt_ids = list(prompt_ids) or [self.tokenizer.eos_id]
         check_context(len(prompt_ids), sampling.max_new_tokens, self.model.config.block_size)
         vocab = self.model.config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
