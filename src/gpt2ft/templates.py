@@ -94,6 +94,33 @@ class Template:
         # no input slot: the input follows the instruction (an {input} slot left unused is emptied)
         return _fill(self.prompt_no_input, instruction=f"{instruction}\n\n{input}" if input else instruction, input="")
 
+    def to_jinja(self) -> str:
+        """The template as a Jinja chat template (Hugging Face's `chat_template`, llama.cpp's
+        `tokenizer.chat_template`): over string contents it renders exactly what render() does, with
+        `eos_token` after each reply, as SFT trained."""
+        def lit(text: str) -> str:
+            return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+        def around(fmt: str, slot: str, expr: str) -> str:
+            before, _, after = _fill(fmt, input="").partition("{" + slot + "}") if slot != "content" \
+                else fmt.partition("{content}")
+            return f"{{{{ {lit(before)} + {expr} + {lit(after)} }}}}"
+
+        reply = "{{ message['content'] + eos_token }}"
+        if self.kind == "chat":
+            turns = {"system": around(self.system, "content", "message['content']"),
+                     "user": around(self.user, "content", "message['content']"),
+                     "assistant": f"{{{{ {lit(self.assistant)} }}}}{reply}"}
+            body = "".join(f"{{%- {'if' if i == 0 else 'elif'} message['role'] == '{role}' -%}}{out}"
+                           for i, (role, out) in enumerate(turns.items()))
+            return (f"{{%- for message in messages -%}}{body}{{%- endif -%}}{{%- endfor -%}}"
+                    f"{{%- if add_generation_prompt -%}}{{{{ {lit(self.assistant)} }}}}{{%- endif -%}}")
+        system = "{%- for message in messages if message['role'] == 'system' -%}" \
+                 "{{ message['content'] + '\\n\\n' }}{%- endfor -%}"
+        user = around(self.prompt_no_input, "instruction", "message['content']")
+        return (f"{system}{{%- for message in messages -%}}{{%- if message['role'] == 'user' -%}}{user}"
+                f"{{%- elif message['role'] == 'assistant' -%}}{reply}{{%- endif -%}}{{%- endfor -%}}")
+
     # ----- storage ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The fields of this kind, as stored in gpt2ft.json (readable by older versions too)."""
