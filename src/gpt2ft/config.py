@@ -111,8 +111,25 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0),
     "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
 }
+# The GPT-3 paper's sizes (Brown et al. 2020, Table 2.1), context 2048, here with dense attention
+# throughout (the paper alternates dense and locally banded sparse layers). GPT-3 XL's table row says
+# 24 heads of 128 dimensions for a width of 2048, which does not divide: 16 heads of 128 are used.
+GPT3_PRESETS = {
+    "gpt3-small": GPTConfig(12, 12, 768, block_size=2048),  # 125M
+    "gpt3-medium": GPTConfig(24, 16, 1024, block_size=2048),  # 350M
+    "gpt3-large": GPTConfig(24, 16, 1536, block_size=2048),  # 760M
+    "gpt3-xl": GPTConfig(24, 16, 2048, block_size=2048),  # 1.3B
+    "gpt3-2.7b": GPTConfig(32, 32, 2560, block_size=2048),  # 2.7B
+}
+PRESETS.update(GPT3_PRESETS)
 for _name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
     PRESETS[f"openai-community/{_name}"] = PRESETS[_name]
+
+
+def preset_help() -> str:
+    """The presets with their parameter counts, for --model-config's help."""
+    return ", ".join(f"{n} ({c.num_params() / 1e6:,.0f}M)" if c.num_params() < 1e9 else
+                     f"{n} ({c.num_params() / 1e9:.1f}B)" for n, c in PRESETS.items() if "/" not in n)
 
 
 def preset(name: str, **overrides) -> GPTConfig:
