@@ -20,7 +20,7 @@ OUTPUT_MARKER = ".gpt2ft-output.json"  # {"made_by": "gpt2ft VERB"}: what made a
 WRITTEN_LEDGER = ".gpt2ft-files.json"  # {file name: sha256}: the loose files gpt2ft wrote in a folder
 # a folder holding any of these is a model, adapter or run folder: no user file is ever written into it
 MODEL_FILES = ("gpt2ft.json", "COMPLETE", "model.safetensors", "pytorch_model.bin", "adapter_model.safetensors",
-               "adapter_config.json", "model.safetensors.index.json", ".lock")
+               "adapter_config.json", "model.safetensors.index.json")
 TRAINING_VERBS = ("gpt2ft pretrain", "gpt2ft finetune", "gpt2ft sft", "gpt2ft dpo", "gpt2ft export")
 MAX_USER_FILE = 50 * 2**20  # the most bytes a conversation or other small user file may have
 
