@@ -1,16 +1,20 @@
 """`gpt2ft chat`: model auto-selection, every command, history dropping, save/load, Ctrl-C, pipes and a pty."""
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import assert_clean_error, hf_tiny, run_cli
-from gpt2ft.chat import Chat, Settings, choose_model, parse_steps, read_conversation, render
+from gpt2ft.chat import Chat, chat_settings, choose_model, render
+from gpt2ft.chat_commands import parse_steps, read_conversation
 from gpt2ft.checkpoint import load, save_model
 from gpt2ft.errors import UserError
-from gpt2ft.templates import get_template
+from gpt2ft.templates import TEMPLATES, get_template
 from gpt2ft.tokenizer import gpt2_tokenizer
 
 GREEDY = ("--temperature", "0", "--max-new-tokens", "12", "--device", "cpu")
@@ -32,9 +36,18 @@ def chat_cli(model, *lines, args=(), **kw):
 def in_process(tiny_model, **kw):
     model, tokenizer = tiny_model
     out, notes = [], []
-    chat = Chat(model, tokenizer, get_template("chat"), Settings(temperature=0, max_new_tokens=12),
+    chat = Chat(model, tokenizer, get_template("chat"), chat_settings(temperature=0, max_new_tokens=12),
                 write=out.append, note=notes.append, **kw)
     return chat, out, notes
+
+
+@pytest.fixture
+def user_dir():
+    """A folder of the user's, outside pytest's basetemp: that holds pytest's `.lock`, which
+    fileio.model_folder_of takes for a training run's lock (so it refuses to write anywhere in it)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpt2ft-chat-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----- which model ----------------------------------------------------------------------------
@@ -88,7 +101,7 @@ def test_rendering_keeps_earlier_turns_as_a_prefix(tiny_model):
     _, tok = tiny_model
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    for template in (get_template("chat"), get_template("alpaca"), None):
+    for template in (get_template("chat"), get_template("alpaca"), TEMPLATES["plain"]):
         first, _ = render(template, history[:2], tok)
         second, stops = render(template, history, tok)
         assert len(second) > len(first) and second[:len(first)] == first and stops  # the cache stays valid
@@ -130,7 +143,8 @@ def test_parse_steps_and_read_conversation_errors(tmp_path):
     assert read_conversation(tmp_path / "one.jsonl") == [{"role": "user", "content": "a"}]
 
 
-def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
+def test_every_command_through_piped_stdin(chat_ckpt, user_dir):
+    tmp_path = user_dir
     saved, transcript = tmp_path / "c.json", tmp_path / "t.jsonl"
     proc = chat_cli(chat_ckpt, "hello", "/temp", "/temp -1", "/temp nan", "/temp 0.5", "/topk x", "/topk 5",
                     "/topp 1.5", "/topp 0.8", "/tokens 0", "/tokens 64", "/tokens 10", "/penalty 0",
@@ -140,15 +154,19 @@ def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
                     "/reset", "/memory", f"/load {tmp_path / 'missing.json'}", f"/load {saved}", "/memory", "/help",
                     "/quit", "never sent", args=("--transcript", transcript, "--stop", "zzz"), check=True)
     err = proc.stderr
-    for needle in ["/temp needs a number >= 0", "not 'nan'", "/topk needs an integer >= 0", "/topp needs a number in (0, 1]",
-                   "/tokens needs an integer from 1 to 63", "/penalty needs a number > 0", "/seed needs an integer >= 0",
+    for needle in ["/temp: temperature must be a number in [0, 2], not '-1'; nothing changed", "not 'nan'",
+                   "/topk: top_k must be an integer >= -1, or off, not 'x'", "/topp: top_p must be a number in (0, 1]",
+                   "/tokens: max_new_tokens must be an integer >= 1, not '0'", "max_new_tokens must be at most 63 here",
+                   "/penalty: repetition_penalty must be a number in [0.01, 100], not '0'",
+                   "/seed: seed must be an integer in [0, 2^64 - 1], or random, not '-3'",
                    "temperature = 0.0", "temperature = 0.5", "top_k = 5", "top_p = 0.8", "max_new_tokens = 10",
                    "repetition_penalty = 1.2", "seed = 7", "unknown command /bogus",
-                   "temperature 0.5, top-k 5, top-p 0.8, tokens 10, penalty 1.2, seed 7",
+                   "max_new_tokens 10, temperature 0.5, top_k 5, top_p 0.8, repetition_penalty 1.2, presence_penalty 0.0, "
+                   "frequency_penalty 0.0, seed 7, stop ['zzz']",
                    "no system prompt", "(system prompt set)", "nothing to undo", "/multi needs a number of steps",
                    "(plan in 2 steps)", "(step 2 of 2:", "the last answer was replaced", "kind       sft",
                    "template   chat", "/save needs a file name", f"saved 3 messages to {saved}", "(conversation cleared",
-                   "0 turns", "missing.json: No such file or directory; nothing changed", "loaded 3 messages", "/help",
+                   "0 turns", "missing.json: cannot read conversation (No such file or directory); nothing changed", "loaded 3 messages", "/help",
                    "no longer fits the model's context of 64 tokens"]:
         assert needle in err, needle
     assert err.count("nothing changed") == 11 and "Traceback" not in err
@@ -166,7 +184,8 @@ def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
     replies = [r for r in rows if r["role"] == "assistant"]
     assert len(replies) == 8 and rows[0] == {**rows[0], "role": "user", "content": "hello"}
     assert replies[1]["settings"] == {"temperature": 0.5, "top_k": 5, "top_p": 0.8, "max_new_tokens": 10,
-                                      "repetition_penalty": 1.2, "seed": 7}
+                                      "repetition_penalty": 1.2, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                                      "seed": 7}
     assert all(r["time_to_first_token_s"] is None or r["time_to_first_token_s"] > 0 for r in replies)
     assert all(r["completion_tokens"] >= 1 and r["finish_reason"] in ("stop", "length") for r in replies)
 
@@ -175,7 +194,8 @@ def _replies(transcript):
     return [r["content"] for r in map(json.loads, transcript.read_text().splitlines()) if r["role"] == "assistant"]
 
 
-def test_reply_equals_generate_and_save_load_continues_identically(chat_ckpt, tmp_path):
+def test_reply_equals_generate_and_save_load_continues_identically(chat_ckpt, user_dir):
+    tmp_path = user_dir
     sampled = ("--temperature", "1", "--top-k", "40", "--top-p", "0.9", "--seed", "5", "--max-new-tokens", "12")
     for flags in (GREEDY, sampled):  # the same rendered prompt, stops and sampling as `generate`
         chat = run_cli("chat", chat_ckpt, *flags, input="What is two plus two?\n", check=True).stdout
@@ -271,7 +291,7 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
     child.sendintr()  # clears the typed line
     child.expect(">>> ")
     child.sendline("/settings")
-    child.expect("tokens 2,")
+    child.expect("max_new_tokens 2,")
     child.expect(">>> ")
     child.sendintr()  # at an empty prompt: leaves
     child.expect(pexpect.EOF)
@@ -282,7 +302,7 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=0, top_p=1.0, seed=1)])
 def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(long_ckpt, sampling):
     model, tokenizer = load(long_ckpt)
-    settings = Settings(max_new_tokens=16, **sampling)  # greedy; and sampled with a seed (varied tokens)
+    settings = chat_settings(max_new_tokens=16, **sampling)  # greedy; and sampled with a seed (varied tokens)
 
     def new_chat():
         return Chat(model, tokenizer, get_template("chat"), settings, write=lambda t: None, note=lambda t: None)
