@@ -1,16 +1,20 @@
 """`gpt2ft chat`: model auto-selection, every command, history dropping, save/load, Ctrl-C, pipes and a pty."""
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import assert_clean_error, hf_tiny, run_cli
-from gpt2ft.chat import Chat, Settings, choose_model, parse_steps, read_conversation, render
+from gpt2ft.chat import Chat, chat_settings, choose_model, render
+from gpt2ft.chat_commands import parse_steps, read_conversation
 from gpt2ft.checkpoint import load, save_model
 from gpt2ft.errors import UserError
-from gpt2ft.templates import get_template
+from gpt2ft.templates import TEMPLATES, get_template
 from gpt2ft.tokenizer import gpt2_tokenizer
 
 GREEDY = ("--temperature", "0", "--max-new-tokens", "12", "--device", "cpu")
@@ -29,12 +33,21 @@ def chat_cli(model, *lines, args=(), **kw):
     return run_cli("chat", model, *GREEDY, *args, input="".join(line + "\n" for line in lines), **kw)
 
 
-def in_process(tiny_model, **kw):
+def in_process(tiny_model, template="chat", **kw):
     model, tokenizer = tiny_model
     out, notes = [], []
-    chat = Chat(model, tokenizer, get_template("chat"), Settings(temperature=0, max_new_tokens=12),
+    chat = Chat(model, tokenizer, template and get_template(template), chat_settings(temperature=0, max_new_tokens=12),
                 write=out.append, note=notes.append, **kw)
     return chat, out, notes
+
+
+@pytest.fixture
+def user_dir():
+    """A folder of the user's, outside pytest's basetemp: that holds pytest's `.lock`, which
+    fileio.model_folder_of takes for a training run's lock (so it refuses to write anywhere in it)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpt2ft-chat-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----- which model ----------------------------------------------------------------------------
@@ -88,7 +101,7 @@ def test_rendering_keeps_earlier_turns_as_a_prefix(tiny_model):
     _, tok = tiny_model
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    for template in (get_template("chat"), get_template("alpaca"), None):
+    for template in (get_template("chat"), get_template("alpaca"), TEMPLATES["plain"]):
         first, _ = render(template, history[:2], tok)
         second, stops = render(template, history, tok)
         assert len(second) > len(first) and second[:len(first)] == first and stops  # the cache stays valid
@@ -130,7 +143,8 @@ def test_parse_steps_and_read_conversation_errors(tmp_path):
     assert read_conversation(tmp_path / "one.jsonl") == [{"role": "user", "content": "a"}]
 
 
-def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
+def test_every_command_through_piped_stdin(chat_ckpt, user_dir):
+    tmp_path = user_dir
     saved, transcript = tmp_path / "c.json", tmp_path / "t.jsonl"
     proc = chat_cli(chat_ckpt, "hello", "/temp", "/temp -1", "/temp nan", "/temp 0.5", "/topk x", "/topk 5",
                     "/topp 1.5", "/topp 0.8", "/tokens 0", "/tokens 64", "/tokens 10", "/penalty 0",
@@ -140,15 +154,19 @@ def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
                     "/reset", "/memory", f"/load {tmp_path / 'missing.json'}", f"/load {saved}", "/memory", "/help",
                     "/quit", "never sent", args=("--transcript", transcript, "--stop", "zzz"), check=True)
     err = proc.stderr
-    for needle in ["/temp needs a number >= 0", "not 'nan'", "/topk needs an integer >= 0", "/topp needs a number in (0, 1]",
-                   "/tokens needs an integer from 1 to 63", "/penalty needs a number > 0", "/seed needs an integer >= 0",
+    for needle in ["/temp: temperature must be a number in [0, 2], not '-1'; nothing changed", "not 'nan'",
+                   "/topk: top_k must be an integer >= -1, or off, not 'x'", "/topp: top_p must be a number in (0, 1]",
+                   "/tokens: max_new_tokens must be an integer >= 1, not '0'", "max_new_tokens must be at most 63 here",
+                   "/penalty: repetition_penalty must be a number in [0.01, 100], not '0'",
+                   "/seed: seed must be an integer in [0, 2^64 - 1], or random, not '-3'",
                    "temperature = 0.0", "temperature = 0.5", "top_k = 5", "top_p = 0.8", "max_new_tokens = 10",
                    "repetition_penalty = 1.2", "seed = 7", "unknown command /bogus",
-                   "temperature 0.5, top-k 5, top-p 0.8, tokens 10, penalty 1.2, seed 7",
+                   "max_new_tokens 10, temperature 0.5, top_k 5, top_p 0.8, repetition_penalty 1.2, presence_penalty 0.0, "
+                   "frequency_penalty 0.0, seed 7, stop ['zzz']",
                    "no system prompt", "(system prompt set)", "nothing to undo", "/multi needs a number of steps",
                    "(plan in 2 steps)", "(step 2 of 2:", "the last answer was replaced", "kind       sft",
                    "template   chat", "/save needs a file name", f"saved 3 messages to {saved}", "(conversation cleared",
-                   "0 turns", "missing.json: No such file or directory; nothing changed", "loaded 3 messages", "/help",
+                   "0 turns", "missing.json: cannot read conversation (No such file or directory); nothing changed", "loaded 3 messages", "/help",
                    "no longer fits the model's context of 64 tokens"]:
         assert needle in err, needle
     assert err.count("nothing changed") == 11 and "Traceback" not in err
@@ -166,7 +184,8 @@ def test_every_command_through_piped_stdin(chat_ckpt, tmp_path):
     replies = [r for r in rows if r["role"] == "assistant"]
     assert len(replies) == 8 and rows[0] == {**rows[0], "role": "user", "content": "hello"}
     assert replies[1]["settings"] == {"temperature": 0.5, "top_k": 5, "top_p": 0.8, "max_new_tokens": 10,
-                                      "repetition_penalty": 1.2, "seed": 7}
+                                      "repetition_penalty": 1.2, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                                      "seed": 7}
     assert all(r["time_to_first_token_s"] is None or r["time_to_first_token_s"] > 0 for r in replies)
     assert all(r["completion_tokens"] >= 1 and r["finish_reason"] in ("stop", "length") for r in replies)
 
@@ -175,7 +194,8 @@ def _replies(transcript):
     return [r["content"] for r in map(json.loads, transcript.read_text().splitlines()) if r["role"] == "assistant"]
 
 
-def test_reply_equals_generate_and_save_load_continues_identically(chat_ckpt, tmp_path):
+def test_reply_equals_generate_and_save_load_continues_identically(chat_ckpt, user_dir):
+    tmp_path = user_dir
     sampled = ("--temperature", "1", "--top-k", "40", "--top-p", "0.9", "--seed", "5", "--max-new-tokens", "12")
     for flags in (GREEDY, sampled):  # the same rendered prompt, stops and sampling as `generate`
         chat = run_cli("chat", chat_ckpt, *flags, input="What is two plus two?\n", check=True).stdout
@@ -271,7 +291,7 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
     child.sendintr()  # clears the typed line
     child.expect(">>> ")
     child.sendline("/settings")
-    child.expect("tokens 2,")
+    child.expect("max_new_tokens 2,")
     child.expect(">>> ")
     child.sendintr()  # at an empty prompt: leaves
     child.expect(pexpect.EOF)
@@ -282,7 +302,7 @@ def test_terminal_multiline_and_ctrl_c_at_the_prompt(long_ckpt):
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=0, top_p=1.0, seed=1)])
 def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(long_ckpt, sampling):
     model, tokenizer = load(long_ckpt)
-    settings = Settings(max_new_tokens=16, **sampling)  # greedy; and sampled with a seed (varied tokens)
+    settings = chat_settings(max_new_tokens=16, **sampling)  # greedy; and sampled with a seed (varied tokens)
 
     def new_chat():
         return Chat(model, tokenizer, get_template("chat"), settings, write=lambda t: None, note=lambda t: None)
@@ -335,3 +355,187 @@ def test_a_model_sft_on_the_secret_task_answers_it_in_chat_also_through_lora(tmp
     auto = run_cli("chat", "--runs", tmp_path, "--model", "sft", *GREEDY, input=script, check=True)
     assert full.stdout.strip() == adapter.stdout.strip() == auto.stdout.strip() == "rainbow unicorn"
     assert f"model: {tmp_path / 'lora'}, the newest sft run" in auto.stderr  # an adapter run: base from its metadata
+
+
+# ----- one schema; no command error ends the chat; files a user owns ----------------------------
+def test_sampling_commands_help_and_settings_are_derived_from_the_schema(tiny_model, monkeypatch):
+    import dataclasses
+
+    from gpt2ft import sampling
+    from gpt2ft.argtypes import Range
+
+    # a new option in the schema appears in the REPL with its range and help, with no REPL change
+    min_p = sampling.Option("min_p", 0.0, Range(float, 0, 1), "drop tokens below min_p times the top one", None,
+                            "minp", None, None, False)
+    monkeypatch.setitem(sampling.OPTIONS, "min_p", min_p)
+    # and an option's command and range, changed there, change here
+    monkeypatch.setitem(sampling.OPTIONS, "temperature",
+                        dataclasses.replace(sampling.OPTIONS["temperature"], command="heat", range=Range(float, 0, 5)))
+    chat, out, notes = in_process(tiny_model)
+    chat.handle("/help")
+    assert "/minp X" in notes[-1] and "min_p: a number in [0, 1]; drop tokens below" in notes[-1]
+    assert "/heat X" in notes[-1] and "a number in [0, 5]" in notes[-1] and "/temp " not in notes[-1]
+    chat.handle("/minp 0.25")
+    chat.handle("/heat 4")
+    assert notes[-2:] == ["min_p = 0.25", "temperature = 4.0"] and chat.settings.min_p == 0.25
+    chat.handle("/minp 2")
+    assert notes[-1] == "/minp: min_p must be a number in [0, 1], not '2'; nothing changed"
+    chat.handle("/temp 1")
+    assert notes[-1].startswith("unknown command /temp") and "/heat" in notes[-1] and "/minp" in notes[-1]
+    chat.handle("/settings")
+    assert "temperature 4.0" in notes[-1] and notes[-1].endswith("min_p 0.25")
+    assert chat.settings.temperature == 4.0 and chat.settings.top_k == 40  # chat's defaults
+
+
+def test_every_bad_value_file_or_message_is_one_line_and_the_chat_goes_on(chat_ckpt, user_dir):
+    d = user_dir
+    (d / "binary.json").write_bytes(b"\x00\x01\x02{}" * 10)
+    (d / "latin1.json").write_bytes('{"messages": [{"role": "user", "content": "caf\xe9"}]}'.encode("latin-1"))
+    (d / "notes.txt").write_text("my notes\n")
+    (d / "big.json").write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 2**20}]}))
+    (d / "a-file").write_text("a file\n")
+    model_file = chat_ckpt / "model.safetensors"
+    kept = {p: p.read_bytes() for p in (model_file, d / "notes.txt", d / "a-file", d / "big.json")}
+    bad = ["/penalty 1000", "/temp 5", "/topk 1.5", "/topp 0", "/tokens 1000000", "/seed x", "/presence 3",
+           "/frequency nan", f"/load {d / 'binary.json'}", f"/load {d / 'latin1.json'}", f"/load {d / 'notes.txt'}",
+           f"/load {d / 'big.json'}", f"/load {d}", f"/save {model_file}", f"/save {d / 'notes.txt'}",
+           f"/save {d / 'a-file' / 'x.json'}", f"/save {d}"]
+    proc = chat_cli(chat_ckpt, "hello", *bad, "word " * 100, "/memory", "second message", check=True)
+    err = proc.stderr
+    assert "Traceback" not in err and len(proc.stdout.splitlines()) == 2  # both messages got a reply
+    assert err.count("; nothing changed\n") == len(bad)
+    for needle in ["repetition_penalty must be a number in [0.01, 100], not '1000'", "temperature must be a number in "
+                   "[0, 2], not '5'", "top_k must be an integer >= -1, or off, not '1.5'", "presence_penalty must be a "
+                   "number in [-2, 2]", "binary.json: not a conversation (binary data)",
+                   "latin1.json: malformed conversation (not UTF-8 text)", "notes.txt: not a JSON conversation",
+                   "big.json: 1.0 MB is over the 1 MB limit for a conversation", "is a folder, not a conversation",
+                   f"/save: cannot write conversation {model_file}: {chat_ckpt} is a model or run folder",
+                   "notes.txt already exists and gpt2ft did not write it: choose another name",
+                   "a-file is a file, not a folder", "it is a folder; name a file",
+                   "that message needs", "send a shorter one", "1 turns (2 messages)"]:
+        assert needle in err, needle
+    assert all(p.read_bytes() == b for p, b in kept.items()) and sorted(q.name for q in d.iterdir()) == \
+        ["a-file", "big.json", "binary.json", "latin1.json", "notes.txt"]
+
+
+def test_a_failing_turn_keeps_the_conversation(tiny_model):
+    chat, out, notes = in_process(tiny_model)
+    chat.handle("hello")
+    before = [dict(m) for m in chat.messages]
+
+    def broken(*args, **kw):
+        raise UserError("the engine refused")
+
+    chat.engine.complete = broken
+    for line in ("again", "/retry", "/refine", "/multi 2 go"):
+        chat.handle(line)
+        assert notes[-1] == "the engine refused; nothing changed" and chat.messages == before, line
+    del chat.engine.complete
+    assert chat.say("and now?") is not None and len(chat.messages) == 4
+
+
+def test_save_replaces_only_a_file_this_chat_saved(tiny_model, user_dir):
+    path = user_dir / "c.json"
+    chat, _, notes = in_process(tiny_model)
+    chat.handle("hi")
+    chat.handle(f"/save {path}")
+    chat.handle("more")
+    chat.handle(f"/save {path}")  # the same chat again: replaced
+    assert notes[-1].startswith(f"(saved {len(chat.messages)} messages to {path}")
+    assert read_conversation(path) == chat.conversation()
+    saved = path.read_bytes()
+    other, _, other_notes = in_process(tiny_model)  # a later chat: never replaces it
+    other.handle("hey")
+    other.handle(f"/save {path}")
+    assert other_notes[-1] == (f"/save: {path} already exists (written by gpt2ft earlier): choose another name, or "
+                               "remove it first (only a file this chat saved is replaced); nothing changed")
+    assert path.read_bytes() == saved
+    other.handle(f"/load {path}")
+    assert other.messages == chat.messages
+    path.write_text(path.read_text().replace("hi", "hello"))  # edited by the user: no longer gpt2ft's
+    chat.handle(f"/save {path}")
+    assert "gpt2ft did not write it" in notes[-1] and "hello" in path.read_text()
+
+
+def test_transcript_appends_only_to_its_own_file(tiny_model, chat_ckpt, user_dir):
+    from gpt2ft.chat import Transcript
+
+    log = user_dir / "t.jsonl"
+    for _ in range(2):  # a new file, then the same transcript in a later chat: appended
+        chat, _, _ = in_process(tiny_model, transcript=Transcript(log))
+        chat.handle("hi")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["role"] for r in rows] == ["user", "assistant"] * 2
+    (user_dir / "notes.jsonl").write_text('{"role": "user", "time": 1}\n')
+    chat.handle(f"/save {user_dir / 'c.jsonl'}")  # written by gpt2ft, but not a transcript
+    for target, needle in [(user_dir / "notes.jsonl", "gpt2ft did not write it"), (user_dir / "c.jsonl", "not a chat "
+                           "transcript"), (chat_ckpt / "t.jsonl", "model or run folder"), (user_dir, "is a folder"),
+                           (user_dir / "notes.jsonl" / "t.jsonl", "is a file, not a folder")]:
+        with pytest.raises(UserError, match=needle):
+            Transcript(target)
+    with open(log, "a") as f:  # appended to by someone else: not gpt2ft's any more
+        f.write('{"role": "user", "time": 2, "content": "mine"}\n')
+    with pytest.raises(UserError, match="gpt2ft did not write it"):
+        Transcript(log)
+    proc = chat_cli(chat_ckpt, "hi", args=("--transcript", user_dir / "notes.jsonl"))
+    assert_clean_error(proc, "--transcript", "notes.jsonl")
+
+
+def test_a_model_without_a_template_gets_the_plain_one_as_in_the_server(tiny_model):
+    from gpt2ft.templates import pick_template
+
+    chat, out, notes = in_process(tiny_model, template=None, system="Be brief.")
+    assert chat.template is pick_template(None, None) is TEMPLATES["plain"] and chat.untuned
+    chat.handle("hi")
+    ids, stops = chat.render(chat.conversation() + [{"role": "user", "content": "and?"}])
+    assert tiny_model.tokenizer.decode(ids) == f"Be brief.\n\nUser: hi\nAssistant:{chat.messages[-1]['content']}" \
+                                              "<|endoftext|>User: and?\nAssistant:"
+    assert stops == ["\nUser:", "\nAssistant:"]
+    chat.handle("/info")
+    assert "template   plain (the model has no saved template)" in notes[-1]
+
+
+def test_a_long_loaded_conversation_costs_a_few_renders(tiny_model, user_dir, monkeypatch):
+    import gpt2ft.chat as chat_module
+
+    turns = [{"role": r, "content": f"turn {i} " + "word " * 20} for i in range(3000) for r in ("user", "assistant")]
+    path = user_dir / "long.json"
+    path.write_text(json.dumps({"messages": turns}))
+    assert path.stat().st_size < 2**20
+    chat, _, notes = in_process(tiny_model)
+    chat.handle(f"/load {path}")
+    calls = []
+    render = chat_module.render
+    monkeypatch.setattr(chat_module, "render", lambda *a: calls.append(len(a[1])) or render(*a))
+    reply = chat.say("hello")
+    assert reply is not None and len(calls) <= 30 and sum(calls) < 6000 * 2  # not one render per dropped turn
+    assert len(chat.dropped) + len(chat.messages) == 6002 and chat.messages[-2]["content"] == "hello"
+    # the fewest turns were dropped: one more exchange would not leave room for the reply
+    room = lambda messages: chat.context - len(render(chat.template, messages, chat.tokenizer)[0])  # noqa: E731
+    assert room(chat.messages[:-1]) >= 12 > room(chat.dropped[-2:] + chat.messages[:-1])
+
+
+def test_terminal_bad_commands_keep_the_conversation(long_ckpt, user_dir):
+    import pexpect
+
+    (user_dir / "bin.json").write_bytes(b"\x00" * 100)
+    child = _spawn(long_ckpt, "--temperature", "0", "--max-new-tokens", "3")
+    child.expect(">>> ")
+    child.sendline("hello")
+    child.expect(">>> ")
+    for line, needle in [("/penalty 1000", r"not '1000'; nothing changed"), ("/tokens 5000", "at most 1023 here"),
+                         (f"/load {user_dir / 'bin.json'}", r"binary data\); nothing changed"),
+                         (f"/save {user_dir / 'bin.json' / 'x.json'}", "is a file, not a folder"),
+                         (f"/save {long_ckpt / 'config.json'}", "model or run folder"), ("/seed -1", "or random")]:
+        child.sendline(line)
+        child.expect(needle)
+        child.expect(">>> ")
+    child.sendline("again")
+    child.expect(">>> ")
+    child.sendline("/memory")
+    child.expect(r"2 turns \(4 messages\)")
+    child.expect(">>> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and (user_dir / "bin.json").read_bytes() == b"\x00" * 100

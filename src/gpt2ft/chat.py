@@ -1,19 +1,22 @@
-"""The multi-turn chat behind `gpt2ft chat`: which model, the conversation, its commands, the REPL.
+"""The multi-turn chat behind `gpt2ft chat`: which model, the conversation, the REPL (its /commands
+are in chat_commands).
 
 A conversation is a list of {"role", "content"} messages (the `messages` format `sft` trains on),
-rendered with the model's template on every turn. The completion engine keeps the conversation's
-KV cache between turns, so a turn prefills only what changed since the last one.
+rendered with the model's template on every turn (a model without one gets templates.pick_template's
+fallback, as in the server). The completion engine keeps the conversation's KV cache between turns,
+so a turn prefills only what changed since the last one.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .chat_commands import Commands, command_settings, parse_steps, read_conversation  # noqa: F401
 from .errors import UserError
-from .generation import SamplingConfig, Session
+from .sampling import SamplingConfig
+from .templates import pick_template
 
 KINDS = ("dpo", "sft", "finetune", "pretrain")  # preference order of auto-selection
 KIND_NAMES = {"pretrained": "pretrain", **{k: k for k in KINDS}}
@@ -113,8 +116,16 @@ def how_to_make(kind: str) -> str:
 
 
 # ----- model and prompt ----------------------------------------------------------------------
+CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "max_new_tokens": 150}  # chat's own defaults
+
+
+def chat_settings(**values) -> SamplingConfig:
+    """Chat's sampling settings: the schema's SamplingConfig with chat's defaults (CHAT_DEFAULTS)."""
+    return SamplingConfig(**{**CHAT_DEFAULTS, **values})
+
+
 def load_chat_model(ref: str, device: str, dtype: str, lora: str | None, verify: bool = True):
-    """(loaded model, template): the checkpoint's template, or the adapter's with --lora."""
+    """(loaded model, saved template or None): the checkpoint's template, or the adapter's with --lora."""
     from .checkpoint import load, read_meta, resolve
     from .templates import as_template
 
@@ -124,83 +135,12 @@ def load_chat_model(ref: str, device: str, dtype: str, lora: str | None, verify:
 
 
 def render(template, messages: list[dict], tokenizer) -> tuple[list[int], list[str]]:
-    """Token ids of the conversation followed by the assistant's cue, and the stop strings.
+    """Token ids of the conversation followed by the assistant's cue, and the stop strings: exactly the
+    tokens SFT trains on (every reply ends with EOS), so the ids of earlier turns do not change when a
+    turn is added and the kept cache stays valid."""
+    from .data.sft import prompt_ids
 
-    With a template, exactly the tokens SFT trained on (every reply ends with EOS), so the ids of
-    earlier turns do not change when a turn is added and the kept cache stays valid. A model
-    without a template (a base model) sees a plain User:/Assistant: transcript.
-    """
-    if template is not None:
-        from .data.sft import prompt_ids
-
-        return prompt_ids(messages, template, tokenizer), list(template.stop)
-    text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}\n"
-                   for m in messages)
-    return tokenizer.encode(text + "Assistant:"), ["\nUser:", "\nAssistant:"]
-
-
-# ----- the conversation -----------------------------------------------------------------------
-@dataclass
-class Settings:
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.9
-    max_new_tokens: int = 150
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def describe(self) -> str:
-        return (f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}, top-p {self.top_p:g}, "
-                f"tokens {self.max_new_tokens}, penalty {self.repetition_penalty:g}, "
-                f"seed {'random' if self.seed is None else self.seed}")
-
-
-def _number(kind, check, what):
-    def parse(text: str):
-        value = kind(text)
-        if not check(value):
-            raise ValueError
-        return value
-    parse.what = what
-    return parse
-
-
-def _seed(text: str):
-    if text.lower() in ("random", "none", "off"):
-        return None
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
-
-
-_seed.what = "an integer >= 0, or 'random'"
-
-# command -> (Settings field, parser); /tokens is checked against the context separately
-SETTING_COMMANDS = {
-    "temp": ("temperature", _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0: greedy)")),
-    "topk": ("top_k", _number(int, lambda v: v >= 0, "an integer >= 0 (0: off)")),
-    "topp": ("top_p", _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")),
-    "tokens": ("max_new_tokens", _number(int, lambda v: v >= 1, "an integer >= 1")),
-    "penalty": ("repetition_penalty", _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0 (1: off)")),
-    "seed": ("seed", _seed),
-}
-
-HELP = """commands:
-  /quit, /exit         leave (also Ctrl-D, or Ctrl-C at the prompt)
-  /reset               forget the conversation (the system prompt stays)
-  /temp X  /topk N  /topp X  /tokens N  /penalty X  /seed N|random   sampling (no value: show it)
-  /system [TEXT|none]  show, set or clear the system prompt
-  /undo                remove the last exchange;  /retry  answer the last message again
-  /save FILE  /load FILE   the conversation as `messages` JSON (trainable with `gpt2ft sft`)
-  /info  /settings  /memory   the model; sampling settings; what the conversation holds
-  /refine [HOW]        ask the model to improve its last answer, and replace it
-  /multi N TASK        a plan of N steps, then an answer to each step
-  /help                this list
-Ctrl-C stops a reply (it is kept, marked as cut). A message that starts with / is sent as //message."""
-
-COMMANDS = ("quit", "exit", "reset", *SETTING_COMMANDS, "system", "undo", "retry", "save", "load", "info",
-            "settings", "memory", "refine", "multi", "help")
+    return prompt_ids(messages, template, tokenizer), list(template.stop)
 
 
 @dataclass
@@ -220,22 +160,59 @@ class Reply:
         return (self.completion_tokens - 1) / decode if decode > 0 and self.completion_tokens > 1 else 0.0
 
 
+class Transcript:
+    """--transcript FILE: one JSON line per turn, appended to a new file or to a transcript gpt2ft wrote
+    (its ledger entry is updated after each line); any other file, a folder, a model or run folder is
+    refused when the chat starts. The file is created with the first line."""
+
+    def __init__(self, path: str | Path, inputs=()):
+        from .fileio import check_writable
+
+        self.path = Path(path).expanduser()
+        try:
+            check_writable(self.path, overwrite=True, inputs=inputs, what="transcript")
+        except UserError as e:
+            raise UserError(f"--transcript: {e}") from None
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                first = f.readline()
+            try:
+                row = json.loads(first)
+                ok = isinstance(row, dict) and "role" in row and "time" in row
+            except ValueError:
+                ok = False
+            if not ok:
+                raise UserError(f"--transcript {self.path} exists and is not a chat transcript; choose a new file")
+
+    def write(self, row: dict) -> None:
+        from .fileio import record_written, write_user_file
+
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        if not self.path.exists():
+            write_user_file(self.path, line, what="transcript")
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+        record_written(self.path)
+
+
+# ----- the conversation -----------------------------------------------------------------------
 @dataclass
-class Chat:
-    """A conversation with one model: history, settings, commands and replies.
+class Chat(Commands):
+    """A conversation with one model: history, settings, commands (chat_commands) and replies.
 
     write(text) prints reply text; note(text) prints everything else (messages, command output).
+    settings.stop holds the user's stop strings (--stop), used besides the template's.
     """
 
     model: object
     tokenizer: object
-    template: object = None
-    settings: Settings = field(default_factory=Settings)
+    template: object = None  # None: the model has no saved template (templates.pick_template's fallback)
+    settings: SamplingConfig = field(default_factory=chat_settings)
     system: str | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings besides the template's (--stop)
     write: object = None
     note: object = None
-    transcript: object = None  # an open text file: one JSON line per turn
+    transcript: Transcript | None = None
     verbose: bool = False
     model_info: dict = field(default_factory=dict)
     messages: list[dict] = field(default_factory=list)  # user/assistant turns (the system prompt is apart)
@@ -244,10 +221,15 @@ class Chat:
     last_reply: Reply | None = None
 
     def __post_init__(self):
+        from .generation import Session
+
         self.write = self.write or (lambda text: print(text, end="", flush=True))
         self.note = self.note or (lambda text: print(text, flush=True))
+        self.untuned = self.template is None
+        self.template = pick_template(None, self.template)
         self.engine = Session(self.model, self.tokenizer)  # keeps the conversation's KV cache
         self.context = self.model.config.block_size
+        self.saved: set[Path] = set()  # files /save wrote in this chat (a later /save may replace them)
         self._told_dropping = False
         if self.settings.max_new_tokens >= self.context:  # e.g. the default 150 on a tiny model
             tokens = max(1, self.context // 2)
@@ -256,10 +238,13 @@ class Chat:
             self.settings.max_new_tokens = tokens
 
     # ----- turns ------------------------------------------------------------------------------
-    def conversation(self) -> list[dict]:
-        """The messages to render: the system prompt, then the turns."""
+    def render(self, messages: list[dict]) -> tuple[list[int], list[str]]:
+        return render(self.template, messages, self.tokenizer)
+
+    def conversation(self, start: int = 0) -> list[dict]:
+        """The messages to render: the system prompt, then the turns (from turn `start`)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages[start:]]
 
     def say(self, text: str) -> Reply | None:
         """A user turn: add it, answer it, keep the answer."""
@@ -284,38 +269,60 @@ class Chat:
         return reply
 
     def fit(self, extra: list[dict]):
-        """(prompt ids, stops, max new tokens) with the oldest turns dropped until the reply fits;
-        None (and a message) when even the system prompt and the newest message do not fit."""
+        """(prompt ids, stops, max new tokens) with the fewest oldest turns dropped (whole exchanges)
+        for the reply to fit; None (and a message) when even the system prompt and the newest message
+        do not fit. The search renders from the newest turns back, so a long loaded conversation costs
+        a few renders, not one per dropped turn."""
         keep = 2 if extra else 1  # the newest exchange (or user message) always stays
-        head = self.conversation()[:1] if self.system else []
-        needed = len(render(self.template, head + self.messages[-keep:] + extra, self.tokenizer)[0])
-        if needed >= self.context:  # refuse before dropping anything
-            self.note(f"that message needs {needed} tokens with the conversation's template but the model's "
-                      f"context is {self.context}: send a shorter one"
+        starts, i = [0], 0  # where the kept turns may begin, oldest first; the last keeps only `keep`
+        while len(self.messages) - i > keep:
+            i += 2 if len(self.messages) - i - keep >= 2 and self.messages[i]["role"] == "user" else 1
+            starts.append(i)
+        rendered = {}
+
+        def room(j: int) -> int:
+            if j not in rendered:
+                rendered[j] = self.render(self.conversation(starts[j]) + extra)
+            return self.context - len(rendered[j][0])
+
+        want, last = self.settings.max_new_tokens, len(starts) - 1
+        if room(last) <= 0:  # refuse before dropping anything
+            self.note(f"that message needs {self.context - room(last)} tokens with the conversation's template "
+                      f"but the model's context is {self.context}: send a shorter one"
                       + (" or shorten the system prompt" if self.system else ""))
             return None
-        while True:
-            ids, stops = render(self.template, self.conversation() + extra, self.tokenizer)
-            room = self.context - len(ids)
-            if room >= self.settings.max_new_tokens:
-                return ids, stops, self.settings.max_new_tokens
-            droppable = len(self.messages) - keep
-            if droppable <= 0:  # only the newest message is left: answer as much as fits
-                return ids, stops, room
-            n = 2 if droppable >= 2 and self.messages[0]["role"] == "user" else 1  # a whole exchange
-            self.dropped += self.messages[:n]
-            del self.messages[:n]
-            self.cut = {i - n for i in self.cut if i >= n}
-            if not self._told_dropping:
-                self._told_dropping = True
-                self.note(f"(the conversation no longer fits the model's context of {self.context} tokens: "
-                          "the oldest turns are dropped from now on; /memory lists them)")
+        if room(0) >= want or room(last) < want:  # nothing to drop; or answer as much as fits
+            j = 0 if room(0) >= want else last
+        else:  # room(lo) < want <= room(hi): gallop back from the newest turns, then bisect
+            lo, hi, step = 0, last, 1
+            while hi - step > lo:
+                if room(hi - step) < want:
+                    lo = hi - step
+                    break
+                hi, step = hi - step, step * 2
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if room(mid) >= want else (mid, hi)
+            j = hi
+        if starts[j]:
+            self.drop(starts[j])
+        ids, stops = rendered[j]
+        return ids, stops, min(want, self.context - len(ids))
+
+    def drop(self, n: int) -> None:
+        """Move the n oldest turns to `dropped` (they no longer fit the context)."""
+        self.dropped += self.messages[:n]
+        del self.messages[:n]
+        self.cut = {i - n for i in self.cut if i >= n}
+        if not self._told_dropping:
+            self._told_dropping = True
+            self.note(f"(the conversation no longer fits the model's context of {self.context} tokens: "
+                      "the oldest turns are dropped from now on; /memory lists them)")
 
     def generate(self, prompt_ids: list[int], stops: list[str], max_new: int) -> Reply:
         """Stream one reply to write(); Ctrl-C stops it and keeps what was written."""
-        s = self.settings
-        cfg = SamplingConfig(max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                             repetition_penalty=s.repetition_penalty, stop=stops + self.stop, seed=s.seed)
+        cfg = replace(self.settings, max_new_tokens=max_new)
+        cfg.stop = stops + cfg.stop  # the template's stops come on top of the user's (checked) ones
         start = time.perf_counter()
         stream = self.engine.complete(prompt_ids, cfg)
         shown, ttft, finish = [], None, None
@@ -338,224 +345,22 @@ class Chat:
                       f"{reply.completion_tokens} tokens, prompt {reply.prompt_tokens} tokens of which "
                       f"{reply.cached_tokens} cached, {reply.finish_reason})")
         self.log({"role": "assistant", "content": reply.text, "finish_reason": reply.finish_reason,
-                  "settings": vars(self.settings).copy(), "prompt_tokens": reply.prompt_tokens,
+                  "settings": command_settings(self.settings), "prompt_tokens": reply.prompt_tokens,
                   "completion_tokens": reply.completion_tokens, "cached_tokens": reply.cached_tokens,
                   "time_to_first_token_s": reply.ttft, "seconds": round(seconds, 4),
                   "tokens_per_s": round(reply.tokens_per_s, 2)})
         return reply
 
     def log(self, row: dict) -> None:
-        if self.transcript is not None:
-            self.transcript.write(json.dumps({"time": round(time.time(), 3), **row}, ensure_ascii=False) + "\n")
-            self.transcript.flush()
-
-    # ----- commands ---------------------------------------------------------------------------
-    def handle(self, line: str) -> bool:
-        """One input line (a message or a /command); False when the user leaves."""
-        if not line.strip():
-            return True
-        if not line.startswith("/") or line.startswith("//"):
-            self.say(line[1:] if line.startswith("//") else line)  # // sends a message starting with /
-            return True
-        name, _, arg = line[1:].partition(" ")
-        name, arg = name.lower(), arg.strip()
-        if name in ("quit", "exit"):
-            return False
-        if name not in COMMANDS:
-            self.note(f"unknown command /{name} (nothing changed); commands: " + " ".join("/" + c for c in COMMANDS))
-            return True
-        if name in SETTING_COMMANDS:
-            self.set_option(name, arg)
-        else:
-            getattr(self, f"cmd_{name}")(arg)
-        return True
-
-    def set_option(self, name: str, arg: str) -> None:
-        key, parse = SETTING_COMMANDS[name]
-        if not arg:
-            self.note(f"{key} = {getattr(self.settings, key)}")
+        """Append a turn to the transcript; a failed write stops the transcript, not the chat."""
+        if self.transcript is None:
             return
         try:
-            value = parse(arg)
-            if name == "tokens" and value >= self.context:
-                raise ValueError
-        except ValueError:
-            what = parse.what if name != "tokens" else f"an integer from 1 to {self.context - 1} (the context)"
-            self.note(f"/{name} needs {what}, not {arg!r}; nothing changed")
-            return
-        setattr(self.settings, key, value)
-        self.note(f"{key} = {value}")
-
-    def cmd_help(self, arg: str) -> None:
-        self.note(HELP)
-
-    def cmd_reset(self, arg: str) -> None:
-        self.messages, self.dropped, self.cut = [], [], set()
-        self.note("(conversation cleared" + (", system prompt kept)" if self.system else ")"))
-
-    def cmd_system(self, arg: str) -> None:
-        if not arg:
-            self.note(f"system prompt: {self.system!r}" if self.system else "no system prompt")
-            return
-        self.system = None if arg.lower() == "none" else arg
-        self.note("(system prompt cleared)" if self.system is None else "(system prompt set)")
-
-    def cmd_undo(self, arg: str) -> None:
-        if not self.messages:
-            self.note("nothing to undo")
-            return
-        while self.messages:  # back to before the last user message
-            self.cut.discard(len(self.messages) - 1)
-            if self.messages.pop()["role"] == "user":
-                break
-        self.note(f"(removed the last exchange; {len(self.messages)} messages left)")
-
-    def cmd_retry(self, arg: str) -> None:
-        if not self.messages:
-            self.note("nothing to retry: send a message first")
-            return
-        if self.messages[-1]["role"] == "assistant":
-            self.cut.discard(len(self.messages) - 1)
-            self.messages.pop()
-        self.respond()
-
-    def cmd_save(self, arg: str) -> None:
-        from .checkpoint import atomic_write_text
-
-        if not arg:
-            self.note("/save needs a file name, e.g. /save chat.json")
-            return
-        convo = self.conversation()
-        if not any(m["role"] == "assistant" for m in convo):
-            self.note("nothing to save yet: no reply in the conversation")
-            return
-        while convo[-1]["role"] != "assistant":  # sft trains on records that end with a reply
-            convo.pop()
-        row = {"messages": convo}
-        path = Path(arg).expanduser()
-        text = json.dumps(row, ensure_ascii=False) + "\n" if path.suffix == ".jsonl" else \
-            json.dumps([row], ensure_ascii=False, indent=1) + "\n"
-        try:
-            atomic_write_text(path, text)
-        except UserError as e:
-            self.note(str(e))
-            return
-        self.note(f"(saved {len(convo)} messages to {path}; train on it with `gpt2ft sft MODEL --data {path}`)")
-
-    def cmd_load(self, arg: str) -> None:
-        if not arg:
-            self.note("/load needs a file name, e.g. /load chat.json")
-            return
-        try:
-            messages = read_conversation(Path(arg).expanduser())
-        except UserError as e:
-            self.note(f"{e}; nothing changed")
-            return
-        systems = [m["content"] for m in messages if m["role"] == "system"]
-        self.system = "\n\n".join(systems) if systems else self.system
-        self.messages = [m for m in messages if m["role"] != "system"]
-        self.dropped, self.cut = [], set()
-        self.note(f"(loaded {len(messages)} messages from {arg})")
-
-    def cmd_info(self, arg: str) -> None:
-        m, info = self.model, self.model_info
-        p = m.lm_head.weight
-        template = getattr(self.template, "name", None)
-        rows = [("model", info.get("source", "?")), ("kind", info.get("kind", "?")),
-                ("chosen", info.get("reason", "given on the command line")),
-                ("parameters", f"{m.num_params():,} ({m.num_params() / 1e6:.1f}M)"),
-                ("context", f"{self.context} tokens"), ("template", template or "none (plain User:/Assistant: text)"),
-                ("device", str(p.device)), ("dtype", str(p.dtype).removeprefix("torch."))]
-        if info.get("lora"):
-            rows.append(("lora", info["lora"]))
-        self.note("\n".join(f"{k:<11}{v}" for k, v in rows))
-
-    def cmd_settings(self, arg: str) -> None:
-        self.note(self.settings.describe())
-
-    def cmd_memory(self, arg: str) -> None:
-        ids, _ = render(self.template, self.conversation(), self.tokenizer)
-        turns = sum(m["role"] == "user" for m in self.messages)
-        lines = [f"{turns} turns ({len(self.messages)} messages), {len(ids)} of {self.context} context tokens used "
-                 f"(+ up to {self.settings.max_new_tokens} for the next reply)",
-                 f"system prompt: {self.system!r}" if self.system else "no system prompt"]
-        if self.dropped:
-            ends = self.dropped[:1] + self.dropped[1:][-1:]
-            lines.append(f"dropped to fit the context: {len(self.dropped)} messages, from "
-                         + " ... to ".join(_gist(m) for m in ends))
-        else:
-            lines.append("nothing dropped")
-        if self.messages:
-            lines.append("summary: " + " | ".join(_gist(m, 6) + (" (cut)" if i in self.cut else "")
-                                                 for i, m in enumerate(self.messages)))
-        self.note("\n".join(lines))
-
-    def cmd_refine(self, arg: str) -> None:
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            self.note("nothing to refine: /refine improves the last answer")
-            return
-        ask = "Improve your last answer" + (f": {arg}" if arg else ": make it clearer, more accurate and complete")
-        reply = self.respond(extra=[{"role": "user", "content": ask}], keep=False)
-        if reply is not None and reply.text.strip():
-            self.messages[-1]["content"] = reply.text
-            self.cut.discard(len(self.messages) - 1)
-            self.note("(the last answer was replaced)")
-
-    def cmd_multi(self, arg: str) -> None:
-        n, _, task = arg.partition(" ")
-        if not n.isdigit() or not 1 <= int(n) <= 10 or not task.strip():
-            self.note(f"/multi needs a number of steps from 1 to 10 and a task, e.g. /multi 3 plan a picnic; "
-                      f"not {arg!r}; nothing changed")
-            return
-        n = int(n)
-        self.note(f"(plan in {n} steps)")
-        plan = self.say(f"Write a plan of exactly {n} numbered steps for this task: {task.strip()}")
-        if plan is None or plan.finish_reason == "cut":
-            return
-        steps = parse_steps(plan.text, n)
-        for i, step in enumerate(steps, 1):
-            self.note(f"(step {i} of {n}: {step})")
-            reply = self.say(f"Do step {i} of the plan: {step}")
-            if reply is None or reply.finish_reason == "cut":
-                return
-
-
-def parse_steps(plan: str, n: int) -> list[str]:
-    """The first n numbered lines of a plan ("1. ...", "2) ..."); missing steps are named generically."""
-    import re
-
-    found = [m.group(1).strip() for m in re.finditer(r"^\s*\d+\s*[.):-]\s*(\S.*)$", plan, re.M)]
-    return (found + [f"step {i + 1} of the task" for i in range(len(found), n)])[:n]
-
-
-def _gist(m: dict, words: int = 8) -> str:
-    parts = m["content"].split()
-    return f"{m['role']}: " + " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
-
-
-def read_conversation(path: Path) -> list[dict]:
-    """The messages of a conversation file: `[{"messages": [...]}]`, `{"messages": [...]}` or one JSONL row."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:  # JSON Lines: the first row
-            data = json.loads(next(line for line in text.splitlines() if line.strip()))
-        except (json.JSONDecodeError, StopIteration) as e:
-            raise UserError(f"{path}: not a JSON conversation ({e})") from None
-    if isinstance(data, list) and data and isinstance(data[0], dict) and "messages" in data[0]:
-        data = data[0]
-    messages = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{path}: expected {{\"messages\": [...]}} with at least one message")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise UserError(f"{path}: messages[{i}] needs a role (system, user, assistant) and a string content")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+            self.transcript.write({"time": round(time.time(), 3), **row})
+        except (OSError, UserError) as e:
+            self.note(f"(could not append to the transcript {self.transcript.path}: {e}; "
+                      "the chat goes on without it)")
+            self.transcript = None
 
 
 # ----- the loop -------------------------------------------------------------------------------

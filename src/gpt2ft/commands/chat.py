@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import add_device, add_no_verify, add_sampling
+from . import add_device, add_no_verify, add_sampling, sampling_config
 
 
 def add_args(p):
@@ -30,25 +30,26 @@ def add_args(p):
     g.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     g.add_argument("--multiline", action="store_true", help="a message ends with a line holding only '.'")
     g.add_argument("--transcript", default=None, metavar="FILE",
-                   help="append every turn, with its settings and timings, to FILE (JSON lines)")
+                   help="append every turn, with its settings and timings, to FILE (JSON lines): a new file or a "
+                        "transcript gpt2ft wrote, never another file nor one in a model or run folder")
     g.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s after replies")
-    add_sampling(p, temperature=0.7, max_new_tokens=150)
-    p.set_defaults(top_k=40, top_p=0.9)
+    from ..chat import CHAT_DEFAULTS
+
+    add_sampling(p, **CHAT_DEFAULTS)
 
 
 def run(args):
-    from ..chat import Chat, Settings, choose_model, interactive_loop, load_chat_model, piped_loop
+    from ..chat import Chat, Transcript, choose_model, interactive_loop, load_chat_model, piped_loop
     from ..errors import UserError
-    from ..generation import SamplingConfig
 
     interactive = sys.stdin.isatty()
     note = (lambda text: print(text, flush=True)) if interactive else \
         (lambda text: print(text, file=sys.stderr, flush=True))
-    # check the sampling flags before a model loads
-    SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings = sampling_config(args)  # checked before a model loads
     if args.model is not None and args.kind is not None:
         raise UserError("give MODEL or --model KIND, not both")
+    inputs = [p for p in (args.model, args.lora) if p is not None and Path(p).exists()]
+    transcript = Transcript(args.transcript, inputs=inputs) if args.transcript else None
     if args.model is None:
         ref, reason = choose_model(args.runs, args.kind)
         note(f"model: {ref}, {reason}")
@@ -57,49 +58,11 @@ def run(args):
     loaded, template = load_chat_model(ref, args.device, args.dtype, args.lora, args.verify)
     model, tokenizer = loaded
     kind = loaded.meta.get("objective") or ("pretrained (Hugging Face)" if not loaded.meta else "unknown")
-    settings = Settings(args.temperature, args.top_k or 0, args.top_p, args.max_new_tokens,
-                        args.repetition_penalty, args.seed)
-    if args.transcript:
-        _check_transcript(Path(args.transcript), loaded.source)
-    transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None
-    try:
-        chat = Chat(model, tokenizer, template, settings, system=args.system, stop=list(args.stop or []),
-                    note=note, transcript=transcript,
-                    verbose=args.verbose,
-                    model_info={"source": str(loaded.source), "kind": kind + (" + LoRA" if args.lora else ""),
-                                "reason": reason, "lora": args.lora})
-        if interactive:
-            name = template.name if template is not None else "none"
-            note(f"chatting with {loaded.source} ({kind}, template {name}, context "
-                 f"{model.config.block_size}); /help for commands, Ctrl-D to leave")
-            return interactive_loop(chat, args.multiline)
-        return piped_loop(chat, sys.stdin)
-    finally:
-        if transcript is not None:
-            transcript.close()
-
-
-def _check_transcript(path: Path, model_source) -> None:
-    """--transcript appends only to a new file or an earlier transcript, never into a model or a
-    folder a gpt2ft verb made (appending to a checkpoint's config.json would break it)."""
-    import json
-
-    from ..errors import UserError
-    from ..fileio import made_by, same_path
-
-    if path.is_dir():
-        raise UserError(f"--transcript {path} is a folder; give a file name")
-    folder = path.resolve().parent
-    if same_path(path, model_source) or made_by(folder) or (folder / "config.json").exists() \
-            or (folder / "COMPLETE").exists():
-        raise UserError(f"--transcript {path} lies in a model or a gpt2ft output folder; choose a file elsewhere")
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as f:
-            first = f.readline()
-        try:
-            ok = isinstance(json.loads(first), dict)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UserError(f"--transcript {path} exists and is not a chat transcript (JSON lines); "
-                            "choose a new file")
+    chat = Chat(model, tokenizer, template, settings, system=args.system, note=note, transcript=transcript,
+                verbose=args.verbose, model_info={"source": str(loaded.source), "reason": reason, "lora": args.lora,
+                                                  "kind": kind + (" + LoRA" if args.lora else "")})
+    if interactive:
+        note(f"chatting with {loaded.source} ({kind}, template {chat.template.name}, context "
+             f"{model.config.block_size}); /help for commands, Ctrl-D to leave")
+        return interactive_loop(chat, args.multiline)
+    return piped_loop(chat, sys.stdin)
