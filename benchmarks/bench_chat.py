@@ -14,7 +14,7 @@ import time
 import torch
 
 from benchmarks.common import machine
-from gpt2ft.chat import Chat, Settings, render
+from gpt2ft.chat import Chat, chat_settings, render
 from gpt2ft.config import preset
 from gpt2ft.generation import SamplingConfig
 from gpt2ft.model import GPT
@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(preset("gpt2", dropout=0.0)).eval()
     tokenizer = gpt2_tokenizer()
-    chat = Chat(model, tokenizer, get_template("chat"), Settings(temperature=0, max_new_tokens=args.reply_tokens),
+    chat = Chat(model, tokenizer, get_template("chat"), chat_settings(temperature=0, max_new_tokens=args.reply_tokens),
                 system="You are a helpful assistant.", write=lambda text: None, note=print)
     start = time.perf_counter()
     for i in range(args.turns - 1):

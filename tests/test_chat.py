@@ -1,11 +1,8 @@
 """`gpt2ft chat`: model auto-selection, every command, history dropping, save/load, Ctrl-C, pipes and a pty."""
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -42,12 +39,9 @@ def in_process(tiny_model, template="chat", **kw):
 
 
 @pytest.fixture
-def user_dir():
-    """A folder of the user's, outside pytest's basetemp: that holds pytest's `.lock`, which
-    fileio.model_folder_of takes for a training run's lock (so it refuses to write anywhere in it)."""
-    folder = Path(tempfile.mkdtemp(prefix="gpt2ft-chat-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+def user_dir(tmp_path):
+    """A folder of the user's (pytest's basetemp holds a `.lock`: it must not pass for a run folder's)."""
+    return tmp_path
 
 
 # ----- which model ----------------------------------------------------------------------------
