@@ -11,47 +11,45 @@ from __future__ import annotations
 
 import os
 
+from ..argtypes import ranged
 from . import add_common, load_model
 
 
 def add_args(p):
     add_common(p, adapter_flag=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one needs --api-key)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="TCP port, in [0, 65535]")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but / and /health "
+                   help="require 'Authorization: Bearer KEY' on every route but / and /health; printable ASCII "
                         "(when not given: $GPT2FT_API_KEY, if set)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     p.add_argument("--name", default=None, help="the model's id in the API (when not given: MODEL as given)")
     p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-batch", type=int, default=8, help="most completions decoded together (>= 1)")
-    g.add_argument("--max-queue", type=int, default=64, help="most completions waiting; past it 429 + Retry-After")
-    g.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens")
-    g.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
-    g.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 past it)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take (503 past it)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
+    g.add_argument("--max-batch", type=ranged(int, 1), default=8,
+                   help="most completions of one model decoded together (>= 1)")
+    g.add_argument("--max-queue", type=ranged(int, 0), default=64,
+                   help="most completions waiting; past it 429 + Retry-After (>= 0)")
+    g.add_argument("--max-tokens", type=ranged(int, 1), default=1024, help="cap on a request's max_tokens (>= 1)")
+    g.add_argument("--max-n", type=ranged(int, 1), default=8, help="cap on a request's n (>= 1)")
+    g.add_argument("--max-body", type=ranged(int, 1), default=1 << 20,
+                   help="largest request body in bytes; 413 past it (>= 1)")
+    g.add_argument("--timeout", type=ranged(float, 0, lo_open=True), default=300.0,
+                   help="seconds one request may take; 503 past it (> 0)")
+    g.add_argument("--shutdown-timeout", type=ranged(float, 0, lo_open=True), default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them (> 0)")
 
 
 def _check(args):
     from ..errors import UserError
-    from ..serve import check_bind, positive
+    from ..serve import check_api_key, check_bind
 
-    args.api_key = args.api_key or os.environ.get("GPT2FT_API_KEY") or None
-
-    for flag in ("max_batch", "max_tokens", "max_n", "max_body"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
-    if args.max_queue < 0:
-        raise UserError(f"--max-queue must be >= 0, not {args.max_queue}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in 0..65535, not {args.port}")
-    positive(args.timeout, "--timeout")
-    positive(args.shutdown_timeout, "--shutdown-timeout")
+    if args.api_key is not None:
+        check_api_key(args.api_key)
+    elif os.environ.get("GPT2FT_API_KEY"):
+        args.api_key = os.environ["GPT2FT_API_KEY"]
+        check_api_key(args.api_key, "$GPT2FT_API_KEY")
     check_bind(args.host, args.api_key, args.insecure)
     adapters = {}
     for spec in args.adapters or []:
