@@ -15,10 +15,16 @@ from ..argtypes import ranged
 from . import add_common, load_model
 
 
+def _ranged(group, flag: str, kind, lo, default, help: str, **open_ends) -> None:
+    """A flag checked by argparse where it is parsed, its range shown in --help."""
+    convert = ranged(kind, lo, open_ends.pop("hi", None), **open_ends)
+    group.add_argument(flag, type=convert, default=default, help=f"{help} ({convert.range})")
+
+
 def add_args(p):
     add_common(p, adapter_flag=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one needs --api-key)")
-    p.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="TCP port, in [0, 65535]")
+    _ranged(p, "--port", int, 0, 8000, "TCP port", hi=65535)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but / and /health; printable ASCII "
                         "(when not given: $GPT2FT_API_KEY, if set)")
@@ -27,18 +33,14 @@ def add_args(p):
     p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-batch", type=ranged(int, 1), default=8,
-                   help="most completions of one model decoded together (>= 1)")
-    g.add_argument("--max-queue", type=ranged(int, 0), default=64,
-                   help="most completions waiting; past it 429 + Retry-After (>= 0)")
-    g.add_argument("--max-tokens", type=ranged(int, 1), default=1024, help="cap on a request's max_tokens (>= 1)")
-    g.add_argument("--max-n", type=ranged(int, 1), default=8, help="cap on a request's n (>= 1)")
-    g.add_argument("--max-body", type=ranged(int, 1), default=1 << 20,
-                   help="largest request body in bytes; 413 past it (>= 1)")
-    g.add_argument("--timeout", type=ranged(float, 0, lo_open=True), default=300.0,
-                   help="seconds one request may take; 503 past it (> 0)")
-    g.add_argument("--shutdown-timeout", type=ranged(float, 0, lo_open=True), default=30.0,
-                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them (> 0)")
+    _ranged(g, "--max-batch", int, 1, 8, "most completions of one model decoded together")
+    _ranged(g, "--max-queue", int, 0, 64, "most completions waiting; past it 429 + Retry-After")
+    _ranged(g, "--max-tokens", int, 1, 1024, "cap on a request's max_tokens")
+    _ranged(g, "--max-n", int, 1, 8, "cap on a request's n")
+    _ranged(g, "--max-body", int, 1, 1 << 20, "largest request body in bytes; 413 past it")
+    _ranged(g, "--timeout", float, 0, 300.0, "seconds one request may take; 503 past it", lo_open=True)
+    _ranged(g, "--shutdown-timeout", float, 0, 30.0,
+            "on SIGTERM, seconds to let requests in flight finish before cancelling them", lo_open=True)
 
 
 def _check(args):
