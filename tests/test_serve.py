@@ -26,8 +26,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def chat_ids(tokenizer, user: str) -> list[int]:
-    """One user turn in the built-in chat template, written out by hand."""
-    return tokenizer.encode(f"### User:\n{user}\n\n### Assistant:\n")
+    """One user turn as a model without a template sees it (the plain transcript), written out by hand."""
+    return tokenizer.encode(f"User: {user}\nAssistant:")
 
 
 def free_port() -> int:
@@ -270,6 +270,80 @@ def test_models_and_health(server):
     assert "openapi" in httpx.get(server.url + "/openapi.json", headers=AUTH).json()
 
 
+def test_empty_prompt_is_unconditional_generation(server, tiny_model):
+    from gpt2ft.generation import generate
+
+    model, tok = tiny_model
+    want = generate(model, tok, "", max_new_tokens=10, temperature=0)  # starts from <|endoftext|>
+    client = server.client()
+    for prompt in ("", []):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, **greedy())
+        assert r.choices[0].text == want
+        assert r.usage.prompt_tokens == 1  # the <|endoftext|> it starts from
+
+
+def test_usage_counts_each_prompt_once_and_every_choice(server, tiny_model):
+    tok = tiny_model.tokenizer
+    prompts = ["One two three", "Four"]
+    r = server.client().completions.create(model="tiny", prompt=prompts, n=2, max_tokens=3, **greedy())
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 4 * 3 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_sampling_endpoint_is_the_schema(server):
+    from gpt2ft.sampling import OPTIONS
+
+    r = httpx.get(server.url + "/v1/sampling", headers=AUTH)
+    assert r.status_code == 200
+    assert r.json() == [json.loads(json.dumps(o.describe())) for o in OPTIONS.values() if o.api]
+    assert {d["api"] for d in r.json()} >= {"temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"}
+    assert_error(httpx.get(server.url + "/v1/sampling"), 401)
+
+
+def _candidates(opt):
+    """Values at and just past each bound of an option, and a few of the wrong type."""
+    r = opt.range
+    if r is None:
+        return ["a", ["a", "b"], ["s"] * 16, ["s"] * 17, 5, [1], True]
+    eps = 1 if r.kind is int else 1e-3
+    values = [v for b in (r.lo, r.hi) if b is not None for v in (b - eps, b, b + eps)]
+    values += [(r.lo or 0) + (1 if r.hi is None else (r.hi - (r.lo or 0)) / 2), "1", True, None, float("nan")]
+    return values + ([1.0, 1.5] if r.kind is int else [1])
+
+
+def test_request_fields_accept_exactly_what_the_cli_accepts():
+    """Every sampling option with an API name is a request field of both endpoints, with the schema's
+    bounds, and the server's verdict on a value is sampling.check's (which the CLI and REPL use)."""
+    from pydantic import ValidationError
+
+    from gpt2ft.errors import UserError
+    from gpt2ft.sampling import OPTIONS, check
+    from gpt2ft.serve import ChatRequest, CompletionRequest
+
+    base = {"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    chat_names = {"logprobs": "top_logprobs"}  # chat's logprobs is a flag; top_logprobs is the option
+    for opt in (o for o in OPTIONS.values() if o.api):
+        for model in (CompletionRequest, ChatRequest):
+            field = chat_names.get(opt.api, opt.api) if model is ChatRequest else opt.api
+            schema = model.model_json_schema()["properties"][field]
+            if opt.range is not None:
+                low = "exclusiveMinimum" if opt.range.lo_open else "minimum"
+                assert schema.get(low) == opt.range.lo and schema.get("maximum") == opt.range.hi, (field, schema)
+            for value in _candidates(opt):
+                try:
+                    want = check(opt.name, value)
+                except UserError:
+                    want = UserError
+                extra = {"logprobs": True} if model is ChatRequest and field == "top_logprobs" else {}
+                try:
+                    got = model.model_validate({**base, **extra, field: value}).options()[opt.name]
+                except ValidationError:
+                    got = UserError
+                if value is not None:  # null is the field's default (as in OpenAI's API)
+                    assert got == want, (field, value, want, got)
+
+
 # ----- errors: OpenAI's shape and status, never a 500 ----------------------------------------------
 def assert_error(r, status: int, param=None, code=None):
     assert r.status_code == status, r.text
@@ -297,11 +371,23 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": "hello"}, "messages"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ["s"] * 17}, "stop"),        # the schema's limit: 16
+    ({"stop": 5}, "stop"),
     ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by the fuzzer: logits / 5e-324 overflow
+    ({"repetition_penalty": 101}, "repetition_penalty"),
+    ({"top_k": -2}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**64}, "seed"),
+    # strict types: no string for a number or a flag, no flag for a number
+    ({"stream": "yes"}, "stream"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"max_tokens": 2.0}, "max_tokens"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
 ])
 def test_invalid_values_are_400(server, change, param):
     err = assert_error(server.post("/v1/chat/completions", {**CHAT, **change}), 400, param)
@@ -315,6 +401,11 @@ def test_nan_and_non_json_are_400(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{oops", headers={**AUTH, "Content-Type": "application/json"})
     assert "JSON" in assert_error(r, 400)["message"]
     assert_error(server.post("/v1/chat/completions", {"model": "tiny"}), 400, "messages")
+    for body in (b"", b"null"):  # no body at all: say what to send
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={**AUTH, "Content-Type": "application/json"})
+        assert "the request body is empty: send a JSON object" in assert_error(r, 400)["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b"[1]", headers={**AUTH, "Content-Type": "application/json"})
+    assert "must be a JSON object" in assert_error(r, 400)["message"]
 
 
 def test_context_length_exceeded(server, tiny_model):
@@ -397,7 +488,22 @@ def test_fuzz_openapi_no_5xx(server):
 def test_public_host_needs_a_key(hf_dir):
     assert_clean_error(run_cli("serve", hf_dir, "--host", "0.0.0.0"), "--api-key", "--insecure")
     assert_clean_error(run_cli("serve", hf_dir, "--lora", "nameonly"), "NAME=ADAPTER_DIR")
-    assert_clean_error(run_cli("serve", hf_dir, "--max-batch", "0"), "--max-batch")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--max-batch", "0"], "--max-batch"),         # argparse refuses these at parse time, with the range
+    (["--port", "70000"], "65535"),
+    (["--timeout", "0"], "--timeout"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--api-key", "ключ"], "printable ASCII"),    # no client could send it in a header
+    (["--api-key", " key"], "--api-key"),
+])
+def test_bad_serve_flags_are_one_line_errors(hf_dir, flags, needle):
+    assert_clean_error(run_cli("serve", hf_dir, *flags), needle)
+
+
+def test_non_ascii_key_in_the_environment_is_refused(hf_dir):
+    assert_clean_error(run_cli("serve", hf_dir, env={"GPT2FT_API_KEY": "clé"}), "$GPT2FT_API_KEY", "printable ASCII")
 
 
 def test_check_bind():
@@ -423,17 +529,23 @@ def test_extreme_sampling_values_decode_greedily(server):
 
 
 def test_chat_prompt_follows_the_template_as_sft_tokenizes_it(tiny_model):
+    from gpt2ft.data.sft import prompt_ids
     from gpt2ft.serve import Message, chat_prompt
-    from gpt2ft.templates import TEMPLATES
+    from gpt2ft.templates import TEMPLATES, pick_template
 
     tok = tiny_model.tokenizer
     msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
             Message(role="assistant", content="Hello."), Message(role="user", content=[{"type": "text", "text": "Bye"}])]
     ids, stops = chat_prompt(None, msgs, tok)
-    # the text between replies is tokenized as a whole; each earlier reply ends with the EOS id (as SFT trains)
-    want = (tok.encode("### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\n") + tok.encode("Hello.")
-            + [tok.eos_id] + tok.encode("### User:\nBye\n\n### Assistant:\n"))
-    assert ids == want and stops == ["\n### User:", "\n### System:"]
+    # no saved template: the plain transcript, written out by hand; each earlier reply ends with EOS (as SFT trains)
+    want = (tok.encode("Be brief.\n\nUser: Hi\nAssistant:") + tok.encode("Hello.") + [tok.eos_id]
+            + tok.encode("User: Bye\nAssistant:"))
+    assert ids == want and stops == ["\nUser:", "\nAssistant:"]
+    # ... which is what the one template picker gives chat for an untuned model
+    plain = [{"role": m.role, "content": m.text()} for m in msgs]
+    assert ids == prompt_ids(plain, pick_template(None, None), tok)
+    ids, stops = chat_prompt(TEMPLATES["chat"], msgs[:2], tok)
+    assert tok.decode(ids) == "### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\n"
     ids, stops = chat_prompt(TEMPLATES["alpaca"], msgs[:2], tok)
     assert tok.decode(ids) == ("Be brief.\n\nBelow is an instruction that describes a task. Write a response that "
                                "appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:\n")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+httpx = pytest.importorskip("httpx")
+
 from test_serve import KEY, adapter_dir, server  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,19 @@ def test_playground_streams_a_reply_with_the_chosen_settings(server):  # noqa: F
             page.dispatch_event("#apikey", "change")
             page.wait_for_function("document.querySelectorAll('#model option').length == 2")
             assert "context: 64 tokens" in page.inner_text("#info")
+            # the sampling inputs are the schema's (GET /v1/sampling): bounds, default and help
+            schema = httpx.get(server.url + "/v1/sampling", headers={"Authorization": f"Bearer {KEY}"}).json()
+            for opt in (o for o in schema if o["api"] != "logprobs"):
+                attrs = page.eval_on_selector(f"#{opt['api']}", "e => ({tag: e.tagName, min: e.min, max: e.max, "
+                                                                  "value: e.value, title: e.title})")
+                assert opt["help"] in attrs["title"], (opt, attrs)
+                if opt["type"] == "list":
+                    assert attrs["tag"] == "TEXTAREA"
+                    continue
+                for bound in ("min", "max"):  # as the browser's doubles hold them (2^64 - 1 rounds)
+                    shown = float(attrs[bound]) if attrs[bound] else None
+                    assert shown == (None if opt[bound] is None else float(opt[bound])), (opt["api"], bound, attrs)
+                assert (float(attrs["value"]) if attrs["value"] else None) == opt["default"], (opt, attrs)
             page.fill("#temperature", "0")
             page.fill("#max_tokens", "12")
             page.fill("#system", "")
@@ -60,11 +75,13 @@ def test_playground_streams_a_reply_with_the_chosen_settings(server):  # noqa: F
             assert sent["messages"] == [{"role": "user", "content": "Hello page"}]
             # a setting changes the request: a stop string and another model
             page.fill("#stop", want[3:6])
+            page.fill("#seed", str(2**64 - 1))  # the schema's largest seed, sent exactly (not as a double)
             page.select_option("#model", "poet")
             page.click("#retry")
             page.wait_for_selector(".assistant[data-state=done]", timeout=30000)
             sent = json.loads(requests[-1].post_data)
-            assert sent["stop"] == [want[3:6]] and sent["model"] == "poet"
+            assert sent["stop"] == [want[3:6]] and sent["model"] == "poet" and sent["seed"] == 2**64 - 1
+            assert "error" not in page.get_attribute(".assistant", "class")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "playground.png"))
             page.click("#clear")
@@ -86,11 +103,12 @@ def test_semantic_kernel_example_keeps_the_conversation(server, tiny_model):  # 
     replies = [line[len("assistant> "):] for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
     used = [int(line.split()[0][1:]) for line in proc.stdout.splitlines() if line.startswith("  (")]
     assert len(replies) == len(used) == 2, proc.stdout
-    # the second request carried the first exchange: its prompt is the whole conversation, rendered
-    # with the chat template (written out here by hand), each earlier reply ending with EOS as SFT trains
+    # the second request carried the first exchange: its prompt is the whole conversation, rendered as
+    # the plain transcript of a model without a template (written out here by hand), each earlier reply
+    # ending with EOS as SFT trains
     tok = tiny_model.tokenizer
-    first = tok.encode("### User:\nHi there\n\n### Assistant:\n")
-    second = first + tok.encode(replies[0]) + [tok.eos_id] + tok.encode("### User:\nTell me more\n\n### Assistant:\n")
+    first = tok.encode("User: Hi there\nAssistant:")
+    second = first + tok.encode(replies[0]) + [tok.eos_id] + tok.encode("User: Tell me more\nAssistant:")
     assert used == [len(first), len(second)]
     # and the replies are what the openai client gets for the same conversation
     client = server.client()

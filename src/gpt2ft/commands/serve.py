@@ -11,47 +11,47 @@ from __future__ import annotations
 
 import os
 
+from ..argtypes import ranged
 from . import add_common, load_model
+
+
+def _ranged(group, flag: str, kind, lo, default, help: str, **open_ends) -> None:
+    """A flag checked by argparse where it is parsed, its range shown in --help."""
+    convert = ranged(kind, lo, open_ends.pop("hi", None), **open_ends)
+    group.add_argument(flag, type=convert, default=default, help=f"{help} ({convert.range})")
 
 
 def add_args(p):
     add_common(p, adapter_flag=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one needs --api-key)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    _ranged(p, "--port", int, 0, 8000, "TCP port", hi=65535)
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but / and /health "
+                   help="require 'Authorization: Bearer KEY' on every route but / and /health; printable ASCII "
                         "(when not given: $GPT2FT_API_KEY, if set)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     p.add_argument("--name", default=None, help="the model's id in the API (when not given: MODEL as given)")
     p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-batch", type=int, default=8, help="most completions decoded together (>= 1)")
-    g.add_argument("--max-queue", type=int, default=64, help="most completions waiting; past it 429 + Retry-After")
-    g.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens")
-    g.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
-    g.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 past it)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take (503 past it)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
+    _ranged(g, "--max-batch", int, 1, 8, "most completions of one model decoded together")
+    _ranged(g, "--max-queue", int, 0, 64, "most completions waiting; past it 429 + Retry-After")
+    _ranged(g, "--max-tokens", int, 1, 1024, "cap on a request's max_tokens")
+    _ranged(g, "--max-n", int, 1, 8, "cap on a request's n")
+    _ranged(g, "--max-body", int, 1, 1 << 20, "largest request body in bytes; 413 past it")
+    _ranged(g, "--timeout", float, 0, 300.0, "seconds one request may take; 503 past it", lo_open=True)
+    _ranged(g, "--shutdown-timeout", float, 0, 30.0,
+            "on SIGTERM, seconds to let requests in flight finish before cancelling them", lo_open=True)
 
 
 def _check(args):
     from ..errors import UserError
-    from ..serve import check_bind, positive
+    from ..serve import check_api_key, check_bind
 
-    args.api_key = args.api_key or os.environ.get("GPT2FT_API_KEY") or None
-
-    for flag in ("max_batch", "max_tokens", "max_n", "max_body"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
-    if args.max_queue < 0:
-        raise UserError(f"--max-queue must be >= 0, not {args.max_queue}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in 0..65535, not {args.port}")
-    positive(args.timeout, "--timeout")
-    positive(args.shutdown_timeout, "--shutdown-timeout")
+    if args.api_key is not None:
+        check_api_key(args.api_key)
+    elif os.environ.get("GPT2FT_API_KEY"):
+        args.api_key = os.environ["GPT2FT_API_KEY"]
+        check_api_key(args.api_key, "$GPT2FT_API_KEY")
     check_bind(args.host, args.api_key, args.insecure)
     adapters = {}
     for spec in args.adapters or []:

@@ -1,0 +1,176 @@
+"""OpenAI's response shapes: errors, and the choices of chat and text completions, whole or streamed
+as server-sent events. The two endpoints differ only in their Format (how one choice, one piece and
+one finish look); the envelope, the usage (from the Completions, once) and the stream are shared."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..generation import Completion
+from .scheduler import Piece
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def unavailable(message: str, code: str = "unavailable") -> APIError:
+    return APIError(503, message, code=code, type="server_error", headers={"Retry-After": "1"})
+
+
+def usage(completions: list[Completion], n: int) -> dict:
+    """Token counts of a request's completions, n choices per prompt (each prompt counted once)."""
+    prompt = sum(c.prompt_tokens for c in completions[::n])
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+# ----- log-probabilities ----------------------------------------------------------------------------
+def chat_logprobs(tokenizer, entries) -> dict:
+    def one(token, logprob):
+        return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([token]))}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]} for t, lp, alts in entries]}
+
+
+def text_logprobs(tokenizer, entries, offset: int) -> dict:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for t, lp, alts in entries:
+        text = tokenizer.decode([t])
+        tokens.append(text)
+        token_logprobs.append(lp)
+        top.append({tokenizer.decode([a]): alp for a, alp in alts})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+# ----- one choice, per endpoint ---------------------------------------------------------------------
+class ChatFormat:
+    """Choices of /v1/chat/completions."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, tokenizer, logprobs: bool):
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+
+    def _logprobs(self, entries):
+        return chat_logprobs(self.tokenizer, entries) if self.logprobs else None
+
+    def opening(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def piece(self, p: Piece) -> dict:
+        return {"index": p.index, "delta": {"content": p.text}, "logprobs": self._logprobs(p.logprobs),
+                "finish_reason": None}
+
+    def finish(self, index: int, c: Completion) -> dict:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
+
+    def choice(self, index: int, c: Completion) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": self._logprobs(c.logprobs or []), "finish_reason": c.finish_reason}
+
+
+class TextFormat:
+    """Choices of /v1/completions; with echo each starts with its prompt (and its log-probabilities)."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, tokenizer, logprobs: int | None, n: int, echoes: list[str], echo_logprobs: list[list]):
+        self.tokenizer, self.logprobs, self.n = tokenizer, logprobs, n
+        self.echoes, self.echo_logprobs = echoes, echo_logprobs
+        self.offsets: dict[int, int] = {}  # streaming: each choice's text length so far
+
+    def _logprobs(self, entries, offset: int):
+        return text_logprobs(self.tokenizer, entries, offset) if self.logprobs is not None else None
+
+    def opening(self, index: int) -> dict | None:
+        echo = self.echoes[index // self.n]
+        self.offsets[index] = len(echo)
+        if not echo:
+            return None
+        return {"index": index, "text": echo, "finish_reason": None,
+                "logprobs": self._logprobs(self.echo_logprobs[index // self.n], 0)}
+
+    def piece(self, p: Piece) -> dict:
+        offset = self.offsets.get(p.index, 0)
+        self.offsets[p.index] = offset + len(p.text)
+        return {"index": p.index, "text": p.text, "logprobs": self._logprobs(p.logprobs, offset), "finish_reason": None}
+
+    def finish(self, index: int, c: Completion) -> dict:
+        return {"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason}
+
+    def choice(self, index: int, c: Completion) -> dict:
+        p = index // self.n
+        return {"index": index, "text": self.echoes[p] + c.text, "finish_reason": c.finish_reason,
+                "logprobs": self._logprobs(self.echo_logprobs[p] + (c.logprobs or []), 0)}
+
+
+# ----- whole responses and streams --------------------------------------------------------------------
+class Reply:
+    """The response to one request: its id, time and model around the Format's choices."""
+
+    def __init__(self, fmt, model: str, n: int):
+        self.fmt, self.model, self.n = fmt, model, n
+        self.id, self.created = f"{fmt.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def _envelope(self, object: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
+    def whole(self, completions: list[Completion]) -> dict:
+        choices = [self.fmt.choice(i, c) for i, c in enumerate(completions)]
+        return {**self._envelope(self.fmt.object, choices), "usage": usage(completions, self.n)}
+
+    async def chunks(self, events, completions: list[Completion], include_usage: bool):
+        """The stream's chunks: each choice's opening, its pieces, its finish; then the usage if asked."""
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(choice):
+            return {**self._envelope(self.fmt.chunk_object, [choice]), **extra}
+
+        for index in range(len(completions)):
+            if (opening := self.fmt.opening(index)) is not None:
+                yield chunk(opening)
+        async with aclosing(events):  # closed with the stream, so a client that leaves cancels at once
+            async for event in events:
+                if isinstance(event, Piece):
+                    yield chunk(self.fmt.piece(event))
+                else:
+                    yield chunk(self.fmt.finish(event.index, event.completion))
+        if include_usage:
+            yield {**self._envelope(self.fmt.chunk_object, []), "usage": usage(completions, self.n)}
+
+
+def sse(chunks) -> StreamingResponse:
+    """Server-sent events of `chunks`; an APIError mid-stream is sent as an error event; [DONE] last."""
+
+    async def gen():
+        try:
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

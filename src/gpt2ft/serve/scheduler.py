@@ -1,0 +1,184 @@
+"""The scheduler: one background thread steps every model's completion engine, one token at a time,
+and hands each completion's text to the request waiting for it.
+
+A request's completions go straight into their engine's queue (Engine.add, which checks the prompt
+against the context and the vocabulary): that queue is the only admission queue; the scheduler only
+bounds how many completions may wait in it (max_queue) and routes the engines' events.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+from ..generation import Completion, SamplingConfig, TokenLogprob
+
+
+class Piece(NamedTuple):
+    """New text of choice `index` (possibly empty when only log-probabilities are new)."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+class Done(NamedTuple):
+    """Choice `index` ended; its completion holds the text, finish_reason and usage."""
+
+    index: int
+    completion: Completion
+
+
+class Failed(NamedTuple):
+    """Choice `index` could not finish (the server stopped, or the engine failed)."""
+
+    index: int
+    message: str
+
+
+Event = Union[Piece, Done, Failed]
+
+
+class Busy(Exception):
+    """No room for a request: 429 when the queue is full, 503 while the server shuts down."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__(message)
+        self.status = status
+
+
+class Inbox:
+    """A request's events: put() from the scheduler's thread, get() in the request's event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            return True
+        except RuntimeError:  # the request's event loop is gone (the server is shutting down)
+            return False
+
+
+@dataclass
+class Job:
+    """One choice of one request: its completion in model `model`'s engine."""
+
+    model: str
+    index: int
+    completion: Completion
+    inbox: Inbox
+    sent_logprobs: int = 0
+
+
+class Scheduler:
+    """Admits completions while at most max_queue of them wait for one of a model's max_batch decode
+    slots, and steps the engines in a thread."""
+
+    def __init__(self, engines: dict, max_batch: int, max_queue: int):
+        self.engines, self.max_batch, self.max_queue = engines, max_batch, max_queue
+        self.jobs: dict[int, Job] = {}  # id(completion) -> job, for every completion not yet ended
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="gpt2ft-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def load(self) -> dict:
+        """Completions decoding and waiting, over all models."""
+        with self.cond:
+            counts = [self._count(name) for name in self.engines]
+        return {"running": sum(min(n, self.max_batch) for n in counts),
+                "waiting": sum(max(0, n - self.max_batch) for n in counts)}
+
+    def submit(self, model: str, requests: list[tuple[list[int], SamplingConfig]], inbox: Inbox) -> list[Job]:
+        """Queue all of a request's completions, or none: Busy, or the engine's UserError (a prompt
+        too long for the context or with a token id outside the vocabulary)."""
+        with self.cond:
+            if self.stopping:
+                raise Busy("the server is shutting down", 503)
+            counts = {name: self._count(name) for name in self.engines}
+            waiting = sum(max(0, n - self.max_batch) for n in counts.values())
+            added = max(0, counts[model] + len(requests) - self.max_batch) - max(0, counts[model] - self.max_batch)
+            if waiting + added > self.max_queue:
+                load = sum(counts.values()) - waiting
+                raise Busy(f"the server is busy ({load} running, {waiting} waiting)")
+            engine, jobs = self.engines[model], []
+            try:
+                for index, (ids, sampling) in enumerate(requests):
+                    jobs.append(Job(model, index, engine.add(ids, sampling), inbox))
+            except BaseException:
+                for job in jobs:
+                    engine.cancel(job.completion)
+                raise
+            # registered while holding the lock, so a step that already decoded them delivers after this
+            self.jobs.update((id(job.completion), job) for job in jobs)
+            self.cond.notify()
+        return jobs
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """End these jobs' completions (a client left, a timeout); their slots free at the next step."""
+        with self.cond:
+            for job in jobs:
+                if self.jobs.pop(id(job.completion), None) is not None:
+                    self.engines[job.model].cancel(job.completion)
+            self.cond.notify()
+
+    def _count(self, model: str) -> int:
+        return sum(job.model == model for job in self.jobs.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not any(e.has_work for e in self.engines.values()):
+                    self.cond.wait()
+                if self.stopping:
+                    for job in self.jobs.values():
+                        job.inbox.put(Failed(job.index, "the server is shutting down"))
+                    self.jobs.clear()
+                    return
+            for name, engine in self.engines.items():  # one token for every row of every model
+                if not engine.has_work:
+                    continue
+                try:
+                    events = engine.step()
+                except Exception as e:  # noqa: BLE001 - a bug must not kill the thread or the server
+                    self._fail(name, f"generation failed: {type(e).__name__}: {e}")
+                    continue
+                with self.cond:
+                    for completion, piece in events:
+                        self._deliver(completion, piece)
+
+    def _deliver(self, completion: Completion, piece: str) -> None:
+        job = self.jobs.get(id(completion))
+        if job is None:  # cancelled
+            return
+        new_logprobs = (completion.logprobs or [])[job.sent_logprobs:]
+        job.sent_logprobs += len(new_logprobs)
+        delivered = True
+        if piece or new_logprobs:
+            delivered = job.inbox.put(Piece(job.index, piece, new_logprobs))
+        if completion.finished:
+            del self.jobs[id(completion)]
+            job.inbox.put(Done(job.index, completion))
+        elif not delivered:  # nobody is waiting for it any more
+            del self.jobs[id(completion)]
+            self.engines[job.model].cancel(completion)
+
+    def _fail(self, model: str, message: str) -> None:
+        with self.cond:
+            for key, job in list(self.jobs.items()):
+                if job.model == model:
+                    self.engines[model].cancel(job.completion)
+                    job.inbox.put(Failed(job.index, message))
+                    del self.jobs[key]
