@@ -64,3 +64,38 @@ def test_word_level_tokenizer_is_refused(tiny_model, tmp_path):
     with pytest.raises(UserError, match="byte-level BPE"):
         write_gguf(tmp_path / "m.gguf", model, words)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_llama_cpp_runs_the_gguf_with_our_greedy_tokens(tmp_path):
+    """llama.cpp itself (llama-cpp-python, built from its PyPI sdist; skipped where it is not installed)
+    loads the file and decodes the same greedy tokens as gpt2ft. A 1024-context model, as llama.cpp
+    sizes its position table from the file."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                          "llama-cpp-python builds llama.cpp from source)")
+    from gpt2ft.config import GPTConfig
+    from gpt2ft.generation import generate
+    from gpt2ft.gguf_file import write_gguf
+    from gpt2ft.model import GPT
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=1024)).eval()
+    with torch.no_grad():  # sharper logits than a fresh init, so greedy ties cannot flip on rounding
+        model.lm_head.weight.mul_(20)
+    tok = gpt2_tokenizer()
+    write_gguf(tmp_path / "m.gguf", model, tok, TEMPLATES["chat"])
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, verbose=False, n_threads=2, logits_all=True)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == tok.encode(prompt)
+    ours = tok.encode(generate(model, tok, prompt, max_new_tokens=12, temperature=0.0, stop_at_eos=False))
+    theirs = []
+    llm.eval(tok.encode(prompt))
+    for _ in range(12):
+        nxt = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+        theirs.append(nxt)
+        llm.eval([nxt])
+    first = torch.tensor(llm.scores[len(tok.encode(prompt)) - 1])
+    llm.close()
+    assert theirs == ours
+    with torch.no_grad():
+        assert torch.allclose(first, model(torch.tensor([tok.encode(prompt)]))[0, -1], atol=1e-3)
