@@ -4,7 +4,7 @@ import torch
 from gpt2ft.errors import UserError
 from gpt2ft.generation import (SamplingConfig, TextDecoder, apply_repetition_penalty, complete_batch, generate,
                                predict_next_token, sample_next, stream, top_k_filter, top_p_filter)
-from gpt2ft.tokenizer import StreamDecoder, gpt2_tokenizer
+from gpt2ft.tokenizer import gpt2_tokenizer
 
 GREEDY = dict(temperature=0.0, stop_at_eos=False)
 
@@ -133,11 +133,10 @@ def test_stop_strings_cut_output_and_stream_equals_whole(tiny_model):
     assert generate(model, tok, "The", max_new_tokens=30, temperature=0.0, stop=[stop]) == cut.text
 
 
-@pytest.mark.parametrize("decoder", [StreamDecoder, TextDecoder])
-def test_stream_decoder_never_splits_utf8(decoder):
+def test_text_decoder_never_splits_utf8():
     tok = gpt2_tokenizer()
     text = "naïve café 日本語 🙂🙃 done"
-    dec = decoder(tok)
+    dec = TextDecoder(tok)
     pieces = [dec.push(i) for i in tok.encode(text)] + [dec.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)

@@ -123,7 +123,6 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
         self.lora_config = None  # a lora.LoRAConfig once apply_lora() wrapped layers
-        self.kv_caches: list[KVCache] | None = None  # the default cache (setup_cache); see new_cache
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -153,16 +152,9 @@ class GPT(nn.Module):
         hs = self.config.n_embd // self.config.n_head
         return [KVCache(batch, self.config.n_head, max_len, hs, dtype, device) for _ in range(self.config.n_layer)]
 
-    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None) -> None:
-        """Allocate the model's default KV cache (used when forward gets input_pos but no kv_caches)."""
-        p = self.lm_head.weight
-        c = self.kv_caches[0] if self.kv_caches else None
-        if c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == (dtype or p.dtype):
-            return
-        self.kv_caches = self.new_cache(batch, max_len, dtype, device)
-
     def clear_cache(self) -> None:
-        self.kv_caches = None
+        """A no-op: the model holds no cache (an engine owns its own). Kept only until its last callers,
+        serve.share_base and objectives_pref.on_policy_pairs, drop the call; then delete it."""
 
     # ----- forward ------------------------------------------------------------------------------
     def forward(
@@ -185,9 +177,8 @@ class GPT(nn.Module):
             (S = T without cache; S = cache slots used so far, or the whole cache when static);
             or, without cache, a bool (B, T, T) mask of which keys each query may see.
         input_pos: cache slots of these tokens, (T,) shared by every row or (B, T) per row (each row
-            then attends to its own slots up to its own position). Caching needs kv_caches (from
-            new_cache) or setup_cache() first.
-        kv_caches: the cache to use (default: the one from setup_cache).
+            then attends to its own slots up to its own position); it needs kv_caches.
+        kv_caches: the cache (from new_cache) that these tokens' keys and values go into.
         cache_rows: which rows of the cache these B rows are: a slice, e.g. slice(3, 4), or a (B,)
             tensor of row indices (default: all of them, in order).
         static_cache: attend over the whole preallocated cache (fixed shapes for torch.compile).
@@ -198,9 +189,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         use_cache = input_pos is not None
-        caches = kv_caches if kv_caches is not None else self.kv_caches
-        if use_cache and caches is None:
-            raise RuntimeError("pass kv_caches= (or call setup_cache()) to use input_pos")
+        if use_cache and kv_caches is None:
+            raise RuntimeError("pass kv_caches= (from new_cache) to use input_pos")
         if position_ids is None:
             if use_cache:
                 position_ids = input_pos if input_pos.dim() == 2 else input_pos.unsqueeze(0)
@@ -209,11 +199,11 @@ class GPT(nn.Module):
         if not use_cache and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context {self.config.block_size}")
 
-        max_len = caches[0].k.shape[2] if use_cache else None
+        max_len = kv_caches[0].k.shape[2] if use_cache else None
         attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
-            cache = caches[i] if use_cache else None
+            cache = kv_caches[i] if use_cache else None
             if self.gradient_checkpointing and self.training and not use_cache:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:

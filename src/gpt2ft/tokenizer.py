@@ -3,7 +3,6 @@ tokenizers trained for from-scratch models. Every tokenizer saves itself into a 
 and load_tokenizer() reads it back from there."""
 from __future__ import annotations
 
-import codecs
 import collections
 import hashlib
 import json
@@ -33,20 +32,6 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + extra)
             extra += 1
     return mapping
-
-
-class StreamDecoder:
-    """Turns a stream of token ids into text pieces that never split a UTF-8 character."""
-
-    def __init__(self, tokenizer: "Tokenizer"):
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
 
 
 class Tokenizer:
@@ -119,10 +104,6 @@ class BPETokenizer(Tokenizer):
         """Plain text to ids; a literal '<|endoftext|>' in the text is encoded as ordinary text."""
         ranks = self._enc.encode_ordinary(text)
         return ranks if self._identity else self._rank_to_id[ranks].tolist()
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        out = self._enc.encode_ordinary_batch(texts, num_threads=2)
-        return out if self._identity else [self._rank_to_id[r].tolist() for r in out]
 
     def decode_bytes(self, ids) -> bytes:
         ids = [int(i) for i in ids]
