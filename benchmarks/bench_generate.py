@@ -36,7 +36,7 @@ def main() -> None:
     load_hf_state_dict(ours, hf.state_dict(), "HF model")
     ours = ours.to(device, dtype).eval()
     tokenizer = gpt2_tokenizer()
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
     for batch in args.batch:
         prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)

@@ -9,7 +9,7 @@ from gpt2ft.generation import (Completion, Engine, SamplingConfig, Session, appl
                                complete_batch, stream)
 from gpt2ft.tokenizer import Tokenizer
 
-GREEDY = dict(temperature=0.0, stop_at_eos=False)
+GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def test_word_level_tokenizer_keeps_its_spaces():
 
     tok = WordTokenizer(["<|endoftext|>", WordTokenizer.UNK, "to", "be", ",", "or", "not"])
     ids = tok.encode("to be, or not to be")
-    c, pieces = _push_all(tok, ids, stop_at_eos=False, max_new_tokens=len(ids))
+    c, pieces = _push_all(tok, ids, ignore_eos=True, max_new_tokens=len(ids))
     assert c.text == tok.decode(ids) == "to be, or not to be"
 
 
@@ -143,7 +143,7 @@ def test_finish_reason_and_usage_per_row_in_a_batch(tiny_model):
     stop = stop_text[len(tok.decode(refs[1][:3])):][:3]  # row 1 ends at a stop string within its 4th+ tokens
     engine = Engine(model, EosAt(tok, eos), max_batch=3)
     rows = [engine.add(prompts[0], SamplingConfig(max_new_tokens=12, temperature=0.0)),
-            engine.add(prompts[1], SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=False, stop=[stop])),
+            engine.add(prompts[1], SamplingConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])),
             engine.add(prompts[2], SamplingConfig(max_new_tokens=7, **GREEDY))]
     _drain(engine)
     first_eos = refs[0].index(eos)
@@ -187,7 +187,7 @@ def test_rows_joining_a_running_batch_late_equal_running_alone(tiny_model):
 def test_same_seed_same_text_whatever_the_batch(tiny_model):
     model, tok = tiny_model
     prompt = tok.encode("The meaning of life")
-    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=100, top_p=0.95, seed=7, stop_at_eos=False)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=100, top_p=0.95, seed=7, ignore_eos=True)
     alone = complete_batch(model, tok, [prompt], cfg)[0].token_ids
     engine = Engine(model, tok, max_batch=3)
     engine.add(tok.encode("Other text here"), SamplingConfig(max_new_tokens=20, temperature=1.0, seed=1))
@@ -259,7 +259,7 @@ def test_logprobs_equal_log_softmax_of_the_model_logits(tiny_model):
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-5)
     # sampled at a temperature, the log-probs are still those of the raw logits; 0 means chosen only
     sampled = complete_batch(model, tok, [prompt], SamplingConfig(max_new_tokens=1, temperature=0.5, seed=0,
-                                                                  logprobs=0, stop_at_eos=False))[0]
+                                                                  logprobs=0, ignore_eos=True))[0]
     (lp,) = sampled.logprobs
     assert lp.top == [] and lp.logprob == pytest.approx(float(logits[0].log_softmax(-1)[lp.token_id]), abs=1e-5)
 

@@ -6,7 +6,7 @@ from gpt2ft.generation import (SamplingConfig, TextDecoder, apply_repetition_pen
                                predict_next_token, sample_next, stream, top_k_filter, top_p_filter)
 from gpt2ft.tokenizer import gpt2_tokenizer
 
-GREEDY = dict(temperature=0.0, stop_at_eos=False)
+GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def _ours(model, prompt_ids, n, compile=False, **sampling):
@@ -113,15 +113,15 @@ def test_repetition_penalty_on_hand_made_logits():
 
 def test_sampling_is_seeded(tiny_model):
     model, tok = tiny_model
-    a = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3, stop_at_eos=False)
-    b = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3, stop_at_eos=False)
-    c = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=4, stop_at_eos=False)
+    a = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3, ignore_eos=True)
+    b = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3, ignore_eos=True)
+    c = generate(model, tok, "Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=4, ignore_eos=True)
     assert a == b and a != c
 
 
 def test_stop_strings_cut_output_and_stream_equals_whole(tiny_model):
     model, tok = tiny_model
-    cfg = SamplingConfig(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
+    cfg = SamplingConfig(max_new_tokens=30, temperature=0.0, ignore_eos=True)
     full = stream(model, tok, "The", cfg)
     list(full)
     stop = full.text[5:8]

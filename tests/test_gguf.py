@@ -87,7 +87,7 @@ def test_llama_cpp_runs_the_gguf_with_our_greedy_tokens(tmp_path):
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, verbose=False, n_threads=2, logits_all=True)
     prompt = "The quick brown fox jumps over the lazy dog"
     assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == tok.encode(prompt)
-    ours = tok.encode(generate(model, tok, prompt, max_new_tokens=12, temperature=0.0, stop_at_eos=False))
+    ours = tok.encode(generate(model, tok, prompt, max_new_tokens=12, temperature=0.0, ignore_eos=True))
     theirs = []
     llm.eval(tok.encode(prompt))
     for _ in range(12):

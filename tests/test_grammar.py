@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gpt2ft.errors import UserError
-from gpt2ft.grammar import GrammarSpec, GrammarState, apply_bitmask, new_bitmask
+from gpt2ft.grammar import GrammarState, apply_bitmask, new_bitmask
+from gpt2ft.sampling import GrammarSpec
 
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
@@ -66,3 +67,44 @@ def test_malformed_grammars_are_one_user_error(tiny_model, spec):
     model, tok = tiny_model
     with pytest.raises(UserError, match="malformed"):
         GrammarState(spec, tok, model.config.vocab_size)
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}}, "required": ["tags"]},
+    {"type": "object", "properties": {"x": {"type": "number", "minimum": -1, "maximum": 1},
+                                      "inner": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                                "required": ["ok"]}}, "required": ["x", "inner"]},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"},
+                                      "level": {"enum": ["low", "mid", "high"]}, "note": {"type": "string"}},
+     "required": ["code", "level"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}, "c": {"type": "string"},
+                                      "d": {"type": "integer"}}, "required": ["a", "b", "c", "d"],
+     "additionalProperties": False},
+]
+
+
+def test_schemas_parse_within_the_token_budget_in_one_batch(tiny_model):
+    """Unbounded strings and numbers on a random model: the row still closes its output in time
+    (budget-aware closing), alone and in a batch of rows with and without grammars."""
+    from gpt2ft.generation import complete_batch
+    from gpt2ft.sampling import SamplingConfig
+
+    model, tok = tiny_model
+    cfgs = [SamplingConfig(max_new_tokens=48, temperature=1.0, seed=s, grammar=GrammarSpec.json_schema(schema))
+            for s, schema in enumerate(SCHEMAS)]
+    prompts = [tok.encode("Reply in JSON:")] * len(cfgs)
+    from gpt2ft.generation import Engine
+
+    engine = Engine(model, tok, max_batch=8)
+    rows = [engine.add(p, c) for p, c in zip(prompts, cfgs)] + [engine.add(prompts[0], SamplingConfig(max_new_tokens=20))]
+    while engine.has_work:
+        engine.step()
+    for row, schema in zip(rows, SCHEMAS):
+        assert row.finish_reason == "stop", (row.text, row.finish_reason)
+        jsonschema.validate(json.loads(row.text), schema)
+    assert rows[-1].completion_tokens == 20 or rows[-1].finish_reason == "stop"
+    greedy = complete_batch(model, tok, prompts[:1], SamplingConfig(max_new_tokens=48, temperature=0.0,
+                                                                    grammar=GrammarSpec.json_schema(SCHEMAS[0])))
+    jsonschema.validate(json.loads(greedy[0].text), SCHEMAS[0])

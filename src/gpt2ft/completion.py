@@ -9,8 +9,14 @@ from typing import NamedTuple
 
 import torch
 
+from .grammar import GrammarState, apply_bitmask, new_bitmask
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
+
+
+def closing_window(max_new_tokens: int) -> int:
+    """The last tokens of a constrained row's budget, in which tokens that close the output are preferred."""
+    return max(16, max_new_tokens // 3)
 
 
 # ----- logits processors (pure functions on (B, V) float logits) ------------------------------
@@ -127,6 +133,7 @@ class Completion:
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.eos_id = tokenizer.eos_id
+        self._tokenizer = tokenizer
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
         self.text = ""
@@ -138,6 +145,9 @@ class Completion:
         self._generator: torch.Generator | None = None  # per-row sampling state, set by _start()
         self._seen: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
+        self._grammar: GrammarState | None = None
+        self._mask: torch.Tensor | None = None  # the grammar's allowed tokens, as a (1, W) bitmask
 
     @property
     def finished(self) -> bool:
@@ -165,9 +175,13 @@ class Completion:
             self._seen[token_id] = True
         if self._counts is not None:
             self._counts[token_id] += 1
-        if token_id == self.eos_id and self.sampling.stop_at_eos:
+        if token_id == self.eos_id and not self.sampling.ignore_eos:
             return self._end("stop", self._decoder.flush(), token_id)
         piece = self._decoder.push(token_id)
+        if self._grammar is not None:
+            self._grammar.accept(token_id)
+            if self._grammar.finished:  # the output is complete: nothing may follow
+                return self._end("stop", piece + self._decoder.flush())
         if len(self.token_ids) >= self.sampling.max_new_tokens:
             return self._end("length", piece + self._decoder.flush())
         return self._release(piece)
@@ -177,16 +191,21 @@ class Completion:
         if not self.finished:
             self.finish_reason, self._held = "cancelled", ""
 
+    @property
+    def _stops(self) -> list[str]:
+        """The stop strings in force: none before min_tokens."""
+        return self.sampling.stop if len(self.token_ids) >= self.sampling.min_tokens else []
+
     def _release(self, piece: str, final: bool = False) -> str:
         text = self._held + piece
-        cut, stop = _find_stop(text, self.sampling.stop)
+        cut, stop = _find_stop(text, self._stops)
         if cut >= 0:
             out, self._held = text[:cut], ""
             self.finish_reason, self.stop_reason = "stop", stop
         elif final:
             out, self._held = text, ""
         else:
-            keep = len(text) - _held_back(text, self.sampling.stop)
+            keep = len(text) - _held_back(text, self._stops)
             out, self._held = text[:keep], text[keep:]
         self.text += out
         return out
@@ -209,6 +228,12 @@ class Completion:
             self._seen[torch.tensor(self.prompt_ids, device=device)] = True
         if cfg.presence_penalty or cfg.frequency_penalty:  # OpenAI's count generated tokens only
             self._counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+        if cfg.logit_bias:
+            self._bias = (torch.tensor(list(cfg.logit_bias), device=device),
+                          torch.tensor(list(cfg.logit_bias.values()), device=device))
+        if cfg.grammar is not None:
+            self._grammar = GrammarState(cfg.grammar, self._tokenizer, vocab_size)
+            self._mask = new_bitmask(1, vocab_size)
 
     def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
         """(1, V) raw logits -> (1,) token id, with this row's penalties, settings and generator."""
@@ -218,4 +243,14 @@ class Completion:
         if self._counts is not None:
             logits = apply_presence_frequency_penalty(logits, self._counts, cfg.presence_penalty,
                                                       cfg.frequency_penalty)
+        if self._bias is not None:
+            logits = logits.float().index_add(1, self._bias[0], self._bias[1][None].float())
+        if self._grammar is not None:
+            self._grammar.fill_mask(self._mask, 0)
+            logits = apply_bitmask(logits, self._mask)
+            if cfg.max_new_tokens - len(self.token_ids) <= closing_window(cfg.max_new_tokens):
+                logits = self._grammar.closing(logits)  # finish a parseable output within the budget
+        if len(self.token_ids) < cfg.min_tokens and not cfg.ignore_eos:
+            logits = logits.clone()
+            logits[:, self.eos_id] = float("-inf")
         return sample_next(logits, cfg, self._generator)

@@ -11,6 +11,7 @@ import torch
 from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_frequency_penalty,  # noqa: F401
                          apply_repetition_penalty, sample_next, top_k_filter, top_p_filter)
 from .errors import UserError
+from .grammar import compile_grammar
 from .model import GPT
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -86,6 +87,10 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
             bad = next(t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab))
             raise UserError(f"prompt token {bad!r} is not a token id of this model (0 to {vocab - 1})")
+        if bad := [t for t in sampling.logit_bias if t >= vocab]:
+            raise UserError(f"logit_bias: {bad[0]} is not a token id of this model (0 to {vocab - 1})")
+        if sampling.grammar is not None:
+            compile_grammar(sampling.grammar, self.tokenizer, vocab)  # a malformed grammar fails here, once
         completion = Completion(prompt_ids, sampling, self.tokenizer)
         self._queue.append(completion)
         return completion

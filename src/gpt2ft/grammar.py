@@ -10,54 +10,38 @@ except after an opening bracket.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from .errors import UserError
+from .sampling import GrammarSpec
 from .tokenizer import Tokenizer
 
-KINDS = ("json_schema", "json", "regex", "choice", "lark", "gbnf")
+COMPACT_JSON = {"whitespace_flexible": False}  # ", " and ": " between items: no runs of spaces or newlines
 
 
-@dataclass(frozen=True)
-class GrammarSpec:
-    """What the output must match. `source`: the schema as JSON text, the regex, the choices as a
-    JSON list, or the grammar text; empty for `json` (any JSON object)."""
+def llguidance_grammar(spec: GrammarSpec) -> str:
+    """The grammar in llguidance's own form (a UserError naming the problem if it is malformed). JSON
+    is written with standard separators and no free whitespace (a small model would wander in it)."""
+    import llguidance
 
-    kind: str
-    source: str = ""
+    try:
+        if spec.kind in ("json", "json_schema"):
+            schema = json.loads(spec.source) if spec.kind == "json_schema" else {"type": "object"}
+            if isinstance(schema, dict):
+                schema = {"x-guidance": COMPACT_JSON, **schema}
+            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        if spec.kind == "choice":  # a Lark rule of quoted literals: nothing else can follow
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(o) for o in json.loads(spec.source)))
+        return llguidance.grammar_from(spec.kind, spec.source)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {_one_line(e)}") from None
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise UserError(f"grammar kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
 
-    @classmethod
-    def json_schema(cls, schema: dict | str) -> "GrammarSpec":
-        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
-
-    @classmethod
-    def choice(cls, options: list[str]) -> "GrammarSpec":
-        if not options or not all(isinstance(o, str) and o for o in options):
-            raise UserError("a choice needs one or more non-empty strings")
-        return cls("choice", json.dumps(list(options)))
-
-    def llguidance_grammar(self) -> str:
-        """The grammar in llguidance's own form (a UserError naming the problem if it is malformed)."""
-        import llguidance
-
-        try:
-            if self.kind == "json":
-                return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
-            if self.kind == "json_schema":
-                json.loads(self.source)  # a clear error for text that is not JSON at all
-            if self.kind == "choice":  # a Lark rule of quoted literals: nothing else can follow
-                return llguidance.LLMatcher.grammar_from_lark(
-                    "start: " + " | ".join(json.dumps(o) for o in json.loads(self.source)))
-            return llguidance.grammar_from(self.kind, self.source)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"malformed {self.kind.replace('_', ' ')}: {e}") from None
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
 
 
 class _TokenizerView:
@@ -96,10 +80,10 @@ def _lltokenizer(tokenizer: Tokenizer, vocab_size: int):
 def _compiled(tokenizer: Tokenizer, vocab_size: int, spec: GrammarSpec) -> tuple:
     import llguidance
 
-    grammar = spec.llguidance_grammar()
+    grammar = llguidance_grammar(spec)
     lltok = _lltokenizer(tokenizer, vocab_size)
     if error := llguidance.LLMatcher.validate_grammar(grammar, lltok):
-        raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {error.splitlines()[0]}")
+        raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {_one_line(error)}")
     return lltok, grammar
 
 
@@ -110,21 +94,30 @@ def require_llguidance() -> None:
         raise UserError("constrained decoding needs the `llguidance` package: pip install llguidance") from None
 
 
+def compile_grammar(spec: GrammarSpec, tokenizer: Tokenizer, vocab_size: int) -> tuple:
+    """Compile (or take from the cache) a grammar for this tokenizer; a UserError if it is malformed."""
+    require_llguidance()
+    return _compiled(tokenizer, vocab_size, spec)
+
+
 class GrammarState:
     """One row's position in its grammar."""
 
     def __init__(self, spec: GrammarSpec, tokenizer: Tokenizer, vocab_size: int):
+        lltok, grammar = compile_grammar(spec, tokenizer, vocab_size)
         import llguidance
 
-        require_llguidance()
-        lltok, grammar = _compiled(tokenizer, vocab_size, spec)
         self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
-        self.vocab_size = vocab_size
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this row's allowed tokens into bitmask[row] (int32 words, 32 tokens each)."""
         self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
         self._check()
+
+    def closing(self, logits: torch.Tensor) -> torch.Tensor:
+        """prefer_closing with this row's tokenizer (near the end of the row's token budget)."""
+        return prefer_closing(logits, closing_tiers(self.tokenizer, self.vocab_size))
 
     def accept(self, token_id: int) -> None:
         self.matcher.consume_token(token_id)
@@ -138,6 +131,34 @@ class GrammarState:
     def _check(self):
         if self.matcher.is_error():
             raise UserError(f"constrained decoding failed: {self.matcher.get_error()}")
+
+
+# Near the end of a row's budget, in this order: EOS; a token that closes a string (starts with '"',
+# then only closing characters); closing brackets alone; separators (to reach the next required key).
+CLOSING_TIERS = ((b'"', b'"}],: '), (b"}]", b"}] "), (b",:", b'",:}] '))
+
+
+@lru_cache(maxsize=4)
+def closing_tiers(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """(1 + len(CLOSING_TIERS), V) bool: EOS, then the tokens of each tier (first byte, other bytes)."""
+    tiers = torch.zeros(1 + len(CLOSING_TIERS), vocab_size, dtype=torch.bool)
+    tiers[0, tokenizer.eos_id] = True
+    for i in range(vocab_size):
+        text = token_bytes(tokenizer, i)
+        for t, (first, rest) in enumerate(CLOSING_TIERS, start=1):
+            if text and text[0] in first and all(b in rest for b in text[1:]):
+                tiers[t, i] = True
+    return tiers
+
+
+def prefer_closing(logits: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
+    """(1, V) masked logits -> the same, kept only on the first tier with an allowed token (EOS, then
+    tokens that close what is open): how a row near the end of its token budget finishes its output."""
+    allowed = torch.isfinite(logits[0])
+    for tier in tiers.to(logits.device):
+        if (keep := allowed & tier).any():
+            return logits.masked_fill(~keep, float("-inf"))
+    return logits
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

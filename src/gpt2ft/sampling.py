@@ -12,7 +12,41 @@ from dataclasses import MISSING, dataclass, field, fields
 from .argtypes import Range
 from .errors import UserError
 
-MAX_STOP_STRINGS = 16  # per request/prompt, besides the model template's own stop strings
+MAX_STOP_STRINGS = 16  # the user's; a model template's own stop strings come on top
+MAX_STOP_TOTAL = MAX_STOP_STRINGS + 8
+MAX_BIAS = 100.0
+MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
+GRAMMAR_KINDS = ("json_schema", "json", "regex", "choice", "lark", "gbnf")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must match (compiled by gpt2ft.grammar). `source`: the schema as JSON text,
+    the regex, the choices as a JSON list, or the Lark/GBNF grammar; empty for `json` (any JSON object)."""
+
+    kind: str
+    source: str = ""
+
+    def __post_init__(self):
+        if self.kind not in GRAMMAR_KINDS:
+            raise UserError(f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, not {self.kind!r}")
+        if not isinstance(self.source, str) or (self.kind != "json" and not self.source):
+            raise UserError(f"a {self.kind.replace('_', ' ')} grammar needs its text")
+
+    @classmethod
+    def json_schema(cls, schema) -> "GrammarSpec":
+        import json
+
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def choice(cls, options) -> "GrammarSpec":
+        import json
+
+        if not isinstance(options, (list, tuple)) or not options or \
+                not all(isinstance(o, str) and o for o in options):
+            raise UserError("a choice needs one or more non-empty strings")
+        return cls("choice", json.dumps(list(options)))
 
 
 def option(default=MISSING, *, range: Range | None = None, help: str, flag: str | None = None,
@@ -64,11 +98,22 @@ class SamplingConfig:
     logprobs: int | None = option(None, range=Range(int, 0, 20), api="logprobs",
                                   help="record log-probabilities of the raw logits: 0 the chosen token's; "
                                        "k also the k most likely tokens'")
-    stop_at_eos: bool = option(True, help="end a row at <|endoftext|>")
+    ignore_eos: bool = option(False, flag="--ignore-eos", api="ignore_eos",
+                              help="go on past <|endoftext|> (vLLM's; for benchmarks and exact token counts)")
+    min_tokens: int = option(0, range=Range(int, 0), flag="--min-tokens", api="min_tokens",
+                             help="generate at least this many tokens: <|endoftext|> and stop strings are held "
+                                  "off until then (vLLM's)")
+    logit_bias: dict[int, float] = option(default_factory=dict, flag="--logit-bias", api="logit_bias",
+                                          help=f"add a bias in [{-MAX_BIAS:g}, {MAX_BIAS:g}] to a token's logit "
+                                               f"before sampling: -100 bans it, +100 forces it (OpenAI's)")
+    grammar: GrammarSpec | None = option(None, help="a grammar the output must match (constrained decoding); "
+                                                    "set by each surface's own flags and fields")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, check(f.name, getattr(self, f.name)))
+        if self.min_tokens > self.max_new_tokens:
+            raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingConfig":
@@ -94,7 +139,9 @@ class Option:
 
     @property
     def kind(self) -> type:
-        return self.range.kind if self.range else (bool if isinstance(self.default, bool) else list)
+        if self.range:
+            return self.range.kind
+        return type(self.default) if isinstance(self.default, (bool, list, dict)) else GrammarSpec
 
     @property
     def accepts(self) -> str:
@@ -103,6 +150,10 @@ class Option:
             return "true or false"
         if self.kind is list:
             return f"a string or a list of at most {MAX_STOP_STRINGS} strings"
+        if self.kind is dict:
+            return f"token id -> bias in [{-MAX_BIAS:g}, {MAX_BIAS:g}] (at most {MAX_LOGIT_BIASES} entries)"
+        if self.kind is GrammarSpec:
+            return "a grammar"
         text = f"{self.range.noun} {self.range.text}"
         return f"{text}, or {self.none}" if self.none else text
 
@@ -110,6 +161,14 @@ class Option:
         """A value typed by a person (a flag, a REPL argument) -> the checked value, or UserError."""
         if self.none and text.strip().lower() in (self.none, "none"):
             return None
+        if self.kind is dict:  # "ID=BIAS", one entry per flag or command
+            token, sep, bias = text.partition("=")
+            try:
+                if not sep:
+                    raise ValueError
+                return check(self.name, {int(token): float(bias)})
+            except ValueError:
+                raise UserError(f"{self.name} takes TOKEN_ID=BIAS, e.g. 50256=-100, not {text!r}") from None
         if self.range is None:
             return check(self.name, text)
         try:
@@ -149,16 +208,38 @@ def check(name: str, value):
             raise UserError(f"{name} must be {opt.accepts}, not {value!r}")
         value = rng.kind(value)
         return 0 if name == "top_k" and value == -1 else value
-    if name == "stop":
+    if opt.kind is list:  # stop strings
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value) \
-                or len(value) > MAX_STOP_STRINGS:
+                or len(value) > MAX_STOP_TOTAL:
             raise UserError(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, not {value!r}")
         return [s for s in value if s]
+    if opt.kind is dict:
+        return _check_logit_bias(value)
+    if opt.kind is GrammarSpec:
+        if not isinstance(value, GrammarSpec):
+            raise UserError(f"{name} must be a GrammarSpec, not {value!r}")
+        return value
     if not isinstance(value, bool):
         raise UserError(f"{name} must be true or false, not {value!r}")
     return value
+
+
+def _check_logit_bias(value) -> dict[int, float]:
+    """{token id: bias}; ids may come as JSON's strings ("50256"); ids are checked against the
+    vocabulary where it is known (the engine)."""
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIASES:
+        raise UserError(f"logit_bias must map token ids to biases (at most {MAX_LOGIT_BIASES} entries), not {value!r}")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise UserError(f"logit_bias: {key!r} is not a token id (an integer >= 0)")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise UserError(f"logit_bias[{key}] must be a number in [{-MAX_BIAS:g}, {MAX_BIAS:g}], not {bias!r}")
+        out[token] = float(bias)
+    return out
 
 
 OPTIONS: dict[str, Option] = _options()

@@ -51,6 +51,13 @@ def add_sampling(p: argparse.ArgumentParser, **defaults) -> None:
         if opt.kind is list:
             g.add_argument(opt.flag, action="append", default=None, metavar="S", help=opt.help + " (repeatable)")
             continue
+        if opt.kind is bool:
+            g.add_argument(opt.flag, action="store_true", default=default, help=opt.help)
+            continue
+        if opt.kind is dict:
+            g.add_argument(opt.flag, action="append", default=None, metavar="ID=BIAS", type=_option_type(opt),
+                           help=f"{opt.help} (repeatable)")
+            continue
         g.add_argument(opt.flag, type=_option_type(opt), default=default, help=f"{opt.help}; {opt.accepts}")
     if defaults:
         raise TypeError(f"not sampling options: {sorted(defaults)}")
@@ -71,12 +78,42 @@ def _option_type(opt):
     return convert
 
 
+def add_grammar(p: argparse.ArgumentParser) -> None:
+    """Constrained decoding (gpt2ft.grammar): at most one of --json-schema, --json, --regex, --choice, --grammar."""
+    g = p.add_argument_group("structured output (the output always matches)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file the output must validate against")
+    g.add_argument("--json", action="store_true", help="any JSON object")
+    g.add_argument("--regex", metavar="RE", help="a regular expression the whole output must match")
+    g.add_argument("--choice", nargs="+", metavar="TEXT", help="exactly one of these strings")
+    g.add_argument("--grammar", metavar="FILE", help="a Lark or GBNF grammar file (llguidance's syntax)")
+
+
+def grammar_spec(args):
+    """The GrammarSpec of add_grammar's flags, or None; files are read bounded, with one-line errors."""
+    from ..fileio import read_user_text
+    from ..sampling import GrammarSpec
+
+    if getattr(args, "json_schema", None):
+        return GrammarSpec("json_schema", read_user_text(args.json_schema, "JSON schema", 2**20))
+    if getattr(args, "json", False):
+        return GrammarSpec("json")
+    if getattr(args, "regex", None):
+        return GrammarSpec("regex", args.regex)
+    if getattr(args, "choice", None):
+        return GrammarSpec.choice(args.choice)
+    if getattr(args, "grammar", None):
+        return GrammarSpec("gbnf", read_user_text(args.grammar, "grammar", 2**20))  # llguidance reads Lark too
+    return None
+
+
 def sampling_config(args, extra_stop: list[str] | None = None):
     """The SamplingConfig of a verb's sampling flags (add_sampling), plus e.g. a template's stop strings."""
     from ..sampling import OPTIONS, SamplingConfig
 
     values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
     values["stop"] = list(values.get("stop") or []) + list(extra_stop or [])
+    values["logit_bias"] = {k: v for entry in values.get("logit_bias") or [] for k, v in entry.items()}
+    values["grammar"] = grammar_spec(args)
     return SamplingConfig(**values)
 
 

@@ -9,7 +9,7 @@ import sys
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import add_common, add_sampling, load_model, required, sampling_config
+from . import add_common, add_grammar, add_sampling, load_model, required, sampling_config
 
 
 def add_args(p):
@@ -22,6 +22,7 @@ def add_args(p):
                         "(1 .. the vocabulary size; 0: generate)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache; GPUs)")
     add_sampling(p)
+    add_grammar(p)
 
 
 def run(args):
