@@ -86,8 +86,10 @@ class RunFolder:
             self._link("best", final)
         best_target = (self.path / "best").resolve() if (self.path / "best").exists() else None
         for old in self.checkpoints()[keep_last:]:
-            if old.resolve() != best_target:
-                shutil.rmtree(old, ignore_errors=True)
+            if old.resolve() != best_target:  # renamed first: a kill mid-delete leaves no half folder at a final name
+                trash = old.with_name(f".tmp-rotated-{old.name}")
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         return final
 
     def _link(self, name: str, target: Path) -> None:
