@@ -41,7 +41,7 @@ def run_ours(cfg: dict) -> dict:
     """The real loop (train.train) with the DPO objective; per-step pairs/s from its metrics.jsonl."""
     from gpt2ft.config import preset
     from gpt2ft.model import GPT
-    from gpt2ft.objectives_pref import PRECOMPUTED, PreferenceConfig, PreferenceOptimization, freeze
+    from gpt2ft.objectives_pref import FrozenCopy, Precomputed, PreferenceConfig, PreferenceOptimization
     from gpt2ft.runtime import resolve_device, resolve_dtype
     from gpt2ft.tokenizer import gpt2_tokenizer
     from gpt2ft.train import TrainConfig, run_folder, train
@@ -52,7 +52,7 @@ def run_ours(cfg: dict) -> dict:
     torch.manual_seed(0)
     model = GPT(preset("gpt2", dropout=0.0))
     pre = cfg["kind"] == "ours_pre"
-    reference = PRECOMPUTED if pre else freeze(copy.deepcopy(model))
+    reference = Precomputed(FrozenCopy(model, shared=True)) if pre else FrozenCopy(model)
     objective = PreferenceOptimization(pairs, [], tok, template, cfg["length"], PreferenceConfig("sigmoid", 0.1),
                                        reference)
     out = Path(tempfile.mkdtemp()) / "run"
@@ -60,7 +60,7 @@ def run_ours(cfg: dict) -> dict:
     if pre:
         device = resolve_device("auto")
         start = time.perf_counter()
-        objective.precompute_reference(model.to(device), out.parent / "ref.pt", "bench", device,
+        objective.precompute_reference(model.to(device), out.parent / "ref.pt", device,
                                        resolve_dtype("auto", device), cfg["batch"], log=lambda m: None)
         precompute_s = time.perf_counter() - start
     tc = TrainConfig(out=str(out), max_steps=cfg["steps"], batch_size=cfg["batch"], log_every=1, eval_every=0,

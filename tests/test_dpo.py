@@ -1,14 +1,13 @@
 """The DPO objective against TRL's DPOTrainer (first step on the same HF model, data and beta), and its
-references: a precomputed or adapters-off reference gives the live frozen copy's loss."""
-import copy
-
+references (types): a precomputed or adapters-off reference gives the live frozen copy's loss."""
 import pytest
 import torch
 
 from gpt2ft.checkpoint import load
 from gpt2ft.data.preferences import PreferencePair
-from gpt2ft.objectives_pref import (ADAPTERS_OFF, PRECOMPUTED, PreferenceConfig, PreferenceOptimization, freeze,
-                                    weights_fingerprint)
+from gpt2ft.errors import UserError
+from gpt2ft.objectives_pref import (AdaptersOff, FrozenCopy, NoReference, OtherModel, Precomputed, PreferenceConfig,
+                                    PreferenceOptimization, weights_fingerprint)
 from gpt2ft.templates import get_template
 
 ALPACA = get_template("alpaca")
@@ -53,7 +52,7 @@ def test_first_step_matches_trl_dpo_trainer(hf_dir, ref_dir, tmp_path, loss_type
     save_model(tmp_path / "ours", policy, tok, {"objective": "sft"})  # a gpt2ft checkpoint, exported for TRL
     exported = export(str(tmp_path / "ours"), tmp_path / "hf")
     policy, tok = load(tmp_path / "ours", device="cpu", dtype="float32")
-    reference = freeze(load(ref_dir, device="cpu", dtype="float32").model)
+    reference = OtherModel(load(ref_dir, device="cpu", dtype="float32").model, str(ref_dir))
     objective = _objective(tok, reference, loss_type, **kw)
     with torch.no_grad():
         ours, metrics = _means(objective, policy)
@@ -91,12 +90,11 @@ def _perturbed(model, seed=5, scale=0.02, only_lora=False):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_precomputed_reference_gives_the_live_copys_loss_and_gradients(hf_dir, tmp_path, loss_type):
     model, tok = load(hf_dir, device="cpu", dtype="float32")
-    live = _objective(tok, freeze(copy.deepcopy(model)), loss_type)
-    pre = _objective(tok, PRECOMPUTED, loss_type)
+    live = _objective(tok, FrozenCopy(model), loss_type)
+    pre = _objective(tok, Precomputed(FrozenCopy(model, shared=True)), loss_type)  # the policy before any step
     logs = []
-    key = weights_fingerprint(model)
-    pre.precompute_reference(model, tmp_path / "ref.pt", key, torch.device("cpu"), torch.float32, 3, logs.append)
-    assert pre.reference is None and pre.train.reference.shape == (len(PAIRS), 2)
+    pre.precompute_reference(model, tmp_path / "ref.pt", torch.device("cpu"), torch.float32, 3, logs.append)
+    assert pre.reference.source is None and pre.train.reference.shape == (len(PAIRS), 2)
     _perturbed(model)  # training has moved the policy away from the reference
     grads = []
     for objective in (live, pre):
@@ -110,23 +108,25 @@ def test_precomputed_reference_gives_the_live_copys_loss_and_gradients(hf_dir, t
     assert all(metrics[k] == pytest.approx(v, abs=1e-5) for k, v in expected[1].items())
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     # the cache is reused for the same data and reference, recomputed when the reference changes
-    again = _objective(tok, PRECOMPUTED, loss_type)
-    again.precompute_reference(None, tmp_path / "ref.pt", key, torch.device("cpu"), torch.float32, 3, logs.append)
+    again = _objective(tok, Precomputed(live.reference), loss_type)  # the starting weights, as a frozen copy
+    again.precompute_reference(model, tmp_path / "ref.pt", torch.device("cpu"), torch.float32, 3, logs.append)
     assert "reusing" in logs[-1] and torch.equal(again.train.reference, pre.train.reference)
-    other = _objective(tok, PRECOMPUTED, loss_type)
-    other.precompute_reference(model, tmp_path / "ref.pt", weights_fingerprint(model), torch.device("cpu"),
-                               torch.float32, 3, logs.append)
+    other = _objective(tok, Precomputed(FrozenCopy(model, shared=True)), loss_type)  # the moved policy
+    other.precompute_reference(model, tmp_path / "ref.pt", torch.device("cpu"), torch.float32, 3, logs.append)
     assert "computing" in logs[-1] and not torch.equal(other.train.reference, pre.train.reference)
+    with pytest.raises(RuntimeError, match="precompute_reference"):  # a Precomputed reference not filled yet
+        fresh = _objective(tok, Precomputed(FrozenCopy(model)), loss_type)
+        fresh.loss(model, fresh.train.batch([0]))
 
 
 def test_adapters_off_reference_is_the_base_model_and_never_changes(hf_dir):
     from gpt2ft.lora import LoRAConfig, apply_lora
 
     model, tok = load(hf_dir, device="cpu", dtype="float32")
-    base = freeze(copy.deepcopy(model))
+    base = FrozenCopy(model)
     apply_lora(model, LoRAConfig(4, 8.0, 0.0, ("c_attn", "c_proj")))
     before = weights_fingerprint(model, adapters_off=True)
-    off, live = _objective(tok, ADAPTERS_OFF), _objective(tok, base)
+    off, live = _objective(tok, AdaptersOff()), _objective(tok, base)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(3):  # train the adapters a little, through the adapters-off objective
         optimizer.zero_grad()
@@ -145,7 +145,11 @@ def test_reference_free_losses_use_no_reference(hf_dir):
     model, tok = load(hf_dir, device="cpu", dtype="float32")
     for kind in ("simpo", "orpo"):
         objective = _objective(tok, None, kind)
-        assert objective.reference is None
+        assert isinstance(objective.reference, NoReference)
         with torch.no_grad():
             loss, metrics = _means(objective, model)
         assert loss > 0 and metrics["logp_chosen"] < 0
+        with pytest.raises(UserError, match="reference-free"):
+            _objective(tok, FrozenCopy(model), kind)
+    with pytest.raises(UserError, match="needs a reference"):
+        _objective(tok, None, "sigmoid")

@@ -134,7 +134,7 @@ def test_bad_pairs_are_reported_before_the_model_loads(tmp_path):
     assert_clean_error(run_cli("dpo", tmp_path / "no-such-model", "--data", data, "--out", tmp_path / "run"),
                        f"{data}:2", "missing field 'rejected'", "--on-invalid skip")
     assert_clean_error(run_cli("dpo", tmp_path / "m", "--data", data, "--out", tmp_path / "r", "--loss", "kto"),
-                       "--loss must be one of")
+                       "--loss", "invalid choice")
 
 
 def test_skipped_and_dropped_pairs_go_to_rejected_jsonl(sft_model, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import assert_clean_error, run_cli
 from gpt2ft.checkpoint import export, load, run_checkpoints
 from gpt2ft.lora import LoRAConfig, apply_lora, disable_adapters, merge_lora
 
@@ -139,6 +139,16 @@ def test_lora_resume_is_exact(lora_run, hf_dir, tmp_path):
     a = load_file(run_checkpoints(tmp_path / "full")[0] / "adapter_model.safetensors")
     b = load_file(run_checkpoints(tmp_path / "half")[0] / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_a_model_that_already_has_adapters_names_the_real_reason(lora_run, tmp_path):
+    root, run = lora_run
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Tomorrow?", "chosen": "And tomorrow.", "rejected": "Today."}) + "\n")
+    for verb, data in (("dpo", prefs), ("finetune", root / "text.txt")):
+        proc = run_cli(verb, run, "--data", data, "--lora", "--out", tmp_path / verb, "--device", "cpu")
+        assert_clean_error(proc, "already carries a LoRA adapter", "drop --lora", f"gpt2ft export {run} --merge-lora")
+        assert "--lora-targets" not in proc.stderr and not (tmp_path / verb).exists()
 
 
 def test_sft_with_lora(hf_dir, tmp_path):

@@ -3,6 +3,8 @@ loop can divide by the global count and accumulate exactly per token."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +20,6 @@ def perplexity(mean_nll: float) -> float:
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose next-token label is trained (labels != -100)."""
     return labels != IGNORE
-
-
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of (N, V) logits against (N,) targets, computed in float32."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _ce_chunk(h, weight, t, want_grad: bool):
@@ -147,8 +144,25 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return -nll, mask.sum(-1)
 
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
+class PairLogps(NamedTuple):
+    """Per-sequence log-probs (summed over response tokens) of a batch of pairs, each (B,): the policy's,
+    the response lengths, and (unless reference-free) the reference's."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    @property
+    def averages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token average log-probs (chosen, rejected)."""
+        return self.chosen / self.chosen_len.clamp(min=1), self.rejected / self.rejected_len.clamp(min=1)
+
+    @property
+    def ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p - log p_ref of (chosen, rejected)."""
+        return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
 
 
 def sigmoid_loss(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -191,37 +205,94 @@ def odds_ratio_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tor
     return -F.logsigmoid(log_odds)
 
 
+# ----- the registry: each loss on a batch of pairs -> (per-pair loss, chosen reward, rejected reward) ----
+def _with_ratio_rewards(loss: torch.Tensor, p: PairLogps, beta: float):
+    chosen_ratio, rejected_ratio = p.ratios
+    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def _sigmoid(p: PairLogps, beta: float, label_smoothing: float):
+    chosen_ratio, rejected_ratio = p.ratios
+    return _with_ratio_rewards(sigmoid_loss(chosen_ratio - rejected_ratio, beta, label_smoothing), p, beta)
+
+
+def _robust(p: PairLogps, beta: float, label_smoothing: float):
+    chosen_ratio, rejected_ratio = p.ratios
+    return _with_ratio_rewards(robust_loss(chosen_ratio - rejected_ratio, beta, label_smoothing), p, beta)
+
+
+def _hinge(p: PairLogps, beta: float):
+    chosen_ratio, rejected_ratio = p.ratios
+    return _with_ratio_rewards(hinge_loss(chosen_ratio - rejected_ratio, beta), p, beta)
+
+
+def _ipo(p: PairLogps, beta: float):
+    chosen_ratio, rejected_ratio = p.ratios
+    per_token = chosen_ratio / p.chosen_len.clamp(min=1) - rejected_ratio / p.rejected_len.clamp(min=1)
+    return _with_ratio_rewards(ipo_loss(per_token, beta), p, beta)
+
+
+def _simpo(p: PairLogps, beta: float, gamma: float):
+    chosen_avg, rejected_avg = p.averages
+    return simpo_loss(chosen_avg, rejected_avg, beta, gamma), beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def _orpo(p: PairLogps, lam: float):
+    chosen_avg, rejected_avg = p.averages  # the chosen answer's NLL plus lam x the odds-ratio term
+    loss = -chosen_avg + lam * odds_ratio_loss(chosen_avg, rejected_avg)
+    return loss, lam * chosen_avg.detach(), lam * rejected_avg.detach()
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One preference loss: its name (--loss), whether it compares against a reference model, its default
+    beta, the options its pure function takes besides the log-probs, and the batch layout it needs
+    (objectives_pref.LAYOUTS: "pairs" is B chosen rows then the same B prompts with their rejected answers)."""
+    name: str
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    needs_reference: bool
+    help: str
+    params: tuple[str, ...] = ("beta",)
+    default_beta: float = 0.1
+    layout: str = "pairs"
+
+
+OPTION_DEFAULTS = {"label_smoothing": 0.0, "gamma": 0.5, "lam": 0.1}  # beta's default is per loss
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {loss.name: loss for loss in (
+    PreferenceLoss("sigmoid", _sigmoid, True, "DPO; with --label-smoothing, cDPO", ("beta", "label_smoothing")),
+    PreferenceLoss("robust", _robust, True, "robust DPO, unbiased under --label-smoothing noise",
+                   ("beta", "label_smoothing")),
+    PreferenceLoss("ipo", _ipo, True, "IPO, on per-token log-ratios"),
+    PreferenceLoss("hinge", _hinge, True, "SLiC-HF hinge"),
+    # SimPO's rewards are per-token averages: a larger scale (Meng et al. use 2-2.5)
+    PreferenceLoss("simpo", _simpo, False, "SimPO: reference-free, length-normalised, margin --gamma",
+                   ("beta", "gamma"), default_beta=2.0),
+    PreferenceLoss("orpo", _orpo, False, "ORPO: reference-free, NLL + --lambda x odds ratio", ("lam",)),
+)}
+
+
+def losses_using(option: str) -> list[str]:
+    """The registered losses that take `option` (beta, label_smoothing, gamma, lam)."""
+    return [loss.name for loss in PREFERENCE_LOSSES.values() if option in loss.params]
+
+
 def preference_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_len: torch.Tensor,
                     rejected_len: torch.Tensor, ref_chosen: torch.Tensor | None = None,
-                    ref_rejected: torch.Tensor | None = None, beta: float = 0.1, label_smoothing: float = 0.0,
-                    gamma: float = 0.5, lam: float = 0.1, sft_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    """Per-pair loss and implicit rewards from per-sequence log-probs (summed over response tokens) of the
-    policy (and, unless reference-free, the reference), each (B,). Returns {"loss", "chosen_reward",
-    "rejected_reward"}, all (B,). sft_weight adds the chosen response's per-token NLL (RPO: Pang et al.
-    2024, arXiv:2404.19733); ORPO always includes that NLL with weight 1, its odds-ratio term weighted by lam."""
-    chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
-    nll = -chosen_avg
-    if kind in ("simpo", "orpo"):
-        scale = beta if kind == "simpo" else lam
-        chosen_reward, rejected_reward = scale * chosen_avg.detach(), scale * rejected_avg.detach()
-        loss = simpo_loss(chosen_avg, rejected_avg, beta, gamma) if kind == "simpo" else \
-            nll + lam * odds_ratio_loss(chosen_avg, rejected_avg)
-    else:
-        if ref_chosen is None or ref_rejected is None:
-            raise ValueError(f"the {kind} loss needs reference log-probs")
-        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-        delta = chosen_ratio - rejected_ratio
-        if kind == "sigmoid":
-            loss = sigmoid_loss(delta, beta, label_smoothing)
-        elif kind == "robust":
-            loss = robust_loss(delta, beta, label_smoothing)
-        elif kind == "hinge":
-            loss = hinge_loss(delta, beta)
-        elif kind == "ipo":
-            loss = ipo_loss(chosen_ratio / chosen_len.clamp(min=1) - rejected_ratio / rejected_len.clamp(min=1), beta)
-        else:
-            raise ValueError(f"unknown preference loss {kind!r}; one of {', '.join(PREFERENCE_LOSSES)}")
-        chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+                    ref_rejected: torch.Tensor | None = None, sft_weight: float = 0.0,
+                    **params: float) -> dict[str, torch.Tensor]:
+    """Per-pair loss and implicit rewards of the registered loss `kind` from per-sequence log-probs (summed
+    over response tokens) of the policy (and, unless reference-free, the reference), each (B,). `params`:
+    the loss's options (PreferenceLoss.params; others are ignored). Returns {"loss", "chosen_reward",
+    "rejected_reward"}, all (B,). sft_weight adds the chosen response's per-token NLL (RPO: Pang et al. 2024,
+    arXiv:2404.19733)."""
+    entry = PREFERENCE_LOSSES.get(kind)
+    if entry is None:
+        raise ValueError(f"unknown preference loss {kind!r}; one of {', '.join(PREFERENCE_LOSSES)}")
+    p = PairLogps(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected)
+    if entry.needs_reference and (ref_chosen is None or ref_rejected is None):
+        raise ValueError(f"the {kind} loss needs reference log-probs")
+    defaults = {"beta": entry.default_beta, **OPTION_DEFAULTS}
+    loss, chosen_reward, rejected_reward = entry.fn(p, **{k: params.get(k, defaults[k]) for k in entry.params})
     if sft_weight:
-        loss = loss + sft_weight * nll
+        loss = loss + sft_weight * -p.averages[0]
     return {"loss": loss, "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}

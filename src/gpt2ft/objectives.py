@@ -80,8 +80,9 @@ class LanguageModeling(MaskedLM):
         vocab = meta["tokenizer"].get("vocab_size")
         val = TokenBlocks(Path(data_dir) / "val.bin", meta["dtype"], length, meta.get("val_tokens"), vocab)
         train = TokenBlocks(Path(data_dir) / "train.bin", meta["dtype"], length, meta.get("train_tokens"), vocab)
-        return cls(train, val,
-                   sample_prompts or val.sample_prompt(tokenizer), name, meta["fingerprint"])
+        return cls(train, val, sample_prompts or val.sample_prompt(tokenizer), name, meta["fingerprint"])
+
+
 class InstructionTuning(MaskedLM):
     """SFT: loss on response tokens (and their EOS) only; validation also generates and scores."""
 

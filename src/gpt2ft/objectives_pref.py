@@ -1,62 +1,140 @@
 """Preference optimisation (DPO and its relatives) as one more objective of the training loop.
 
-Each batch holds B chosen rows then the same B prompts with their rejected answers; one forward pass
-gives the per-sequence log-probs of both (losses.sequence_logps). The reference is one of:
-  a frozen module (a copy of the starting model, or another model), run under no_grad;
-  "adapters-off": the policy itself with its LoRA adapters disabled (no second model in memory);
-  precomputed: log-probs computed once before training and carried by the batches (no model at all);
-  None: reference-free losses (SimPO, ORPO).
+The loss comes from the registry (losses.PREFERENCE_LOSSES); the batch layout it needs from LAYOUTS here
+(`pairs`: B chosen rows then the same B prompts with their rejected answers, so one forward pass gives
+the per-sequence log-probs of both). The reference is a type (`Reference`):
+  FrozenCopy: a frozen copy of the starting model; OtherModel: another model, frozen (both under no_grad);
+  AdaptersOff: the policy itself with its LoRA adapters disabled (no second model in memory);
+  Precomputed: another reference's log-probs, computed once before training and carried by the batches;
+  NoReference: reference-free losses (SimPO, ORPO).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .data.preferences import PreferenceDataset, fingerprint, load_pairs, tokenize_pairs
 from .errors import UserError
-from .losses import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps, unwrap
+from .losses import (OPTION_DEFAULTS, PREFERENCE_LOSSES, PairLogps, PreferenceLoss, losses_using, preference_loss,
+                     sequence_logps, unwrap)
 from .objectives import Objective
+from .templates import pick_template
 
-ADAPTERS_OFF = "adapters-off"
-PRECOMPUTED = "precomputed"  # filled in by precompute_reference() before training
-DEFAULT_BETA = {"simpo": 2.0}  # SimPO's rewards are per-token averages: a larger scale (Meng et al. use 2-2.5)
+OPTION_FLAGS = {"beta": "--beta", "label_smoothing": "--label-smoothing", "gamma": "--gamma", "lam": "--lambda"}
 
 
 @dataclass
 class PreferenceConfig:
+    """The preference loss and its options. An option left None takes its default (beta's is the loss's);
+    one given to a loss that does not take it is refused."""
     loss: str = "sigmoid"
-    beta: float | None = None  # None: 0.1, or 2.0 for simpo
-    label_smoothing: float = 0.0
-    gamma: float = 0.5  # SimPO's target margin
-    lam: float = 0.1  # ORPO's odds-ratio weight
-    sft_weight: float = 0.0  # RPO: weight of the chosen answer's NLL
+    beta: float | None = None  # reward scale / KL strength
+    label_smoothing: float | None = None  # cDPO / robust: assumed share of flipped labels
+    gamma: float | None = None  # SimPO's target margin
+    lam: float | None = None  # ORPO's odds-ratio weight
+    sft_weight: float = 0.0  # RPO: weight of the chosen answer's NLL (any loss)
 
     def __post_init__(self):
         if self.loss not in PREFERENCE_LOSSES:
             raise UserError(f"--loss must be one of {', '.join(PREFERENCE_LOSSES)}, not {self.loss!r}")
-        if self.beta is None:
-            self.beta = DEFAULT_BETA.get(self.loss, 0.1)
+        for option, flag in OPTION_FLAGS.items():
+            if getattr(self, option) is not None and option not in self.definition.params:
+                raise UserError(f"{flag} does not apply to --loss {self.loss} (only to "
+                                f"{', '.join(losses_using(option))}); drop it")
+        for option, value in {"beta": self.definition.default_beta, **OPTION_DEFAULTS}.items():
+            if getattr(self, option) is None:
+                setattr(self, option, value)
         if not self.beta > 0:
             raise UserError(f"--beta must be positive, not {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label-smoothing must be in [0, 0.5), not {self.label_smoothing}")
-        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
-            raise UserError(f"--label-smoothing applies to the sigmoid (cDPO) and robust losses, not {self.loss}")
-        if self.sft_weight < 0 or self.lam < 0:
-            raise UserError("--sft-weight and --lambda must be >= 0")
+        if not math.isfinite(self.gamma):
+            raise UserError(f"--gamma must be a finite number, not {self.gamma}")
+        if not (self.sft_weight >= 0 and self.lam >= 0 and math.isfinite(self.sft_weight + self.lam)):
+            raise UserError("--sft-weight and --lambda must be finite and >= 0")
+
+    @property
+    def definition(self) -> PreferenceLoss:
+        return PREFERENCE_LOSSES[self.loss]
 
     @property
     def reference_free(self) -> bool:
-        return self.loss in REFERENCE_FREE
+        return not self.definition.needs_reference
 
     def loss_kwargs(self) -> dict:
         return {"beta": self.beta, "label_smoothing": self.label_smoothing, "gamma": self.gamma, "lam": self.lam,
                 "sft_weight": self.sft_weight}
 
 
+# ----- batch layouts --------------------------------------------------------------------------------
+class PairLayout:
+    """(prompt, chosen, rejected) pairs; each batch holds B chosen rows, then the same B prompts with their
+    rejected answers (TRL's layout: one forward pass serves both). The unit is a pair."""
+
+    name, unit, rows = "pairs", "pairs", 2  # rows: batch rows per example
+    read = staticmethod(load_pairs)  # (path, split, columns, on_invalid) -> (pairs, rejected rows)
+    tokenize = staticmethod(tokenize_pairs)  # (pairs, template, tokenizer, max_length) -> (tokenized, kept, counts)
+    fingerprint = staticmethod(fingerprint)
+    dataset = PreferenceDataset  # (tokenized, pad_id) -> .batch(indices); .reference for precomputed log-probs
+
+    @staticmethod
+    def prompt(pair) -> list[dict]:
+        return pair.prompt
+
+    @staticmethod
+    def conversation(pair) -> list[dict]:
+        """The prompt and the chosen answer: what the template picker sees (as SFT sees a record)."""
+        return [*pair.prompt, {"role": "assistant", "content": pair.chosen}]
+
+    @staticmethod
+    def inputs(logps: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor | None) -> PairLogps:
+        B = len(logps) // 2
+        refs = (ref[:B], ref[B:]) if ref is not None else (None, None)
+        return PairLogps(logps[:B], logps[B:], lengths[:B], lengths[B:], *refs)
+
+    @staticmethod
+    def precomputed(batch: dict) -> torch.Tensor | None:
+        """(2B,) precomputed reference log-probs in the batch's row order, if the batch carries them."""
+        return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).float() if "ref_chosen" in batch else None
+
+    @staticmethod
+    def per_example(logps: torch.Tensor, n: int) -> torch.Tensor:
+        """(2n,) row log-probs -> (n, 2): chosen, rejected."""
+        return torch.stack([logps[:n], logps[n:]], dim=1)
+
+    @staticmethod
+    def metrics(p: PairLogps, out: dict) -> dict:
+        """Per-pair metrics the loop sums and logs."""
+        chosen, rejected = out["chosen_reward"], out["rejected_reward"]
+        margin = chosen - rejected
+        return {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": margin,
+                "reward_accuracy": (margin > 0).float() + 0.5 * (margin == 0).float(),  # a tie prefers neither
+                "logp_chosen": p.chosen.detach(), "logp_rejected": p.rejected.detach()}
+
+    @staticmethod
+    def report(n_train: int, n_val: int, counts: dict, max_length: int) -> str:
+        return (f"preference data: {n_train} train / {n_val} val pairs; "
+                f"{counts['response truncated']} with answers and {counts['prompt truncated']} with prompts "
+                f"truncated to {max_length} tokens, {counts['identical after truncation']} dropped "
+                "(answers identical after truncation)")
+
+    @staticmethod
+    def left_out(rejected: list[dict]) -> str:
+        dropped = sum(r["dropped"] for r in rejected)
+        return f"{len(rejected) - dropped} invalid pair(s) and {dropped} with identical or empty answers"
+
+
+PAIRS = PairLayout()
+LAYOUTS = {layout.name: layout for layout in (PAIRS,)}  # a loss's PreferenceLoss.layout names one
+
+
+# ----- references -----------------------------------------------------------------------------------
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """A reference model: eval mode (no dropout), no gradients, ever."""
     module.eval()
@@ -87,43 +165,125 @@ def evaluating(model):
         model.train(was)
 
 
+class Reference:
+    """Where a batch's reference log-probs come from."""
+
+    name = "none"  # as the run records it (also a resume key)
+    model_ref: str | None = None  # what `gpt2ft eval` loads as this run's reference
+    uses_policy = False  # computes with the policy's own weights
+
+    def setup(self, device) -> None:
+        """Move what it holds to the training device."""
+
+    def logps(self, policy, batch: dict, layout) -> torch.Tensor | None:
+        """Reference log-probs of the batch's rows, in row order (None: no reference)."""
+        return None
+
+    def weights_key(self, policy) -> str:
+        """Identity of the weights it computes with (the key of a precomputed cache)."""
+        raise TypeError(f"the {self.name} reference computes nothing")
+
+
+class NoReference(Reference):
+    """Reference-free losses (SimPO, ORPO)."""
+
+
+class FrozenModel(Reference):
+    """A frozen module beside the policy, run under no_grad."""
+
+    def __init__(self, module: torch.nn.Module, name: str, model_ref: str | None):
+        self.module, self.name, self.model_ref = module, name, model_ref
+
+    def setup(self, device) -> None:
+        self.module.to(device=device, dtype=torch.float32)  # autocast gives it the policy's compute dtype
+
+    @torch.no_grad()
+    def logps(self, policy, batch, layout):
+        with evaluating(self.module):
+            return sequence_logps(self.module, batch)[0]
+
+    def weights_key(self, policy) -> str:
+        return weights_fingerprint(self.module)
+
+
+class FrozenCopy(FrozenModel):
+    """A frozen copy of the starting model (the default without LoRA). shared=True, only to precompute
+    before the first step: the policy itself, which then still is the starting model."""
+
+    def __init__(self, model, model_ref: str | None = None, shared: bool = False):
+        super().__init__(model if shared else freeze(copy.deepcopy(model)), "copy", model_ref)
+
+
+class OtherModel(FrozenModel):
+    """Another model as the reference (--reference MODEL)."""
+
+    def __init__(self, module, ref: str):
+        super().__init__(freeze(module), str(ref), str(ref))
+
+
+class AdaptersOff(Reference):
+    """The policy with its LoRA adapters disabled: its base model, with no second copy in memory."""
+
+    name, uses_policy = "adapters-off", True
+
+    def __init__(self, model_ref: str | None = None):
+        self.model_ref = model_ref
+
+    @torch.no_grad()
+    def logps(self, policy, batch, layout):
+        from .lora import disable_adapters
+
+        gpt = unwrap(policy)
+        with evaluating(gpt), disable_adapters(gpt):
+            return sequence_logps(gpt, batch)[0]
+
+    def weights_key(self, policy) -> str:
+        return weights_fingerprint(policy, adapters_off=True)
+
+
+class Precomputed(Reference):
+    """Another reference's log-probs, computed once before training (precompute_reference) and carried by
+    the batches: no reference model is held while training. Recorded under its source's name."""
+
+    def __init__(self, source: Reference):
+        self.source, self.name, self.model_ref = source, source.name, source.model_ref
+
+    def logps(self, policy, batch, layout):
+        ref = layout.precomputed(batch)
+        if ref is None:
+            raise RuntimeError("precompute_reference() was not called before training")
+        return ref
+
+
+# ----- the objective --------------------------------------------------------------------------------
 class PreferenceOptimization(Objective):
-    """DPO-family losses over (prompt, chosen, rejected) pairs; the unit is a pair."""
+    """A registered preference loss over its layout's examples, against a reference (or none)."""
 
     name = "dpo"
-    unit = "pairs"
     best_metric = "val_loss"
     best_mode = "min"
 
-    def __init__(self, train_pairs, val_pairs, tokenizer, template, max_length: int,
-                 config: PreferenceConfig, reference=None, sample_prompts: int = 3):
-        """reference: None (reference-free losses), a frozen nn.Module, ADAPTERS_OFF or PRECOMPUTED."""
-        from .data.preferences import PreferenceDataset, fingerprint, tokenize_pairs
-
-        self.config = config
-        if config.reference_free:
-            reference = None
-        elif reference is None:
-            raise UserError(f"the {config.loss} loss needs a reference model")
-        self.reference = reference
-        train, self.train_pairs, train_counts = tokenize_pairs(train_pairs, template, tokenizer, max_length)
-        val, self.val_pairs, val_counts = tokenize_pairs(val_pairs, template, tokenizer, max_length)
+    def __init__(self, train_examples, val_examples, tokenizer, template, max_length: int,
+                 config: PreferenceConfig, reference: Reference | None = None, sample_prompts: int = 3):
+        self.config, self.layout = config, LAYOUTS[config.definition.layout]
+        self.unit = self.layout.unit
+        self.reference = reference or NoReference()
+        if config.reference_free != isinstance(self.reference, NoReference):
+            needs = "takes no reference (it is reference-free)" if config.reference_free else "needs a reference model"
+            raise UserError(f"the {config.loss} loss {needs}")
+        layout = self.layout
+        train, self.train_pairs, train_counts = layout.tokenize(train_examples, template, tokenizer, max_length)
+        val, self.val_pairs, val_counts = layout.tokenize(val_examples, template, tokenizer, max_length)
         if not train:
-            raise UserError(f"no training pair fits --max-length {max_length}")
-        self.train, self.val = PreferenceDataset(train, tokenizer.eos_id), PreferenceDataset(val, tokenizer.eos_id)
-        self.fingerprint = fingerprint(train)
-        self.val_fingerprint = fingerprint(val)
-        self.sample_prompts = [template.prompt(p.prompt) for p in self.val_pairs[:sample_prompts]]
-        counts = {k: train_counts[k] + val_counts[k] for k in train_counts}
-        self.report = (f"preference data: {len(train)} train / {len(val)} val pairs; "
-                       f"{counts['response truncated']} with answers and {counts['prompt truncated']} with prompts "
-                       f"truncated to {max_length} tokens, {counts['identical after truncation']} dropped "
-                       "(answers identical after truncation)")
+            raise UserError(f"none of the training {layout.unit} fits --max-length {max_length}")
+        self.train, self.val = layout.dataset(train, tokenizer.eos_id), layout.dataset(val, tokenizer.eos_id)
+        self.fingerprint, self.val_fingerprint = layout.fingerprint(train), layout.fingerprint(val)
+        self.sample_prompts = [template.prompt(layout.prompt(p)) for p in self.val_pairs[:sample_prompts]]
+        self.report = layout.report(len(train), len(val), {k: train_counts[k] + val_counts[k] for k in train_counts},
+                                    max_length)
 
-    # ----- the protocol ---------------------------------------------------------------------------
     def setup(self, model, device, dtype) -> None:
-        if isinstance(self.reference, torch.nn.Module):
-            self.reference.to(device=device, dtype=torch.float32)  # autocast gives it the policy's compute dtype
+        self.reference.setup(device)
 
     def count(self, batch: dict) -> int:
         return len(batch["index"])
@@ -132,84 +292,51 @@ class PreferenceOptimization(Objective):
         return batch["n_tokens"]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed loss over the batch's pairs and summed metrics (the loop divides by the pair count)."""
+        """Summed loss over the batch's examples and summed metrics (the loop divides by their count)."""
         logps, lengths = sequence_logps(model, batch)
-        out = self.pair_outputs(logps, lengths, self.reference_logps(model, batch))
-        return out.pop("loss").sum(), {k: float(v.sum()) for k, v in out.items()}
+        inputs = self.layout.inputs(logps, lengths, self.reference.logps(model, batch, self.layout))
+        out = preference_loss(self.config.loss, *inputs, **self.config.loss_kwargs())
+        return out["loss"].sum(), {k: float(v.sum()) for k, v in self.layout.metrics(inputs, out).items()}
 
-    def evaluate(self, model, tokenizer, step: int) -> dict:
-        return {}
-
-    # ----- pieces ---------------------------------------------------------------------------------
-    def reference_logps(self, model, batch: dict) -> torch.Tensor | None:
-        """(2B,) reference log-probs in the batch's row order, or None for reference-free losses."""
-        if "ref_chosen" in batch:
-            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).float()
-        if self.reference is None:
-            return None
-        if self.reference == PRECOMPUTED:
-            raise RuntimeError("precompute_reference() was not called before training")
-        with torch.no_grad():
-            if self.reference == ADAPTERS_OFF:
-                from .lora import disable_adapters
-
-                gpt = unwrap(model)
-                with evaluating(gpt), disable_adapters(gpt):
-                    return sequence_logps(gpt, batch)[0]
-            return sequence_logps(self.reference, batch)[0]
-
-    def pair_outputs(self, logps: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor | None) -> dict:
-        """Per-pair loss (B,) and the per-pair metrics the loop sums and logs."""
-        B = len(logps) // 2
-        ref_c, ref_r = (ref[:B], ref[B:]) if ref is not None else (None, None)
-        out = preference_loss(self.config.loss, logps[:B], logps[B:], lengths[:B], lengths[B:], ref_c, ref_r,
-                              **self.config.loss_kwargs())
-        chosen, rejected = out["chosen_reward"], out["rejected_reward"]
-        margin = chosen - rejected
-        return {"loss": out["loss"],
-                "reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": margin,
-                "reward_accuracy": (margin > 0).float() + 0.5 * (margin == 0).float(),  # a tie prefers neither
-                "logp_chosen": logps[:B].detach(), "logp_rejected": logps[B:].detach()}
-
-    # ----- --precompute-reference -----------------------------------------------------------------
-    def precompute_reference(self, reference, path: Path, reference_key: str, device, dtype,
-                             batch_size: int, log=print) -> None:
-        """Fill train.reference / val.reference with the reference's log-probs of every pair, from the cache
-        at `path` when its key (data fingerprints + reference weights) matches, else computed and cached.
-        The objective then holds no reference model. `reference` is a module or (model, ADAPTERS_OFF)."""
+    # ----- a Precomputed reference ------------------------------------------------------------------
+    def precompute_reference(self, policy, path: Path, device, dtype, batch_size: int, log=print) -> None:
+        """Fill train.reference / val.reference with the Precomputed reference's source log-probs of every
+        example, from the cache at `path` when its key (data fingerprints, the source's weights, dtype)
+        matches, else computed and cached. Then the source (another model) is let go."""
         from .fileio import atomic_torch_save
 
-        key = {"train": self.fingerprint, "val": self.val_fingerprint, "reference": reference_key,
+        if not isinstance(self.reference, Precomputed) or self.reference.source is None:
+            raise TypeError("precompute_reference() needs a Precomputed reference that was not filled yet")
+        source = self.reference.source
+        key = {"train": self.fingerprint, "val": self.val_fingerprint, "reference": source.weights_key(policy),
                "dtype": str(dtype)}
         cached = torch.load(path, map_location="cpu") if Path(path).exists() else None
         if cached is not None and cached.get("key") == key:
             log(f"reference log-probs: reusing {path}")
         else:
-            log(f"reference log-probs: computing {len(self.train) + len(self.val)} pairs once -> {path}")
-            cached = {"key": key, "train": self.compute_reference(reference, self.train, device, dtype, batch_size),
-                      "val": self.compute_reference(reference, self.val, device, dtype, batch_size)}
+            log(f"reference log-probs: computing {len(self.train) + len(self.val)} {self.unit} once -> {path}")
+            source.setup(device)
+            if source.uses_policy:
+                policy.to(device)
+            cached = {"key": key, **{name: self.compute_reference(source, policy, data, device, dtype, batch_size)
+                                     for name, data in (("train", self.train), ("val", self.val))}}
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(cached, Path(path))
         self.train.reference, self.val.reference = cached["train"], cached["val"]
-        self.reference = None
+        self.reference.source = None
 
-    @staticmethod
     @torch.no_grad()
-    def compute_reference(reference, dataset, device, dtype, batch_size: int) -> torch.Tensor:
-        """(N, 2) reference log-probs (chosen, rejected) of every pair of `dataset`."""
+    def compute_reference(self, source: Reference, policy, dataset, device, dtype, batch_size: int) -> torch.Tensor:
+        """(N, rows per example) reference log-probs of every example of `dataset`."""
         from .data import to_device
-        from .lora import disable_adapters
 
-        adapters_off = isinstance(reference, tuple)
-        model = (reference[0] if adapters_off else reference).to(device)
-        out = torch.zeros(len(dataset), 2)
+        out = torch.zeros(len(dataset), self.layout.rows)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with evaluating(model), disable_adapters(model) if adapters_off else contextlib.nullcontext(), autocast:
+        with autocast:
             for start in range(0, len(dataset), batch_size):
                 idx = list(range(start, min(start + batch_size, len(dataset))))
                 batch = to_device({k: v for k, v in dataset.batch(idx).items() if not k.startswith("ref_")}, device)
-                logps = sequence_logps(model, batch)[0].float().cpu()
-                out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
+                out[idx] = self.layout.per_example(source.logps(policy, batch, self.layout).float().cpu(), len(idx))
         return out
 
 
@@ -221,7 +348,6 @@ def score_pairs(model, tokenizer, pairs, template, max_length: int, reference=No
     chosen answer has the higher implicit reward beta * (log p - log p_ref), as DPO defines it; without,
     the higher log-likelihood (per token if per_token, SimPO's and ORPO's reward). Ties count half."""
     from .data import to_device
-    from .data.preferences import PreferenceDataset, tokenize_pairs
 
     tokenized, kept, _ = tokenize_pairs(pairs, template, tokenizer, max_length)
     if not tokenized:
@@ -265,19 +391,6 @@ def score_pairs(model, tokenizer, pairs, template, max_length: int, reference=No
     return rows, summary
 
 
-def pick_template(name: str | None, saved, prompts: list[list[dict]]):
-    """--template, else the template the model was instruction-tuned with, else SFT's default
-    (chat for conversations with a system turn or several turns, alpaca otherwise)."""
-    from .templates import get_template
-
-    if name:
-        return get_template(name)
-    if saved is not None:
-        return saved
-    multi_turn = any(len(p) > 1 or p[0]["role"] == "system" for p in prompts)
-    return get_template("chat" if multi_turn else "alpaca")
-
-
 def evaluate_preferences(loaded, pairs, template_name: str | None = None, reference_ref: str | None = None,
                          beta: float | None = None, batch_size: int = 8) -> tuple[list[dict], dict]:
     """`gpt2ft eval MODEL --data PREFS`: score_pairs with the reference given, or else the one a DPO
@@ -291,8 +404,9 @@ def evaluate_preferences(loaded, pairs, template_name: str | None = None, refere
     beta = beta if beta is not None else float(meta.get("beta") or 0.1)
     device = next(model.parameters()).device
     reference = load(reference_ref, device=device, dtype=next(model.parameters()).dtype).model if reference_ref else None
-    per_token = dpo_run and meta.get("loss") in REFERENCE_FREE
-    template = pick_template(template_name, loaded.template, [p.prompt for p in pairs])
+    trained_with = PREFERENCE_LOSSES.get(meta.get("loss"))
+    per_token = dpo_run and trained_with is not None and not trained_with.needs_reference
+    template = pick_template(template_name, loaded.template, [PAIRS.conversation(p) for p in pairs])
     rows, summary = score_pairs(model, tokenizer, pairs, template, model.config.block_size - 1, reference, beta,
                                 batch_size, per_token)
     scored_by = "per-token likelihood" if per_token else "likelihood"

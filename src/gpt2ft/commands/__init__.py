@@ -146,9 +146,19 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[
             g.add_argument(flag, type=base, default=default, help=help_text)
 
 
-def dataclass_from_args(cls, args, **overrides):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values.update(overrides)
+def recipe_config(cls, args, **overrides):
+    """A recipe's typed config (gpt2ft.recipes) from a verb's parsed flags: each field from the flag of its
+    name; nested configs (TrainConfig, the starting model, the preference loss) filled the same way;
+    `overrides` (values the verb parsed further, e.g. --columns) win."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = recipe_config(hints[f.name], args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
     return cls(**values)
 
 
@@ -160,18 +170,6 @@ def add_training(p: argparse.ArgumentParser, lr: float, **defaults) -> None:
     p.set_defaults(lr=lr, **defaults)
     p.add_argument("--sample-prompt", action="append", default=None, metavar="TEXT",
                    help="prompt to sample from at each evaluation (repeatable)")
-
-
-def train_config(args):
-    from ..train import TrainConfig
-
-    return dataclass_from_args(TrainConfig, args)
-
-
-def data_resume_keys(tokenizer, data_fingerprint: str, max_length: int, model_config) -> dict:
-    """What must not change between a checkpoint and its resume."""
-    return {"tokenizer": tokenizer.fingerprint(), "data": data_fingerprint, "max_length": max_length,
-            "model": model_config.to_dict()}
 
 
 def add_lora(p: argparse.ArgumentParser) -> None:
@@ -186,44 +184,14 @@ def add_lora(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names (PEFT rule: name or suffix), e.g. c_attn,c_proj,mlp.c_fc")
 
 
-def load_for_training(args):
-    """The MODEL to train (a checkpoint.LoadedModel) on CPU in fp32, with LoRA applied as --lora asks
-    (or kept from a LoRA MODEL)."""
-    from ..checkpoint import attach_adapter, load, resolve
-    from ..lora import LoRAConfig, apply_lora, trainable_summary
-
-    loaded = load(args.model, device="cpu", dtype="float32", verify=getattr(args, "verify", True))
-    model = loaded.model
-    if isinstance(args.lora, str):
-        attach_adapter(model, resolve(args.lora))
-    elif args.lora:
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        apply_lora(model, LoRAConfig(args.lora_r, args.lora_alpha, args.lora_dropout, targets))
-    if model.lora_config is not None:  # apply_lora froze all but the adapters
-        print(trainable_summary(model))
-    if getattr(args, "dropout", None) is not None:
-        set_dropout(model, args.dropout)
-    return loaded
-
-
-def set_dropout(model, p: float) -> None:
-    import torch.nn as nn
-
-    model.config.dropout = p
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        if hasattr(m, "dropout") and isinstance(m.dropout, float):
-            m.dropout = p
-
-
 # ----- instruction data flags (sft, eval, data) ------------------------------------------------------
 def add_instruction_data_args(p) -> None:
     required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID"))
     p.add_argument("--format", default="auto", help="auto|alpaca|instruction-response|messages|csv")
     add_columns_args(p)
     p.add_argument("--template", default=None,
-                   help="alpaca|instruction-response|chat|FILE (default: chat for messages, else alpaca)")
+                   help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat for "
+                        "multi-turn data and alpaca otherwise)")
     p.add_argument("--on-invalid", default="error", help="error: stop and list bad records; skip: train on the rest")
 
 
@@ -244,21 +212,3 @@ def parse_columns(text: str | None) -> dict[str, str]:
         ours, theirs = (s.strip() for s in pair.split("=", 1))
         mapping[theirs] = ours
     return mapping
-
-
-def save_rejected_and_splits(run_dir, rows, rejected: list[dict], what: str, args):
-    """Write rejected.jsonl (when rows were skipped) and the seeded train/val/test splits (splits/*.jsonl,
-    each row as read) into the run folder; return the three splits. Shared by sft and dpo."""
-    import json
-
-    from ..data.instructions import split_records
-    from ..fileio import atomic_write_text, make_dir
-
-    if rejected:
-        atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
-        print(f"left out {what}, kept {len(rows)}; reasons in {run_dir / 'rejected.jsonl'}")
-    splits = split_records(rows, args.val_fraction, args.test_fraction, args.seed)
-    make_dir(run_dir / "splits")
-    for name, part in zip(("train", "val", "test"), splits):
-        atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))
-    return splits

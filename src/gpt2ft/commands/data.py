@@ -83,7 +83,8 @@ def run_pairs(args) -> int:
     """data pairs MODEL --data SFT_FILE --out PREFS (see objectives_pref.on_policy_pairs)."""
     from ..data.instructions import load_records
     from ..fileio import atomic_write_text
-    from ..objectives_pref import on_policy_pairs, pick_template
+    from ..objectives_pref import on_policy_pairs
+    from ..templates import pick_template
 
     if not args.data:
         raise UserError("data pairs needs --data: the instruction data whose answers become `chosen`")
@@ -91,7 +92,7 @@ def run_pairs(args) -> int:
     args.model = args.input
     loaded = load_model(args)
     model, tokenizer = loaded
-    template = pick_template(args.template, loaded.template, [r.messages[:-1] for r in records])
+    template = pick_template(args.template, loaded.template, [r.messages for r in records])
     sampling = sampling_config(args, list(template.stop))
     rows, counts = on_policy_pairs(model, tokenizer, records, template, sampling, args.batch_size)
     atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

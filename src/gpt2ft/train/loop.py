@@ -28,12 +28,14 @@ from .state import check_resume_keys, lr_at, next_indices, rng_state, set_rng_st
 
 
 def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, resume_keys: dict,
-          run: RunFolder | None = None) -> Path | None:
-    """Train `model` on `objective`; checkpoints and logs go to the run folder cfg.out. Returns the last
-    checkpoint saved."""
+          run: RunFolder | None = None, device: torch.device | None = None,
+          dtype: torch.dtype | None = None) -> Path | None:
+    """Train `model` on `objective`; checkpoints and logs go to the run folder cfg.out. A recipe hands over
+    the run folder it opened and the device and dtype it resolved; without them, train() does both.
+    Returns the last checkpoint saved."""
     run = run or open_run(cfg.out, meta.get("objective") or objective.name, cfg.resume, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = device or resolve_device(cfg.device)
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
     dist = Distributed(device)
     if len(objective.train) == 0:
         raise UserError("the training set is empty (is --max-length larger than the data?)")

@@ -25,19 +25,19 @@ import torch
 from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
                           run_checkpoints, verify_checkpoint, write_checkpoint_files)
 from ..errors import UserError
-from ..fileio import (OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir,
-                      same_path)
+from ..fileio import OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
 
 LOCK_FILE = ".lock"
 # What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
 RUN_FILES = ("checkpoints", "latest", "best", "metrics.jsonl", "samples.jsonl", "config.yaml", "splits",
              "rejected.jsonl", "data", "reference_logps", "loss.png", "loss.pdf", "tensorboard")
-_held_locks: dict[Path, int] = {}  # run folders this process holds, so a command and train() share one claim
 
 
 class RunFolder:
-    def __init__(self, path: Path, main: bool = True):
-        self.path, self.main = path, main
+    """A claimed run folder (open_run): the main process holds its lock (`lock`, a file descriptor) until exit."""
+
+    def __init__(self, path: Path, main: bool = True, lock: int | None = None):
+        self.path, self.main, self.lock = path, main, lock
 
     @property
     def metrics(self) -> Path:
@@ -86,8 +86,10 @@ class RunFolder:
             self._link("best", final)
         best_target = (self.path / "best").resolve() if (self.path / "best").exists() else None
         for old in self.checkpoints()[keep_last:]:
-            if old.resolve() != best_target:
-                shutil.rmtree(old, ignore_errors=True)
+            if old.resolve() != best_target:  # renamed first: a kill mid-delete leaves no half folder at a final name
+                trash = old.with_name(f".tmp-rotated-{old.name}")
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         return final
 
     def _link(self, name: str, target: Path) -> None:
@@ -124,31 +126,27 @@ class RunFolder:
         restore_checkpoint_weights(model, folder)
 
 
-def open_run(out: str | Path | None, kind: str, resume: str | None = None, overwrite: bool = False,
-             inputs: tuple = ()) -> RunFolder:
-    """Claim `out` as the run folder of `gpt2ft KIND`: refuse what is not ours to write, lock it.
+def open_run(out: str | Path | None, kind: str, resume: str | None = None, overwrite: bool = False) -> RunFolder:
+    """Claim `out` as the run folder of `gpt2ft KIND`: refuse what is not ours to write, lock it. Called
+    once per run (by the recipe, or by train() when it is handed none).
 
     - absent or empty: created and marked;
     - another process trains there: refused (the lock);
     - holds a run with checkpoints: refused unless --resume (same verb) or --overwrite (deletes the run's
       own files, listed in RUN_FILES; nothing else);
     - not empty and not made by gpt2ft: refused unless --overwrite (then nothing there is deleted).
-    `inputs` (the model and data trained from) may not lie in a folder --overwrite would clear.
+    That `out` is no input of the run (MODEL, --data, ...) the recipe has checked before.
     Only the main process (RANK 0) claims; the others use the folder it claimed.
     """
     if not out:
         raise UserError("--out is required: the run folder for checkpoints and logs")
     path = Path(out)
     main = int(os.environ.get("RANK", "0")) == 0
-    if not main or path.resolve() in _held_locks:
+    if not main:
         return RunFolder(path, main)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file; the run folder must be a folder")
     verb = f"gpt2ft {kind}"
-    for given in inputs:
-        if overwrite and given and Path(given).exists() and path.exists() and same_path(path, given):
-            raise UserError(f"--out {path} holds {given}, which this run trains from; --overwrite would delete "
-                            "it: choose another --out")
     owner = made_by(path) if path.exists() else None
     contents = [p for p in path.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_FILE)] if path.exists() else []
     if contents and owner is None:  # refused before the lock, so no lock file is left in a user's folder
@@ -160,35 +158,36 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
             raise UserError(f"--out {path} is not empty and was not made by gpt2ft; choose a new folder, or pass "
                             "--overwrite to write into it anyway (nothing of yours there is deleted)")
     if contents:
-        _lock(path)  # before looking closer: a run in progress is refused as such
+        lock = _lock(path)  # before looking closer: a run in progress is refused as such
         checkpoints = run_checkpoints(path)
         if overwrite:
             clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
             for name in clashing:
                 _remove(path / name)
         elif owner != verb:
-            _unlock(path)
+            os.close(lock)
             raise UserError(f"--out {path} was made by `{owner}`; choose a new folder for `{verb}` "
                             "(or pass --overwrite to replace that run)")
         elif checkpoints and not resume:
-            _unlock(path)
+            os.close(lock)
             raise UserError(f"--out {path} already holds a run (newest checkpoint {checkpoints[0].name}); pass "
                             "--resume auto to continue it, --overwrite to start it over, or choose a new --out")
     else:
-        if not path.exists():
-            atexit.register(_remove_if_unused, path)  # a verb that fails before training leaves nothing
+        created = not path.exists()
         make_dir(path)
-        _lock(path)
+        lock = _lock(path)
+        if created:
+            atexit.register(_remove_if_unused, path, lock)  # a verb that fails before training leaves nothing
     if owner != verb:
         atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb})
-    return RunFolder(path, main)
+    return RunFolder(path, main, lock)
 
 
-def _remove_if_unused(path: Path) -> None:
+def _remove_if_unused(path: Path, lock: int) -> None:
     """Remove a run folder this process created if nothing but its marker and lock was written to it."""
     try:
         if {p.name for p in path.iterdir()} <= {OUTPUT_MARKER, LOCK_FILE}:
-            _unlock(path)
+            os.close(lock)
             shutil.rmtree(path, ignore_errors=True)
     except OSError:
         pass
@@ -201,7 +200,9 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
 
 
-def _lock(path: Path) -> None:
+def _lock(path: Path) -> int:
+    """Take the run folder's lock; the open descriptor, held until the process exits (the OS releases it
+    even on kill -9)."""
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,18 +213,7 @@ def _lock(path: Path) -> None:
                         "wait for it to finish or choose another --out") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _held_locks[path.resolve()] = fd  # held until the process exits (the OS releases it even on kill -9)
-
-
-def _unlock(path: Path) -> None:
-    fd = _held_locks.pop(path.resolve(), None)
-    if fd is not None:
-        os.close(fd)
-
-
-def release(run: RunFolder) -> None:
-    """Let go of the run folder (in-process callers that train several runs; a CLI process just exits)."""
-    _unlock(run.path)
+    return fd
 
 
 def read_jsonl_steps(path: Path, step: int) -> str:

@@ -1,0 +1,136 @@
+"""What every recipe shares: the starting model (and its adapters), the checks made before anything is
+read or written, the device (resolved once), the plan handed to the loop, and the run-folder steps."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..fileio import atomic_write_text, make_dir, refuse_overwriting_inputs
+from ..objectives import Objective
+from ..runtime import resolve_device, resolve_dtype
+from ..train import TrainConfig, train
+from ..train.run_folder import RunFolder
+
+
+@dataclass
+class Start:
+    """The model a run trains from, and what of it trains: all weights, or a LoRA adapter."""
+
+    model: str  # Hub id, HF folder, gpt2ft checkpoint or run folder
+    verify: bool = True  # check the sha256 of a gpt2ft checkpoint's files
+    lora: bool | str | None = None  # True: train a new adapter; a folder: continue that adapter
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "c_attn,c_proj"  # comma-separated module names (PEFT rule: name or suffix)
+
+    def inputs(self) -> dict:
+        """What the run reads, for the --out check."""
+        return {"the MODEL it trains from": self.model,
+                "the --lora adapter it continues": self.lora if isinstance(self.lora, str) else None}
+
+
+@dataclass
+class Plan:
+    """Everything the loop needs, built by a recipe: `plan.train()` runs it."""
+
+    model: Any
+    tokenizer: Any
+    objective: Objective
+    config: TrainConfig
+    meta: dict  # run metadata, saved with every checkpoint
+    resume_keys: dict  # what must not change between a checkpoint and its resume
+    folder: RunFolder  # opened once, here
+    device: torch.device  # resolved once, here
+    dtype: torch.dtype
+    template: Any = None  # the prompt template (sft, dpo)
+
+    def train(self) -> Path | None:
+        return train(self.model, self.tokenizer, self.objective, self.config, self.meta, self.resume_keys,
+                     self.folder, device=self.device, dtype=self.dtype)
+
+
+def begin(config: TrainConfig, inputs: dict) -> tuple[torch.device, torch.dtype]:
+    """Before anything is read or written: --out is given and is, holds or lies inside no input of the
+    run (so --overwrite can never delete one); the device and dtype, resolved once for the whole run."""
+    if not config.out:
+        raise UserError("--out is required: the run folder for checkpoints and logs")
+    refuse_overwriting_inputs(config.out, inputs)
+    device = resolve_device(config.device)
+    return device, resolve_dtype(config.dtype, device)
+
+
+def lora_on_lora(model: str) -> str:
+    return (f"MODEL {model} already carries a LoRA adapter, so --lora cannot add another: drop --lora to keep "
+            f"training that adapter, or merge it first (gpt2ft export {model} --merge-lora --out MERGED) and "
+            "train a new adapter on MERGED")
+
+
+def check_start(start: Start) -> None:
+    """Refuse, before the run folder is claimed, --lora on a local MODEL that already carries an adapter."""
+    from ..checkpoint import ADAPTER_CONFIG, read_meta, resolve
+
+    if start.lora and Path(start.model).expanduser().is_dir():
+        folder = resolve(start.model, verify=False)
+        if read_meta(folder).get("lora") or (folder / ADAPTER_CONFIG).exists():
+            raise UserError(lora_on_lora(start.model))
+
+
+def load_for_training(start: Start, dropout: float | None = None):
+    """The model to train (a checkpoint.LoadedModel) on CPU in fp32, with LoRA applied as `start.lora`
+    asks (or kept from a LoRA MODEL), and `dropout` if given."""
+    from ..checkpoint import attach_adapter, load, resolve
+    from ..lora import LoRAConfig, apply_lora, trainable_summary
+
+    loaded = load(start.model, device="cpu", dtype="float32", verify=start.verify)
+    model = loaded.model
+    if start.lora and model.lora_config is not None:
+        raise UserError(lora_on_lora(start.model))
+    if isinstance(start.lora, str):
+        attach_adapter(model, resolve(start.lora))
+    elif start.lora:
+        targets = tuple(t.strip() for t in start.lora_targets.split(",") if t.strip())
+        apply_lora(model, LoRAConfig(start.lora_r, start.lora_alpha, start.lora_dropout, targets))
+    if model.lora_config is not None:  # apply_lora froze all but the adapters
+        print(trainable_summary(model))
+    if dropout is not None:
+        set_dropout(model, dropout)
+    return loaded
+
+
+def set_dropout(model, p: float) -> None:
+    import torch.nn as nn
+
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = p
+
+
+def data_resume_keys(tokenizer, data_fingerprint: str, max_length: int, model_config) -> dict:
+    """What must not change between a checkpoint and its resume."""
+    return {"tokenizer": tokenizer.fingerprint(), "data": data_fingerprint, "max_length": max_length,
+            "model": model_config.to_dict()}
+
+
+def save_rejected_and_splits(run_dir: Path, rows, rejected: list[dict], what: str, val_fraction: float,
+                             test_fraction: float, seed: int):
+    """Write rejected.jsonl (when rows were skipped) and the seeded train/val/test splits (splits/*.jsonl,
+    each row as read) into the run folder; return the three splits. Shared by sft and dpo."""
+    from ..data.instructions import split_records
+
+    if rejected:
+        atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
+        print(f"left out {what}, kept {len(rows)}; reasons in {run_dir / 'rejected.jsonl'}")
+    splits = split_records(rows, val_fraction, test_fraction, seed)
+    make_dir(run_dir / "splits")
+    for name, part in zip(("train", "val", "test"), splits):
+        atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))
+    return splits
