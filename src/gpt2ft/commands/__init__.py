@@ -117,12 +117,32 @@ def sampling_config(args, extra_stop: list[str] | None = None):
     return SamplingConfig(**values)
 
 
+def add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 linears at load time (half bf16's memory; a LoRA adapter is "
+                        "merged first)")
+
+
 def load_model(args):
-    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer)."""
+    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer), quantized as
+    --quantize asks."""
     from ..checkpoint import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None),
-                verify=getattr(args, "verify", True))
+    loaded = load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None),
+                  verify=getattr(args, "verify", True))
+    if getattr(args, "quantize", None):
+        quantize_loaded(loaded.model, args.quantize)
+    return loaded
+
+
+def quantize_loaded(model, method: str) -> None:
+    """--quantize on a loaded model: a LoRA adapter is merged into the weights first."""
+    from ..lora import merge_lora
+    from ..quantize import quantize_model
+
+    if model.lora_config is not None:
+        merge_lora(model)
+    quantize_model(model, method)
 
 
 def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:

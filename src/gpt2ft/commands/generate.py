@@ -9,7 +9,7 @@ import sys
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import add_common, add_grammar, add_sampling, load_model, required, sampling_config
+from . import add_common, add_grammar, add_quantize, add_sampling, load_model, required, sampling_config
 
 
 def add_args(p):
@@ -23,6 +23,7 @@ def add_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache; GPUs)")
     add_sampling(p)
     add_grammar(p)
+    add_quantize(p)
 
 
 def run(args):
