@@ -24,6 +24,12 @@ def add_args(p):
     add_sampling(p)
     add_grammar(p)
     add_quantize(p)
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", metavar="MODEL|ngram", default=None,
+                   help="a smaller model with the same tokenizer drafts tokens that MODEL verifies in one forward "
+                        "(greedy output unchanged, sampling keeps MODEL's distribution); ngram: drafts copied "
+                        "from earlier text (prompt lookup, no second model)")
+    g.add_argument("--draft-k", type=ranged(int, 1, 8), default=4, help="tokens drafted per step at first (adapts)")
 
 
 def run(args):
@@ -41,7 +47,10 @@ def run(args):
         for token, prob in predict_next_token(model, tokenizer, text, args.top_next):
             print(f"{prob:8.4f}  {token!r}")
         return 0
-    completion = stream(model, tokenizer, text, sampling_config(args, stops), compile=args.compile)
+    cfg = sampling_config(args, stops)
+    if args.draft:
+        return _speculative(args, model, tokenizer, text, cfg)
+    completion = stream(model, tokenizer, text, cfg, compile=args.compile)
     if args.stream:
         for piece in completion:
             print(piece, end="", flush=True)
@@ -50,4 +59,28 @@ def run(args):
         for _ in completion:
             pass
         print(completion.text)
+    return 0
+
+
+def _speculative(args, model, tokenizer, text: str, cfg) -> int:
+    from ..checkpoint import load
+    from ..speculative import speculative_generate
+
+    draft = "ngram" if args.draft == "ngram" else load(args.draft, device=model.lm_head.weight.device,
+                                                       dtype=model.lm_head.weight.dtype, verify=args.verify)
+    if draft != "ngram" and draft.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"--draft {args.draft} has another tokenizer than {args.model}: drafts must share it")
+    pieces = speculative_generate(model, tokenizer, tokenizer.encode(text), cfg,
+                                  draft if draft == "ngram" else draft.model, args.draft_k)
+    try:
+        while True:
+            piece = next(pieces)
+            if args.stream:
+                print(piece, end="", flush=True)
+    except StopIteration as done:
+        completion, stats = done.value
+    print("" if args.stream else completion.text)
+    print(f"(speculative: {stats.accepted} of {stats.proposed} drafted tokens accepted "
+          f"({stats.acceptance:.0%}), {stats.target_forwards} target forwards for "
+          f"{completion.completion_tokens} tokens)", file=sys.stderr)
     return 0
