@@ -2,7 +2,6 @@
 drafts); sampled output keeps the target's distribution (Leviathan et al. 2023's rule)."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -12,17 +11,8 @@ from gpt2ft.errors import UserError
 from gpt2ft.generation import complete_batch
 from gpt2ft.model import GPT
 from gpt2ft.sampling import SamplingConfig
-from gpt2ft.speculative import speculative_generate
+from gpt2ft.speculative import speculative_complete
 from gpt2ft.tokenizer import WordTokenizer
-
-
-def _run(target, tok, prompt, cfg, draft, k=4):
-    gen = speculative_generate(target, tok, prompt, cfg, draft, k)
-    try:
-        while True:
-            next(gen)
-    except StopIteration as done:
-        return done.value
 
 
 @pytest.mark.parametrize("draft_kind", ["same", "other", "ngram"])
@@ -34,7 +24,7 @@ def test_greedy_equals_the_target_alone(tiny_model, draft_kind):
     prompt = tok.encode("to be or not to be, that is the question: to be or not to be")
     cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
     alone = complete_batch(model, tok, [prompt], cfg)[0]
-    spec, stats = _run(model, tok, prompt, cfg, draft)
+    spec, stats = speculative_complete(model, tok, prompt, cfg, draft)
     assert spec.token_ids == alone.token_ids and spec.text == alone.text
     if draft_kind == "same":  # a perfect draft: every drafted token accepted, far fewer target forwards
         assert stats.acceptance == 1.0 and stats.target_forwards < 24 / 2
@@ -63,7 +53,7 @@ def test_sampling_keeps_the_target_distribution():
     counts = dict.fromkeys(exact, 0)
     for seed in range(n):
         cfg = SamplingConfig(max_new_tokens=2, temperature=1.0, seed=seed, ignore_eos=True)
-        c, _ = _run(target, tok, prompt, cfg, draft, k=2)
+        c, _ = speculative_complete(target, tok, prompt, cfg, draft, k=2)
         counts[tuple(c.token_ids)] += 1
     tv = 0.5 * sum(abs(counts[x] / n - exact[x]) for x in exact)
     assert tv < 0.06, tv
@@ -72,6 +62,6 @@ def test_sampling_keeps_the_target_distribution():
 def test_speculative_refuses_what_it_cannot_keep_exact(tiny_model):
     model, tok = tiny_model
     with pytest.raises(UserError, match="repetition_penalty"):
-        _run(model, tok, [1, 2], SamplingConfig(repetition_penalty=1.3), "ngram")
+        speculative_complete(model, tok, [1, 2], SamplingConfig(repetition_penalty=1.3), "ngram")
     with pytest.raises(UserError, match="'ngram'"):
-        _run(model, tok, [1, 2], SamplingConfig(max_new_tokens=10), "bigram")
+        speculative_complete(model, tok, [1, 2], SamplingConfig(max_new_tokens=10), "bigram")

@@ -60,17 +60,24 @@ class Range:
 
     def converter(self):
         """An argparse `type=` for this range."""
-
-        def convert(value: str):
-            try:
-                return self.parse(value)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-
-        convert.__name__ = self.kind.__name__  # argparse and cli.parse read the base kind from the name
-        convert.kind = self.kind
+        convert = argparse_type(self.parse, self.kind)
         convert.range = self.text
         return convert
+
+
+def argparse_type(parse, kind: type, errors: tuple = (ValueError,)):
+    """`parse(text)` as an argparse `type=`: the errors it raises become argparse's one-line message;
+    `kind` is what cli.parse reads to type-check the same key in YAML."""
+
+    def convert(value: str):
+        try:
+            return parse(value)
+        except errors as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = kind.__name__  # argparse and cli.parse read the base kind from the name
+    convert.kind = kind
+    return convert
 
 
 def _number_text(kind, v) -> str:

@@ -168,3 +168,14 @@ def _verify(proposal: list[int], q: torch.Tensor | None, p: torch.Tensor, cfg: S
         return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=gen))]
     last = p[len(proposal)]
     return out + [int(last.argmax()) if cfg.temperature == 0 else int(torch.multinomial(last, 1, generator=gen))]
+
+
+def speculative_complete(target: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
+                         draft: GPT | str, k: int = 4) -> tuple[Completion, SpecStats]:
+    """speculative_generate to the end: (Completion, SpecStats)."""
+    pieces = speculative_generate(target, tokenizer, prompt_ids, cfg, draft, k)
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value

@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import typing
 
-from ..argtypes import ranged
 
 def required(action: argparse.Action) -> argparse.Action:
     """Mark an option as required after --config is applied: `required(p.add_argument("--out"))`."""
@@ -65,17 +64,10 @@ def add_sampling(p: argparse.ArgumentParser, **defaults) -> None:
 
 def _option_type(opt):
     """argparse `type=` for a schema option: its one check (gpt2ft.sampling.check), as argparse reports it."""
+    from ..argtypes import argparse_type
     from ..errors import UserError
 
-    def convert(text: str):
-        try:
-            return opt.parse_text(text)
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = opt.kind.__name__  # cli._yaml_value reads the base kind
-    convert.kind = opt.kind
-    return convert
+    return argparse_type(opt.parse_text, opt.kind, (UserError,))
 
 
 def add_grammar(p: argparse.ArgumentParser) -> None:
