@@ -329,3 +329,24 @@ def test_langchain_structured_output_and_bind_tools(http):
     (call,) = msg.tool_calls
     assert call["name"] == "multiply" and set(call["args"]) == {"a", "b"}
     assert all(isinstance(v, int) for v in call["args"].values())
+
+
+@pytest.mark.parametrize("change", [
+    {"response_format": schema_format({"$ref": "#/nope"})},
+    {"response_format": schema_format({"type": "string", "pattern": "(a|"})},
+    {"response_format": schema_format({"type": "integer", "minimum": "x"})},
+    {"response_format": schema_format({"allOf": [{"type": "integer"}, {"type": "string"}]})},
+    {"response_format": schema_format({"properties": 5})},
+    {"guided_json": "{not json"},
+    {"guided_json": {"type": "object", "properties": {"a": {"type": "object"} for _ in range(1)}} | {"x-guidance": 5}},
+    {"guided_grammar": "root ::= \"a\" | "},
+    {"guided_regex": "\\"},
+    pytest.param({"guided_regex": "a{1000000}"}, marks=pytest.mark.xfail(strict=True, reason=(
+        "engine: llguidance fails mid-decode (lexer too complex) and Engine.step raises for the whole batch, "
+        "so the scheduler fails every request of the model with a 503"))),
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "items": 3}}}],
+     "tool_choice": "required"},
+])
+def test_malformed_constraints_are_400_never_500(http, change):
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 5, **change})
+    assert r.status_code in (200, 400), r.text

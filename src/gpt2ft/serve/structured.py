@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..grammar import compile_grammar
+from ..grammar import GrammarState, compile_grammar, new_bitmask
 from ..sampling import GrammarSpec
 from .responses import APIError
 
@@ -29,9 +29,11 @@ class Constraint:
     tools: tuple = ()
 
     def check(self, tokenizer, vocab_size: int) -> None:
-        """Compile the grammar now, so a malformed schema, regex or grammar is a 400 naming its field."""
+        """Compile the grammar now and compute its first mask, so a malformed (or too complex) schema,
+        regex or grammar is a 400 naming its field, not a failure of the whole decoding batch."""
         try:
             compile_grammar(self.spec, tokenizer, vocab_size)
+            GrammarState(self.spec, tokenizer, vocab_size).fill_mask(new_bitmask(1, vocab_size), 0)
         except UserError as e:
             raise APIError(400, f"{self.field}: {e}", self.field) from None
 
