@@ -126,7 +126,7 @@ def test_custom_template_files(tmp_path):
 
 def test_unknown_roles_are_refused():
     with pytest.raises(UserError, match=r"messages\[1\] needs a role"):
-        get_template("chat").prompt([USER, {"role": "tool", "content": "x"}])
+        get_template("chat").prompt([USER, {"role": "wizard", "content": "x"}])
 
 
 def test_rows_name_their_lines_csv_header_is_line_1(tmp_path):

@@ -2,28 +2,30 @@
 chat and serve continue `prompt`, so training and inference formats cannot drift. An instruction-tuned
 checkpoint stores its template (`to_dict`) in gpt2ft.json.
 
-Messages are {"role": "system"|"user"|"assistant", "content": str}; a user message may also carry an
+Messages are {"role": "system"|"user"|"assistant"|"tool", "content": str}; a user message may also carry an
 "input" (Alpaca's context), which templates with an {input} slot place in it and others append to the
 content as "content\\n\\ninput" (`message_text`).
 
 Two kinds, stated explicitly:
-- "chat": every turn in its own format (`system`/`user` with {content}, an `assistant` header).
+- "chat": every turn in its own format (`system`/`user` with {content}, an `assistant` header, and
+  `tool` with {content} for a tool's result; a template without one shows tool results as user turns).
 - "instruction": single-turn `prompt` ({instruction}, optionally {input}); in a conversation the
-  system text comes first, then each user turn as a prompt followed by its reply.
+  system text comes first, then each user (or tool) turn as a prompt followed by its reply.
 In both, the trained segments are exactly the assistant replies (EOS follows each at tokenisation).
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import UserError
 
 KINDS = ("instruction", "chat")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")  # of training data
+RENDER_ROLES = (*ROLES, "tool")  # also a tool's result (the server's role "tool" messages)
 
 
 class Segment(NamedTuple):  # unpacks as (text, trained)
@@ -40,6 +42,7 @@ class Template:
     system: str = ""  # chat kind: with {content}
     user: str = ""  # chat kind: with {content}
     assistant: str = ""  # chat kind: the header before each reply
+    tool: str = ""  # chat kind: a tool's result, with {content} ("": shown with the user format)
     stop: tuple[str, ...] = ()  # generation ends at any of these (as well as at EOS)
 
     def __post_init__(self):
@@ -53,6 +56,8 @@ class Template:
                                 f"containing {slot}")
         if not isinstance(self.assistant, str):
             raise UserError(f"template {self.name!r}: 'assistant' must be a string (the header before a reply)")
+        if not isinstance(self.tool, str) or (self.tool and "{content}" not in self.tool):
+            raise UserError(f"template {self.name!r}: 'tool' must be a string containing {{content}}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     # ----- rendering -------------------------------------------------------------------------
@@ -61,26 +66,30 @@ class Template:
         Adjacent untrained text is one segment (tokenised as a whole, as at generation time).
         add_generation_prompt appends what precedes the next reply (a chat template's header)."""
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise UserError(f"messages[{i}] needs a role in {ROLES} and a string content")
+            if not isinstance(m, dict) or m.get("role") not in RENDER_ROLES or not isinstance(m.get("content"), str):
+                raise UserError(f"messages[{i}] needs a role in {RENDER_ROLES} and a string content")
         parts: list[Segment] = []
         if self.kind == "chat":
             for m in messages:
                 if m["role"] == "assistant":
                     parts += [Segment(self.assistant, False), Segment(m["content"], True)]
                 else:
-                    parts.append(Segment(_fill(getattr(self, m["role"]), content=message_text(m)), False))
+                    parts.append(Segment(_fill(self._format(m["role"]), content=message_text(m)), False))
             if add_generation_prompt:
                 parts.append(Segment(self.assistant, False))
         else:
             system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
             parts.append(Segment(system, False))
             for m in messages:
-                if m["role"] == "user":
+                if m["role"] in ("user", "tool"):
                     parts.append(Segment(self.format_instruction(m["content"], m.get("input") or ""), False))
                 elif m["role"] == "assistant":
                     parts.append(Segment(m["content"], True))
         return _merge(parts)
+
+    def _format(self, role: str) -> str:
+        """A chat template's format of a system, user or tool turn."""
+        return (self.tool or self.user) if role == "tool" else getattr(self, role)
 
     def prompt(self, messages: list[dict]) -> str:
         """The text a reply continues. With earlier replies, those are followed by EOS in training:
@@ -110,7 +119,8 @@ class Template:
         if self.kind == "chat":
             turns = {"system": around(self.system, "content", "message['content']"),
                      "user": around(self.user, "content", "message['content']"),
-                     "assistant": f"{{{{ {lit(self.assistant)} }}}}{reply}"}
+                     "assistant": f"{{{{ {lit(self.assistant)} }}}}{reply}",
+                     "tool": around(self._format("tool"), "content", "message['content']")}
             body = "".join(f"{{%- {'if' if i == 0 else 'elif'} message['role'] == '{role}' -%}}{out}"
                            for i, (role, out) in enumerate(turns.items()))
             return (f"{{%- for message in messages -%}}{body}{{%- endif -%}}{{%- endfor -%}}"
@@ -118,14 +128,15 @@ class Template:
         system = "{%- for message in messages if message['role'] == 'system' -%}" \
                  "{{ message['content'] + '\\n\\n' }}{%- endfor -%}"
         user = around(self.prompt_no_input, "instruction", "message['content']")
-        return (f"{system}{{%- for message in messages -%}}{{%- if message['role'] == 'user' -%}}{user}"
+        return (f"{system}{{%- for message in messages -%}}{{%- if message['role'] in ('user', 'tool') -%}}{user}"
                 f"{{%- elif message['role'] == 'assistant' -%}}{reply}{{%- endif -%}}{{%- endfor -%}}")
 
     # ----- storage ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The fields of this kind, as stored in gpt2ft.json (readable by older versions too)."""
         if self.kind == "chat":
-            fields = {"system": self.system, "user": self.user, "assistant": self.assistant}
+            fields = {"system": self.system, "user": self.user, "assistant": self.assistant,
+                      **({"tool": self.tool} if self.tool else {})}
         else:
             fields = {"prompt": self.prompt_input or self.prompt_no_input, "prompt_no_input": self.prompt_no_input}
         return {"name": self.name, "kind": self.kind, **fields, "stop": list(self.stop)}
@@ -142,8 +153,12 @@ class Template:
             raise UserError(f"template {d.get('name', default_name)!r}: 'stop' must be a list of strings")
         common = {"name": str(d.get("name") or default_name), "kind": kind, "stop": tuple(stop)}
         if kind != "instruction":  # chat (an unknown kind is refused by the constructor)
-            return cls(**common, system=d.get("system", "{content}\n\n"), user=d.get("user"),
-                       assistant=d.get("assistant", ""))
+            t = cls(**common, system=d.get("system", "{content}\n\n"), user=d.get("user"),
+                    assistant=d.get("assistant", ""), tool=d.get("tool", ""))
+            builtin = TEMPLATES.get(t.name)
+            if "tool" not in d and builtin is not None and replace(builtin, tool="") == t:
+                return builtin  # saved before templates had a tool turn: the built-in's
+            return t
         prompt = d.get("prompt")
         if not isinstance(prompt, str) or "{instruction}" not in prompt:
             raise UserError(f"template {common['name']!r}: an instruction template needs a 'prompt' string "
@@ -191,10 +206,11 @@ TEMPLATES: dict[str, Template] = {
     # Chat turns as plain text (GPT-2 has no chat special tokens); each assistant turn ends with EOS.
     "chat": Template(
         "chat", "chat", system="### System:\n{content}\n\n", user="### User:\n{content}\n\n",
-        assistant="### Assistant:\n", stop=("\n### User:", "\n### System:")),
+        assistant="### Assistant:\n", tool="### Tool:\n{content}\n\n", stop=("\n### User:", "\n### System:")),
     # What chat and serve give a model tuned without a template (a base GPT-2): a plain transcript.
     "plain": Template(
         "plain", "chat", system="{content}\n\n", user="User: {content}\n", assistant="Assistant:",
+        tool="Tool: {content}\n",
         stop=("\nUser:", "\nAssistant:")),
 }
 

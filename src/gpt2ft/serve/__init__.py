@@ -5,6 +5,7 @@
 
 In parts, each over the one below it:
   schema     request bodies; their sampling fields derived from gpt2ft.sampling.OPTIONS
+  structured response_format, vLLM's guided_*/structured_outputs and forced tool calls -> one grammar
   prompts    messages (the model's template, as chat picks it) or a prompt -> token ids
   scheduler  one thread steps every model's engine; typed events (Piece, Done, Failed) to each request
   responses  OpenAI's shapes: errors, chat and text choices, whole or streamed (usage from Completions)

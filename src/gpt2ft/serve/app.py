@@ -15,11 +15,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..generation import Engine
 from ..sampling import OPTIONS
 from .config import ServeConfig, ServedModel
-from .prompts import chat_prompt, completion_prompts, prompt_logprobs
+from ..templates import pick_template
+from .prompts import chat_prompt, check_prompts, completion_prompts, prompt_logprobs
 from .responses import APIError, ChatFormat, TextFormat
 from .scheduler import Scheduler
 from .schema import ChatRequest, CompletionRequest, validation_message
 from .service import Service
+from .structured import constraint
 
 OPEN_PATHS = {"/", "/health"}  # everything else needs the API key when one is set
 REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
@@ -138,16 +140,24 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         served = service.lookup(req.model)
+        template = pick_template(None, served.template)
+        rule = constraint(req, template.name)
         ids, stops = chat_prompt(served.template, req.messages, served.tokenizer)
-        jobs, inbox = service.start(req, served, [ids], stops, "messages")
-        return await service.respond(req, request, served, jobs, inbox, ChatFormat(served.tokenizer, req.logprobs))
+        jobs, inbox = service.start(req, served, [ids], stops, "messages", rule)
+        fmt = ChatFormat(served.tokenizer, req.logprobs, rule.tools if rule else ())
+        return await service.respond(req, request, served, jobs, inbox, fmt)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         served = service.lookup(req.model)
         tok = served.tokenizer
         prompts = completion_prompts(req.prompt, tok)
-        jobs, inbox = service.start(req, served, prompts, [], "prompt")
+        if req.max_tokens == 0 and req.echo:  # score the prompt only: nothing is generated
+            service.refuse(req)
+            check_prompts(prompts, served.model.config)
+            jobs, inbox = [], None
+        else:
+            jobs, inbox = service.start(req, served, prompts, [], "prompt", constraint(req, ""))
         try:
             echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
             echo_logprobs = [[] for _ in prompts]
@@ -158,6 +168,8 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
             scheduler.cancel(jobs)
             raise
         fmt = TextFormat(tok, req.logprobs, req.n, echoes, echo_logprobs)
+        if not jobs:
+            return service.scored(req, served, prompts, fmt)
         return await service.respond(req, request, served, jobs, inbox, fmt)
 
     return app

@@ -29,6 +29,17 @@ def completion_prompts(prompt, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
+def check_prompts(prompts: list[list[int]], config) -> None:
+    """Prompts scored without generating (echo, max_tokens 0): within the context and the vocabulary."""
+    for ids in prompts:
+        if len(ids) > config.block_size:
+            raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context is {config.block_size}: "
+                           "shorten the prompt", "prompt", "context_length_exceeded")
+        if bad := [t for t in ids if not 0 <= t < config.vocab_size]:
+            raise APIError(400, f"prompt token {bad[0]} is not a token id of this model (0 to "
+                           f"{config.vocab_size - 1})", "prompt")
+
+
 @torch.inference_mode()
 def prompt_logprobs(model, ids: list[int], k: int) -> list[tuple[int, float | None, list]]:
     """Log-probabilities of the prompt's own tokens (for echo); the first token has none."""

@@ -61,31 +61,78 @@ def text_logprobs(tokenizer, entries, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
+# ----- a forced tool call (serve.structured) ----------------------------------------------------------
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call(tools: tuple, text: str, id: str) -> dict | None:
+    """The call a forced tool call's output makes, in OpenAI's shape; None if it is not complete JSON
+    (the reply ran out of tokens)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if len(tools) == 1:
+        name, arguments = tools[0].name, text
+    elif isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
+        name, arguments = value["name"], json.dumps(value["arguments"])
+    else:
+        return None
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 # ----- one choice, per endpoint ---------------------------------------------------------------------
 class ChatFormat:
-    """Choices of /v1/chat/completions."""
+    """Choices of /v1/chat/completions. With `tools` (a forced tool call: serve.structured) each
+    choice's output is a call: message.tool_calls, content null, finish_reason "tool_calls"; streamed,
+    the arguments of a call to one function come as they are generated, else the call comes whole
+    with the finish."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def __init__(self, tokenizer, logprobs: bool):
-        self.tokenizer, self.logprobs = tokenizer, logprobs
+    def __init__(self, tokenizer, logprobs: bool, tools: tuple = ()):
+        self.tokenizer, self.logprobs, self.tools = tokenizer, logprobs, tools
+        self.ids: dict[int, str] = {}  # each choice's tool call id
 
     def _logprobs(self, entries):
         return chat_logprobs(self.tokenizer, entries) if self.logprobs else None
 
-    def opening(self, index: int) -> dict | None:
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    def _call(self, index: int, c: Completion):
+        return tool_call(self.tools, c.text, self.ids.setdefault(index, call_id())) if self.tools else None
 
-    def piece(self, p: Piece) -> dict:
-        return {"index": p.index, "delta": {"content": p.text}, "logprobs": self._logprobs(p.logprobs),
-                "finish_reason": None}
+    def opening(self, index: int) -> dict | None:
+        delta = {"role": "assistant", "content": None if self.tools else ""}
+        if len(self.tools) == 1:
+            delta["tool_calls"] = [{"index": 0, "id": self.ids.setdefault(index, call_id()), "type": "function",
+                                    "function": {"name": self.tools[0].name, "arguments": ""}}]
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+    def piece(self, p: Piece) -> dict | None:
+        if not self.tools:
+            delta = {"content": p.text}
+        elif len(self.tools) == 1:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": p.text}}]}
+        elif not self.logprobs:
+            return None  # the call comes whole with the finish
+        else:
+            delta = {}
+        return {"index": p.index, "delta": delta, "logprobs": self._logprobs(p.logprobs), "finish_reason": None}
 
     def finish(self, index: int, c: Completion) -> dict:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
+        call, delta = self._call(index, c), {}
+        if call is not None and len(self.tools) > 1:
+            delta = {"tool_calls": [{"index": 0, **call}]}
+        return {"index": index, "delta": delta, "logprobs": None,
+                "finish_reason": "tool_calls" if call is not None else c.finish_reason}
 
     def choice(self, index: int, c: Completion) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": self._logprobs(c.logprobs or []), "finish_reason": c.finish_reason}
+        call = self._call(index, c)
+        message = {"role": "assistant", "content": c.text if call is None else None, "refusal": None}
+        if call is not None:
+            message["tool_calls"] = [call]
+        return {"index": index, "message": message, "logprobs": self._logprobs(c.logprobs or []),
+                "finish_reason": "tool_calls" if call is not None else c.finish_reason}
 
 
 class TextFormat:
@@ -136,9 +183,12 @@ class Reply:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def whole(self, completions: list[Completion]) -> dict:
+    def whole(self, completions: list[Completion], generated: list[Completion] | None = None) -> dict:
+        """The response with these choices; the usage counts `generated` (all best_of candidates)."""
         choices = [self.fmt.choice(i, c) for i, c in enumerate(completions)]
-        return {**self._envelope(self.fmt.object, choices), "usage": usage(completions, self.n)}
+        counted = generated or completions
+        return {**self._envelope(self.fmt.object, choices),
+                "usage": usage(counted, len(counted) // max(1, len(completions) // self.n))}
 
     async def chunks(self, events, completions: list[Completion], include_usage: bool):
         """The stream's chunks: each choice's opening, its pieces, its finish; then the usage if asked."""
@@ -153,7 +203,8 @@ class Reply:
         async with aclosing(events):  # closed with the stream, so a client that leaves cancels at once
             async for event in events:
                 if isinstance(event, Piece):
-                    yield chunk(self.fmt.piece(event))
+                    if (piece := self.fmt.piece(event)) is not None:
+                        yield chunk(piece)
                 else:
                     yield chunk(self.fmt.finish(event.index, event.completion))
         if include_usage:

@@ -8,12 +8,12 @@ CLI and the chat REPL refuse. `options()` maps a request onto SamplingConfig's f
 from __future__ import annotations
 
 import json
-from typing import Annotated, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from ..errors import UserError
-from ..sampling import OPTIONS, Option, check
+from ..sampling import MAX_BIAS, MAX_LOGIT_BIASES, OPTIONS, Option, check
 
 SAMPLING_FIELDS: dict[str, Option] = {o.api: o for o in OPTIONS.values() if o.api}
 """Request field -> the sampling option it sets."""
@@ -23,10 +23,12 @@ OPENAI_DEFAULTS = {"temperature": 1.0, "max_tokens": None}
 _SCHEMA_DEFAULT = object()
 
 
-def _checked(name: str):
+def _checked(name: str, zero_ok: bool = False):
     """sampling.check as a pydantic validator (its UserError becomes a validation error)."""
 
     def validate(value):
+        if zero_ok and value == 0 and not isinstance(value, bool):
+            return 0
         try:
             return check(name, value)
         except UserError as e:
@@ -46,7 +48,7 @@ def _bounds(opt: Option) -> dict:
     if r is None:
         from ..sampling import MAX_STOP_STRINGS
 
-        return {"maxItems": MAX_STOP_STRINGS} if opt.kind is list else {}
+        return {"maxItems": MAX_STOP_STRINGS} if opt.kind is list else {}  # logit_bias: its type's
     out = {}
     if r.lo is not None:
         out["exclusiveMinimum" if r.lo_open else "minimum"] = r.lo
@@ -55,18 +57,29 @@ def _bounds(opt: Option) -> dict:
     return out
 
 
-def option_field(opt: Option, default=_SCHEMA_DEFAULT):
+_BIAS = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
+_TOKEN_ID = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # JSON's object keys are strings
+_KINDS = {list: Union[str, list[str]], dict: Annotated[dict[_TOKEN_ID, _BIAS], Field(max_length=MAX_LOGIT_BIASES)]}
+
+
+def option_field(opt: Option, default=_SCHEMA_DEFAULT, zero_ok: bool = False):
     """The type of a request field that sets `opt`: strict, checked by sampling.check, with the
-    option's help and bounds; null means the field's default (as in OpenAI's API)."""
-    kind = Union[str, list[str]] if opt.kind is list else opt.kind
+    option's help and bounds; null means the field's default (as in OpenAI's API). zero_ok: 0 is
+    also accepted (the request gives it a meaning of its own)."""
+    kind = _KINDS.get(opt.kind, opt.kind)
     default = opt.default if default is _SCHEMA_DEFAULT else default
     extra = {"description": f"{opt.help}; {api_accepts(opt)}", "json_schema_extra": _bounds(opt)}
-    info = Field(default_factory=list, **extra) if isinstance(default, list) else Field(default, **extra)
-    return Annotated[Optional[Annotated[kind, _checked(opt.name)]], info]
+    if zero_ok:
+        extra["json_schema_extra"] = {**extra["json_schema_extra"], "minimum": 0}
+        extra["description"] += " (0 with echo: the prompt scored, nothing generated)"
+    mutable = isinstance(default, (list, dict))
+    info = Field(default_factory=type(default), **extra) if mutable else Field(default, **extra)
+    return Annotated[Optional[Annotated[kind, _checked(opt.name, zero_ok)]], info]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
+    # every field is honoured or refused: an unknown one is a 400 naming it (validation_message)
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid", strict=True, populate_by_name=True)
 
 
 class TextPart(_Request):
@@ -74,19 +87,100 @@ class TextPart(_Request):
     text: str
 
 
+class CalledFunction(_Request):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls (rendered as their JSON)")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    refusal: str | None = None
 
     def text(self) -> str:
+        """The content as the template renders it; an assistant's tool calls as their JSON text."""
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+            text = "".join(p.text for p in self.content)
+        else:
+            text = self.content or ""
+        calls = "\n".join(json.dumps({"name": c.function.name, "arguments": _json_or_text(c.function.arguments)})
+                          for c in self.tool_calls or [])
+        return "\n".join(t for t in (text, calls) if t)
+
+
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+# ----- structured outputs: what the reply must match (serve.structured makes one grammar of them) ------
+class TextResponseFormat(_Request):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchema(_Request):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema (none: any object)")
+    strict: bool | None = Field(None, description="accepted; the output always matches the schema")
+
+
+class JSONSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[Union[TextResponseFormat, JSONObjectFormat, JSONSchemaFormat], Field(discriminator="type")]
+
+
+class FunctionDef(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON Schema (none: no arguments)")
+    strict: bool | None = Field(None, description="accepted; the arguments always match the schema")
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class StructuredOutputs(_Request):
+    """vLLM's newer form of its guided_* fields (one of them)."""
+
+    json_: Union[dict[str, Any], str, None] = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="Lark, or GBNF (when it has ::=)")
+    json_object: bool | None = None
 
 
 _Sampling = create_model("Sampling", __base__=_Request, **{
@@ -94,7 +188,11 @@ _Sampling = create_model("Sampling", __base__=_Request, **{
     for api, opt in SAMPLING_FIELDS.items() if api != "logprobs"})  # logprobs differs between the two
 _Logprobs = option_field(OPTIONS["logprobs"])
 _ChatMaxTokens = option_field(OPTIONS["max_new_tokens"], None)
-_TextMaxTokens = option_field(OPTIONS["max_new_tokens"], 16)  # OpenAI's default for completions
+_TextMaxTokens = option_field(OPTIONS["max_new_tokens"], 16, zero_ok=True)  # OpenAI's default; 0: echo only
+_IGNORED = "accepted and ignored (metadata)"
+METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "prediction")
+"""Request fields accepted and ignored: they change nothing in the reply (OpenAI's pure metadata;
+`prediction` only speeds up OpenAI's decoding). Every other field is honoured or refused."""
 
 
 class _Common(_Sampling):
@@ -102,7 +200,16 @@ class _Common(_Sampling):
     n: int = Field(1, ge=1, description="choices per prompt (at most `gpt2ft serve --max-n`)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    guided_json: Union[dict[str, Any], str, None] = Field(None, description="vLLM's: a JSON Schema the reply matches")
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression the reply matches")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: the reply is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's: a Lark (or GBNF, with ::=) grammar")
+    structured_outputs: StructuredOutputs | None = None
+    user: str | None = Field(None, description=_IGNORED)
+    metadata: dict[str, str] | None = Field(None, description=_IGNORED)
+    store: bool | None = Field(None, description=_IGNORED)
+    service_tier: str | None = Field(None, description=_IGNORED)
     FIELDS: ClassVar[dict[str, Option]] = SAMPLING_FIELDS
 
     def options(self) -> dict:
@@ -118,12 +225,23 @@ class _Common(_Sampling):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def candidates(self) -> int:
+        """Completions generated per prompt (best_of of them when given, else n)."""
+        return getattr(self, "best_of", None) or self.n
+
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: _ChatMaxTokens
     logprobs: bool = False
     top_logprobs: _Logprobs
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description='"required" or a named function: the reply is a call with schema-valid arguments; '
+                          '"none": text; "auto" needs a template with a tool-call format')
+    parallel_tool_calls: bool | None = Field(None, description="accepted: a reply makes at most one call")
+    prediction: dict[str, Any] | None = Field(None, description=_IGNORED)
     FIELDS: ClassVar[dict[str, Option]] = {**{a: o for a, o in SAMPLING_FIELDS.items() if a != "logprobs"},
                                            "max_completion_tokens": OPTIONS["max_new_tokens"],
                                            "top_logprobs": OPTIONS["logprobs"]}
@@ -144,6 +262,9 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: _Logprobs
     max_tokens: _TextMaxTokens
+    best_of: int | None = Field(None, ge=1, description="generate this many (>= n) and return the n with the "
+                                                        "highest cumulative log-probability; not with stream")
+    suffix: str | None = Field(None, description="refused when given: this server does not insert text")
 
 
 # ----- validation errors as one sentence -------------------------------------------------------------
@@ -176,10 +297,13 @@ def validation_message(err: dict, fields: dict[str, Option]) -> tuple[str, str |
                     "`prompt` (completions), with Content-Type: application/json"), None
         return (f"the request body must be a JSON object (Content-Type: application/json), not "
                 f"{_shown(err.get('input'))}"), None
-    if loc[0] in fields:
+    if loc[0] in fields and kind != "extra_forbidden":
         opt = fields[loc[0]]
         return f"{loc[0]} must be {api_accepts(opt)}, not {_shown(err.get('input'))}", loc[0]
     param = ".".join(loc)
+    if kind == "extra_forbidden":
+        return (f"unrecognized field {param}: this server honours the fields its /openapi.json lists and refuses "
+                f"the others (it ignores only {', '.join(METADATA_FIELDS)})"), param
     if kind == "missing":
         return f"{param}: a required field is missing", param
     if loc[-1] in _UNIONS:

@@ -5,18 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 from fastapi import Request
 
 from ..errors import UserError
 from ..generation import SamplingConfig, fits_context
-from ..sampling import OPTIONS
+from ..sampling import MAX_STOP_STRINGS, OPTIONS
 from .config import ServeConfig, ServedModel
 from .responses import APIError, Reply, sse, unavailable
 from .scheduler import Busy, Done, Failed, Inbox, Job, Scheduler
+from .structured import Constraint
 
 POLL = 0.2  # seconds between checks that the client of a non-streaming request is still there
 SEEDS = 2**64  # seeds are in [0, 2^64 - 1] (the sampling schema); choice i of a request uses seed + i
+
+
+class Scored(NamedTuple):
+    """A prompt scored without generating: an empty completion, as the response shapes read one."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    text: str = ""
+    finish_reason: str = "length"
+    logprobs: tuple = ()
+
+
+def best(completions: list, candidates: int, n: int) -> list:
+    """best_of: of each prompt's candidates, the n with the highest cumulative log-probability."""
+    out = []
+    for start in range(0, len(completions), candidates):
+        group = completions[start:start + candidates]
+        out += sorted(group, key=lambda c: -sum(lp.logprob for lp in c.logprobs or []))[:n]
+    return out
 
 
 class Service:
@@ -29,37 +50,70 @@ class Service:
                            "(GET /v1/models)", "model", "model_not_found", type="not_found_error")
         return self.models[name]
 
-    def sampling(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str]) -> list[SamplingConfig]:
-        """One SamplingConfig per choice (prompt-major, n per prompt): the request's options, the
-        server's caps and defaults, the template's stop strings."""
-        if req.n > self.config.max_n:
-            raise APIError(400, f"n is {req.n} but this server allows at most {self.config.max_n} "
-                           "(gpt2ft serve --max-n)", "n")
+    def refuse(self, req) -> None:
+        """The 400s of fields that are valid alone but not together, or not served."""
+        if getattr(req, "suffix", None) is not None:
+            raise APIError(400, "suffix is not supported: this server only continues a prompt (send the text "
+                           "before the insertion as the prompt)", "suffix")
+        if getattr(req, "top_logprobs", None) is not None and not getattr(req, "logprobs", True):
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        for field, value in (("n", req.n), ("best_of", req.candidates)):
+            if value > self.config.max_n:
+                raise APIError(400, f"{field} is {value} but this server allows at most {self.config.max_n} "
+                               "(gpt2ft serve --max-n)", field)
+        if req.candidates < req.n:
+            raise APIError(400, f"best_of ({req.candidates}) must be at least n ({req.n})", "best_of")
+        if req.candidates > req.n and req.stream:
+            raise APIError(400, "best_of cannot be streamed: the best choices are known only at the end", "best_of")
+        if getattr(req, "max_tokens", None) == 0 and not getattr(req, "echo", False):
+            raise APIError(400, "max_tokens must be an integer >= 1, not 0 (0 only with echo: the prompt scored, "
+                           "nothing generated)", "max_tokens")
+
+    def sampling(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str],
+                 grammar=None) -> list[SamplingConfig]:
+        """One SamplingConfig per completion (prompt-major, req.candidates per prompt): the request's
+        options, the server's caps and defaults, the template's stop strings, the grammar."""
+        self.refuse(req)
         options = req.options()
         limit, cap = options.pop("max_new_tokens"), self.config.max_tokens
         if limit is not None and limit > cap:
             raise APIError(400, f"max_tokens is {limit} but this server allows at most {cap} "
                            "(gpt2ft serve --max-tokens)", "max_tokens")
+        if len(options["stop"]) > MAX_STOP_STRINGS:  # the template's own stop strings come on top
+            raise APIError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, not "
+                           f"{len(options['stop'])} strings", "stop")
+        vocab = served.model.config.vocab_size
+        if bad := [t for t in options["logit_bias"] if t >= vocab]:
+            raise APIError(400, f"logit_bias: {bad[0]} is not a token id of this model (0 to {vocab - 1})",
+                           "logit_bias")
+        if req.candidates > req.n and options["logprobs"] is None:
+            options["logprobs"] = 0  # best_of ranks by them
         context = served.model.config.block_size
         configs = []
         for ids in prompts:
             # no max_tokens: what the context leaves (an empty prompt is one <|endoftext|>), at least 1 so
             # that a prompt filling the context gets the engine's error
             max_new = limit or max(1, min(cap, context - max(len(ids), 1)))
-            for i in range(req.n):
+            if options["min_tokens"] > max_new:
+                raise APIError(400, f"min_tokens ({options['min_tokens']}) is more than the {max_new} tokens "
+                               "this reply may have (max_tokens, or what the context leaves)", "min_tokens")
+            for i in range(req.candidates):
                 seed = None if options["seed"] is None else (options["seed"] + i) % SEEDS  # n choices differ
                 try:
                     configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
-                                                     "stop": options["stop"] + stops}))
+                                                     "stop": options["stop"] + stops, "grammar": grammar}))
                 except UserError as e:  # the request's fields were checked; the template's stops were not
                     raise APIError(400, f"stop: with the {len(stops)} stop strings of this model's template "
                                    f"({e})", "stop") from None
         return configs
 
-    def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str):
+    def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str,
+              constraint: Constraint | None = None):
         """The request's jobs, queued (429/503 when there is no room), and the inbox of their events."""
-        configs = self.sampling(req, served, prompts, stops)
-        specs = [(ids, cfg) for ids, cfg in zip((p for p in prompts for _ in range(req.n)), configs)]
+        if constraint is not None:
+            constraint.check(served.tokenizer, served.model.config.vocab_size)
+        configs = self.sampling(req, served, prompts, stops, constraint and constraint.spec)
+        specs = [(ids, cfg) for ids, cfg in zip((p for p in prompts for _ in range(req.candidates)), configs)]
         inbox = Inbox()
         try:
             return self.scheduler.submit(served.name, specs, inbox), inbox
@@ -82,7 +136,22 @@ class Service:
             return sse(reply.chunks(self.events(jobs, inbox), completions, req.include_usage))
         async for _ in self.events(jobs, inbox, request):
             pass
+        if req.candidates > req.n:
+            return reply.whole(best(completions, req.candidates, req.n), completions)
         return reply.whole(completions)
+
+    def scored(self, req, served: ServedModel, prompts: list[list[int]], fmt):
+        """echo with max_tokens 0: each prompt (with its log-probabilities, in fmt), nothing generated."""
+        reply = Reply(fmt, served.name, req.n)
+        done = [Scored(len(ids)) for ids in prompts for _ in range(req.n)]
+        if not req.stream:
+            return reply.whole(done)
+
+        async def events():
+            for index, c in enumerate(done):
+                yield Done(index, c)
+
+        return sse(reply.chunks(events(), done, req.include_usage))
 
     async def events(self, jobs: list[Job], inbox: Inbox, request: Request | None = None):
         """The jobs' Piece and Done events until all are done; cancels them on a timeout, on an error or

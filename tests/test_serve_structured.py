@@ -1,0 +1,352 @@
+"""Structured outputs through the server (in process, the official openai client over a TestClient):
+JSON schemas, regex, choices, forced tool calls, logit_bias, min_tokens, best_of, echo-only scoring,
+and every unknown or unsupported field refused with a 400 naming it. LangChain's structured output
+and tool binding on top."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("llguidance")
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+from fastapi.testclient import TestClient  # noqa: E402
+
+KEY = "k"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+USER = [{"role": "user", "content": "Answer in JSON"}]
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["id", "tags"]}}, "required": ["user"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"x": {"type": "number", "minimum": -1, "maximum": 1}}, "required": ["x"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+     "required": ["code"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
+     "required": ["ok", "note"]},
+    {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 5}]},
+    {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 6}}, "required": ["s"],
+     "additionalProperties": False},
+]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                           "unit": {"enum": ["C", "F"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model):
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    return create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)],
+                      ServeConfig(api_key=KEY, max_tokens=48, max_n=8))
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    with TestClient(app, headers=AUTH) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(http):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+
+
+def schema_format(schema, name="out"):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def chat(client, **kw):
+    return client.chat.completions.create(model="tiny", messages=kw.pop("messages", USER),
+                                          max_tokens=kw.pop("max_tokens", 40), **kw)
+
+
+def assert_error(r, param):
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    return err["message"]
+
+
+# ----- JSON schemas ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("i", range(len(SCHEMAS)))
+def test_reply_validates_against_the_schema_whole_and_streamed(client, i):
+    schema = SCHEMAS[i]
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": i}):
+        r = chat(client, response_format=schema_format(schema), **kw)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+        chunks = chat(client, response_format=schema_format(schema), stream=True, **kw)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == r.choices[0].message.content
+
+
+def test_eight_concurrent_constrained_requests(app, http):
+    async def main():
+        async with openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=KEY, max_retries=0,
+                                      http_client=_AsyncBridge(app)) as ac:
+            return await asyncio.gather(*[ac.chat.completions.create(
+                model="tiny", messages=USER, max_tokens=40, temperature=1.0, seed=s,
+                response_format=schema_format(SCHEMAS[s])) for s in range(8)])
+
+    for s, r in enumerate(asyncio.run(main())):
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[s])
+
+
+def _AsyncBridge(app):
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH)
+
+
+def test_greedy_schema_output_equals_in_process_generate(client, tiny_model):
+    from gpt2ft.generation import generate
+    from gpt2ft.sampling import GrammarSpec
+
+    schema = SCHEMAS[0]
+    r = chat(client, response_format=schema_format(schema), temperature=0)
+    want = generate(tiny_model.model, tiny_model.tokenizer, "User: Answer in JSON\nAssistant:", max_new_tokens=40, temperature=0,
+                    stop=["\nUser:", "\nAssistant:"], grammar=GrammarSpec.json_schema(schema))
+    assert r.choices[0].message.content == want
+
+
+def test_json_object_regex_choice_and_vllm_fields(client, http):
+    r = chat(client, response_format={"type": "json_object"}, temperature=1.0, seed=3)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    for body, check in (
+            ({"guided_regex": "[a-z]{3}-[0-9]{2}"}, lambda t: len(t) == 6 and t[3] == "-" and t[4:].isdigit()),
+            ({"structured_outputs": {"regex": "(yes|no)!"}}, lambda t: t in ("yes!", "no!")),
+            ({"guided_choice": ["alpha", "beta", "gamma"]}, lambda t: t in ("alpha", "beta", "gamma")),
+            ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+            ({"guided_json": {**SCHEMAS[2], "additionalProperties": False}}, lambda t: json.loads(t)["color"] in ("red", "green", "blue")),
+            ({"guided_grammar": 'start: "a" "b"+'}, lambda t: t[0] == "a" and set(t[1:]) == {"b"})):
+        for path, payload in (("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "x"})):
+            res = http.post(path, json={"model": "tiny", "max_tokens": 20, "temperature": 1.0, "seed": 1,
+                                        **payload, **body})
+            assert res.status_code == 200, res.text
+            choice = res.json()["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            assert check(text), (body, text)
+
+
+def test_constraint_errors_name_the_field(http):
+    base = {"model": "tiny", "messages": USER, "max_tokens": 5}
+    assert "guided_regex" in assert_error(http.post("/v1/chat/completions", json={
+        **base, "guided_regex": "a", "response_format": {"type": "json_object"}}), "guided_regex")
+    assert_error(http.post("/v1/chat/completions", json={**base, "guided_regex": "(unclosed"}), "guided_regex")
+    assert_error(http.post("/v1/chat/completions", json={
+        **base, "response_format": schema_format({"type": "no-such-type"})}), "response_format.json_schema.schema")
+    assert_error(http.post("/v1/chat/completions", json={**base, "guided_choice": []}), "guided_choice")
+    assert_error(http.post("/v1/chat/completions", json={**base, "guided_grammar": "start: ???"}), "guided_grammar")
+    r = http.post("/v1/chat/completions", json={**base, "response_format": {"type": "text"}})
+    assert r.status_code == 200
+
+
+# ----- logit_bias, min_tokens, ignore_eos, best_of, echo -----------------------------------------------
+def test_logit_bias_bans_and_forces(client, tiny_model):
+    kw = dict(model="tiny", prompt="The", max_tokens=12, temperature=0, logprobs=0)
+    plain = client.completions.create(**kw).choices[0]
+    first = plain.logprobs.tokens[0]
+    token = tiny_model.tokenizer.encode(first)[0]
+    banned = client.completions.create(**kw, logit_bias={str(token): -100}).choices[0]
+    assert token not in [tiny_model.tokenizer.encode(t)[0] for t in banned.logprobs.tokens]
+    forced = client.completions.create(**{**kw, "temperature": 1.0}, seed=5, logit_bias={"318": 100}).choices[0]
+    assert forced.text == tiny_model.tokenizer.decode([318] * 12)
+
+
+def test_min_tokens_and_ignore_eos(client, tiny_model):
+    eos = tiny_model.tokenizer.eos_id
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=10, temperature=0,
+                                  logit_bias={str(eos): 100}, extra_body={"min_tokens": 6})
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "stop"  # six, then EOS
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=10, temperature=0,
+                                  logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
+
+
+def test_best_of_returns_the_most_likely_candidates(client):
+    kw = dict(model="tiny", prompt="Once", max_tokens=6, temperature=1.0, seed=11, logprobs=0)
+    every = client.completions.create(n=4, **kw).choices
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in every}
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.text for c in best.choices] == sorted(score, key=score.get, reverse=True)[:2]
+    assert best.usage.completion_tokens == 4 * 6
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(client, hf_model, tiny_model):
+    tok = tiny_model.tokenizer
+    ids = tok.encode("Hello world, again")
+    r = client.completions.create(model="tiny", prompt="Hello world, again", max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "Hello world, again" and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        logp = hf_model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = [float(logp[i, t]) for i, t in enumerate(ids[1:])]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    chunks = list(client.completions.create(model="tiny", prompt="Hi", max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "Hi"
+
+
+# ----- tool calls ---------------------------------------------------------------------------------------
+def test_forced_tool_call_has_schema_valid_arguments(client):
+    for tools, choice in (([WEATHER], "required"), ([WEATHER, ADD], {"type": "function", "function": {"name": "add"}}),
+                          ([WEATHER, ADD], "required")):
+        r = chat(client, tools=tools, tool_choice=choice, temperature=1.0, seed=2)
+        choice0 = r.choices[0]
+        assert choice0.finish_reason == "tool_calls" and choice0.message.content is None
+        (call,) = choice0.message.tool_calls
+        schema = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        if isinstance(choice, dict):
+            assert call.function.name == "add"
+        jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+        # streamed: the deltas add up to the same call
+        chunks = list(chat(client, tools=tools, tool_choice=choice, temperature=1.0, seed=2, stream=True))
+        deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+        assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+        assert {d.function.name for d in deltas} - {None} == {call.function.name}
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_tool_result_continues_the_conversation(client, tiny_model):
+    r = chat(client, tools=[WEATHER], tool_choice="required", temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    messages = USER + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    follow = chat(client, messages=messages, max_tokens=5, temperature=0)
+    text = follow.choices[0].message.content
+    arguments = json.loads(call.function.arguments)
+    rendered = ("User: Answer in JSON\nAssistant:" + json.dumps({"name": "get_weather", "arguments": arguments}))
+    ids = tiny_model.tokenizer.encode(rendered) + [tiny_model.tokenizer.eos_id] + \
+        tiny_model.tokenizer.encode("Tool: sunny, 21 C\nAssistant:")
+    assert follow.usage.prompt_tokens == len(ids)
+    raw = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert raw.choices[0].text == text
+
+
+def test_tool_choice_errors(http):
+    base = {"model": "tiny", "messages": USER, "max_tokens": 5}
+    assert "tool-call format" in assert_error(http.post("/v1/chat/completions", json={**base, "tools": [ADD]}),
+                                              "tool_choice")
+    assert_error(http.post("/v1/chat/completions", json={**base, "tools": [ADD], "tool_choice": "auto"}), "tool_choice")
+    assert_error(http.post("/v1/chat/completions", json={**base, "tool_choice": "required"}), "tool_choice")
+    assert_error(http.post("/v1/chat/completions", json={
+        **base, "tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice")
+    assert_error(http.post("/v1/chat/completions", json={**base, "tools": [ADD, ADD], "tool_choice": "required"}),
+                 "tools")
+    r = http.post("/v1/chat/completions", json={**base, "tools": [ADD], "tool_choice": "none"})
+    assert r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str)
+
+
+def test_template_renders_tool_turns_as_its_jinja_does():
+    jinja2 = pytest.importorskip("jinja2")
+    from gpt2ft.templates import TEMPLATES, Template
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "{\"a\": 1}"},
+            {"role": "tool", "content": "42"}]
+    for t in TEMPLATES.values():
+        want = "".join(s.text + ("<eos>" if s.trained else "") for s in t.render(msgs, add_generation_prompt=True))
+        got = jinja2.Template(t.to_jinja()).render(messages=msgs, eos_token="<eos>", add_generation_prompt=True)
+        assert got == want, t.name
+    assert "### Tool:\n42\n\n" in TEMPLATES["chat"].prompt(msgs)
+    old = Template.from_dict({"name": "old", "kind": "chat", "system": "{content}", "user": "U: {content}\n"})
+    assert old.prompt(msgs[2:]) == "U: 42\n"  # a saved template without a tool format: the user format
+
+
+# ----- every field honoured or refused -------------------------------------------------------------------
+@pytest.mark.parametrize("path, change, param", [
+    ("/v1/chat/completions", {"functions": [ADD["function"]]}, "functions"),
+    ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions", {"audio": {"voice": "x"}}, "audio"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),            # without logprobs: true
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages.0.extra"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),  # not in the vocabulary
+    ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"min_tokens": 9}, "min_tokens"),                # over max_tokens 5
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"best_of": 1, "n": 2}, "best_of"),
+    ("/v1/completions", {"best_of": 2, "stream": True}, "best_of"),
+    ("/v1/completions", {"best_of": 9}, "best_of"),                           # over --max-n 8
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),                     # 0 only with echo
+    ("/v1/completions", {"tools": [ADD]}, "tools"),
+    ("/v1/completions", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+])
+def test_unknown_and_unsupported_fields_are_400_naming_them(http, path, change, param):
+    body = {"model": "tiny", "max_tokens": 5, **({"messages": USER} if "chat" in path else {"prompt": "x"}), **change}
+    assert param.split(".")[-1] in assert_error(http.post(path, json=body), param)
+
+
+def test_metadata_fields_are_accepted(http):
+    r = http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": USER, "max_tokens": 3, "user": "u", "metadata": {"k": "v"}, "store": False,
+        "service_tier": "auto", "parallel_tool_calls": False, "prediction": {"type": "content", "content": "x"}})
+    assert r.status_code == 200, r.text
+    schema = http.get("/openapi.json").json()["components"]["schemas"]
+    chat_fields = set(schema["ChatRequest"]["properties"])
+    assert {"response_format", "tools", "tool_choice", "logit_bias", "min_tokens", "ignore_eos",
+            "guided_json", "structured_outputs"} <= chat_fields
+    assert {"best_of", "echo", "suffix"} <= set(schema["CompletionRequest"]["properties"])
+
+
+# ----- LangChain ----------------------------------------------------------------------------------------
+def test_langchain_structured_output_and_bind_tools(http):
+    pytest.importorskip("langchain_openai")
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=99)
+
+    llm = ChatOpenAI(base_url="http://testserver/v1", api_key=KEY, model="tiny", temperature=0, max_tokens=40,
+                     http_client=http, max_retries=0)
+    for method in ("json_schema", "function_calling"):
+        person = llm.with_structured_output(Person, method=method).invoke("Who?")
+        assert isinstance(person, Person), method
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    msg = llm.bind_tools([multiply], tool_choice="multiply").invoke("3 times 4?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "multiply" and set(call["args"]) == {"a", "b"}
+    assert all(isinstance(v, int) for v in call["args"].values())
+
+
+@pytest.mark.parametrize("change", [
+    {"response_format": schema_format({"$ref": "#/nope"})},
+    {"response_format": schema_format({"type": "string", "pattern": "(a|"})},
+    {"response_format": schema_format({"type": "integer", "minimum": "x"})},
+    {"response_format": schema_format({"allOf": [{"type": "integer"}, {"type": "string"}]})},
+    {"response_format": schema_format({"properties": 5})},
+    {"guided_json": "{not json"},
+    {"guided_json": {"type": "object", "properties": {"a": {"type": "object"} for _ in range(1)}} | {"x-guidance": 5}},
+    {"guided_grammar": "root ::= \"a\" | "},
+    {"guided_regex": "\\"},
+    pytest.param({"guided_regex": "a{1000000}"}, marks=pytest.mark.xfail(strict=True, reason=(
+        "engine: llguidance fails mid-decode (lexer too complex) and Engine.step raises for the whole batch, "
+        "so the scheduler fails every request of the model with a 503"))),
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "items": 3}}}],
+     "tool_choice": "required"},
+])
+def test_malformed_constraints_are_400_never_500(http, change):
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 5, **change})
+    assert r.status_code in (200, 400), r.text
