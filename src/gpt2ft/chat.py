@@ -321,8 +321,7 @@ class Chat(Commands):
 
     def generate(self, prompt_ids: list[int], stops: list[str], max_new: int) -> Reply:
         """Stream one reply to write(); Ctrl-C stops it and keeps what was written."""
-        cfg = replace(self.settings, max_new_tokens=max_new)
-        cfg.stop = stops + cfg.stop  # the template's stops come on top of the user's (checked) ones
+        cfg = replace(self.settings, max_new_tokens=max_new, template_stop=stops)
         start = time.perf_counter()
         stream = self.engine.complete(prompt_ids, cfg)
         shown, ttft, finish = [], None, None

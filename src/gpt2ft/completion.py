@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import UserError
 from .grammar import GrammarState, apply_bitmask, new_bitmask
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -125,7 +126,7 @@ class Completion:
     push(token_id) returns the newly safe text: whole UTF-8 characters, and never text that may
     still begin a stop string (held back until it is known not to). When it ends, finish_reason is
     "stop" (EOS or a stop string; stop_reason is then the stop string, or the EOS id), "length"
-    (max_new_tokens) or "cancelled"; .text is then the whole completion, cut before any stop.
+    (max_new_tokens), "cancelled", or "error" (the grammar engine gave up on it; stop_reason says why); .text is then the whole completion, cut before any stop.
     token_ids (and logprobs, aligned with them) include the EOS token or the tokens of a stop.
     """
 
@@ -148,6 +149,7 @@ class Completion:
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
         self._grammar: GrammarState | None = None
         self._mask: torch.Tensor | None = None  # the grammar's allowed tokens, as a (1, W) bitmask
+        self.grammar_error: str | None = None  # why the grammar engine gave up on this row (finish "error")
 
     @property
     def finished(self) -> bool:
@@ -170,6 +172,8 @@ class Completion:
         """Take the next generated token; return the text it makes safe to show."""
         if self.finished:
             return ""
+        if self.grammar_error is not None:  # the grammar engine gave up on this row: it ends alone
+            return self._end("error", self._decoder.flush(), self.grammar_error)
         self.token_ids.append(token_id)
         if self._seen is not None:
             self._seen[token_id] = True
@@ -179,7 +183,10 @@ class Completion:
             return self._end("stop", self._decoder.flush(), token_id)
         piece = self._decoder.push(token_id)
         if self._grammar is not None:
-            self._grammar.accept(token_id)
+            try:
+                self._grammar.accept(token_id)
+            except UserError as e:
+                return self._end("error", piece + self._decoder.flush(), str(e))
             if self._grammar.finished:  # the output is complete: nothing may follow
                 return self._end("stop", piece + self._decoder.flush())
         if len(self.token_ids) >= self.sampling.max_new_tokens:
@@ -194,7 +201,8 @@ class Completion:
     @property
     def _stops(self) -> list[str]:
         """The stop strings in force: none before min_tokens."""
-        return self.sampling.stop if len(self.token_ids) >= self.sampling.min_tokens else []
+        cfg = self.sampling
+        return cfg.stop + cfg.template_stop if len(self.token_ids) >= cfg.min_tokens else []
 
     def _release(self, piece: str, final: bool = False) -> str:
         text = self._held + piece
@@ -246,7 +254,11 @@ class Completion:
         if self._bias is not None:
             logits = logits.float().index_add(1, self._bias[0], self._bias[1][None].float())
         if self._grammar is not None:
-            self._grammar.fill_mask(self._mask, 0)
+            try:
+                self._grammar.fill_mask(self._mask, 0)
+            except UserError as e:  # e.g. a grammar too complex for the lexer: end this row, not the batch
+                self.grammar_error = str(e)
+                return torch.tensor([self.eos_id], device=logits.device)
             logits = apply_bitmask(logits, self._mask)
             if cfg.max_new_tokens - len(self.token_ids) <= closing_window(cfg.max_new_tokens):
                 logits = self._grammar.closing(logits)  # finish a parseable output within the budget

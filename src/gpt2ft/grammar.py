@@ -115,9 +115,25 @@ class GrammarState:
         self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
         self._check()
 
-    def closing(self, logits: torch.Tensor) -> torch.Tensor:
-        """prefer_closing with this row's tokenizer (near the end of the row's token budget)."""
-        return prefer_closing(logits, closing_tiers(self.tokenizer, self.vocab_size))
+    def closing(self, logits: torch.Tensor, lookahead: int = 64) -> torch.Tensor:
+        """Near the end of the row's token budget: the allowed closing tokens (see CLOSING_TIERS) that
+        complete the output at once, if any (tried on the matcher and rolled back); else
+        prefer_closing's tiers."""
+        tiers = closing_tiers(self.tokenizer, self.vocab_size)
+        allowed = torch.isfinite(logits[0]) & tiers.to(logits.device).any(0)
+        candidates = allowed.nonzero().flatten()
+        candidates = candidates[logits[0, candidates].argsort(descending=True)][:lookahead].tolist()
+        finishing = []
+        for t in candidates:
+            if self.matcher.try_consume_tokens([t]) == 1:
+                if self.matcher.is_accepting():
+                    finishing.append(t)
+                self.matcher.rollback(1)
+        if finishing:
+            keep = torch.zeros_like(allowed)
+            keep[finishing] = True
+            return logits.masked_fill(~keep, float("-inf"))
+        return prefer_closing(logits, tiers)
 
     def accept(self, token_id: int) -> None:
         self.matcher.consume_token(token_id)

@@ -122,7 +122,7 @@ class InstructionTuning(MaskedLM):
         if not self.val_records:
             return {}
         sampling = SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=0.0,
-                                  stop=list(self.template.stop))
+                                  template_stop=list(self.template.stop))
         _, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
         return {k: v for k, v in summary.items() if k in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL",
                                                           "keyword_rate", "length_ratio")}

@@ -12,8 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from .argtypes import Range
 from .errors import UserError
 
-MAX_STOP_STRINGS = 16  # the user's; a model template's own stop strings come on top
-MAX_STOP_TOTAL = MAX_STOP_STRINGS + 8
+MAX_STOP_STRINGS = 16  # the user's (`stop`); a model template's own are `template_stop`
 MAX_BIAS = 100.0
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
 GRAMMAR_KINDS = ("json_schema", "json", "regex", "choice", "lark", "gbnf")
@@ -92,6 +91,8 @@ class SamplingConfig:
     stop: list[str] = option(default_factory=list, flag="--stop", api="stop",
                              help=f"strings that end the generation, which stops before them "
                                   f"(at most {MAX_STOP_STRINGS})")
+    template_stop: list[str] = option(default_factory=list,
+                                      help="the model template's own stop strings (each surface adds its template's)")
     seed: int | None = option(None, range=Range(int, 0, 2**64 - 1), flag="--seed", command="seed", api="seed",
                               none="random", help="sampling seed (none: a fresh random seed); each completion "
                                                   "has its own generator")
@@ -212,8 +213,8 @@ def check(name: str, value):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value) \
-                or len(value) > MAX_STOP_TOTAL:
-            raise UserError(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, not {value!r}")
+                or len(value) > MAX_STOP_STRINGS:
+            raise UserError(f"{name} must be a string or a list of at most {MAX_STOP_STRINGS} strings, not {value!r}")
         return [s for s in value if s]
     if opt.kind is dict:
         return _check_logit_bias(value)

@@ -98,12 +98,12 @@ def grammar_spec(args):
     return None
 
 
-def sampling_config(args, extra_stop: list[str] | None = None):
-    """The SamplingConfig of a verb's sampling flags (add_sampling), plus e.g. a template's stop strings."""
+def sampling_config(args, template_stop: list[str] | None = None):
+    """The SamplingConfig of a verb's sampling flags (add_sampling), and the model template's stop strings."""
     from ..sampling import OPTIONS, SamplingConfig
 
     values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
-    values["stop"] = list(values.get("stop") or []) + list(extra_stop or [])
+    values["stop"], values["template_stop"] = list(values.get("stop") or []), list(template_stop or [])
     values["logit_bias"] = {k: v for entry in values.get("logit_bias") or [] for k, v in entry.items()}
     values["grammar"] = grammar_spec(args)
     return SamplingConfig(**values)

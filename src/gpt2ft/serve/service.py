@@ -11,7 +11,7 @@ from fastapi import Request
 
 from ..errors import UserError
 from ..generation import SamplingConfig, fits_context
-from ..sampling import MAX_STOP_STRINGS, OPTIONS
+from ..sampling import OPTIONS
 from .config import ServeConfig, ServedModel
 from .responses import APIError, Reply, sse, unavailable
 from .scheduler import Busy, Done, Failed, Inbox, Job, Scheduler
@@ -79,13 +79,6 @@ class Service:
         if limit is not None and limit > cap:
             raise APIError(400, f"max_tokens is {limit} but this server allows at most {cap} "
                            "(gpt2ft serve --max-tokens)", "max_tokens")
-        if len(options["stop"]) > MAX_STOP_STRINGS:  # the template's own stop strings come on top
-            raise APIError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, not "
-                           f"{len(options['stop'])} strings", "stop")
-        vocab = served.model.config.vocab_size
-        if bad := [t for t in options["logit_bias"] if t >= vocab]:
-            raise APIError(400, f"logit_bias: {bad[0]} is not a token id of this model (0 to {vocab - 1})",
-                           "logit_bias")
         if req.candidates > req.n and options["logprobs"] is None:
             options["logprobs"] = 0  # best_of ranks by them
         context = served.model.config.block_size
@@ -99,12 +92,8 @@ class Service:
                                "this reply may have (max_tokens, or what the context leaves)", "min_tokens")
             for i in range(req.candidates):
                 seed = None if options["seed"] is None else (options["seed"] + i) % SEEDS  # n choices differ
-                try:
-                    configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
-                                                     "stop": options["stop"] + stops, "grammar": grammar}))
-                except UserError as e:  # the request's fields were checked; the template's stops were not
-                    raise APIError(400, f"stop: with the {len(stops)} stop strings of this model's template "
-                                   f"({e})", "stop") from None
+                configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
+                                                 "template_stop": stops, "grammar": grammar}))
         return configs
 
     def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str,
@@ -126,7 +115,8 @@ class Service:
             context = served.model.config.block_size
             too_long = any(not fits_context(ids, cfg.max_new_tokens, context) for ids, cfg in specs)
             message = str(e).replace("max_new_tokens", OPTIONS["max_new_tokens"].api)
-            raise APIError(400, message, param, "context_length_exceeded" if too_long else None) from None
+            field = "logit_bias" if message.startswith("logit_bias") else param  # else: the prompt's
+            raise APIError(400, message, field, "context_length_exceeded" if too_long else None) from None
 
     async def respond(self, req, request: Request, served: ServedModel, jobs: list[Job], inbox: Inbox, fmt):
         """The whole response, or its stream of chunks."""
