@@ -78,3 +78,59 @@ def test_compare_uses_the_same_settings_and_seed_for_both(hf_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["Once upon", "The king"]
     assert all(r["a"] == r["b"] and r["a"] for r in rows)  # same model, same seed: same text
     assert (tmp_path / "c.md").read_text().startswith("| prompt | A: ")
+
+
+# ----- an explicit empty prompt is unconditional generation (from <|endoftext|>, as transformers does) -----
+def _unconditional(hf_model, n: int) -> list[int]:
+    """The oracle: transformers' greedy generate() without input ids (it starts from bos = <|endoftext|>)."""
+    ids = hf_model.generate(do_sample=False, max_new_tokens=n, min_new_tokens=n, bos_token_id=50256,
+                            pad_token_id=50256)[0, 1:].tolist()
+    assert 50256 not in ids  # so that stopping at EOS cannot make ours differ
+    return ids
+
+
+def test_empty_prompt_on_generate_and_compare_is_unconditional(hf_dir, hf_model, tmp_path):
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    ids = _unconditional(hf_model, 6)
+    expected = tok.decode(ids)
+    greedy = ["--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
+    assert run_cli("generate", hf_dir, "--prompt", "", *greedy, check=True).stdout == expected + "\n"
+    assert run_cli("generate", hf_dir, "--prompt", "", "--raw", *greedy, check=True).stdout == expected + "\n"
+    run_cli("compare", hf_dir, hf_dir, "--prompt", "", "--prompt", "Hello", *greedy, "--out-json",
+            tmp_path / "c.json", check=True)
+    rows = __import__("json").loads((tmp_path / "c.json").read_text())["rows"]
+    assert rows[0] == {"prompt": "", "a": expected, "b": expected} and rows[1]["a"] != expected
+    top = run_cli("generate", hf_dir, "--prompt", "", "--top-next", "1", check=True).stdout
+    assert top.split(None, 1)[1].strip() == repr(tok.decode(ids[:1]))  # the most likely token after EOS
+
+
+def test_empty_instruction_in_eval_records(hf_dir, hf_model, tmp_path):
+    """With a bare "{instruction}" template an empty instruction is unconditional; with alpaca it is the
+    template's frame around nothing."""
+    import json
+
+    from gpt2ft.templates import TEMPLATES
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "", "output": "a reply"}) + "\n")
+    (tmp_path / "bare.json").write_text(json.dumps({"prompt": "{instruction}"}))
+    for template, out in ((tmp_path / "bare.json", "bare"), ("alpaca", "alpaca")):
+        run_cli("eval", hf_dir, "--data", tmp_path / "d.jsonl", "--template", template, "--max-new-tokens", "6",
+                "--out", tmp_path / out, check=True)
+    bare = json.loads((tmp_path / "bare" / "responses.jsonl").read_text())
+    assert bare["prompt"] == "" and bare["output"] == gpt2_tokenizer().decode(_unconditional(hf_model, 6))
+    framed = json.loads((tmp_path / "alpaca" / "responses.jsonl").read_text())
+    assert framed["prompt"] == TEMPLATES["alpaca"].prompt([{"role": "user", "content": ""}])
+    sft = run_cli("sft", hf_dir, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "run", "--max-steps", "1")
+    assert_clean_error(sft, "empty instruction")  # training still refuses it: there is nothing to answer
+
+
+def test_empty_standard_input_is_an_error_naming_the_unconditional_flag(hf_dir):
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "-", input=""), '--prompt ""')
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "-", input="\n  \n"), '--prompt ""')
+    proc = run_cli("generate", hf_dir, "--prompt", "-", "--max-new-tokens", "3", "--temperature", "0",
+                   input="Hello", check=True)
+    assert proc.stdout == run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "3",
+                                  "--temperature", "0", check=True).stdout

@@ -104,7 +104,7 @@ def test_prepare_refuses_folders_it_did_not_make(world, out):
 def test_outputs_never_overwrite_their_own_input(world, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "hi", "output": "the king"}) + "\n")
-    refused(tmp_path, "data", "convert", data, "--out", data, needles=("would overwrite the input",))
+    refused(tmp_path, "data", "convert", data, "--out", data, needles=("the input",))
     refused(tmp_path, "data", "convert", data, "--out", tmp_path, needles=("is a folder",))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the king\n")
@@ -223,8 +223,6 @@ def test_yaml_values_of_the_right_type_work(world, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["generate", "run", "--prompt", ""], "prompt"),
-    (["generate", "run", "--prompt", "   "], "prompt"),
     (["generate", "run", "--prompt", "the", "--top-next", "-1"], "--top-next"),
     (["generate", "run", "--prompt", "the", "--top-next", "1000"], "--top-next"),
     (["generate", "run", "--prompt", "the", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -315,7 +313,20 @@ def test_plot_rows_missing_a_field_are_left_out_and_user_plots_kept(tmp_path):
     proc = run_cli("plot", tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
-    refused(tmp_path, "plot", tmp_path, needles=("loss.png",))  # not a gpt2ft folder: its loss.png is kept
+    refused(tmp_path, "plot", tmp_path, needles=("loss.png", "--overwrite"))  # not a run's: only with --overwrite
+    assert run_cli("plot", tmp_path, "--overwrite").returncode == 0
+    (tmp_path / "loss.svg").write_text("<svg>mine</svg>")
+    for extra in ([], ["--overwrite"]):  # a plot of the user's is never replaced
+        refused(tmp_path, "plot", tmp_path, "--format", "svg", *extra, needles=("loss.svg",))
+
+
+def test_plot_replaces_a_training_runs_own_plot(world, tmp_path):
+    import shutil
+
+    shutil.copytree(world / "run", tmp_path / "run", symlinks=True)
+    for _ in range(2):
+        assert run_cli("plot", tmp_path / "run").returncode == 0
+    assert (tmp_path / "run" / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_model_whose_tokenizer_is_smaller_than_its_vocabulary(world, tmp_path, hf_model):
@@ -402,16 +413,158 @@ def test_chat_transcript_never_appends_to_a_model_or_a_user_file(world, tmp_path
     assert len(log.read_text().splitlines()) >= 2
 
 
+def _interrupt_prepare(monkeypatch, where: str):
+    """Make `prepare` raise KeyboardInterrupt (what Ctrl-C raises) at a known point."""
+    import tqdm
+
+    import gpt2ft.data.text as text
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "before the temp files are opened":
+        monkeypatch.setattr(tqdm, "tqdm", interrupt)
+    elif where == "while tokenizing":  # at the second file, the first one's tokens written
+        real, calls = text.iter_documents, []
+
+        def documents(*args, **kwargs):
+            calls.append(1)
+            if len(calls) % 2 == 0:
+                raise KeyboardInterrupt
+            yield from real(*args, **kwargs)
+        monkeypatch.setattr(text, "iter_documents", documents)
+    elif where == "between moving train.bin and val.bin in":
+        real_replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda a, b: interrupt() if str(b).endswith("val.bin")
+                            else real_replace(a, b))
+    else:  # "writing meta.json"
+        monkeypatch.setattr(text, "atomic_write_text", interrupt)
+
+
+@pytest.mark.parametrize("where", ["before the temp files are opened", "while tokenizing",
+                                   "between moving train.bin and val.bin in", "writing meta.json"])
+def test_ctrl_c_at_any_point_of_prepare_leaves_nothing(world, tmp_path, monkeypatch, where):
+    """Deterministic: the interrupt comes at a chosen point, in-process, through the verb's own run()."""
+    from gpt2ft.cli import parse
+
+    (tmp_path / "two.txt").write_text("the king said\n\n" * 40)
+    args = ["prepare", tmp_path / "two.txt", world / "text.txt", "--tokenizer", world / "tok", "--val-fraction", "0.2"]
+    earlier = tmp_path / "earlier"
+    assert run_cli(*args, "--out", earlier).returncode == 0
+    _interrupt_prepare(monkeypatch, where)
+    for out in (tmp_path / "new", earlier):
+        with pytest.raises(KeyboardInterrupt):
+            parsed = parse(list(map(str, [*args, "--out", out])))
+            parsed._run(parsed)
+        if out == earlier:  # the earlier data is kept whole, or gone with its meta.json; never half of each
+            names = {p.name for p in out.iterdir()}
+            assert names in ({".gpt2ft-output.json"}, {".gpt2ft-output.json", "meta.json", "train.bin", "val.bin"})
+            if "meta.json" in names:
+                meta = json.loads((out / "meta.json").read_text())
+                assert (out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+        else:
+            assert not out.exists(), sorted(p.name for p in out.iterdir())  # the folder it made is gone
+
+
 def test_ctrl_c_during_prepare_leaves_nothing(world, tmp_path):
-    (tmp_path / "big.txt").write_text("\n".join(" ".join(np.random.default_rng(4).choice(WORDS, 2_000_000))
-                                                 for _ in range(3)))
+    """The real signal, in a subprocess, sent once prepare says it is tokenizing (its temp files exist)."""
+    rng = np.random.default_rng(4)
+    (tmp_path / "big.txt").write_text("\n".join(" ".join(rng.choice(WORDS, 1_000_000)) for _ in range(2)))
     args = [sys.executable, "-m", "gpt2ft.cli", "prepare", tmp_path / "big.txt", "--tokenizer", world / "tok",
             "--out", tmp_path / "d"]
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not list((tmp_path / "d").glob(".tmp-*")) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    while not seen or "prepare: tokenizing" not in seen[-1]:
+        line = proc.stderr.readline()
+        assert line, f"prepare ended before tokenizing: {seen}"
+        seen.append(line)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted" in err
     assert not (tmp_path / "d").exists()  # the folder it made is gone with its temp files
+
+
+# ----- one guarded writer for every file a verb writes (issue 15) ---------------------------------------
+def _writers(hf_dir, data, out, model=None):
+    """Every verb that writes a loose file, reading `data` (records, or prompts for compare) and writing
+    `out`, with the cheapest settings."""
+    model = model or hf_dir
+    fast = ["--max-new-tokens", "2", "--device", "cpu"]
+    return {
+        "data convert": ["data", "convert", data, "--out", out],
+        "data pairs": ["data", "pairs", model, "--data", data, "--out", out, *fast],
+        "compare --out-md": ["compare", model, model, "--prompts", data, "--out-md", out, *fast],
+        "compare --out-json": ["compare", model, model, "--prompts", data, "--out-json", out, *fast],
+    }
+
+
+@pytest.mark.parametrize("verb", list(_writers("m", "d", "o")))
+def test_loose_outputs_go_through_the_guarded_writer(hf_dir, tmp_path, verb):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Name a king.", "output": "Lear"}) + "\n")
+    user = tmp_path / "notes.md"
+    user.write_text("a week of notes")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    mine = lambda out, model=None: _writers(hf_dir, data, out, model)[verb]
+    for extra in ([], ["--overwrite"]):  # a file gpt2ft did not write: never replaced; checked before the model
+        refused(tmp_path, *mine(user, tmp_path / "missing-model"), *extra, needles=("notes.md", "did not write"))
+    refused(tmp_path, *mine(data), "--overwrite", needles=("d.jsonl", "an input is never overwritten"))
+    refused(tmp_path, *mine(user / "o.jsonl"), needles=("is a file, not a folder",))
+    refused(tmp_path, *mine(tmp_path / "model" / "o.jsonl"), needles=("model or run folder",))
+    refused(tmp_path, *mine(tmp_path), needles=("is a folder",))
+    out = tmp_path / "out" / "o.jsonl"
+    proc = run_cli(*mine(out))
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
+    refused(tmp_path, *mine(out), needles=("written by gpt2ft earlier", "--overwrite"))
+    proc = run_cli(*mine(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == [".gpt2ft-files.json", "o.jsonl"]  # no temp file
+
+
+@pytest.mark.parametrize("args,files", [
+    (["export", "run"], ["config.json"]),
+    (["tokenizer", "train", "text.txt", "--kind", "word"], ["word_vocab.json"]),
+    (["prepare", "text.txt", "--tokenizer", "tok"], ["meta.json"]),
+    (["eval", "run", "--data", "text.txt"], ["summary.json"]),
+])
+def test_output_folders_never_replace_a_users_file_nor_hold_an_input(world, tmp_path, args, files):
+    import shutil
+
+    shutil.copytree(world, tmp_path / "w", symlinks=True, ignore=shutil.ignore_patterns("user"))
+    w = tmp_path / "w"
+    (w / "mine").mkdir()
+    for name in files:
+        (w / "mine" / name).write_text("mine")
+    refused(w, *args, "--out", "mine", "--overwrite", cwd=w, needles=(files[0], "never replaces"))
+    refused(w, *args, "--out", ".", "--overwrite", cwd=w, needles=("holds",))  # the folder of the inputs
+    refused(w, *args, "--out", "run/best/out", cwd=w, needles=("model or run folder",))
+
+
+def test_folders_are_checked_before_the_model_loads(world, tmp_path):
+    for args in (["export", "missing-model"], ["eval", "missing-model", "--data", world / "text.txt"]):
+        refused(world, *args, "--out", world / "user", needles=(str(world / "user"),))
+        refused(world, *args, "--out", world / "run" / "x", needles=("model or run folder",))
+
+
+def test_data_files_read_whole_have_a_size_limit(world, tmp_path):
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(257 * 2**20)  # sparse: instant, and never read
+    needles = ("big.jsonl", "over the limit of 256 MB")
+    refused(tmp_path, "data", "convert", big, "--out", tmp_path / "o.jsonl", needles=needles)
+    refused(tmp_path, "data", "pairs", world / "run", "--data", big, "--out", tmp_path / "o.jsonl", needles=needles)
+    refused(tmp_path, "eval", world / "run", "--data", big, needles=needles)
+    big.rename(tmp_path / "big.txt")
+    refused(tmp_path, "eval", world / "run", "--data", tmp_path / "big.txt", needles=("big.txt", "256 MB"))
+
+
+def test_a_folder_or_binary_file_as_data_is_one_line(world, tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "bin.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    refused(tmp_path, "data", "convert", tmp_path / "folder.jsonl", "--out", tmp_path / "o.jsonl",
+            needles=("folder.jsonl",))
+    refused(tmp_path, "data", "convert", tmp_path / "bin.json", "--out", tmp_path / "o.jsonl", needles=("bin.json",))
+    refused(tmp_path, "eval", world / "run", "--data", tmp_path / "bin.json", needles=("bin.json",))

@@ -20,12 +20,12 @@ import torch
 
 from .config import GPTConfig
 from .errors import UserError
-from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_text, claim_output_dir, file_digest,
-                     fsync_dir, load_safetensors, read_json, same_path)
+from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_text, check_output_dir, file_digest,
+                     fsync_dir, load_safetensors, output_dir, read_json, same_path)
 from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, load_adapter_state, peft_config
 from .model import GPT
 from .templates import as_template
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
 META_FILE = "gpt2ft.json"
@@ -37,6 +37,7 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
              ADAPTER_CONFIG, META_FILE]
+EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES)
 
 
 # ----- reading weights ------------------------------------------------------------------------
@@ -397,23 +398,29 @@ def export(ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool =
     """Write a plain HF folder (config, safetensors, tokenizer) that transformers loads as is.
 
     Only export's own files are written into `out` (each atomically); nothing else there is touched,
-    and `out` may not be the model being exported or lie inside it."""
+    no file of the same name that gpt2ft did not write is replaced, and `out` may not be the model
+    being exported or lie inside it. `out` is checked before the model loads."""
     from .runtime import DTYPES
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
-    loaded = load(ref, device="cpu", dtype="float32", verify=verify)
-    model, tokenizer = loaded
-    local = Path(ref).expanduser()
-    for src in {loaded.source, local} if local.exists() else {loaded.source}:
+    def refuse_source(src: Path) -> None:
         if same_path(src, out):
             raise UserError(f"--out {out} is the model being exported (or inside it); choose another folder")
+
+    claim = dict(overwrite=overwrite, files=EXPORT_FILES, inputs={"MODEL": ref})
+    check_output_dir(out, "gpt2ft export", **claim)  # before the model loads
+    if Path(ref).expanduser().exists():
+        refuse_source(Path(ref).expanduser())
+    loaded = load(ref, device="cpu", dtype="float32", verify=verify)
+    model, tokenizer = loaded
+    refuse_source(loaded.source)
     if model.lora_config is not None:
         if not merge_lora:
             raise UserError(f"{ref} has a LoRA adapter: pass --merge-lora to export merged weights")
         from .lora import merge_lora as merge
 
         merge(model)
-    out = claim_output_dir(out, "gpt2ft export", overwrite=overwrite)
-    write_model_files(out, model, tokenizer, meta=None, dtype=DTYPES[dtype])
-    return out
+    with output_dir(out, "gpt2ft export", **claim) as folder:
+        write_model_files(folder, model, tokenizer, meta=None, dtype=DTYPES[dtype])
+    return folder

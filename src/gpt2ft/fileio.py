@@ -18,11 +18,15 @@ from .errors import UserError
 MAX_SAFETENSORS_HEADER = 100 * 2**20
 OUTPUT_MARKER = ".gpt2ft-output.json"  # {"made_by": "gpt2ft VERB"}: what made a folder
 WRITTEN_LEDGER = ".gpt2ft-files.json"  # {file name: sha256}: the loose files gpt2ft wrote in a folder
-# a folder holding any of these is a model, adapter or run folder: no user file is ever written into it
+# a folder holding any of these is a model, adapter or run folder: no user file is ever written into it (a run
+# folder is known by its marker; its `.lock` is not a sign, as other tools, pytest among them, use that name too)
 MODEL_FILES = ("gpt2ft.json", "COMPLETE", "model.safetensors", "pytorch_model.bin", "adapter_model.safetensors",
                "adapter_config.json", "model.safetensors.index.json")
 TRAINING_VERBS = ("gpt2ft pretrain", "gpt2ft finetune", "gpt2ft sft", "gpt2ft dpo", "gpt2ft export")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: the mode new files get (0644 under the usual umask)
 MAX_USER_FILE = 50 * 2**20  # the most bytes a conversation or other small user file may have
+MAX_DATA_FILE = 256 * 2**20  # the most bytes of an instruction or preference data file (parsed whole)
 
 
 # ----- atomic writes ----------------------------------------------------------------------------
@@ -45,6 +49,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private to its writer
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -107,34 +112,44 @@ def _written_by_us(path: Path) -> bool:
         return False
 
 
-def check_writable(path: str | Path, *, overwrite: bool = False, inputs=(), what: str = "output",
-                   overwrite_hint: str = "pass --overwrite to replace it") -> Path:
-    """Check, before any work, that a loose file may be written at `path`; the path, or a UserError.
-
-    Refused: a parent that is a file; a folder at `path`; `path` inside a model or run folder; `path`
-    equal to or inside one of `inputs`; an existing file gpt2ft did not write (never replaced, even with
-    `overwrite`); an existing file gpt2ft wrote, unless `overwrite`.
-    """
-    path = Path(path).expanduser()
+def _check_parents(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write {what} {path}: {parent} is a file, not a folder")
-            break
+            return
+
+
+def check_writable(path: str | Path, *, overwrite: bool = False, inputs=(), what: str = "output",
+                   overwrite_hint: str = "pass --overwrite to replace it") -> Path:
+    """Check, before any work, that a loose file may be written at `path`; the path, or a UserError.
+
+    Refused: a parent that is a file; a folder at `path`; one of gpt2ft's own record files; `path`
+    inside a model or run folder; `path` equal to, holding or inside one of the `inputs` that exist
+    (paths, or {flag: path} to name them); an existing
+    file gpt2ft did not write (never replaced, even with `overwrite`); an existing file gpt2ft wrote,
+    unless `overwrite`.
+    """
+    path = Path(path).expanduser()
+    _check_parents(path, what)
     if path.is_dir():
         raise UserError(f"cannot write {what} {path}: it is a folder; name a file")
-    for source in inputs:
-        if source is not None and same_path(path, source):
-            raise UserError(f"cannot write {what} {path}: it is (or is inside) the input {source}; "
-                            "choose another name")
+    if path.name in (WRITTEN_LEDGER, OUTPUT_MARKER) or path.name.startswith(".tmp-"):
+        raise UserError(f"cannot write {what} {path}: gpt2ft uses that name for its own records; choose another")
+    named = inputs.items() if isinstance(inputs, dict) else [("the input", source) for source in inputs]
+    for name, source in _existing(named):
+        if same_path(path, source):
+            raise UserError(f"cannot write {what} {path}: it is (or is inside) {name} {source}; "
+                            "choose another name (an input is never overwritten)")
     if folder := model_folder_of(path.parent):
         raise UserError(f"cannot write {what} {path}: {folder} is a model or run folder; write outside it")
     if path.exists() or path.is_symlink():
-        if not path.is_file() or not _written_by_us(path):
-            raise UserError(f"{path} already exists and gpt2ft did not write it: choose another name "
+        if path.is_symlink() or not path.is_file() or not _written_by_us(path):
+            raise UserError(f"{what} {path} already exists and gpt2ft did not write it: choose another name "
                             "(it is never replaced)")
         if not overwrite:
-            raise UserError(f"{path} already exists (written by gpt2ft earlier): choose another name, "
+            raise UserError(f"{what} {path} already exists (written by gpt2ft earlier): choose another name, "
                             f"or {overwrite_hint}")
     return path
 
@@ -165,25 +180,45 @@ def record_written(path: Path) -> None:
 def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | None], flag: str = "--out") -> None:
     """`--overwrite` never clears a folder that is, holds or lies inside an input of the run (MODEL,
     --reference, --data, --lora, a draft model): a one-line refusal naming both."""
-    for name, source in inputs.items():
-        if source is None or not isinstance(source, (str, Path)) or not Path(source).exists():
-            continue
-        if same_path(out, source):
+    for name, source in _existing(inputs.items()):
+        if same_path(Path(out).expanduser(), source):
             raise UserError(f"{flag} {out} is, holds or lies inside {name} {source}: choose another {flag} "
                             "(an input is never overwritten)")
 
 
+def _existing(inputs) -> list[tuple[str, Path]]:
+    """The (name, path) inputs that are paths on disk (not Hub ids, hf: datasets or None)."""
+    paths = [(name, Path(p).expanduser()) for name, p in inputs if isinstance(p, (str, Path))]
+    return [(name, p) for name, p in paths if p.exists()]
+
+
 # ----- reading ------------------------------------------------------------------------------------
-def read_user_text(path: str | Path, what: str = "file", limit: int = MAX_USER_FILE) -> str:
-    """A small user file's text: refused with one line when missing, a folder, over `limit` bytes
-    (with the limit named), binary or not UTF-8."""
+def check_size(path: str | Path, what: str, limit: int, hint: str = "") -> int:
+    """The size of a user file that is read whole; refused, naming the limit, when it is over `limit`
+    bytes (so it is not parsed for minutes), missing or a folder."""
     path = Path(path).expanduser()
     try:
         size = path.stat().st_size
-        if path.is_dir():
-            raise UserError(f"{path}: is a folder, not a {what}")
-        if size > limit:
-            raise UserError(f"{path}: {size / 2**20:.1f} MB is over the {limit / 2**20:.0f} MB limit for a {what}")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a {what}")
+    if size > limit:
+        raise UserError(f"{path}: {_amount(size, '.1f')} is over the limit of {_amount(limit, 'g')} for a {what}"
+                        + (f"; {hint}" if hint else ""))
+    return size
+
+
+def _amount(n: int, style: str) -> str:
+    return f"{n / 2**20:{style}} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def read_user_text(path: str | Path, what: str = "file", limit: int = MAX_USER_FILE) -> str:
+    """A small user file's text: refused with one line when missing, a folder, over `limit` bytes
+    (with the limit named), unreadable, binary or not UTF-8."""
+    path = Path(path).expanduser()
+    check_size(path, what, limit)
+    try:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
@@ -258,21 +293,51 @@ def made_by(folder: Path) -> str | None:
         return None
 
 
-def claim_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
-    """Make `folder` an output folder of `verb` (e.g. "gpt2ft export").
+def check_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite",
+                     files: tuple[str, ...] = (), inputs: dict | None = None, out_flag: str = "--out") -> Path:
+    """Check, before any work and without creating anything, that `verb` may write its `files` into
+    `folder` (see claim_output_dir). Refused: a file, or a parent that is a file; a folder inside a model
+    or run folder (a folder the same verb made, e.g. an earlier export, is its own); a non-empty folder
+    gpt2ft did not make (or another verb made), unless `overwrite`, and even then one that holds a file
+    of the same name as one of `files` (never replaced); a folder where one of `files` is an input; with
+    `overwrite`, a folder that is, holds or lies inside one of `inputs` ({name: path})."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{out_flag} {folder} is a file, not a folder: choose another output folder")
+    _check_parents(folder, out_flag)
+    owner = made_by(folder) if folder.exists() else None
+    model = model_folder_of(folder)
+    if model is not None and not (model == folder.absolute() and owner == verb):
+        raise UserError(f"{out_flag} {folder}: {model} is a model or run folder; write outside it")
+    for label, source in _existing((inputs or {}).items()):
+        if any((folder / name).exists() and (folder / name).resolve() == source.resolve() for name in files):
+            raise UserError(f"{out_flag} {folder} holds {label} {source}, which `{verb}` would replace; "
+                            f"choose another {out_flag}")
+    if overwrite:
+        refuse_overwriting_inputs(folder, inputs or {}, out_flag)
+    if folder.exists() and any(folder.iterdir()) and owner != verb:
+        what = f"was made by `{owner}`" if owner else "is not empty and was not made by gpt2ft"
+        if not overwrite:
+            raise UserError(f"{folder} {what}; choose a new folder, or pass {flag} to write into it anyway "
+                            "(files of the same names are replaced, others are left alone)")
+        clashing = [name for name in files if (folder / name).exists() or (folder / name).is_symlink()]
+        if clashing and owner is None:
+            raise UserError(f"{folder} holds {', '.join(clashing)}, which `{verb}` would replace, and gpt2ft did "
+                            f"not make the folder: {flag} never replaces a file of yours; move them away or choose "
+                            "another folder")
+    return folder
+
+
+def claim_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite",
+                     files: tuple[str, ...] = (), inputs: dict | None = None) -> Path:
+    """Make `folder` an output folder of `verb` (e.g. "gpt2ft export"), after check_output_dir.
 
     An absent or empty folder is created and marked. A folder already made by the same verb is
     reused. A non-empty folder that gpt2ft did not make (or another verb made) is refused unless
     `overwrite`, which only allows writing beside what is there: nothing is ever deleted here.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is a file, not a folder: choose another output folder")
+    folder = check_output_dir(folder, verb, overwrite=overwrite, flag=flag, files=files, inputs=inputs)
     owner = made_by(folder) if folder.exists() else None
-    if folder.exists() and any(folder.iterdir()) and owner != verb and not overwrite:
-        what = f"was made by `{owner}`" if owner else "is not empty and was not made by gpt2ft"
-        raise UserError(f"{folder} {what}; choose a new folder, or pass {flag} to write into it anyway "
-                        "(files of the same names are replaced, others are left alone)")
     make_dir(folder)
     if owner != verb:
         atomic_write_json(folder / OUTPUT_MARKER, {"made_by": verb})
@@ -287,11 +352,12 @@ def make_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite"):
+def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite",
+               files: tuple[str, ...] = (), inputs: dict | None = None):
     """claim_output_dir for the length of a `with`: a folder it created is removed again if the body
     fails before writing anything besides the marker (a failed verb leaves nothing behind)."""
-    new = not Path(folder).exists()
-    path = claim_output_dir(folder, verb, overwrite=overwrite, flag=flag)
+    new = not Path(folder).expanduser().exists()
+    path = claim_output_dir(folder, verb, overwrite=overwrite, flag=flag, files=files, inputs=inputs)
     try:
         yield path
     except BaseException:

@@ -359,8 +359,9 @@ class Session:
 
 @torch.inference_mode()
 def predict_next_token(model: GPT, tokenizer: Tokenizer, text: str, k: int = 5) -> list[tuple[str, float]]:
-    """The k most likely next tokens after `text`, with their probabilities."""
-    ids = tokenizer.encode(text)
+    """The k most likely next tokens after `text` (after <|endoftext|> for an empty text), with their
+    probabilities."""
+    ids = tokenizer.encode(text) or [tokenizer.eos_id]
     check_context(len(ids), 1, model.config.block_size)
     x = torch.tensor([ids], device=model.lm_head.weight.device)
     probs = model(x, logits_at="last")[0].float().softmax(-1)

@@ -1,6 +1,7 @@
 """Plots of a run's metrics.jsonl: losses against steps and tokens seen, and evaluation scores."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -36,22 +37,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
-    """Write run_dir/loss.<fmt>: train/val loss against steps and tokens, plus scores if any."""
+def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",), overwrite: bool = False) -> list[Path]:
+    """Write run_dir/loss.<fmt>: train/val loss against steps and tokens, plus scores if any. In a
+    training run's folder the plot is the run's own (replaced by the next plot); anywhere else it goes
+    through the guarded writer: never over a file gpt2ft did not write, over its own only with
+    `overwrite`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_write, made_by
+    from .fileio import TRAINING_VERBS, atomic_write, check_writable, made_by, write_user_file
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    if made_by(run_dir) is None:  # a folder gpt2ft did not make: never replace a file of the user's
-        taken = [f"loss.{fmt}" for fmt in formats if (run_dir / f"loss.{fmt}").exists()]
-        if taken:
-            raise UserError(f"{run_dir} was not made by gpt2ft and already holds {', '.join(taken)}; "
-                            "move it away first")
+    targets = [run_dir / f"loss.{fmt}" for fmt in formats]
+    in_run = made_by(run_dir) in TRAINING_VERBS
+    if not in_run:
+        for target in targets:  # before drawing anything
+            check_writable(target, overwrite=overwrite, what="plot")
     train = [r for r in rows if "train_loss" in r]
     val = [r for r in rows if "val_loss" in r]
     scores = [k for k in SCORE_KEYS if any(k in r for r in rows)]
@@ -91,10 +95,12 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
         ax.set_title("implicit rewards")
         ax.grid(alpha=0.3)
         ax.legend()
-    written = []
-    for fmt in formats:
-        out = run_dir / f"loss.{fmt}"
-        atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=120))
-        written.append(out)
+    for fmt, target in zip(formats, targets):
+        if in_run:
+            atomic_write(target, lambda f: fig.savefig(f, format=fmt, dpi=120))
+        else:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=120)
+            write_user_file(target, buffer.getvalue(), overwrite=overwrite, what="plot")
     plt.close(fig)
-    return written
+    return targets

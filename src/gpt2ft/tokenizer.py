@@ -18,6 +18,7 @@ from .fileio import atomic_write_text
 EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 WORD_VOCAB_FILE = "word_vocab.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", WORD_VOCAB_FILE)  # what save() writes
 
 
 @lru_cache(maxsize=1)

@@ -15,13 +15,16 @@ from . import add_device, add_no_verify, add_sampling
 def add_args(p):
     p.add_argument("model_a", metavar="MODEL_A", help="first model (e.g. before fine-tuning)")
     p.add_argument("model_b", metavar="MODEL_B", help="second model (e.g. after)")
-    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line")
+    p.add_argument("--prompt", action="append", default=None,
+                   help='a prompt (repeatable); --prompt "" generates unconditionally (from <|endoftext|>) '
+                        "unless a template frames it")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (blank lines are skipped)")
     p.add_argument("--raw", action="store_true", help="no prompt templates")
     p.add_argument("--template", default=None,
                    help="format every prompt with this template for both models (default: each model's own)")
-    p.add_argument("--out-md", default=None, help="also write a Markdown table here")
-    p.add_argument("--out-json", default=None, help="also write JSON here")
+    p.add_argument("--out-md", default=None, help="also write a Markdown table here (a new file, never one of yours)")
+    p.add_argument("--out-json", default=None, help="also write JSON here (a new file, never one of yours)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out-md/--out-json files gpt2ft wrote earlier")
     add_no_verify(p)
     add_device(p)
     add_sampling(p, temperature=0.0, max_new_tokens=50)
@@ -30,25 +33,13 @@ def add_args(p):
 
 def run(args):
     from ..checkpoint import load
+    from ..fileio import write_user_file
     from ..generation import generate_batch
-    from . import sampling_config
     from ..templates import get_template, prompt_for_generation
+    from . import sampling_config
 
-    from ..data.text import read_lines
-    from ..fileio import atomic_write_text
-
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        if not Path(args.prompts).is_file():
-            raise UserError(f"--prompts {args.prompts}: no such file")
-        prompts += [line.strip("\n") for _, line in read_lines(Path(args.prompts)) if line.strip()]
-    if any(not p.strip() for p in prompts):
-        raise UserError("--prompt is empty: give the text to continue")
-    if not prompts:
-        raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
-    for flag, target in (("--out-md", args.out_md), ("--out-json", args.out_json)):
-        if target:
-            _check_output_file(flag, Path(target), [args.prompts, args.model_a, args.model_b])
+    prompts = read_prompts(args)
+    outputs = check_outputs(args)  # before any model loads
     columns = {}
     forced = {"template": get_template(args.template)} if args.template else None
     for ref in (args.model_a, args.model_b):
@@ -60,26 +51,49 @@ def run(args):
         del model, loaded
     rows = [{"prompt": p, "a": columns[args.model_a][i], "b": columns[args.model_b][i]} for i, p in enumerate(prompts)]
     for row in rows:
-        print(f"=== prompt: {row['prompt']}")
+        print(f"=== prompt: {row['prompt'] or '(empty)'}")
         print(f"--- A ({args.model_a}):\n{row['a'].strip()}")
         print(f"--- B ({args.model_b}):\n{row['b'].strip()}\n")
-    if args.out_md:
-        cell = lambda s: s.strip().replace("|", "\\|").replace("\n", "<br>")
-        lines = [f"| prompt | A: {args.model_a} | B: {args.model_b} |", "|---|---|---|"]
-        lines += [f"| {cell(r['prompt'])} | {cell(r['a'])} | {cell(r['b'])} |" for r in rows]
-        atomic_write_text(Path(args.out_md), "\n".join(lines) + "\n")
-    if args.out_json:
-        atomic_write_text(Path(args.out_json), json.dumps({"model_a": args.model_a, "model_b": args.model_b,
-                                                          "rows": rows}, indent=2))
+    texts = {"--out-md": markdown(args, rows),
+             "--out-json": json.dumps({"model_a": args.model_a, "model_b": args.model_b, "rows": rows}, indent=2)}
+    for flag, path in outputs.items():
+        write_user_file(path, texts[flag], overwrite=args.overwrite, inputs=_inputs(args), what=flag)
     return 0
 
 
-def _check_output_file(flag: str, target: Path, inputs: list[str | None]) -> None:
-    """An output file may replace an earlier output, never a folder, an input or a file in a model."""
-    from ..fileio import same_path
+def read_prompts(args) -> list[str]:
+    """--prompt values as given ("" is an empty prompt), then the non-blank lines of --prompts FILE."""
+    from ..data.text import read_lines
+    from ..fileio import MAX_USER_FILE, check_size
 
-    if target.is_dir():
-        raise UserError(f"{flag} {target} is a folder; give a file name")
-    for given in filter(None, inputs):
-        if Path(given).exists() and same_path(target, given):
-            raise UserError(f"{flag} {target} would write onto or into the input {given}; choose another file")
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not Path(args.prompts).is_file():
+            raise UserError(f"--prompts {args.prompts}: no such file")
+        check_size(args.prompts, "prompts file", MAX_USER_FILE)
+        prompts += [line.strip("\n") for _, line in read_lines(Path(args.prompts)) if line.strip()]
+    if not prompts:
+        raise UserError('give --prompt TEXT (repeatable) or --prompts FILE (--prompt "" for unconditional text)')
+    return prompts
+
+
+def _inputs(args) -> dict:
+    return {"--prompts": args.prompts, "MODEL_A": args.model_a, "MODEL_B": args.model_b}
+
+
+def check_outputs(args) -> dict[str, Path]:
+    """{flag: path} of the output files asked for, each checked by the guarded writer; they must differ."""
+    from ..fileio import check_writable
+
+    outputs = {flag: check_writable(path, overwrite=args.overwrite, inputs=_inputs(args), what=flag)
+               for flag, path in (("--out-md", args.out_md), ("--out-json", args.out_json)) if path}
+    if len(outputs) == 2 and Path(args.out_md).absolute() == Path(args.out_json).absolute():
+        raise UserError(f"--out-md and --out-json both name {args.out_md}: give two files")
+    return outputs
+
+
+def markdown(args, rows: list[dict]) -> str:
+    cell = lambda s: s.strip().replace("|", "\\|").replace("\n", "<br>")
+    lines = [f"| prompt | A: {args.model_a} | B: {args.model_b} |", "|---|---|---|"]
+    lines += [f"| {cell(r['prompt'])} | {cell(r['a'])} | {cell(r['b'])} |" for r in rows]
+    return "\n".join(lines) + "\n"

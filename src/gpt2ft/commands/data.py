@@ -19,7 +19,9 @@ from . import add_columns_args, add_device, add_sampling, load_model, parse_colu
 def add_args(p):
     p.add_argument("action", choices=["convert", "pairs"], help="what to do")
     p.add_argument("input", metavar="INPUT", help="data file (or hf:DATASET_ID); for pairs: the MODEL")
-    required(p.add_argument("--out", help="file to write (.jsonl, or .json for an Alpaca array)"))
+    required(p.add_argument("--out", help="file to write (.jsonl, or .json for an Alpaca array); never an existing "
+                                         "file gpt2ft did not write"))
+    p.add_argument("--overwrite", action="store_true", help="replace an --out file that gpt2ft wrote earlier")
     p.add_argument("--to", default="alpaca", choices=["alpaca", "messages", "instruction-response"],
                    help="output format")
     p.add_argument("--from", dest="source", default="auto",
@@ -36,8 +38,11 @@ def add_args(p):
 
 
 def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
+    from ..data.instructions import DATA_LIMIT_HINT
     from ..data.text import read_lines
+    from ..fileio import MAX_DATA_FILE, check_size
 
+    check_size(path, "data file", MAX_DATA_FILE, DATA_LIMIT_HINT)
     rows = []
     for n, line in read_lines(path):
         line = line.rstrip("\n")
@@ -55,16 +60,12 @@ def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
 
 def run(args):
     from ..data.instructions import load_records, normalize, record_to_row
-    from ..fileio import atomic_write_text, same_path
+    from ..fileio import check_writable, write_user_file
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name (.jsonl, or .json for an Alpaca array)")
-    for given in (args.input, getattr(args, "data", None)):
-        if given and Path(given).exists() and same_path(out, given):
-            raise UserError(f"--out {out} would overwrite the input {given}; choose another file")
+    inputs = {"the input": args.input, "--data": args.data}
+    out = check_writable(args.out, overwrite=args.overwrite, inputs=inputs, what="--out")  # before any work
     if args.action == "pairs":
-        return run_pairs(args)
+        return run_pairs(args, inputs)
     if args.source == "lines":
         records = [normalize(row, "alpaca", f"{args.input}:{i}")
                    for i, row in enumerate(lines_to_rows(Path(args.input), args.instruction))]
@@ -72,17 +73,18 @@ def run(args):
         records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
     rows = [record_to_row(r, args.to) for r in records]
     if out.suffix == ".json":
-        atomic_write_text(out, json.dumps(rows, indent=2, ensure_ascii=False))
+        text = json.dumps(rows, indent=2, ensure_ascii=False)
     else:
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_user_file(out, text, overwrite=args.overwrite, inputs=inputs, what="--out")
     print(f"wrote {len(rows)} records to {out}")
     return 0
 
 
-def run_pairs(args) -> int:
+def run_pairs(args, inputs: dict) -> int:
     """data pairs MODEL --data SFT_FILE --out PREFS (see objectives_pref.on_policy_pairs)."""
     from ..data.instructions import load_records
-    from ..fileio import atomic_write_text
+    from ..fileio import write_user_file
     from ..objectives_pref import on_policy_pairs
     from ..templates import pick_template
 
@@ -95,7 +97,8 @@ def run_pairs(args) -> int:
     template = pick_template(args.template, loaded.template, [r.messages for r in records])
     sampling = sampling_config(args, list(template.stop))
     rows, counts = on_policy_pairs(model, tokenizer, records, template, sampling, args.batch_size)
-    atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_user_file(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    overwrite=args.overwrite, inputs={**inputs, "MODEL": loaded.source}, what="--out")
     print(f"wrote {counts['pairs']} pairs to {args.out}; {counts['same_answer']} answers matched the record's "
           f"(or were empty) and {counts['too_long']} prompts left no room for {sampling.max_new_tokens} new tokens")
     return 0

@@ -26,7 +26,8 @@ def add_args(p):
     p.add_argument("--out", default=None, metavar="REPORT_DIR",
                    help="write responses.jsonl and summary.json here (a new or empty folder, or one eval made)")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out that eval did not make (same-named files are replaced)")
+                   help="write into a non-empty --out that eval did not make (never one holding a responses.jsonl, "
+                        "summary.json or pairs.jsonl of yours, nor one that is or holds the MODEL or --data)")
     p.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
     p.add_argument("--batch-size", type=ranged(int, 1), default=8, help="prompts generated together, >= 1")
     p.add_argument("--max-examples", type=ranged(int, 1), default=None,
@@ -38,55 +39,45 @@ def add_args(p):
     g.add_argument("--beta", type=float, default=None, help="implicit reward scale (default: the DPO run's)")
 
 
+REPORT_FILES = ("responses.jsonl", "summary.json", "pairs.jsonl")  # what eval writes into --out
+
+
 def run(args):
     from ..fileio import output_dir
 
     data = Path(args.data)
     if not args.out:
         return _evaluate(args, data, None)
-    out = Path(args.out)
-    for name in ("responses.jsonl", "summary.json"):
-        if data.exists() and (out / name).exists() and (out / name).resolve() == data.resolve():
-            raise UserError(f"--out {out} would overwrite the --data file {data}; choose another folder")
-    with output_dir(out, "gpt2ft eval", overwrite=args.overwrite):
+    inputs = {"MODEL": args.model, "--data": args.data, "--lora": args.lora, "--reference": args.reference}
+    with output_dir(args.out, "gpt2ft eval", overwrite=args.overwrite, files=REPORT_FILES, inputs=inputs) as out:
         return _evaluate(args, data, out)
 
 
 def _evaluate(args, data: Path, out: Path | None):
-    from ..fileio import atomic_write_text
     from ..data.instructions import load_records
     from ..data.preferences import is_preference_data
-    from ..data.text import read_lines
-    from ..evaluate import evaluate_records, text_perplexity
-    from ..templates import get_template
+    from ..fileio import atomic_write_text
+    from ..evaluate import evaluate_records
+    from ..templates import pick_template
 
     if data.suffix in (".txt", ".md"):
-        text = "".join(line for _, line in read_lines(data))
-        if not text.strip():
-            raise UserError(f"{data} is empty: there is no text to score")
-        model, tokenizer = load_model(args)
-        ppl, n = text_perplexity(model, tokenizer, text)
-        if n == 0:
-            raise UserError(f"{data} is a single token: perplexity needs at least two")
-        summary = {"perplexity": ppl, "tokens": n, "data": str(data.resolve())}
-        _print_table(summary)
-        if out:
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        return 0
+        return run_text(args, data, out)
     if data.is_dir():
         if not (data / "splits" / "test.jsonl").exists():
             raise UserError(f"{data}: a folder given to --data must be an SFT or DPO run with splits/test.jsonl")
         data = data / "splits" / "test.jsonl"
-        if not data.read_text().strip():
+        if data.stat().st_size == 0:
             raise UserError(f"{data} is empty (the run used --test-fraction 0); pass a data file")
     source = args.data if str(args.data).startswith("hf:") else data
     if is_preference_data(source):
-        return run_preferences(args, source)
-    records, rejected = load_records(source, args.format, args.split, parse_columns(args.columns), args.on_invalid)
+        return run_preferences(args, source, out)
+    # an empty instruction is a prompt too: the template's frame alone (or, bare, <|endoftext|>)
+    records, rejected = load_records(source, args.format, args.split, parse_columns(args.columns), args.on_invalid,
+                                     empty_instruction=True)
     records = records[: args.max_examples] if args.max_examples else records
     loaded = load_model(args)
     model, tokenizer = loaded
-    template = get_template(args.template) if args.template else loaded.template or get_template("alpaca")
+    template = pick_template(args.template, loaded.template, [r.messages[:-1] for r in records])
     sampling = sampling_config(args, list(template.stop))
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
     summary.update(model=loaded.ref, data=str(data) if str(data).startswith("hf:") else str(data.resolve()),
@@ -99,7 +90,28 @@ def _evaluate(args, data: Path, out: Path | None):
     return 0
 
 
-def run_preferences(args, source) -> int:
+def run_text(args, data: Path, out: Path | None) -> int:
+    """A plain text file: its perplexity (the text is read whole, so its size is bounded)."""
+    from ..data.text import read_lines
+    from ..evaluate import text_perplexity
+    from ..fileio import MAX_DATA_FILE, atomic_write_text, check_size
+
+    check_size(data, "text file to score", MAX_DATA_FILE, "score a part of it")
+    text = "".join(line for _, line in read_lines(data))
+    if not text.strip():
+        raise UserError(f"{data} is empty: there is no text to score")
+    model, tokenizer = load_model(args)
+    ppl, n = text_perplexity(model, tokenizer, text)
+    if n == 0:
+        raise UserError(f"{data} is a single token: perplexity needs at least two")
+    summary = {"perplexity": ppl, "tokens": n, "data": str(data.resolve())}
+    _print_table(summary)
+    if out:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return 0
+
+
+def run_preferences(args, source, out: Path | None) -> int:
     """Chosen/rejected pairs: preference accuracy and mean margin (see objectives_pref.evaluate_preferences)."""
     from ..data.preferences import load_pairs
     from ..fileio import atomic_write_text
@@ -111,9 +123,7 @@ def run_preferences(args, source) -> int:
     rows, summary = evaluate_preferences(loaded, pairs, args.template, args.reference, args.beta, args.batch_size)
     summary.update(model=loaded.ref, data=str(source), rejected=len(rejected))
     _print_table(summary)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out:
         atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(f"wrote {out / 'pairs.jsonl'} and {out / 'summary.json'}")

@@ -14,7 +14,9 @@ from . import add_common, add_grammar, add_quantize, add_sampling, load_model, r
 
 def add_args(p):
     add_common(p)
-    required(p.add_argument("--prompt", help="the text to continue ('-' reads standard input)"))
+    required(p.add_argument("--prompt", help="the text to continue ('-' reads standard input); "
+                                            '--prompt "" generates unconditionally (from <|endoftext|>) '
+                                            "unless the checkpoint's template frames it"))
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the checkpoint's template")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--top-next", type=ranged(int, 0), default=0, metavar="K",
@@ -36,7 +38,7 @@ def run(args):
     from ..generation import predict_next_token, stream
     from ..templates import prompt_for_generation
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin_prompt() if args.prompt == "-" else args.prompt
     loaded = load_model(args)
     model, tokenizer = loaded
     text, stops = prompt_for_generation(loaded.meta, prompt, raw=args.raw)
@@ -84,3 +86,22 @@ def _speculative(args, model, tokenizer, text: str, cfg) -> int:
           f"({stats.acceptance:.0%}), {stats.target_forwards} target forwards for "
           f"{completion.completion_tokens} tokens)", file=sys.stderr)
     return 0
+
+
+def read_stdin_prompt() -> str:
+    """The prompt behind --prompt -: standard input as UTF-8 text, which may not be empty (an empty
+    input is more likely a broken pipe than a wish for unconditional text, which --prompt "" asks for)."""
+    from ..fileio import MAX_USER_FILE
+
+    raw = sys.stdin.buffer.read(MAX_USER_FILE + 1)
+    if len(raw) > MAX_USER_FILE:
+        raise UserError(f"--prompt -: standard input is over the {MAX_USER_FILE // 2**20} MB limit for a prompt")
+    if b"\0" in raw:
+        raise UserError("--prompt -: standard input is binary data, not a prompt")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt -: standard input is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise UserError('--prompt -: standard input is empty; pass --prompt "" for unconditional text')
+    return text

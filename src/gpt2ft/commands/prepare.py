@@ -10,7 +10,6 @@ from ..argtypes import ranged
 from . import required
 
 
-
 def add_args(p):
     p.add_argument("text", nargs="+", metavar="TEXT", help="text files or folders")
     required(p.add_argument("--out", help="data folder to write (a new or empty folder, or one prepare made)"))
@@ -20,16 +19,18 @@ def add_args(p):
                    help="share of the tokens held out for validation, in [0, 1)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty folder that prepare did not make (same-named files are replaced)")
+                   help="write into a non-empty folder that prepare did not make (never over a train.bin, val.bin "
+                        "or meta.json of yours, nor into a TEXT or --tokenizer folder)")
 
 
 def run(args):
-    from ..data.text import prepare
+    from ..data.text import PREPARED_FILES, prepare
     from ..fileio import output_dir
     from ..tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    with output_dir(args.out, "gpt2ft prepare", overwrite=args.overwrite):
+    inputs = {"--tokenizer": args.tokenizer, **{f"TEXT {t}": t for t in args.text}}
+    with output_dir(args.out, "gpt2ft prepare", overwrite=args.overwrite, files=PREPARED_FILES, inputs=inputs):
         meta = prepare(args.text, args.out, tokenizer, args.val_fraction,
                        tokenizer_dir=args.tokenizer, text_field=args.text_field)
     print(f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")

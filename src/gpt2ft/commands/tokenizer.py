@@ -9,7 +9,6 @@ from ..argtypes import ranged
 from . import required
 
 
-
 def add_args(p):
     p.add_argument("action", choices=["train"], help="what to do")
     p.add_argument("text", nargs="+", metavar="TEXT", help="text files or folders (.txt, .md, .jsonl)")
@@ -18,28 +17,26 @@ def add_args(p):
                    help="vocabulary size, special tokens included (BPE: >= 257; word: >= 2)")
     p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
     required(p.add_argument("--out", help="folder to write the tokenizer to (a new or empty folder, or one this "
-                                         "verb made; never a model)"))
+                                         "verb made; never a model or run folder)"))
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty folder that `tokenizer train` did not make (same-named files are "
-                        "replaced, others are left alone)")
+                   help="write into a non-empty folder that `tokenizer train` did not make (never over tokenizer "
+                        "files of yours; others are left alone)")
 
 
 def run(args):
-    from pathlib import Path
-
     from ..data.text import find_text_files, iter_documents
     from ..errors import UserError
-    from ..fileio import claim_output_dir
-    from ..tokenizer import train_tokenizer
+    from ..fileio import output_dir
+    from ..tokenizer import TOKENIZER_FILES, train_tokenizer
 
-    out = Path(args.out)
-    if (out / "config.json").exists() or (out / "COMPLETE").exists():  # its tokenizer must match its weights
-        raise UserError(f"--out {out} holds a model; its tokenizer belongs to its weights: choose a new folder")
-    texts = [text for path in find_text_files(args.text) for text, _, _ in iter_documents(path)]
-    if not any(t.strip() for t in texts):
-        raise UserError(f"{', '.join(args.text)}: no text to train a tokenizer on (the files are empty)")
-    tok = train_tokenizer(texts, args.kind, args.vocab_size, args.lowercase)
-    claim_output_dir(out, "gpt2ft tokenizer train", overwrite=args.overwrite)
-    tok.save(out)
+    files = find_text_files(args.text)
+    inputs = {f"TEXT {t}": t for t in args.text}
+    with output_dir(args.out, "gpt2ft tokenizer train", overwrite=args.overwrite, files=TOKENIZER_FILES,
+                    inputs=inputs) as out:  # checked (and a model refused) before training
+        texts = [text for path in files for text, _, _ in iter_documents(path)]
+        if not any(t.strip() for t in texts):
+            raise UserError(f"{', '.join(args.text)}: no text to train a tokenizer on (the files are empty)")
+        tok = train_tokenizer(texts, args.kind, args.vocab_size, args.lowercase)
+        tok.save(out)
     print(f"{args.kind} tokenizer with {tok.vocab_size} ids written to {args.out}")
     return 0

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import MAX_DATA_FILE, check_size
 from ..templates import ROLES, message_text
 from .text import read_json, read_jsonl
 
 FORMATS = ("auto", "alpaca", "instruction-response", "messages", "csv")
 MAX_LISTED = 20
+DATA_LIMIT_HINT = "its records are held in memory: split it into smaller files, or use hf:DATASET_ID"
 
 
 @dataclass
@@ -41,13 +43,14 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
     """(where, row) for every row of a .json/.jsonl/.csv/.tsv file or hf:DATASET_ID; `where` is
     "file:line" (CSV: the header is line 1), "file: record i" or "hf:id[split][i]". A JSONL line that is
     not JSON yields a UserError as its row (validate with `normalize` or your own check). `columns`
-    renames CSV headers ({header: field})."""
+    renames CSV headers ({header: field}). A file over MAX_DATA_FILE bytes is refused, naming the limit."""
     if str(path).startswith("hf:"):
         yield from _hf_rows(str(path)[3:], split)
         return
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    check_size(path, "data file", MAX_DATA_FILE, DATA_LIMIT_HINT)
     suffix = path.suffix.lower()
     if fmt == "csv" or suffix in (".csv", ".tsv"):
         yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",", columns or {})
@@ -64,7 +67,11 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
 
 
 def _csv_rows(path: Path, delimiter: str, columns: dict[str, str]):
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             reader.fieldnames  # read the header first, so the first row is line 2
@@ -102,8 +109,9 @@ def detect_format(row: dict) -> str:
     return "unknown"
 
 
-def normalize(row, fmt: str, where: str) -> Record:
-    """One raw row -> Record, or UserError(reason) explaining what is wrong with it."""
+def normalize(row, fmt: str, where: str, empty_instruction: bool = False) -> Record:
+    """One raw row -> Record, or UserError(reason) explaining what is wrong with it. An empty
+    instruction is refused unless `empty_instruction` (eval: the prompt is then the template's frame)."""
     if isinstance(row, Exception):
         raise row
     if not isinstance(row, dict):
@@ -135,7 +143,7 @@ def normalize(row, fmt: str, where: str) -> Record:
         for name, value in (("instruction", instruction), (response_key, response), ("input", extra)):
             if not isinstance(value, str):
                 raise UserError(f"missing or non-string field {name!r}")
-        if not instruction.strip():
+        if not instruction.strip() and not empty_instruction:
             raise UserError("empty instruction")
         if not response.strip():
             raise UserError(f"empty {response_key}")
@@ -146,7 +154,7 @@ def normalize(row, fmt: str, where: str) -> Record:
 
 
 def load_records(path: str | Path, fmt: str = "auto", split: str = "train", columns: dict[str, str] | None = None,
-                 on_invalid: str = "error") -> tuple[list[Record], list[dict]]:
+                 on_invalid: str = "error", empty_instruction: bool = False) -> tuple[list[Record], list[dict]]:
     """Read and validate every record. on_invalid='error' raises one error listing file:line: reason
     for each bad record (capped); 'skip' returns the valid ones and the rejected ones with reasons."""
     if fmt not in FORMATS:
@@ -156,7 +164,7 @@ def load_records(path: str | Path, fmt: str = "auto", split: str = "train", colu
     good, bad = [], []
     for where, row in read_rows(path, fmt, split, columns):
         try:
-            good.append(normalize(row, fmt, where))
+            good.append(normalize(row, fmt, where, empty_instruction))
         except UserError as e:
             bad.append({"where": where, "reason": str(e), "record": row if isinstance(row, dict) else None})
     if bad and on_invalid == "error":

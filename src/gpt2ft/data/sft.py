@@ -22,9 +22,11 @@ class TokenizedExample:
 def tokenize_messages(messages: list[dict], template: Template, tokenizer, train_on_prompt: bool = False,
                       add_generation_prompt: bool = False) -> TokenizedExample:
     """Render with the template and tokenise segment by segment; EOS follows each reply, and the
-    reply tokens and their EOS are supervised (all tokens with train_on_prompt)."""
-    ids, sup = [], []
-    for seg in template.render(messages, add_generation_prompt):
+    reply tokens and their EOS are supervised (all tokens with train_on_prompt). A reply with no text
+    before it (an empty prompt) follows an <|endoftext|>, as generation starts from one (Engine.add)."""
+    segments = template.render(messages, add_generation_prompt)
+    ids, sup = ([tokenizer.eos_id], [train_on_prompt]) if segments and segments[0].trained else ([], [])
+    for seg in segments:
         piece = tokenizer.encode(seg.text) + ([tokenizer.eos_id] if seg.trained else [])
         ids += piece
         sup += [seg.trained or train_on_prompt] * len(piece)

@@ -4,16 +4,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import atomic_write_text
 from ..tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+PREPARED_FILES = ("train.bin", "val.bin", "meta.json")  # what prepare writes into its folder
 
 
 def find_text_files(inputs: list[str | Path]) -> list[Path]:
@@ -31,8 +33,13 @@ def find_text_files(inputs: list[str | Path]) -> list[Path]:
 
 
 def read_lines(path: Path):
-    """(line number, text) for each line; strips a UTF-8 BOM and CRLF; invalid UTF-8 names the line."""
-    with open(path, "rb") as f:
+    """(line number, text) for each line; strips a UTF-8 BOM and CRLF; invalid UTF-8 names the line; a
+    file that cannot be opened (a folder, no permission) is one error naming it."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -111,21 +118,61 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val
             tokenizer_dir: str | None = None, text_field: str = "text", progress: bool = True) -> dict:
     """Tokenize files into out/train.bin and out/val.bin; documents end with <|endoftext|>.
     The last val_fraction of each text file's tokens (so a one-line file splits too), and every
-    1/val_fraction-th .jsonl document, go to val. A failure leaves no temporary file behind."""
-    from tqdm import tqdm
-
-    from ..fileio import atomic_write_text
-
+    1/val_fraction-th .jsonl document, go to val. A failure or Ctrl-C at any point leaves no temporary
+    file, and no train.bin/val.bin without the meta.json that describes them (see discard)."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     files = find_text_files(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
+    # named before they exist, so that an interrupt at any point after this knows what to remove
+    tmp = {split: out / f".tmp-{split}.{os.getpid()}.bin" for split in ("train", "val")}
+    written: list[Path] = []
+    try:
+        if progress:
+            print(f"prepare: tokenizing {len(files)} file(s) into {out}", file=sys.stderr, flush=True)
+        counts, digest = _tokenize_files(files, tmp, tokenizer, dtype, val_fraction, text_field, progress)
+        if counts["train"] < 2:
+            raise UserError(f"{', '.join(map(str, inputs))}: too little text to train on ({counts['train']} "
+                            "tokens)")
+        written.append(out / "meta.json")
+        (out / "meta.json").unlink(missing_ok=True)  # an older meta.json does not describe the new files
+        for split in counts:
+            written.append(out / f"{split}.bin")
+            os.replace(tmp[split], out / f"{split}.bin")
+        meta = {
+            "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint(),
+                          "dir": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,  # absolute: cwd-free
+                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+            "dtype": np.dtype(dtype).name,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "fingerprint": digest.hexdigest()[:16],
+            "sources": [str(f.resolve()) for f in files],
+        }
+        atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    except BaseException:
+        discard([*tmp.values(), *written])
+        raise
+    return meta
+
+
+def discard(paths: list[Path]) -> None:
+    """Remove what a failed or interrupted prepare made: its temp files, and the data files it moved in
+    before the meta.json that describes them was written."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _tokenize_files(files: list[Path], tmp: dict[str, Path], tokenizer: Tokenizer, dtype, val_fraction: float,
+                    text_field: str, progress: bool):
+    """Stream every file's tokens into the temp files tmp["train"] and tmp["val"]; (counts, digest)."""
+    from tqdm import tqdm
+
     itemsize = np.dtype(dtype).itemsize
     counts = {"train": 0, "val": 0}
     digest = hashlib.sha256()
-    tmp = {split: Path(tempfile.mkstemp(prefix=f".tmp-{split}.", suffix=".bin", dir=out)[1]) for split in counts}
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare",
                disable=not progress)
     try:
@@ -146,27 +193,9 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val
                     _move_tail(train_f, val_f, n_val * itemsize)
                     counts["train"] -= n_val
                     counts["val"] += n_val
-        if counts["train"] < 2:
-            raise UserError(f"{', '.join(map(str, inputs))}: too little text to train on ({counts['train']} "
-                            "tokens)")
-        for split in counts:
-            os.replace(tmp[split], out / f"{split}.bin")
     finally:
         bar.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-    meta = {
-        "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint(),
-                      "dir": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,  # absolute: cwd-free
-                      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-        "dtype": np.dtype(dtype).name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "fingerprint": digest.hexdigest()[:16],
-        "sources": [str(f.resolve()) for f in files],
-    }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
-    return meta
+    return counts, digest
 
 
 def read_meta(data_dir: Path) -> dict:
