@@ -365,3 +365,18 @@ def test_short_or_missing_data_file_names_it(tmp_path):
     data.unlink()
     with pytest.raises(UserError, match=re.escape(f"{data}: missing")):
         read_bundle(prefix)
+
+
+def test_an_openai_folder_loads_like_any_model(hand_folder, hf_model):
+    """checkpoint.load (and so every verb) takes OpenAI's release folder: transformers' logits, and
+    `gpt2ft generate` runs on it."""
+    from conftest import run_cli
+    from gpt2ft.checkpoint import load
+
+    model, tok = load(hand_folder)
+    ids = torch.tensor([[464, 3290, 318, 257]])
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max() < 1e-5
+    out = run_cli("generate", hand_folder, "--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0",
+                  "--device", "cpu", check=True)
+    assert out.stdout.strip()

@@ -25,6 +25,7 @@ from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_te
 from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, load_adapter_state, peft_config
 from .model import GPT
 from .templates import as_template
+from .tf_checkpoint import is_tf_gpt2_folder, read_tf_gpt2, tf_tokenizer
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
@@ -171,6 +172,8 @@ def resolve(ref: str | os.PathLike, verify: bool = True) -> Path:
                 if problem:
                     raise UserError(f"{path}: {problem}; use another checkpoint (or --no-verify to load it anyway)")
             return path
+        if is_tf_gpt2_folder(path):  # OpenAI's TensorFlow release, e.g. gpt2/355M/
+            return path
         if (path / CHECKPOINTS_DIR).is_dir():
             found = run_checkpoints(path)
             for i, folder in enumerate(found):
@@ -179,7 +182,8 @@ def resolve(ref: str | os.PathLike, verify: bool = True) -> Path:
                     return folder
                 print(f"warning: skipping {folder}: {problem}", file=sys.stderr)
             raise UserError(f"{path}: run folder has no {'intact' if found else 'complete'} checkpoint yet")
-        raise UserError(f"{path}: not a model folder (no config.json) nor a gpt2ft run folder")
+        raise UserError(f"{path}: not a model folder (no config.json, nor OpenAI's hparams.json + model.ckpt) "
+                        "nor a gpt2ft run folder")
     ref = str(ref)
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
         raise UserError(f"{ref}: no such model folder")
@@ -315,6 +319,11 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
         model = base.model
         attach_adapter(model, folder)
         tokenizer = load_tokenizer(folder) if has_tokenizer_files(folder) else base.tokenizer
+    elif is_tf_gpt2_folder(folder) and not (folder / "config.json").exists():
+        config, state = read_tf_gpt2(folder, verify=verify)
+        model = GPT(config)
+        load_hf_state_dict(model, state, str(folder))
+        tokenizer = tf_tokenizer(folder)
     else:
         model = GPT(read_config(folder))
         load_hf_state_dict(model, read_weights(folder), str(folder))
