@@ -99,3 +99,22 @@ def test_llama_cpp_runs_the_gguf_with_our_greedy_tokens(tmp_path):
     assert theirs == ours
     with torch.no_grad():
         assert torch.allclose(first, model(torch.tensor([tok.encode(prompt)]))[0, -1], atol=1e-3)
+
+
+def test_export_format_gguf_through_the_cli(hf_dir, tmp_path):
+    """`gpt2ft export --format gguf`: a file transformers loads, a Modelfile beside it, and a user's file
+    of the same name never replaced."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import assert_clean_error, run_cli
+
+    out = tmp_path / "tiny.gguf"
+    run_cli("export", hf_dir, "--format", "gguf", "--outtype", "f32", "--out", out, check=True)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", n_positions=64) is not None
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny.gguf") and "PARAMETER stop" in modelfile
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"my own file")
+    proc = run_cli("export", hf_dir, "--format", "gguf", "--out", mine, "--overwrite")
+    assert_clean_error(proc, "mine.gguf")
+    assert mine.read_bytes() == b"my own file"
