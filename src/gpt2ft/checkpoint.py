@@ -38,7 +38,7 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
              ADAPTER_CONFIG, META_FILE]
-EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES)
+EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md", *TOKENIZER_FILES)
 
 
 # ----- reading weights ------------------------------------------------------------------------
@@ -343,8 +343,10 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
 
 
 # ----- saving ---------------------------------------------------------------------------------
-def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dtype=None) -> None:
-    """Write an HF-format model folder (no marker): config, weights, tokenizer, generation config."""
+def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dtype=None, template=None) -> None:
+    """Write an HF-format model folder (no marker): config, weights, tokenizer, generation config.
+    tokenizer_config.json gets the real context as model_max_length and the prompt template (from
+    `template`, else the one `meta` records) as a Jinja chat_template."""
     cfg = model.config
     hf = cfg.to_hf()
     state = to_hf_state_dict(model)
@@ -354,10 +356,47 @@ def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dt
     atomic_write_json(folder / "config.json", hf)
     atomic_save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
     atomic_write_json(folder / "generation_config.json",
-                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
+                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                       "pad_token_id": cfg.eos_token_id})
     tokenizer.save(folder)
+    _complete_tokenizer_config(folder / "tokenizer_config.json", cfg.block_size,
+                               template or as_template((meta or {}).get("template")))
     if meta is not None:
         atomic_write_json(folder / META_FILE, meta)
+
+
+def _complete_tokenizer_config(path: Path, context: int, template) -> None:
+    """The context as model_max_length (tools size prompts from it) and the template as chat_template
+    (apply_chat_template then gives exactly our tokens)."""
+    if not path.exists():  # a word-level tokenizer: transformers has no counterpart
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["model_max_length"] = context
+    config["pad_token"] = config.get("eos_token")
+    if template is not None:
+        config["chat_template"] = template.to_jinja()
+    atomic_write_json(path, config)
+
+
+def model_card(ref: str, model: GPT, meta: dict, template) -> str:
+    """README.md of an exported folder: what it is, how it was made, its scores, how to load it."""
+    cfg, lines = model.config, [f"# {Path(str(ref)).name or ref}", ""]
+    lines += [f"A GPT-2 ({model.num_params() / 1e6:.1f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, "
+              f"width {cfg.n_embd}, context {cfg.block_size}) exported by gpt2ft from `{ref}`.", ""]
+    facts = [("objective", meta.get("objective")), ("base model", meta.get("base_model")),
+             ("prompt template", template.name if template else None), ("training step", meta.get("step")),
+             ("data", meta.get("data")), ("training settings", meta.get("train_config") or meta.get("config"))]
+    lines += [f"- **{k}**: `{v}`" for k, v in facts if v not in (None, "", {})]
+    if scores := meta.get("scores") or meta.get("eval"):
+        lines += ["", "## Evaluation", ""] + [f"- {k}: {v}" for k, v in scores.items()]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")']
+    if template is not None:
+        lines += ['ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,',
+                  '                                    return_tensors="pt")',
+                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0][ids.shape[1]:]))"]
+    lines += ["```", "", "or with gpt2ft: `gpt2ft chat PATH`, `gpt2ft serve PATH`.", ""]
+    return "\n".join(lines)
 
 
 def write_checkpoint_files(folder: Path, model: GPT, tokenizer, meta: dict) -> None:
@@ -431,5 +470,6 @@ def export(ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool =
 
         merge(model)
     with output_dir(out, "gpt2ft export", **claim) as folder:
-        write_model_files(folder, model, tokenizer, meta=None, dtype=DTYPES[dtype])
+        write_model_files(folder, model, tokenizer, meta=None, dtype=DTYPES[dtype], template=loaded.template)
+        atomic_write_text(folder / "README.md", model_card(ref, model, loaded.meta, loaded.template))
     return folder
