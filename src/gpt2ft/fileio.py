@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
 import tempfile
 from pathlib import Path

@@ -8,13 +8,18 @@ from collections import deque
 
 import torch
 
-from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_frequency_penalty,  # noqa: F401
+from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_frequency_penalty,
                          apply_repetition_penalty, sample_next, top_k_filter, top_p_filter)
 from .errors import UserError
 from .grammar import compile_grammar
 from .model import GPT
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
+
+__all__ = ["SamplingConfig", "Completion", "TextDecoder", "TokenLogprob", "apply_presence_frequency_penalty",
+           "apply_repetition_penalty", "sample_next", "top_k_filter", "top_p_filter", "check_context", "fits_context",
+           "Engine", "Stream", "stream", "complete_batch", "generate_batch", "generate", "Session",
+           "predict_next_token"]
 
 
 def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:

@@ -78,7 +78,7 @@ def read_prompts(args) -> list[str]:
 
 
 def _inputs(args) -> dict:
-    return {"--prompts": args.prompts, "MODEL_A": args.model_a, "MODEL_B": args.model_b}
+    return {"--prompts": args.prompts, "MODEL_A": args.model_a, "MODEL_B": args.model_b, "--template": args.template}
 
 
 def check_outputs(args) -> dict[str, Path]:

@@ -62,7 +62,7 @@ def run(args):
     from ..data.instructions import load_records, normalize, record_to_row
     from ..fileio import check_writable, write_user_file
 
-    inputs = {"the input": args.input, "--data": args.data}
+    inputs = {"the input": args.input, "--data": args.data, "--template": args.template}
     out = check_writable(args.out, overwrite=args.overwrite, inputs=inputs, what="--out")  # before any work
     if args.action == "pairs":
         return run_pairs(args, inputs)

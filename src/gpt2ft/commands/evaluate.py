@@ -48,7 +48,8 @@ def run(args):
     data = Path(args.data)
     if not args.out:
         return _evaluate(args, data, None)
-    inputs = {"MODEL": args.model, "--data": args.data, "--lora": args.lora, "--reference": args.reference}
+    inputs = {"MODEL": args.model, "--data": args.data, "--lora": args.lora, "--reference": args.reference,
+              "--template": args.template}
     with output_dir(args.out, "gpt2ft eval", overwrite=args.overwrite, files=REPORT_FILES, inputs=inputs) as out:
         return _evaluate(args, data, out)
 
