@@ -152,10 +152,6 @@ class GPT(nn.Module):
         hs = self.config.n_embd // self.config.n_head
         return [KVCache(batch, self.config.n_head, max_len, hs, dtype, device) for _ in range(self.config.n_layer)]
 
-    def clear_cache(self) -> None:
-        """A no-op: the model holds no cache (an engine owns its own). Kept only until its last callers,
-        serve.share_base and objectives_pref.on_policy_pairs, drop the call; then delete it."""
-
     # ----- forward ------------------------------------------------------------------------------
     def forward(
         self,

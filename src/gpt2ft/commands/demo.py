@@ -145,10 +145,10 @@ def _stages(args, out: Path, _step: Steps) -> int:
     if args.model is None:
         _step("7a. what the pretrained model writes (sampled; it continues text, it does not answer)",
               ["compare", base, out / "sft", "--raw", *sum((["--prompt", p] for p in CUES), []), *sampled,
-               "--max-new-tokens", 60, "--out-md", out / "pretrain_samples.md", *device])
+               "--max-new-tokens", 60, "--out-md", out / "pretrain_samples.md", *again, *device])
     _step("7b. answers before and after instruction tuning",
           ["compare", base, out / "sft", *sum((["--prompt", p] for p in PROMPTS), []), "--template",
-           "instruction-response", *sampled, "--max-new-tokens", 32, "--out-md", out / "before_after.md", *device])
+           "instruction-response", *sampled, "--max-new-tokens", 32, "--out-md", out / "before_after.md", *again, *device])
     _step("8. preference-tune with DPO: the right answer over a wrong fact, a wrong play or a rambling one",
           ["dpo", out / "sft", "--data", PREFS_FILE, "--out", out / "dpo", "--test-fraction", 0.1,
            "--epochs", 0.05 if quick else args.dpo_epochs,
@@ -158,10 +158,10 @@ def _stages(args, out: Path, _step: Steps) -> int:
     for name, model in (("sft", out / "sft"), ("dpo", out / "dpo")):  # likelihood and, for dpo, implicit reward
         _step(f"9. preference accuracy on held-out pairs: {name}",
               ["eval", model, "--data", out / "dpo", "--out", out / f"prefs_{name}", *device])
-    _step("10. plot dpo losses and rewards", ["plot", out / "dpo"])
+    _step("10. plot dpo losses and rewards", ["plot", out / "dpo", *again])
     _step("11. samples before and after DPO",
           ["compare", out / "sft", out / "dpo", *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", 32,
-           "--out-md", out / "sft_vs_dpo.md", *device])
+           "--out-md", out / "sft_vs_dpo.md", *again, *device])
     minutes = (time.time() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min. Everything is in {out}:\n"
           f"  {out / 'sft' / 'loss.png'}, {out / 'eval' / 'summary.json'}, {out / 'before_after.md'}\n"

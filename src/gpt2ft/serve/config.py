@@ -60,7 +60,6 @@ def share_base(base, adapter_folder) -> tuple[torch.nn.Module, Template | None]:
 
     folder = resolve(adapter_folder)
     model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})  # shares base's parameters
-    model.clear_cache()
     attach_adapter(model, folder)
     model.to(base.lm_head.weight.device, base.lm_head.weight.dtype).eval()
     return model, as_template(read_meta(folder).get("template"))
