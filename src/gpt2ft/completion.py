@@ -184,6 +184,8 @@ class Completion:
                 return self._end("stop", piece + self._decoder.flush())
         if len(self.token_ids) >= self.sampling.max_new_tokens:
             return self._end("length", piece + self._decoder.flush())
+        if self._grammar is not None:  # the next mask, while the engine runs the next forward
+            self._grammar.prefetch(self._mask, 0)
         return self._release(piece)
 
     def cancel(self) -> None:
