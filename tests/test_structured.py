@@ -57,3 +57,25 @@ def test_generate_chat_and_the_api_agree_token_for_token_under_a_schema(ckpt, tm
     cli_session = run_cli("chat", ckpt, *GREEDY, "--json-schema", schema_file, input=f"{MESSAGE}\n", check=True)
     assert cli_generate.stdout == cli_chat.stdout == cli_session.stdout == text + "\n"
     assert "every reply is JSON schema" in cli_chat.stderr
+
+
+def test_a_mask_computed_ahead_and_the_numpy_unpacking_match_the_direct_ones(tiny_model):
+    import torch
+
+    from gpt2ft.grammar import GrammarState, apply_bitmask, new_bitmask
+
+    model, tok = tiny_model
+    vocab = model.config.vocab_size
+    spec = GrammarSpec.json_schema(SCHEMA)
+    ahead, direct = GrammarState(spec, tok, vocab), GrammarState(spec, tok, vocab)
+    for _ in range(6):
+        a, b = new_bitmask(1, vocab), new_bitmask(1, vocab)
+        ahead.prefetch(a, 0)
+        ahead.fill_mask(a, 0)
+        direct.fill_mask(b, 0)
+        assert torch.equal(a, b)
+        logits = torch.randn(1, vocab)
+        allowed = torch.tensor([[bool(int(b[0, t // 32]) >> (t % 32) & 1) for t in range(vocab)]])  # by hand
+        assert torch.equal(apply_bitmask(logits, b), logits.masked_fill(~allowed, float("-inf")))
+        token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+        ahead.accept(token), direct.accept(token)

@@ -148,6 +148,7 @@ class Completion:
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
         self._grammar: GrammarState | None = None
         self._mask: torch.Tensor | None = None  # the grammar's allowed tokens, as a (1, W) bitmask
+        self._ahead = False  # compute masks ahead in a thread: on an accelerator (a CPU's cores run the forward)
 
     @property
     def finished(self) -> bool:
@@ -184,7 +185,7 @@ class Completion:
                 return self._end("stop", piece + self._decoder.flush())
         if len(self.token_ids) >= self.sampling.max_new_tokens:
             return self._end("length", piece + self._decoder.flush())
-        if self._grammar is not None:  # the next mask, while the engine runs the next forward
+        if self._grammar is not None and self._ahead:  # the next mask, while the accelerator runs the forward
             self._grammar.prefetch(self._mask, 0)
         return self._release(piece)
 
@@ -236,6 +237,7 @@ class Completion:
         if cfg.grammar is not None:
             self._grammar = GrammarState(cfg.grammar, self._tokenizer, vocab_size)
             self._mask = new_bitmask(1, vocab_size)
+            self._ahead = device.type != "cpu"
 
     def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
         """(1, V) raw logits -> (1,) token id, with this row's penalties, settings and generator."""

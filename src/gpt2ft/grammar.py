@@ -199,7 +199,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """(B, V) logits with the tokens a (B, W) bitmask forbids set to -inf. On the CPU the bits are
     unpacked by numpy (little-endian words: token 32 w + j is bit j of word w) in one pass."""
     if logits.device.type == "cpu":
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, count=logits.shape[-1], bitorder="little")
+        bits = np.unpackbits(np.ascontiguousarray(bitmask.numpy()).view(np.uint8), axis=-1, count=logits.shape[-1], bitorder="little")
         return torch.where(torch.from_numpy(bits.view(np.bool_)), logits, float("-inf"))
     allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool()
     allowed = allowed.view(bitmask.shape[0], -1)[:, :logits.shape[-1]]
