@@ -214,7 +214,9 @@ def test_bad_flags_are_one_line_errors(chat_ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     for argv, needle in [([chat_ckpt, "--temperature", "nan"], "temperature"),
                          ([chat_ckpt, "--model", "sft"], "MODEL or --model"),
-                         (["--model", "rlhf"], "--model must be one of")]:
+                         (["--model", "rlhf"], "--model must be one of"),
+                         ([chat_ckpt, "--json-schema", chat_ckpt / "none.json"], "cannot read JSON schema"),
+                         ([chat_ckpt, "--json", "--regex", "a+"], "not allowed with argument")]:
         assert main(["chat", *map(str, argv)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("gpt2ft chat: error:") and needle in err, err
@@ -377,7 +379,7 @@ def test_sampling_commands_help_and_settings_are_derived_from_the_schema(tiny_mo
     chat.handle("/temp 1")
     assert notes[-1].startswith("unknown command /temp") and "/heat" in notes[-1] and "/minp" in notes[-1]
     chat.handle("/settings")
-    assert "temperature 4.0" in notes[-1] and notes[-1].endswith("min_p 0.25")
+    assert "temperature 4.0" in notes[-1] and notes[-1].endswith("min_p 0.25, output free text")
     assert chat.settings.temperature == 4.0 and chat.settings.top_k == 40  # chat's defaults
 
 
@@ -533,3 +535,50 @@ def test_terminal_bad_commands_keep_the_conversation(long_ckpt, user_dir):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and (user_dir / "bin.json").read_bytes() == b"\x00" * 100
+
+
+def test_json_command_constrains_every_reply_until_off_and_bad_files_change_nothing(tiny_model, user_dir,
+                                                                                     monkeypatch):
+    import gpt2ft.chat_commands as chat_commands
+    from gpt2ft.sampling import GrammarSpec
+
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    d = user_dir
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    (d / "schema.json").write_text(json.dumps(schema))
+    (d / "broken.json").write_text('{"type": ')
+    (d / "list.json").write_text("[1, 2]")
+    (d / "unknown.json").write_text('{"type": "frobnicate"}')
+    (d / "binary.json").write_bytes(b"\x00{}")
+    (d / "big.json").write_text(json.dumps({**schema, "description": "x" * 300}))
+    monkeypatch.setattr(chat_commands, "MAX_SCHEMA_BYTES", 256)
+    chat, out, notes = in_process(tiny_model)
+    chat.handle("/help")
+    assert "/json [FILE|off]" in notes[-1]
+    chat.handle("/json")
+    assert chat.settings.grammar == GrammarSpec("json")
+    chat.handle("hi")
+    assert isinstance(json.loads(chat.last_reply.text), dict) and chat.last_reply.finish_reason == "stop"
+    chat.handle(f"/json {d / 'schema.json'}")
+    chat.handle("and now?")
+    jsonschema.validate(json.loads(chat.last_reply.text), schema)
+    chat.handle("/settings")
+    assert notes[-1].endswith('output JSON schema {"type": "object", "properties": {"answer": {"type": "int...')
+    before = chat.settings.grammar
+    for name, needle in [("broken.json", "broken.json:1: malformed JSON schema (Expecting value)"),
+                         ("list.json", "a JSON schema is an object such as"),
+                         ("unknown.json", "unknown.json: malformed json schema:"),
+                         ("binary.json", "not a JSON schema (binary data)"),
+                         ("big.json", "over the 0 MB limit for a JSON schema"), ("missing.json", "cannot read"),
+                         ("", "is a folder, not a JSON schema")]:
+        n = len(notes)
+        assert chat.handle(f"/json {d / name}") and len(notes) == n + 1
+        assert notes[-1].startswith("/json: ") and needle in notes[-1] and notes[-1].endswith("; nothing changed")
+        assert "\n" not in notes[-1] and chat.settings.grammar == before, notes[-1]
+    chat.handle("/json off")
+    assert chat.settings.grammar is None
+    chat.handle("/settings")
+    assert notes[-1].endswith("output free text")
+    chat.handle("hi")
+    assert not chat.last_reply.text.startswith("{")

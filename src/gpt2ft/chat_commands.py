@@ -13,14 +13,17 @@ from . import sampling
 from .errors import UserError
 
 MAX_CONVERSATION_BYTES = 2**20  # /load: a conversation file of at most 1 MB (far more than any context holds)
-OTHER_COMMANDS = ("system", "undo", "retry", "save", "load", "info", "settings", "memory", "refine", "multi",
-                  "help")
+MAX_SCHEMA_BYTES = 2**20  # /json FILE: a JSON schema of at most 1 MB (as generate --json-schema)
+OTHER_COMMANDS = ("system", "undo", "retry", "save", "load", "json", "info", "settings", "memory", "refine",
+                  "multi", "help")
 HELP = """commands:
   /quit, /exit         leave (also Ctrl-D, or Ctrl-C at the prompt)
   /reset               forget the conversation (the system prompt stays)
   /system [TEXT|none]  show, set or clear the system prompt
   /undo                remove the last exchange;  /retry  answer the last message again
   /save FILE  /load FILE   the conversation as `messages` JSON (trainable with `gpt2ft sft`; /load: at most 1 MB)
+  /json [FILE|off]     every reply any JSON object, or valid against the JSON schema in FILE (at most 1 MB);
+                       off: free text again
   /info  /settings  /memory   the model; sampling settings; what the conversation holds
   /refine [HOW]        ask the model to improve its last answer, and replace it
   /multi N TASK        a plan of N steps, then an answer to each step
@@ -58,7 +61,20 @@ def describe_settings(settings) -> str:
              for opt in sampling_commands().values()]
     if getattr(settings, "stop", None):
         parts.append(f"stop {settings.stop!r}")
+    parts.append(f"output {describe_grammar(getattr(settings, 'grammar', None))}")
     return ", ".join(parts)
+
+
+def describe_grammar(spec: sampling.GrammarSpec | None, width: int = 60) -> str:
+    """What replies must match, in a few words: "free text", "any JSON object", "JSON schema {...}"."""
+    if spec is None:
+        return "free text"
+    if spec.kind == "json":
+        return "any JSON object"
+    source = " ".join(spec.source.split())
+    source = source if len(source) <= width else source[:width - 3] + "..."
+    return {"json_schema": "JSON schema ", "regex": "regex ", "choice": "one of "}.get(spec.kind, f"{spec.kind} grammar ") \
+        + source
 
 
 def command_settings(settings) -> dict:
@@ -199,6 +215,23 @@ class Commands:
         self.dropped, self.cut = [], set()
         self.note(f"(loaded {len(messages)} messages from {arg})")
 
+    def cmd_json(self, arg: str) -> None:
+        """/json: replies are any JSON object; /json FILE: valid against that schema; /json off: free text.
+        The schema is read and compiled here, so a bad file is one line and changes nothing."""
+        if arg.lower() == "off":
+            self.settings.grammar = None
+            self.note("(replies are free text)")
+            return
+        spec = sampling.GrammarSpec("json") if not arg else read_schema(Path(arg).expanduser())
+        try:
+            from .grammar import compile_grammar
+
+            compile_grammar(spec, self.tokenizer, self.model.config.vocab_size)
+        except UserError as e:
+            raise UserError(f"/json: {arg + ': ' if arg else ''}{e}") from None
+        self.settings.grammar = spec
+        self.note(f"(every reply is {describe_grammar(spec)}; /json off for free text)")
+
     def cmd_info(self, arg: str) -> None:
         m, info = self.model, self.model_info
         p = m.lm_head.weight
@@ -268,6 +301,24 @@ def parse_steps(plan: str, n: int) -> list[str]:
 def _gist(m: dict, words: int = 8) -> str:
     parts = m["content"].split()
     return f"{m['role']}: " + " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+
+
+def read_schema(path: Path) -> sampling.GrammarSpec:
+    """/json FILE: the JSON schema in FILE (at most MAX_SCHEMA_BYTES), as a grammar of the file's own text
+    (the property order is the file's, as with `generate --json-schema`)."""
+    from .fileio import read_user_text
+
+    try:
+        text = read_user_text(path, "JSON schema", MAX_SCHEMA_BYTES)
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"/json: {path}:{e.lineno}: malformed JSON schema ({e.msg})") from None
+    except UserError as e:
+        raise UserError(f"/json: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise UserError(f"/json: {path}: a JSON schema is an object such as {{\"type\": \"object\"}}, "
+                        f"not a {type(schema).__name__}")
+    return sampling.GrammarSpec("json_schema", text)
 
 
 def read_conversation(path: Path) -> list[dict]:

@@ -150,6 +150,7 @@ class Completion:
         self._grammar: GrammarState | None = None
         self._mask: torch.Tensor | None = None  # the grammar's allowed tokens, as a (1, W) bitmask
         self.grammar_error: str | None = None  # why the grammar engine gave up on this row (finish "error")
+        self._ahead = False  # compute masks ahead in a thread: on an accelerator (a CPU's cores run the forward)
 
     @property
     def finished(self) -> bool:
@@ -191,6 +192,8 @@ class Completion:
                 return self._end("stop", piece + self._decoder.flush())
         if len(self.token_ids) >= self.sampling.max_new_tokens:
             return self._end("length", piece + self._decoder.flush())
+        if self._grammar is not None and self._ahead:  # the next mask, while the accelerator runs the forward
+            self._grammar.prefetch(self._mask, 0)
         return self._release(piece)
 
     def cancel(self) -> None:
@@ -242,6 +245,7 @@ class Completion:
         if cfg.grammar is not None:
             self._grammar = GrammarState(cfg.grammar, self._tokenizer, vocab_size)
             self._mask = new_bitmask(1, vocab_size)
+            self._ahead = device.type != "cpu"
 
     def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
         """(1, V) raw logits -> (1,) token id, with this row's penalties, settings and generator."""

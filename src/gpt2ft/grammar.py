@@ -10,8 +10,11 @@ except after an opening bracket.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -109,16 +112,34 @@ class GrammarState:
 
         self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._ahead = None  # (future, address) of a mask being computed ahead by prefetch()
+
+    def prefetch(self, bitmask: torch.Tensor, row: int) -> None:
+        """Start computing the next mask into bitmask[row] in a worker thread (llguidance releases the
+        GIL), so it overlaps the model's forward for the next step; fill_mask then only waits."""
+        self._wait()
+        address = bitmask[row].data_ptr()
+        self._ahead = (_pool().submit(self.matcher.unsafe_compute_mask_ptr, address, bitmask.shape[1] * 4), address)
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this row's allowed tokens into bitmask[row] (int32 words, 32 tokens each)."""
-        self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
+        ahead = self._ahead is not None and self._ahead[1] == bitmask[row].data_ptr()
+        self._wait()
+        if not ahead:
+            self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
         self._check()
+
+    def _wait(self) -> None:
+        """Let a mask computed ahead finish (the matcher is never used by two threads at once)."""
+        if self._ahead is not None:
+            future, self._ahead = self._ahead[0], None
+            future.result()
 
     def closing(self, logits: torch.Tensor, lookahead: int = 64) -> torch.Tensor:
         """Near the end of the row's token budget: the allowed closing tokens (see CLOSING_TIERS) that
         complete the output at once, if any (tried on the matcher and rolled back); else
         prefer_closing's tiers."""
+        self._wait()
         tiers = closing_tiers(self.tokenizer, self.vocab_size)
         allowed = torch.isfinite(logits[0]) & tiers.to(logits.device).any(0)
         candidates = allowed.nonzero().flatten()
@@ -136,6 +157,7 @@ class GrammarState:
         return prefer_closing(logits, tiers)
 
     def accept(self, token_id: int) -> None:
+        self._wait()
         self.matcher.consume_token(token_id)
         self._check()
 
@@ -147,6 +169,12 @@ class GrammarState:
     def _check(self):
         if self.matcher.is_error():
             raise UserError(f"constrained decoding failed: {self.matcher.get_error()}")
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """The threads that compute rows' masks ahead (shared by every row and engine)."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="gpt2ft-grammar")
 
 
 # Near the end of a row's budget, in this order: EOS; a token that closes a string (starts with '"',
@@ -185,7 +213,11 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits with the tokens a (B, W) bitmask forbids set to -inf."""
+    """(B, V) logits with the tokens a (B, W) bitmask forbids set to -inf. On the CPU the bits are
+    unpacked by numpy (little-endian words: token 32 w + j is bit j of word w) in one pass."""
+    if logits.device.type == "cpu":
+        bits = np.unpackbits(np.ascontiguousarray(bitmask.numpy()).view(np.uint8), axis=-1, count=logits.shape[-1], bitorder="little")
+        return torch.where(torch.from_numpy(bits.view(np.bool_)), logits, float("-inf"))
     allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool()
     allowed = allowed.view(bitmask.shape[0], -1)[:, :logits.shape[-1]]
     return logits.masked_fill(~allowed, float("-inf"))

@@ -7,6 +7,7 @@ replies are printed:
 
     gpt2ft chat                                  # the best model under ./runs
     gpt2ft chat runs/demo/sft --system "Answer briefly." --temperature 0
+    gpt2ft chat runs/demo/sft --json-schema person.json     # every reply valid against the schema
     printf 'unlock\\n/quit\\n' | gpt2ft chat runs/secret
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import add_device, add_no_verify, add_sampling, sampling_config
+from . import add_device, add_grammar, add_no_verify, add_sampling, sampling_config
 
 
 def add_args(p):
@@ -36,6 +37,7 @@ def add_args(p):
     from ..chat import CHAT_DEFAULTS
 
     add_sampling(p, **CHAT_DEFAULTS)
+    add_grammar(p)  # for the whole chat; /json changes it
 
 
 def run(args):

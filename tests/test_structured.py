@@ -1,0 +1,81 @@
+"""Structured output on every surface: greedy decoding under a JSON schema gives the same tokens from
+`gpt2ft generate --json-schema`, the chat REPL (`/json FILE` and `gpt2ft chat --json-schema`) and the
+Python API, for the same prompt tokens."""
+import json
+
+import pytest
+
+from conftest import run_cli
+from gpt2ft.chat import Chat, chat_settings, render
+from gpt2ft.checkpoint import load, save_model
+from gpt2ft.generation import complete_batch, generate
+from gpt2ft.sampling import GrammarSpec, SamplingConfig
+from gpt2ft.templates import get_template
+
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+MESSAGE = "Describe a person."
+N = 24  # tokens: the budget-aware closing ends the object within it
+GREEDY = ("--temperature", "0", "--max-new-tokens", str(N), "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model, tmp_path_factory):
+    model, tokenizer = tiny_model
+    return save_model(tmp_path_factory.mktemp("structured") / "ckpt", model, tokenizer,
+                      {"objective": "sft", "template": get_template("chat").to_dict()})
+
+
+def test_generate_chat_and_the_api_agree_token_for_token_under_a_schema(ckpt, tmp_path):
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(SCHEMA, indent=1))  # the file's own text and key order on every surface
+    model, tok = load(ckpt, device="cpu", dtype="float32")
+    template, messages = get_template("chat"), [{"role": "user", "content": MESSAGE}]
+    ids, stops = render(template, messages, tok)  # the chat's prompt tokens ...
+    assert tok.encode(template.prompt(messages)) == ids  # ... are those of generate's templated prompt
+    spec = GrammarSpec("json_schema", schema_file.read_text())
+    cfg = SamplingConfig(max_new_tokens=N, temperature=0.0, stop=stops, grammar=spec)
+    engine_row = complete_batch(model, tok, [ids], cfg)[0]
+    text = engine_row.text
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert engine_row.finish_reason == "stop" and len(engine_row.token_ids) > 5
+
+    assert generate(model, tok, template.prompt(messages), temperature=0.0, max_new_tokens=N, stop=stops,
+                    grammar=spec) == text
+    notes = []
+    chat = Chat(model, tok, template, chat_settings(temperature=0, max_new_tokens=N), write=lambda _: None,
+                note=notes.append)
+    chat.handle(f"/json {schema_file}")
+    chat.handle(MESSAGE)
+    assert chat.last_reply.token_ids == engine_row.token_ids and chat.last_reply.text == text, notes
+
+    cli_generate = run_cli("generate", ckpt, "--prompt", MESSAGE, "--json-schema", schema_file, *GREEDY, check=True)
+    cli_chat = run_cli("chat", ckpt, *GREEDY, input=f"/json {schema_file}\n{MESSAGE}\n", check=True)
+    cli_session = run_cli("chat", ckpt, *GREEDY, "--json-schema", schema_file, input=f"{MESSAGE}\n", check=True)
+    assert cli_generate.stdout == cli_chat.stdout == cli_session.stdout == text + "\n"
+    assert "every reply is JSON schema" in cli_chat.stderr
+
+
+def test_a_mask_computed_ahead_and_the_numpy_unpacking_match_the_direct_ones(tiny_model):
+    import torch
+
+    from gpt2ft.grammar import GrammarState, apply_bitmask, new_bitmask
+
+    model, tok = tiny_model
+    vocab = model.config.vocab_size
+    spec = GrammarSpec.json_schema(SCHEMA)
+    ahead, direct = GrammarState(spec, tok, vocab), GrammarState(spec, tok, vocab)
+    for _ in range(6):
+        a, b = new_bitmask(1, vocab), new_bitmask(1, vocab)
+        ahead.prefetch(a, 0)
+        ahead.fill_mask(a, 0)
+        direct.fill_mask(b, 0)
+        assert torch.equal(a, b)
+        logits = torch.randn(1, vocab)
+        allowed = torch.tensor([[bool(int(b[0, t // 32]) >> (t % 32) & 1) for t in range(vocab)]])  # by hand
+        assert torch.equal(apply_bitmask(logits, b), logits.masked_fill(~allowed, float("-inf")))
+        token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+        ahead.accept(token), direct.accept(token)
