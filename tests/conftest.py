@@ -10,9 +10,28 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# pytest-xdist runs one worker per core: each worker, and the gpt2ft processes it starts, gets its share of
+# the cores (capped by OMP_NUM_THREADS if set); more threads than cores make tiny models slower, not faster
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(int(os.environ.get("OMP_NUM_THREADS") or 2), (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+
+@pytest.fixture(scope="session", autouse=True)
+def share_of_the_cores():
+    """Set for the processes tests start, here: only the processes that run tests (not xdist's controller,
+    whose environment every worker inherits) get it."""
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+# the longest files, started first so that no worker ends the run alone on one of them (xdist keeps a file on
+# one worker and, left to itself, sends the files with the fewest tests last)
+LONGEST_FIRST = ("test_demo.py", "test_reliability.py", "test_dpo_cli.py", "test_chat.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))
 
 
 def hf_tiny(seed: int = 0, **overrides):
@@ -51,8 +70,9 @@ def tiny_model(hf_dir):
     return load(hf_dir, device="cpu", dtype="float32")
 
 
-def run_cli(*args, check: bool = False, env=None, timeout: int = 300, input: str | None = None):
-    """Run `python -m gpt2ft.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
+def run_cli(*args, check: bool = False, env=None, timeout: float | None = None, input: str | None = None):
+    """Run `python -m gpt2ft.cli ARGS` in a subprocess; returns CompletedProcess (text). No time limit by
+    default: a loaded machine makes work slower, not wrong."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, input=input)

@@ -6,7 +6,7 @@ from gpt2ft.checkpoint import load
 
 def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--quick", "--out", out, "--device", "cpu", check=True, timeout=600)
+    proc = run_cli("demo", "--quick", "--out", out, "--device", "cpu", check=True)
     for path in ("tokenizer/vocab.json", "data/train.bin", "pretrain/loss.png", "sft/loss.png",
                  "sft/splits/test.jsonl", "eval/summary.json", "eval/responses.jsonl", "before_after.md",
                  "dpo/loss.png", "prefs_sft/summary.json", "prefs_dpo/summary.json", "sft_vs_dpo.md"):
@@ -26,7 +26,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
 
 def test_quick_demo_from_an_existing_model_skips_pretraining(hf_dir, tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--quick", "--model", hf_dir, "--out", out, "--device", "cpu", check=True, timeout=600)
+    proc = run_cli("demo", "--quick", "--model", hf_dir, "--out", out, "--device", "cpu", check=True)
     assert "pretrain a small GPT-2" not in proc.stdout and not (out / "pretrain").exists()
     assert (out / "sft" / "loss.png").exists() and (out / "before_after.md").exists()
     assert load(out / "sft").meta["base_model"] == str(hf_dir)

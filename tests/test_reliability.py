@@ -22,7 +22,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32
 WORDS = "the king queen said to be or not that is question love night day sword crown".split()
 
 
-def gpt2ft(*args, cwd=None, timeout=300):
+def gpt2ft(*args, cwd=None, timeout=None):
     """run_cli from another working directory."""
     return subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
