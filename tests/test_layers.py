@@ -151,7 +151,6 @@ def test_the_layer_check_names_an_unplaced_module_and_an_upward_import():
     assert parsed == {"gpt2ft.errors": 1, "gpt2ft.data": 1, "gpt2ft": 3}
 
 
-@pytest.mark.xfail(reason="until the split lands", strict=False)
 def test_no_function_over_100_lines_and_no_module_over_500():
     found = oversized(_modules())
     assert not found, "over the limits:\n" + "\n".join(found)
