@@ -10,14 +10,21 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# pytest-xdist runs one worker per core: each worker, and the gpt2ft processes it starts, gets its share
-# of the cores (more threads than cores makes tiny models slower, not faster)
-THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# pytest-xdist runs one worker per core: each worker, and the gpt2ft processes it starts, gets its share of
+# the cores (capped by OMP_NUM_THREADS if set); more threads than cores make tiny models slower, not faster
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(int(os.environ.get("OMP_NUM_THREADS") or 2), (os.cpu_count() or 1) // WORKERS))
 torch.set_num_threads(THREADS)
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 
+@pytest.fixture(scope="session", autouse=True)
+def share_of_the_cores():
+    """OMP_NUM_THREADS for the gpt2ft processes tests start; set here, not at import: xdist's controller
+    imports this file too, and every worker inherits its environment."""
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 
 # the longest files, started first so that no worker ends the run alone on one of them (xdist keeps a file on
 # one worker and, left to itself, sends the files with the fewest tests last)
