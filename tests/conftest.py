@@ -19,10 +19,12 @@ torch.set_num_threads(THREADS)
 
 @pytest.fixture(scope="session", autouse=True)
 def share_of_the_cores():
-    """Set for the processes tests start, here: only the processes that run tests (not xdist's controller,
-    whose environment every worker inherits) get it."""
+    """OMP_NUM_THREADS for the gpt2ft processes tests start; set here, not at import: xdist's controller
+    imports this file too, and every worker inherits its environment."""
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 
 # the longest files, started first so that no worker ends the run alone on one of them (xdist keeps a file on
 # one worker and, left to itself, sends the files with the fewest tests last)

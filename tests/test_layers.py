@@ -7,8 +7,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 import gpt2ft
 
 ROOT = Path(gpt2ft.__file__).parent

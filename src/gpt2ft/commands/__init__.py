@@ -176,7 +176,7 @@ def recipe_config(cls, args, **overrides):
 
 def add_training(p: argparse.ArgumentParser, lr: float, **defaults) -> None:
     """Every TrainConfig flag (--out, --max-steps, --batch-size, ... --resume) with verb-specific defaults."""
-    from ..train import TrainConfig
+    from ..train.config import TrainConfig  # not ..train: that imports torch, and --help must not
 
     add_dataclass_args(p, TrainConfig, "training", skip=("device", "dtype"))
     p.set_defaults(lr=lr, **defaults)

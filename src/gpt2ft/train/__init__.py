@@ -8,7 +8,18 @@
     loop.py        train(): set up -> resume -> step -> log -> evaluate -> save
 """
 from .config import TrainConfig, TrainState, sequence_length
-from .loop import accumulate_gradients, train
-from .run_folder import open_run
 
 __all__ = ["TrainConfig", "TrainState", "sequence_length", "train", "accumulate_gradients", "open_run"]
+
+
+def __getattr__(name: str):
+    """The loop and the run folder load on first use (they import torch; building the CLI must not)."""
+    if name in ("train", "accumulate_gradients"):
+        from . import loop
+
+        return getattr(loop, name)
+    if name == "open_run":
+        from .run_folder import open_run
+
+        return open_run
+    raise AttributeError(name)
