@@ -404,7 +404,7 @@ def test_every_bad_value_file_or_message_is_one_line_and_the_chat_goes_on(chat_c
                    "[0, 2], not '5'", "top_k must be an integer >= -1, or off, not '1.5'", "presence_penalty must be a "
                    "number in [-2, 2]", "binary.json: not a conversation (binary data)",
                    "latin1.json: malformed conversation (not UTF-8 text)", "notes.txt: not a JSON conversation",
-                   "big.json: 1.0 MB is over the 1 MB limit for a conversation", "is a folder, not a conversation",
+                   "big.json: 1.0 MB is over the limit of 1 MB for a conversation", "is a folder, not a conversation",
                    f"/save: cannot write conversation {model_file}: {chat_ckpt} is a model or run folder",
                    "notes.txt already exists and gpt2ft did not write it: choose another name",
                    "a-file is a file, not a folder", "it is a folder; name a file",
@@ -443,7 +443,7 @@ def test_save_replaces_only_a_file_this_chat_saved(tiny_model, user_dir):
     other, _, other_notes = in_process(tiny_model)  # a later chat: never replaces it
     other.handle("hey")
     other.handle(f"/save {path}")
-    assert other_notes[-1] == (f"/save: {path} already exists (written by gpt2ft earlier): choose another name, or "
+    assert other_notes[-1] == (f"/save: conversation {path} already exists (written by gpt2ft earlier): choose another name, or "
                                "remove it first (only a file this chat saved is replaced); nothing changed")
     assert path.read_bytes() == saved
     other.handle(f"/load {path}")
@@ -570,7 +570,7 @@ def test_json_command_constrains_every_reply_until_off_and_bad_files_change_noth
                          ("list.json", "a JSON schema is an object such as"),
                          ("unknown.json", "unknown.json: malformed json schema:"),
                          ("binary.json", "not a JSON schema (binary data)"),
-                         ("big.json", "over the 0 MB limit for a JSON schema"), ("missing.json", "cannot read"),
+                         ("big.json", "over the limit of 256 bytes for a JSON schema"), ("missing.json", "cannot read"),
                          ("", "is a folder, not a JSON schema")]:
         n = len(notes)
         assert chat.handle(f"/json {d / name}") and len(notes) == n + 1

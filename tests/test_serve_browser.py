@@ -52,9 +52,13 @@ def test_playground_streams_a_reply_with_the_chosen_settings(server):  # noqa: F
             schema = httpx.get(server.url + "/v1/sampling", headers={"Authorization": f"Bearer {KEY}"}).json()
             for opt in (o for o in schema if o["api"] != "logprobs"):
                 attrs = page.eval_on_selector(f"#{opt['api']}", "e => ({tag: e.tagName, min: e.min, max: e.max, "
-                                                                  "value: e.value, title: e.title})")
+                                                                  "value: e.value, title: e.title, type: e.type, "
+                                                                  "checked: e.checked})")
                 assert opt["help"] in attrs["title"], (opt, attrs)
-                if opt["type"] == "list":
+                if opt["type"] == "bool":
+                    assert attrs["type"] == "checkbox" and attrs["checked"] == opt["default"], (opt, attrs)
+                    continue
+                if opt["type"] in ("list", "dict"):
                     assert attrs["tag"] == "TEXTAREA"
                     continue
                 for bound in ("min", "max"):  # as the browser's doubles hold them (2^64 - 1 rounds)
