@@ -1,6 +1,7 @@
 """Tiny GPT-2 models built here (no network): HF checkpoints saved by transformers, our own models."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -91,3 +92,19 @@ def assert_clean_error(proc, *needles):
     assert len(lines) == 1, proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def snapshot(root) -> dict[str, str]:
+    """Every file and link under root -> its sha256 (or link target). `.lock` holds the pid of whoever
+    last locked a run folder, so it is left out."""
+    from pathlib import Path
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.name == ".lock":
+            continue
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out

@@ -1,15 +1,13 @@
 """The recipe layer: the loss registry drives the CLI; flags a loss does not take are refused before
 anything is touched; --out may never be, hold or lie inside an input; sft and dpo pick their template
 through the one picker; the run folder is opened once, by the recipe."""
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli, snapshot
 from gpt2ft.errors import UserError
 from gpt2ft.losses import PREFERENCE_LOSSES, PreferenceLoss
 from gpt2ft.objectives_pref import PreferenceConfig
@@ -24,19 +22,6 @@ CONVERSATION = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assi
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and link under root -> its sha256 (or link target); `.lock` (a pid) left out."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        if p.name == ".lock":
-            continue
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def refused(root: Path, *args, needles=(), out: Path | None = None):

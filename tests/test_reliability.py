@@ -3,7 +3,6 @@ clear error line on stderr, and the bytes of every file that existed before left
 file added). The world: a word tokenizer, prepared data and a 4-step pretrain run, made once."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli, snapshot
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--batch-size", "2",
         "--device", "cpu", "--no-progress", "--warmup-steps", "1", "--eval-batches", "1"]
@@ -26,20 +25,6 @@ def gpt2ft(*args, cwd=None, timeout=None):
     """run_cli from another working directory."""
     return subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and link under root -> its sha256 (or link target). `.lock` holds the pid of whoever
-    last locked a run folder, so it is left out."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        if p.name == ".lock":
-            continue
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def refused(root: Path, *args, needles=(), cwd=None, run_out: Path | None = None):
