@@ -5,11 +5,10 @@ weights, prompt and greedy settings, alternating A/B in one run; prints tokens/s
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from benchmarks.common import alternate, report, timed
+from benchmarks.common import alternate, decode_parser, report, timed
 from gpt2ft.checkpoint import load_hf_state_dict
 from gpt2ft.config import preset
 from gpt2ft.generation import SamplingConfig, complete_batch
@@ -20,11 +19,7 @@ from gpt2ft.tokenizer import gpt2_tokenizer
 def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p = decode_parser()
     p.add_argument("--compile", action="store_true", help="also time our static-cache compiled decode (GPU)")
     p.add_argument("--dtype", default=None, help="float32|bfloat16 (default: bfloat16 on a GPU, float32 on CPU)")
     args = p.parse_args()

@@ -9,13 +9,12 @@ count the tokens they really generated; free rows go on past <|endoftext|> (igno
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 import torch
 
-from benchmarks.common import alternate, machine, timed
+from benchmarks.common import alternate, decode_parser, machine, timed
 from gpt2ft.config import preset
 from gpt2ft.generation import SamplingConfig, complete_batch
 from gpt2ft.model import GPT
@@ -29,11 +28,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p = decode_parser()
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

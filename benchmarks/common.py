@@ -19,6 +19,18 @@ def machine() -> str:
            f"(torch {torch.__version__})"
 
 
+def decode_parser(description: str | None = None):
+    """The flags every decode benchmark takes: rounds, prompt and new tokens, batch sizes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    return p
+
+
 def alternate(candidates: dict, rounds: int) -> dict[str, list[float]]:
     """Call each candidate (a function returning a throughput) in turn, `rounds` times: A B A B ..."""
     results = {name: [] for name in candidates}
