@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,17 +20,21 @@ torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def share_of_the_cores():
-    """OMP_NUM_THREADS for the gpt2ft processes tests start; set here, not at import: xdist's controller
-    imports this file too, and every worker inherits its environment."""
+def child_process_defaults():
+    """What the gpt2ft processes tests start inherit, set here rather than at import (xdist's controller imports
+    this file too, and every worker inherits its environment): their share of the cores, and a Ctrl-C that
+    interrupts (a shell starts a background job with SIGINT ignored, and children inherit that)."""
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 
-# the longest files, started first so that no worker ends the run alone on one of them (xdist keeps a file on
-# one worker and, left to itself, sends the files with the fewest tests last)
-LONGEST_FIRST = ("test_demo.py", "test_reliability.py", "test_dpo_cli.py", "test_chat.py", "test_train.py")
+# the files from the longest down (measured), so the run ends on short ones and no worker waits long for the
+# other (xdist keeps a file on one worker and, left to itself, sends the files with the fewest tests last)
+LONGEST_FIRST = ("test_demo.py", "test_reliability.py", "test_dpo_cli.py", "test_chat.py", "test_train.py",
+                 "test_lora.py", "test_cli.py", "test_sft.py", "test_serve.py", "test_serve_load.py")
 
 
 def pytest_collection_modifyitems(items):
