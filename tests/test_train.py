@@ -171,7 +171,7 @@ def test_resume_with_changed_batch_size_is_refused(corpus, tmp_path):
     run_cli(*_train_args(corpus, run, steps=2), check=True)
     args = _train_args(corpus, run, steps=4, extra=["--resume", "auto"])
     args[args.index("--batch-size") + 1] = "8"
-    assert_clean_error(run_cli(*args), "batch_size: 4 -> 8", "--force-resume")
+    assert_clean_error(run_cli(*args), "global_batch: 4 -> 8", "--force-resume")
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_143(corpus, tmp_path):
