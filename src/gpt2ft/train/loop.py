@@ -40,7 +40,8 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     torch.manual_seed(cfg.seed)
     global_batch = cfg.batch_size * cfg.grad_accum * strategy.world
     resume_keys = {**resume_keys, "global_batch": global_batch}  # any split into processes resumes exactly
-    resumed = run.resume_point(cfg.resume, print_err) if cfg.resume else None
+    say = print_err if run.main else lambda msg: None  # what every process knows, the main one prints
+    resumed = run.resume_point(cfg.resume, say) if cfg.resume else None
     if resumed:  # into the whole model, before the strategy shards it
         check_resume_keys(resumed[1]["resume_keys"], resume_keys, cfg.force_resume)
         run.restore_weights(model, resumed[0])
@@ -52,7 +53,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     state, last_saved = TrainState(), None
     if resumed:
         last_saved, state = resumed[0], _restore(resumed[1], model, optimizer, scaler, strategy)
-        print_err(f"resumed from {last_saved} at step {state.step}")
+        say(f"resumed from {last_saved} at step {state.step}")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(objective.train) / global_batch))
     if run.main:
         run.write_config(_config_yaml(cfg, meta))
@@ -176,8 +177,9 @@ class Step:
             self.optimizer.step()
         else:  # skip: weights and optimizer stay as they were
             state.skipped_steps += 1
-            print_err(f"step {state.step + 1}: non-finite loss/gradient (loss={train_loss}, grad_norm={grad_norm}); "
-                      f"update skipped ({state.skipped_steps} so far)")
+            if dist.main:
+                print_err(f"step {state.step + 1}: non-finite loss/gradient (loss={train_loss}, "
+                          f"grad_norm={grad_norm}); update skipped ({state.skipped_steps} so far)")
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += int(tokens)
