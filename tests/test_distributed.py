@@ -111,6 +111,9 @@ def runs(commands, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-runs")
     first = [{"name": f"{verb}-{layout}", "argv": _argv(commands, verb, layout, root / f"{verb}-{layout}")}
              for layout in ("ddp", "fsdp") for verb in VERBS]
+    first += [{"name": "sft-fsdp-offload", "argv": _argv(commands, "sft", "fsdp", root / "sft-fsdp-offload",
+                                                          "--fsdp-offload", "--gradient-checkpointing")},
+              {"name": "sft-fsdp-bf16", "argv": _argv(commands, "sft", "fsdp", root / "sft-fsdp-bf16", "--dtype", "bfloat16")}]
     first.append({"name": "killed", "argv": _argv(commands, "pretrain", "fsdp", root / "killed"),
                   "kill": {"rank": 1, "call": 4}})  # rank 1 dies in step 4; step 2 was saved
     launch = _torchrun(root, "first", first)
@@ -175,6 +178,18 @@ def test_checkpoints_are_the_one_process_files_and_load_in_transformers(runs, la
             _close(_hf_weights(two), _hf_weights(one))
         else:
             _close(load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors"))
+
+
+def test_fsdp_offload_and_activation_checkpointing_change_no_number(runs):
+    assert _logged(runs / "sft-fsdp-offload") == pytest.approx(_logged(runs / "sft-single"), abs=1e-5)
+    _close(_hf_weights(_final(runs / "sft-fsdp-offload")), _hf_weights(_final(runs / "sft-single")))
+
+
+def test_fsdp_bf16_mixed_precision_stays_near_fp32(runs):
+    """bf16 weights in compute (FSDP's policy, with autocast), fp32 reduction and master weights."""
+    bf16, fp32 = _logged(runs / "sft-fsdp-bf16"), _logged(runs / "sft-single")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=1e-2)
+    assert json.loads((runs / "sft-fsdp-bf16" / "latest" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
 def test_kill_9_of_rank_1_then_resume_auto_continues_exactly(runs):
