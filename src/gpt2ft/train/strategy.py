@@ -135,7 +135,8 @@ class DDP(Single):
 
         compiled = super().wrap(model, cfg)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(compiled, device_ids=ids)
+        # gradients as views into the all-reduce buckets: no second copy of them (4 bytes a parameter)
+        return DistributedDataParallel(compiled, device_ids=ids, gradient_as_bucket_view=True)
 
 
 class FSDP(Single):
