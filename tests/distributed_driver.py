@@ -3,7 +3,8 @@ imports torch once and runs every command of the plan in-process, in order, thro
 
     torchrun --nproc_per_node 2 tests/distributed_driver.py PLAN.json
 
-PLAN.json: {"runs": [{"name": ..., "argv": [...], "kill": {"rank": 1, "call": 4}}], "done": DIR}. After each
+PLAN.json: {"runs": [{"name": ..., "argv": [...], "kill": {"rank": 1, "call": 4}}], "done": DIR, "device": "cpu"}.
+The process group is gloo on CPUs, NCCL (and gloo for CPU tensors) on GPUs. After each
 command every process writes DIR/NAME.RANK with its exit status. "kill": that rank SIGKILLs itself in its
 given call of the loop's accumulate_gradients (in the middle of that optimizer step, after its first
 forward), as a crashed node would; the other processes are left to notice.
@@ -41,7 +42,11 @@ def main(plan_file: str) -> int:
     torch.set_num_threads(1)
     plan = json.loads(Path(plan_file).read_text())
     done = Path(plan["done"])
-    dist.init_process_group("gloo")  # once for every command: the strategies leave a group they did not make
+    if plan.get("device", "cpu").startswith("cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:  # once for every command: the strategies leave a group they did not make
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     for run in plan["runs"]:
         if run.get("kill"):
