@@ -9,6 +9,7 @@ tests/distributed_driver.py); the one-process runs happen in this process meanwh
 GPT2FT_TEST_NPROC=1 on a single GPU (FSDP and DDP as one process, accumulating to the same global batch)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,19 @@ def test_kill_9_of_rank_1_then_resume_auto_continues_exactly(runs):
 def test_a_run_saved_by_n_processes_resumes_on_m(runs, resumed, reference):
     assert _logged(runs / resumed) == pytest.approx(_logged(runs / reference), abs=1e-5)
     _close(_hf_weights(_final(runs / resumed)), _hf_weights(_final(runs / reference)))
+
+
+def test_strategy_flags_are_checked_where_they_are_parsed(monkeypatch):
+    from gpt2ft.errors import UserError
+    from gpt2ft.train import TrainConfig
+    from gpt2ft.train.strategy import make_strategy
+
+    with pytest.raises(UserError, match=re.escape("--strategy 'zero' is out of range: auto|single|ddp|fsdp")):
+        TrainConfig(strategy="zero")
+    with pytest.raises(UserError, match="--fsdp-offload needs --strategy fsdp"):
+        TrainConfig(fsdp_offload=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--strategy single under torchrun with 2 processes"):
+        make_strategy(TrainConfig(strategy="single", device="cpu"))
+    monkeypatch.delenv("WORLD_SIZE")
+    assert make_strategy(TrainConfig(device="cpu")).name == "single"  # auto, one process
