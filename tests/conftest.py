@@ -33,8 +33,9 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 
 # the files from the longest down (measured), so the run ends on short ones and no worker waits long for the
 # other (xdist keeps a file on one worker and, left to itself, sends the files with the fewest tests last)
-LONGEST_FIRST = ("test_demo.py", "test_demo_from_model.py", "test_reliability.py", "test_dpo_cli.py", "test_chat.py",
-                 "test_train.py", "test_lora.py", "test_sft.py", "test_cli.py", "test_serve.py", "test_gguf.py")
+LONGEST_FIRST = ("test_demo.py", "test_distributed.py", "test_demo_from_model.py", "test_reliability.py",
+                 "test_dpo_cli.py", "test_chat.py", "test_train.py", "test_lora.py", "test_sft.py", "test_cli.py",
+                 "test_serve.py", "test_gguf.py")
 
 
 def pytest_collection_modifyitems(items):

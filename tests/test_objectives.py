@@ -14,7 +14,7 @@ from gpt2ft.model import GPT
 from gpt2ft.objectives import Objective
 from gpt2ft.tokenizer import WordTokenizer
 from gpt2ft.train import TrainConfig, train
-from gpt2ft.train.distributed import Distributed
+from gpt2ft.train.strategy import DDP
 
 
 class Rows:
@@ -84,7 +84,7 @@ def test_distributed_sums_on_the_training_device():
     with mock.patch.dict("os.environ", {"WORLD_SIZE": "2", "RANK": "0"}), \
             mock.patch("torch.distributed.is_initialized", return_value=True), \
             mock.patch("torch.distributed.all_reduce", side_effect=lambda t: seen.append(t.device)):
-        dist = Distributed(torch.device("meta"))
+        dist = DDP(torch.device("meta"), torch.float32, world=2, rank=0)
         try:
             dist.sum(1.0, 2.0)
         except (NotImplementedError, RuntimeError):  # meta tensors have no values to read back

@@ -79,10 +79,11 @@ def _is_base_key(name: str) -> bool:
     return "lora_" not in name and name != "lm_head.weight"
 
 
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under HF names and layouts (Conv1D weights are (in, out)); lm_head is tied."""
+def to_hf_state_dict(model: GPT, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Our weights (the model's, or `state`: its state dict gathered from shards) under HF names and
+    layouts (Conv1D weights are (in, out)); lm_head is tied."""
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         if not _is_base_key(name):
             continue
         out[name] = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
@@ -237,10 +238,10 @@ def read_config(folder: Path) -> GPTConfig:
 
 
 # ----- adapters (PEFT format) -----------------------------------------------------------------
-def write_adapter_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict) -> None:
+def write_adapter_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, state: dict | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (PEFT), tokenizer, and gpt2ft.json naming the base."""
     atomic_write_json(folder / ADAPTER_CONFIG, peft_config(model.lora_config, meta.get("base_model")))
-    atomic_save_safetensors(adapter_state_dict(model), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_save_safetensors(adapter_state_dict(model, state), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     tokenizer.save(folder)
     atomic_write_json(folder / META_FILE, {"format": 1, **meta, "lora": asdict(model.lora_config)})
 
@@ -343,13 +344,15 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
 
 
 # ----- saving ---------------------------------------------------------------------------------
-def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dtype=None, template=None) -> None:
-    """Write an HF-format model folder (no marker): config, weights, tokenizer, generation config.
+def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dtype=None, template=None,
+                      state: dict | None = None) -> None:
+    """Write an HF-format model folder (no marker): config, weights (the model's, or `state`), tokenizer,
+    generation config.
     tokenizer_config.json gets the real context as model_max_length and the prompt template (from
     `template`, else the one `meta` records) as a Jinja chat_template."""
     cfg = model.config
     hf = cfg.to_hf()
-    state = to_hf_state_dict(model)
+    state = to_hf_state_dict(model, state)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -399,12 +402,13 @@ def model_card(ref: str, model: GPT, meta: dict, template) -> str:
     return "\n".join(lines)
 
 
-def write_checkpoint_files(folder: Path, model: GPT, tokenizer, meta: dict) -> None:
-    """A model folder, or only the adapter files when the model trains LoRA adapters."""
+def write_checkpoint_files(folder: Path, model: GPT, tokenizer, meta: dict, state: dict | None = None) -> None:
+    """A model folder, or only the adapter files when the model trains LoRA adapters; the weights are the
+    model's, or `state` (its whole state dict, gathered from the shards of a sharded model)."""
     if model.lora_config is not None:
-        write_adapter_files(folder, model, tokenizer, meta)
+        write_adapter_files(folder, model, tokenizer, meta, state)
     else:
-        write_model_files(folder, model, tokenizer, {"format": 1, **meta})
+        write_model_files(folder, model, tokenizer, {"format": 1, **meta}, state=state)
 
 
 def restore_checkpoint_weights(model: GPT, folder: Path) -> None:

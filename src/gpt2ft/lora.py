@@ -122,9 +122,10 @@ def merge_lora(model) -> None:
         p.requires_grad = True
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's names (base_model.model.<module>.lora_A.weight)."""
-    return {PEFT_PREFIX + k: v for k, v in model.state_dict().items() if "lora_" in k}
+def adapter_state_dict(model, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT's names (base_model.model.<module>.lora_A.weight), of the model's own state
+    dict or of `state` (the same model's, gathered from shards)."""
+    return {PEFT_PREFIX + k: v for k, v in (model.state_dict() if state is None else state).items() if "lora_" in k}
 
 
 def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> None:

@@ -120,28 +120,28 @@ def unwrap(model):
     return model
 
 
+def _lm_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+
+
 def masked_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(summed loss, supervised token count) of a batch with input_ids and labels (and optionally
-    position_ids / attention_mask). Only supervised positions reach the vocabulary projection, and
-    the logits are never materialised whole (see _LinearCrossEntropy)."""
+    position_ids / attention_mask). The loss runs inside the model's forward (so inside any wrapper,
+    DDP or FSDP): only supervised positions reach the vocabulary projection, and the logits are never
+    materialised whole (see _LinearCrossEntropy)."""
     labels = batch["labels"]
-    mask = supervised_mask(labels)
-    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
-    hidden = model(batch["input_ids"], logits_at=mask, hidden_only=True, **extra)  # (N, C)
-    return linear_cross_entropy_sum(hidden, unwrap(model).lm_head.weight, labels[mask]), int(mask.sum())
+    loss = model(batch["input_ids"], targets=labels, reduction="sum", **_lm_inputs(batch))
+    return loss, int(supervised_mask(labels).sum())
 
 
 # ----- preference losses ------------------------------------------------------------------------
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(label) over each row's supervised positions (R,), their count (R,)) in one forward
-    pass; only supervised positions reach the vocabulary projection, chunk by chunk (no full logits)."""
+    pass of the model (inside any wrapper); only supervised positions reach the vocabulary projection,
+    chunk by chunk (no full logits)."""
     labels = batch["labels"]
-    mask = supervised_mask(labels)
-    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
-    hidden = model(batch["input_ids"], logits_at=mask, hidden_only=True, **extra)  # (N, C), row-major order
-    rows = mask.nonzero()[:, 0]  # the sequence each supervised position belongs to
-    nll = linear_cross_entropy_per_sequence(hidden, unwrap(model).lm_head.weight, labels[mask], rows, len(labels))
-    return -nll, mask.sum(-1)
+    nll = model(batch["input_ids"], targets=labels, reduction="per_sequence", **_lm_inputs(batch))
+    return -nll, supervised_mask(labels).sum(-1)
 
 
 class PairLogps(NamedTuple):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
+from .losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum, supervised_mask
 
 
 class KVCache(nn.Module):
@@ -165,6 +166,8 @@ class GPT(nn.Module):
         hidden_only: bool = False,
         kv_caches: list[KVCache] | None = None,
         cache_rows: slice | torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        reduction: str = "sum",
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits.
 
@@ -182,6 +185,10 @@ class GPT(nn.Module):
             positions only, which skips the vocabulary projection everywhere else.
         hidden_only: return the final hidden states at those positions instead of logits (for a
             loss that applies lm_head itself, chunk by chunk).
+        targets (B, T): each position's next-token label (-100: not trained). Returns the cross-entropy
+            summed over the trained positions instead of logits: a scalar (reduction="sum") or one sum per
+            row (reduction="per_sequence", (B,)), chunked, never forming the logits whole. It runs here,
+            inside forward, so a wrapper that shards the weights (FSDP) holds lm_head while it is used.
         """
         B, T = idx.shape
         use_cache = input_pos is not None
@@ -205,6 +212,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, attn_mask, cache, input_pos, cache_len, cache_rows)
         x = self.transformer.ln_f(x)
+        if targets is not None:
+            return self._loss(x, targets, reduction)
         if isinstance(logits_at, str):
             if logits_at != "last":
                 raise ValueError(f"logits_at must be None, 'last' or a bool mask, not {logits_at!r}")
@@ -212,6 +221,18 @@ class GPT(nn.Module):
         elif logits_at is not None:
             x = x[logits_at]
         return x if hidden_only else self.lm_head(x)
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Summed cross-entropy of the final hidden states x (B, T, C) against targets (B, T), only the
+        trained positions reaching lm_head."""
+        mask = supervised_mask(targets)
+        hidden, labels = x[mask], targets[mask]  # (N, C), (N,) in row-major order
+        if reduction == "sum":
+            return linear_cross_entropy_sum(hidden, self.lm_head.weight, labels)
+        if reduction == "per_sequence":
+            rows = mask.nonzero()[:, 0]  # the row each trained position belongs to
+            return linear_cross_entropy_per_sequence(hidden, self.lm_head.weight, labels, rows, len(targets))
+        raise ValueError(f"reduction must be 'sum' or 'per_sequence', not {reduction!r}")
 
     @staticmethod
     def _attention_mask(T, attention_mask, input_pos, static_cache, max_len, device):

@@ -231,11 +231,11 @@ class AdaptersOff(Reference):
 
     @torch.no_grad()
     def logps(self, policy, batch, layout):
+        """Through the policy as the loop calls it (wrapped: DDP, FSDP), so a sharded model gathers its weights."""
         from .lora import disable_adapters
 
-        gpt = unwrap(policy)
-        with evaluating(gpt), disable_adapters(gpt):
-            return sequence_logps(gpt, batch)[0]
+        with evaluating(policy), disable_adapters(unwrap(policy)):
+            return sequence_logps(policy, batch)[0]
 
     def weights_key(self, policy) -> str:
         return weights_fingerprint(policy, adapters_off=True)

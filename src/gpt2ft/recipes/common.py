@@ -1,5 +1,6 @@
 """What every recipe shares: the starting model (and its adapters), the checks made before anything is
-read or written, the device (resolved once), the plan handed to the loop, and the run-folder steps."""
+read or written, the distribution strategy (the device resolved once, the process group set up), the plan
+handed to the loop, and the run-folder steps."""
 from __future__ import annotations
 
 import functools
@@ -8,14 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import UserError
 from ..fileio import atomic_write_text, make_dir, refuse_overwriting_inputs
 from ..objectives import Objective
-from ..runtime import resolve_device, resolve_dtype
 from ..train import TrainConfig, train
 from ..train.run_folder import RunFolder, remove_unused
+from ..train.strategy import Single, make_strategy
 
 
 @dataclass
@@ -47,14 +46,13 @@ class Plan:
     meta: dict  # run metadata, saved with every checkpoint
     resume_keys: dict  # what must not change between a checkpoint and its resume
     folder: RunFolder  # opened once, here
-    device: torch.device  # resolved once, here
-    dtype: torch.dtype
+    strategy: Single  # made once, here: its device and dtype are the run's
     template: Any = None  # the prompt template (sft, dpo)
 
     def train(self) -> Path | None:
         try:
             return train(self.model, self.tokenizer, self.objective, self.config, self.meta, self.resume_keys,
-                         self.folder, device=self.device, dtype=self.dtype)
+                         self.folder, self.strategy)
         finally:  # the lock goes with the run, not with the process (a Python caller may train again)
             remove_unused()
             self.folder.close()
@@ -73,14 +71,25 @@ def recipe(build):
     return claimed
 
 
-def begin(config: TrainConfig, inputs: dict) -> tuple[torch.device, torch.dtype]:
+def begin(config: TrainConfig, inputs: dict) -> Single:
     """Before anything is read or written: --out is given and is, holds or lies inside no input of the
-    run (so --overwrite can never delete one); the device and dtype, resolved once for the whole run."""
+    run (so --overwrite can never delete one); the strategy (--strategy: its device and dtype resolved
+    once for the whole run, the process group set up under torchrun)."""
     if not config.out:
         raise UserError("--out is required: the run folder for checkpoints and logs")
     refuse_overwriting_inputs(config.out, inputs)
-    device = resolve_device(config.device)
-    return device, resolve_dtype(config.dtype, device)
+    return make_strategy(config)
+
+
+def main_first(strategy: Single, work):
+    """`work()` on the main process, then on the others (which then find what it wrote: prepared data, a
+    reference cache); the value of this process's call."""
+    if not strategy.main:
+        strategy.barrier()
+    value = work()
+    if strategy.main:
+        strategy.barrier()
+    return value
 
 
 def lora_on_lora(model: str) -> str:
@@ -138,16 +147,19 @@ def data_resume_keys(tokenizer, data_fingerprint: str, max_length: int, model_co
             "model": model_config.to_dict()}
 
 
-def save_rejected_and_splits(run_dir: Path, rows, rejected: list[dict], what: str, val_fraction: float,
+def save_rejected_and_splits(run: RunFolder, rows, rejected: list[dict], what: str, val_fraction: float,
                              test_fraction: float, seed: int):
     """Write rejected.jsonl (when rows were skipped) and the seeded train/val/test splits (splits/*.jsonl,
-    each row as read) into the run folder; return the three splits. Shared by sft and dpo."""
+    each row as read) into the run folder (the main process); return the three splits. Shared by sft and dpo."""
     from ..data.instructions import split_records
 
+    run_dir = run.path
+    splits = split_records(rows, val_fraction, test_fraction, seed)
+    if not run.main:
+        return splits
     if rejected:
         atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
         print(f"left out {what}, kept {len(rows)}; reasons in {run_dir / 'rejected.jsonl'}")
-    splits = split_records(rows, val_fraction, test_fraction, seed)
     make_dir(run_dir / "splits")
     for name, part in zip(("train", "val", "test"), splits):
         atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))

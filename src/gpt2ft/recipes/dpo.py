@@ -11,7 +11,7 @@ from ..objectives_pref import (LAYOUTS, AdaptersOff, FrozenCopy, NoReference, Ot
 from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe,
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first, recipe,
                      save_rejected_and_splits)
 
 REFERENCE_CACHE = Path("reference_logps") / "logps.pt"  # in the run folder
@@ -83,7 +83,7 @@ def dpo(cfg: DPOConfig) -> Plan:
     from ..runtime import seed_everything
 
     reference_model = None if cfg.reference in REFERENCE_KINDS else cfg.reference
-    device, dtype = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data,
+    strategy = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data,
                                       "the --reference model": reference_model})
     layout = LAYOUTS[cfg.preference.definition.layout]
     # Validate all data (and a named template) before the run folder is claimed and the (slow) model loads.
@@ -92,7 +92,7 @@ def dpo(cfg: DPOConfig) -> Plan:
         pick_template(cfg.template)
     check_start(cfg.start)
     run = open_run(cfg.train.out, "dpo", cfg.train.resume, cfg.train.overwrite)
-    train_examples, val_examples, _ = save_rejected_and_splits(run.path, examples, rejected, layout.left_out(rejected),
+    train_examples, val_examples, _ = save_rejected_and_splits(run, examples, rejected, layout.left_out(rejected),
                                                                cfg.val_fraction, cfg.test_fraction, cfg.train.seed)
     seed_everything(cfg.train.seed)
     loaded = load_for_training(cfg.start, cfg.train.dropout)
@@ -106,10 +106,11 @@ def dpo(cfg: DPOConfig) -> Plan:
     print(objective.report)
     precomputed = isinstance(reference, Precomputed)
     if precomputed:  # before any step, so the policy is still the starting model; then no reference is held
-        objective.precompute_reference(model, run.path / REFERENCE_CACHE, device, dtype, cfg.train.batch_size)
+        main_first(strategy, lambda: objective.precompute_reference(model, run.path / REFERENCE_CACHE, strategy.device,
+                                                                    strategy.dtype, cfg.train.batch_size))
     run_meta = {"objective": "dpo", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(cfg.data), "loss": pref.loss, "beta": pref.beta, "reference": reference.name,
                 "reference_model": reference.model_ref, "precomputed_reference": precomputed}
     keys = {**data_resume_keys(tokenizer, objective.fingerprint, max_len, model.config),
             "preference": {"loss": pref.loss, **pref.loss_kwargs()}, "reference": reference.name}
-    return Plan(model, tokenizer, objective, cfg.train, run_meta, keys, run, device, dtype, template)
+    return Plan(model, tokenizer, objective, cfg.train, run_meta, keys, run, strategy, template)

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first,
+                     recipe)
 
 
 @dataclass
@@ -35,7 +36,7 @@ def pretrain(cfg: PretrainConfig) -> Plan:
     from ..runtime import seed_everything
     from ..tokenizer import load_tokenizer
 
-    device, dtype = begin(cfg.train, {"the --data it trains from": cfg.data, "the --tokenizer": cfg.tokenizer})
+    strategy = begin(cfg.train, {"the --data it trains from": cfg.data, "the --tokenizer": cfg.tokenizer})
     run = open_run(cfg.train.out, "pretrain", cfg.train.resume, cfg.train.overwrite)
     meta = read_meta(cfg.data)
     tokenizer = load_tokenizer(cfg.tokenizer or meta["tokenizer"].get("dir"))
@@ -52,7 +53,7 @@ def pretrain(cfg: PretrainConfig) -> Plan:
     run_meta = {"objective": "pretrain", "model_config": cfg.model_config,
                 "data": os.path.abspath(cfg.data)}  # absolute: the run is read from other directories
     return Plan(model, tokenizer, objective, cfg.train, run_meta,
-                data_resume_keys(tokenizer, meta["fingerprint"], length, config), run, device, dtype)
+                data_resume_keys(tokenizer, meta["fingerprint"], length, config), run, strategy)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
 
-    device, dtype = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data})
+    strategy = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data})
     check_start(cfg.start)
     run = open_run(cfg.train.out, "finetune", cfg.train.resume, cfg.train.overwrite)
     seed_everything(cfg.train.seed)
@@ -81,7 +82,7 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     data = Path(cfg.data)
     if not (data / "meta.json").exists():
         data = run.path / "data"
-        prepare([cfg.data], data, tokenizer, cfg.val_fraction)
+        main_first(strategy, lambda: prepare([cfg.data], data, tokenizer, cfg.val_fraction) if run.main else None)
     meta = read_meta(data)
     if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
         raise UserError(f"{cfg.data} was prepared with another tokenizer than {cfg.start.model}'s; prepare it "
@@ -90,4 +91,4 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     objective = LanguageModeling.from_prepared(data, meta, length, tokenizer, cfg.sample_prompt, "finetune")
     run_meta = {"objective": "finetune", "base_model": loaded.base_ref, "data": str(data.resolve())}
     return Plan(model, tokenizer, objective, cfg.train, run_meta,
-                data_resume_keys(tokenizer, meta["fingerprint"], length, model.config), run, device, dtype)
+                data_resume_keys(tokenizer, meta["fingerprint"], length, model.config), run, strategy)

@@ -39,14 +39,14 @@ def sft(cfg: SFTConfig) -> Plan:
     from ..objectives import InstructionTuning
     from ..runtime import seed_everything
 
-    device, dtype = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data})
+    strategy = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data})
     # Validate all data (and a named template) before the run folder is claimed and the (slow) model loads.
     records, rejected = load_records(cfg.data, cfg.format, cfg.split, cfg.columns, cfg.on_invalid)
     if cfg.template:
         pick_template(cfg.template)
     check_start(cfg.start)
     run = open_run(cfg.train.out, "sft", cfg.train.resume, cfg.train.overwrite)
-    train_records, val_records, _ = save_rejected_and_splits(run.path, records, rejected,
+    train_records, val_records, _ = save_rejected_and_splits(run, records, rejected,
                                                              f"{len(rejected)} invalid record(s)",
                                                              cfg.val_fraction, cfg.test_fraction, cfg.train.seed)
     seed_everything(cfg.train.seed)
@@ -62,5 +62,5 @@ def sft(cfg: SFTConfig) -> Plan:
     run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(cfg.data)}
     return Plan(model, tokenizer, objective, cfg.train, run_meta,
-                data_resume_keys(tokenizer, objective.fingerprint, max_len, model.config), run, device, dtype,
+                data_resume_keys(tokenizer, objective.fingerprint, max_len, model.config), run, strategy,
                 template)

@@ -4,7 +4,7 @@
     state.py       data order, RNG states, the LR schedule, resume checks
     run_folder.py  the run folder: ownership marker, lock, checkpoints (latest/best/rotation), resume
     metrics.py     metrics.jsonl, samples.jsonl, TensorBoard, the progress bar
-    distributed.py torch.distributed under torchrun (sums reduced on the device)
+    strategy.py    single device, DDP or FSDP2 under torchrun: wrap, optimizer, clip, sums, whole state in/out
     loop.py        train(): set up -> resume -> step -> log -> evaluate -> save
 """
 from .config import TrainConfig, TrainState, sequence_length

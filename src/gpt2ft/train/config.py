@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
 
+STRATEGIES = ("auto", "single", "ddp", "fsdp")  # how processes share the model (train/strategy.py)
+
 
 def _f(default, help: str, check=None, **kw):
     """A field with its --help text; `check(value) -> bool` is its accepted range (shown in --help)."""
@@ -58,7 +60,12 @@ class TrainConfig:
     device: str = _f("auto", "auto|cpu|cuda|mps")
     dtype: str = _f("auto", "auto (bf16 autocast on GPUs and bf16-capable CPUs, else fp32)|float32|bfloat16|float16")
     compile: bool = _f(False, "torch.compile the model")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (per block)")
+    strategy: str = _f("auto", "|".join(STRATEGIES) + ": how processes under torchrun share the model: ddp "
+                       "(a whole copy each), fsdp (weights, gradients and optimizer state sharded); auto: ddp "
+                       "with several processes, else single", lambda v: v in STRATEGIES)
+    fsdp_offload: bool = _f(False, "with --strategy fsdp: keep the sharded weights, gradients and optimizer "
+                                   "state in CPU memory (the optimizer steps on the CPU)")
     max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (>= 1)", _at_least(1))
     sample_tokens: int = _f(40, "tokens per sample generation at each evaluation (>= 1)", _at_least(1))
     progress: bool = _f(True, "show a progress bar")
@@ -69,6 +76,8 @@ class TrainConfig:
             raise UserError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if self.resume is not None and self.overwrite:
             raise UserError("--resume continues a run and --overwrite starts it over: pass one of them")
+        if self.fsdp_offload and self.strategy != "fsdp":
+            raise UserError(f"--fsdp-offload needs --strategy fsdp (not {self.strategy})")
 
 
 def check_fields(obj) -> None:

@@ -19,72 +19,62 @@ from ..errors import UserError
 from ..generation import SamplingConfig, fits_context, generate_batch
 from ..losses import perplexity
 from ..objectives import Objective
-from ..runtime import resolve_device, resolve_dtype
 from .config import TrainConfig, TrainState
-from .distributed import Distributed
 from .metrics import MetricsLog
 from .run_folder import RunFolder, open_run
 from .state import check_resume_keys, lr_at, next_indices, rng_state, set_rng_state
+from .strategy import Single, make_strategy
 
 
 def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, resume_keys: dict,
-          run: RunFolder | None = None, device: torch.device | None = None,
-          dtype: torch.dtype | None = None) -> Path | None:
+          run: RunFolder | None = None, strategy: Single | None = None) -> Path | None:
     """Train `model` on `objective`; checkpoints and logs go to the run folder cfg.out. A recipe hands over
-    the run folder it opened and the device and dtype it resolved; without them, train() does both.
-    Returns the last checkpoint saved."""
+    the run folder it opened and the strategy it made (the device and dtype, resolved once); without them,
+    train() makes both. Every process of a torchrun launch runs this. Returns the last checkpoint saved."""
     run = run or open_run(cfg.out, meta.get("objective") or objective.name, cfg.resume, cfg.overwrite)
-    device = device or resolve_device(cfg.device)
-    dtype = dtype or resolve_dtype(cfg.dtype, device)
-    dist = Distributed(device)
+    strategy = strategy or make_strategy(cfg)
     if len(objective.train) == 0:
         raise UserError("the training set is empty (is --max-length larger than the data?)")
     if run.main:
         run.remove_leftovers()
     torch.manual_seed(cfg.seed)
-    model.to(device=device, dtype=torch.float32)  # master weights in fp32; autocast does the rest
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    global_batch = cfg.batch_size * cfg.grad_accum * strategy.world
+    resume_keys = {**resume_keys, "global_batch": global_batch}  # any split into processes resumes exactly
+    say = print_err if run.main else lambda msg: None  # what every process knows, the main one prints
+    resumed = run.resume_point(cfg.resume, say) if cfg.resume else None
+    if resumed:  # into the whole model, before the strategy shards it
+        check_resume_keys(resumed[1]["resume_keys"], resume_keys, cfg.force_resume)
+        run.restore_weights(model, resumed[0])
+    wrapped = strategy.wrap(model, cfg)
     model.train()
-    objective.setup(model, device, dtype)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    resume_keys = {**resume_keys, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": dist.world}
+    objective.setup(model, strategy.device, strategy.dtype)
+    optimizer = make_optimizer(model, cfg)  # after wrapping: under FSDP its parameters are the shards
+    scaler = torch.amp.GradScaler(strategy.device.type) if strategy.dtype == torch.float16 else None
     state, last_saved = TrainState(), None
-    resumed = run.resume_point(cfg.resume, print_err) if cfg.resume else None
     if resumed:
-        last_saved, saved = resumed
-        check_resume_keys(saved["resume_keys"], resume_keys, cfg.force_resume)
-        run.restore_weights(model, last_saved)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["state"])
-        set_rng_state(saved["rng"])
-        print_err(f"resumed from {last_saved} at step {state.step}")
-    global_batch = cfg.batch_size * cfg.grad_accum * dist.world
+        last_saved, state = resumed[0], _restore(resumed[1], model, optimizer, scaler, strategy)
+        say(f"resumed from {last_saved} at step {state.step}")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(objective.train) / global_batch))
     if run.main:
         run.write_config(_config_yaml(cfg, meta))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
-                  f"({len(objective.train)} training examples) on {device}, {str(dtype).removeprefix('torch.')}")
+                  f"({len(objective.train)} training examples) on {strategy.device}, "
+                  f"{str(strategy.dtype).removeprefix('torch.')}{_processes(strategy)}")
         print_err("config: " + json.dumps(asdict(cfg), default=str))
-    step = Step(model, _wrap(model, cfg, dist, device), objective, optimizer, scaler, cfg, dist, device, dtype)
+    step = Step(model, wrapped, objective, optimizer, scaler, cfg, strategy)
     log = MetricsLog(run, total, state.step, cfg.progress)
-    if state.step == 0 and run.main:  # the starting point of the loss curves
+    if state.step == 0:  # the starting point of the loss curves
         initial = step.validate()
         if initial:
             log.write({"step": 0, "tokens_seen": 0, **initial})
             log.log(f"step 0: {_shown(initial)}")
 
-    def save(best: bool) -> Path:
-        trainer_state = {"state": asdict(state), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
-                         "resume_keys": resume_keys, "config": asdict(cfg), "versions": {"torch": str(torch.__version__)}}
-        saved_meta = {**meta, "step": state.step, "tokens_seen": state.tokens_seen}
-        return run.save(model, tokenizer, saved_meta, trainer_state, cfg.keep_last, best)
+    def save(best: bool) -> Path:  # every process: a sharded state is gathered from all; the main one writes
+        extra = {"scaler": scaler.state_dict() if scaler else None, "resume_keys": resume_keys, "config": asdict(cfg)}
+        return _save(run, strategy, model, optimizer, tokenizer, meta, state, extra, cfg.keep_last, best)
 
-    with StopSignals() as signals, contextlib.closing(log), contextlib.closing(dist):
+    with StopSignals() as signals, contextlib.closing(log), contextlib.closing(strategy):
         bad_in_a_row, window = 0, Window()
         while state.step < total:
             record = step.run(state, total, window)  # one optimizer step: the heart of it
@@ -99,13 +89,15 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
             if state.step % cfg.log_every == 0 or evaluating:
                 log.write({k: v for k, v in record.items() if k != "finite"})
             log.tick(record)
-            if best or is_last or stop_early or signals.received or (cfg.save_every and state.step % cfg.save_every == 0):
-                if run.main:
-                    last_saved = save(best)
-                dist.barrier()
-            if signals.received:
+            stopping = signals.received is not None
+            if strategy.world > 1:  # a signal to any process stops them all, after the same step
+                stopping = strategy.sum(float(stopping))[0] > 0
+            if best or is_last or stop_early or stopping or (cfg.save_every and state.step % cfg.save_every == 0):
+                last_saved = save(best)
+                strategy.barrier()
+            if stopping:
                 log.log(f"stopped at step {state.step}; checkpoint {last_saved}; continue with --resume auto")
-                raise SystemExit(signals.exit_code)
+                raise SystemExit(signals.exit_code if signals.received else 128 + signal.SIGTERM)
             if stop_early:
                 break
     if run.main:
@@ -113,18 +105,49 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     return last_saved
 
 
+def _processes(strategy: Single) -> str:
+    return f", {strategy.world} processes ({strategy.name})" if strategy.world > 1 else ""
+
+
+def _save(run: RunFolder, strategy: Single, model, optimizer, tokenizer, meta: dict, state: TrainState,
+          extra: dict, keep_last: int, best: bool) -> Path:
+    """A checkpoint of the step just done: the strategy gathers the whole weights and optimizer state (and
+    every process's RNG state) on the main process, which writes them; returns its folder on every process."""
+    weights = strategy.model_state(model)
+    optimizer_state = strategy.optimizer_state(model, optimizer)
+    rng = strategy.gather(rng_state())
+    if not run.main:
+        return run.checkpoint_dir(state.step)
+    trainer_state = {"state": asdict(state), "optimizer": optimizer_state, "rng": rng[0], "rng_ranks": rng, **extra,
+                     "versions": {"torch": str(torch.__version__)}}
+    saved_meta = {**meta, "step": state.step, "tokens_seen": state.tokens_seen}
+    return run.save(model, tokenizer, saved_meta, trainer_state, keep_last, best, weights)
+
+
+def _restore(saved: dict, model, optimizer, scaler, strategy: Single) -> TrainState:
+    """Optimizer, scaler and RNG states of a checkpoint (the weights are restored before wrapping). Each
+    process takes its own RNG state when the checkpoint has one for its rank, else the main one's."""
+    strategy.load_optimizer_state(model, optimizer, saved["optimizer"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    ranks = saved.get("rng_ranks") or []
+    set_rng_state(ranks[strategy.rank] if strategy.rank < len(ranks) else saved["rng"])
+    return TrainState(**saved["state"])
+
+
 # ----- one optimizer step ---------------------------------------------------------------------
 class Step:
     """Everything an optimizer step needs, so the loop above reads as a list of stages."""
 
-    def __init__(self, model, wrapped, objective, optimizer, scaler, cfg: TrainConfig, dist: Distributed, device, dtype):
+    def __init__(self, model, wrapped, objective, optimizer, scaler, cfg: TrainConfig, strategy: Single):
         self.model, self.wrapped, self.objective = model, wrapped, objective
-        self.optimizer, self.scaler, self.cfg, self.dist, self.device = optimizer, scaler, cfg, dist, device
-        self.autocast = _autocast(device, dtype)
+        self.optimizer, self.scaler, self.cfg, self.strategy = optimizer, scaler, cfg, strategy
+        self.device = strategy.device
+        self.autocast = _autocast(strategy.device, strategy.dtype)
 
     def run(self, state: TrainState, total: int, window: "Window") -> dict:
         """LR, micro-batches, clip, step (or skip a non-finite one); returns the step's record."""
-        cfg, dist, objective = self.cfg, self.dist, self.objective
+        cfg, dist, objective = self.cfg, self.strategy, self.objective
         lr = lr_at(state.step, cfg, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -142,8 +165,7 @@ class Step:
                             "--gradient-checkpointing") from None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        grad_norm = dist.clip([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         names = sorted(metrics)
         loss, *values = dist.sum(loss, *(metrics[k] for k in names))
         train_loss = loss / max(units, 1)
@@ -155,8 +177,9 @@ class Step:
             self.optimizer.step()
         else:  # skip: weights and optimizer stay as they were
             state.skipped_steps += 1
-            print_err(f"step {state.step + 1}: non-finite loss/gradient (loss={train_loss}, grad_norm={grad_norm}); "
-                      f"update skipped ({state.skipped_steps} so far)")
+            if dist.main:
+                print_err(f"step {state.step + 1}: non-finite loss/gradient (loss={train_loss}, "
+                          f"grad_norm={grad_norm}); update skipped ({state.skipped_steps} so far)")
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += int(tokens)
@@ -168,7 +191,8 @@ class Step:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """val_loss, val_ppl and val_<metric> over up to eval_batches micro-batches of the val set."""
+        """val_loss, val_ppl and val_<metric> over up to eval_batches micro-batches of the val set. Every
+        process runs the same batches (a sharded model needs them all in each forward pass)."""
         val = self.objective.val
         if val is None or len(val) == 0:
             return {}
@@ -211,13 +235,15 @@ def accumulate_gradients(model, objective: Objective, micro: list[dict], units: 
 # ----- evaluation ----------------------------------------------------------------------------
 def evaluate(step: Step, state: TrainState, record: dict, objective: Objective, tokenizer, cfg: TrainConfig,
              log: MetricsLog) -> tuple[bool, bool]:
-    """Validation loss and metrics, the objective's own scores and samples (main process) into `record`;
-    returns (is this the best so far, stop early)."""
-    record.update(step.validate())
-    if step.dist.main:
-        record.update(objective.evaluate(step.model, tokenizer, state.step))
-        log.samples(state.step, sample_generations(step.model, tokenizer, objective.sample_prompts, cfg.sample_tokens))
-        log.log(f"step {state.step}: {_shown(record)}")
+    """Validation loss and metrics, the objective's own scores and samples into `record`; returns (is this
+    the best so far, stop early). Every process evaluates and generates (a sharded model needs them all);
+    the main process's numbers are the ones recorded, so all of them take the same decisions."""
+    scores = step.validate()
+    scores.update(objective.evaluate(step.model, tokenizer, state.step))
+    samples = sample_generations(step.model, tokenizer, objective.sample_prompts, cfg.sample_tokens)
+    record.update(step.strategy.broadcast(scores))
+    log.samples(state.step, samples)
+    log.log(f"step {state.step}: {_shown(record)}")
     value = record.get(objective.best_metric)
     if value is None:
         return False, False
@@ -259,15 +285,6 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def _wrap(model, cfg: TrainConfig, dist: Distributed, device):
-    wrapped = torch.compile(model) if cfg.compile else model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    return wrapped
 
 
 def _autocast(device, dtype):

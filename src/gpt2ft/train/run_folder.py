@@ -8,7 +8,8 @@
     RUN/checkpoints/step-N/   complete checkpoints (COMPLETE marker written last); latest -> newest, best -> best
 
 A run folder is only ever written by the verb that made it; a finished run is never silently restarted.
-Checkpoints are saved whole by the main process; sharded (FSDP) state would be gathered in `save()`.
+Checkpoints are saved whole by the main process, from the state dict the strategy gathered (whole even
+when the model is sharded over processes), in the same files whatever the strategy.
 """
 from __future__ import annotations
 
@@ -71,18 +72,24 @@ class RunFolder:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     # ----- checkpoints ----------------------------------------------------------------------------
-    def save(self, model, tokenizer, meta: dict, trainer_state: dict, keep_last: int, best: bool) -> Path:
-        """Write checkpoints/step-N atomically, point latest (and best) at it, then rotate old ones."""
-        for name, p in model.named_parameters():
-            if not torch.isfinite(p).all():
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+    def save(self, model, tokenizer, meta: dict, trainer_state: dict, keep_last: int, best: bool,
+             state: dict | None = None) -> Path:
+        """Write checkpoints/step-N atomically, point latest (and best) at it, then rotate old ones. The
+        weights are `state` (the model's whole state dict) or else the model's own."""
+        weights = model.state_dict() if state is None else state
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise UserError(f"refusing to save non-finite weights ({name}); the last good checkpoint is "
                                 f"{self.path / 'latest'}")
-        root = self.path / CHECKPOINTS_DIR
+        final = self.checkpoint_dir(trainer_state["state"]["step"])
+        root = final.parent
         root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{trainer_state['state']['step']:08d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
         try:
-            write_checkpoint_files(tmp, model, tokenizer, meta)
+            write_checkpoint_files(tmp, model, tokenizer, meta, weights)
             atomic_torch_save(trainer_state, tmp / TRAIN_STATE_FILE)
             commit_checkpoint(tmp, final)
         except BaseException:  # an error or a second Ctrl-C: leave no temp folder behind
