@@ -7,11 +7,26 @@ from conftest import assert_clean_error, run_cli
 from gpt2ft.cli import VERBS, build_parser
 
 
-def test_top_level_help_runs_in_a_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0
-    for verb in VERBS:
-        assert verb in proc.stdout
+HEAVY = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "matplotlib", "yaml", "fastapi", "uvicorn",
+         "huggingface_hub", "jinja2", "gguf", "llguidance")
+
+
+def test_help_of_every_verb_imports_no_heavy_library():
+    """`gpt2ft --help` and `gpt2ft VERB --help` on a fresh interpreter: the parser builds from declarations
+    only (torch alone takes ~1-2 s to import), so help is instant. Checked by what got imported, not by time."""
+    script = ("import sys\nfrom gpt2ft.cli import VERBS, main\n"
+              "for argv in [[]] + [[v] for v in VERBS]:\n"
+              "    try:\n        main(argv + ['--help'])\n    except SystemExit:\n        pass\n"
+              f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr, proc.stderr.splitlines()[-1]
+    assert all(verb in proc.stdout for verb in VERBS)
+    # the installed command's path: python -m gpt2ft --help, imports traced by the interpreter itself
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gpt2ft", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: gpt2ft" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "gpt2ft" in imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
 @pytest.mark.parametrize("verb", list(VERBS))

@@ -4,7 +4,7 @@ Data: JSON/JSONL/CSV/hf: rows with `prompt` (or `instruction` + optional `input`
 `rejected`, or TRL's conversational form (messages); --columns maps other names. Prompts are rendered
 with the model's saved template, exactly as SFT rendered them.
 
-Losses (--loss, from the registry gpt2ft.losses.PREFERENCE_LOSSES): sigmoid (DPO; --label-smoothing makes
+Losses (--loss, from the registry gpt2ft.preference_losses): sigmoid (DPO; --label-smoothing makes
 it cDPO), robust, ipo, hinge, simpo (reference-free, length-normalised, --gamma) and orpo (reference-free,
 NLL + --lambda x odds ratio); --sft-weight adds the chosen answer's NLL (RPO). A flag that does not apply
 to the chosen loss (--gamma with sigmoid, --reference with orpo, ...) is refused.
@@ -26,7 +26,7 @@ from . import add_columns_args, add_common, add_lora, add_training, parse_column
 
 
 def add_args(p):
-    from ..losses import PREFERENCE_LOSSES, losses_using
+    from ..preference_losses import PREFERENCE_LOSSES, losses_using
 
     add_common(p, adapter_flag=False)
     required(p.add_argument("--data", help="preference data (.json, .jsonl, .csv) or hf:DATASET_ID"))
