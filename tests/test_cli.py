@@ -37,6 +37,52 @@ def test_every_verb_has_help(verb, capsys):
     assert "usage: gpt2ft " + verb in capsys.readouterr().out
 
 
+def _verb_parsers():
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb")
+    return verbs.choices
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_help_shows_each_default_once_and_marks_required_options(verb):
+    import re
+
+    parser = _verb_parsers()[verb]
+    text = " ".join(parser.format_help().split())
+    assert not re.search(r"\(default: (None|True|False)\)", text)  # a switch's off, or an unset option
+    assert not re.search(r"\(default: [^)]*\) \(default", text)
+    assert "%" not in text.replace("%%", "")  # every % was escaped, none was lost
+    usage = " ".join(parser.format_usage().split())
+    for action in parser._actions:
+        help_text = " ".join(parser._get_formatter()._expand_help(action).split()) if action.help else ""
+        if getattr(action, "metadata_required", False):  # required: no [brackets] in usage, "(required)" in help
+            assert help_text.endswith("(required)") and f"[{action.option_strings[0]} " not in usage
+        elif isinstance(action.default, (int, float, str)) and action.default not in (True, False, "==SUPPRESS==") and \
+                action.option_strings and "default" not in (action.help or ""):
+            assert help_text.endswith(f"(default: {action.default})"), (action.dest, help_text)
+
+
+def test_on_invalid_says_what_each_verb_does_with_the_rest():
+    parsers = _verb_parsers()
+    said = {verb: next(a for a in parsers[verb]._actions if a.dest == "on_invalid").help
+            for verb in ("sft", "dpo", "eval", "data")}
+    assert "skip: train on the rest" in said["sft"] and "skip: train on the rest" in said["dpo"]
+    assert "skip: score the rest" in said["eval"] and "skip: convert the rest" in said["data"]
+
+
+def test_docs_link_only_inside_the_repository():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#]+)\)", text) + re.findall(r"`(\.\./[^`]+)`", text):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(root) and path.exists(), f"{doc.name}: {target}"
+
+
 def test_generate_and_info_from_a_folder(hf_dir):
     out = run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0",
                   "--device", "cpu", check=True).stdout

@@ -22,7 +22,8 @@ holding the policy only.
 """
 from __future__ import annotations
 
-from . import add_columns_args, add_common, add_lora, add_training, parse_columns, recipe_config, required
+from . import (add_columns_args, add_common, add_lora, add_on_invalid, add_training, parse_columns, recipe_config,
+               required)
 
 
 def add_args(p):
@@ -34,7 +35,7 @@ def add_args(p):
     p.add_argument("--template", default=None,
                    help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat "
                         "for multi-turn prompts and alpaca otherwise)")
-    p.add_argument("--on-invalid", default="error", help="error: stop and list bad pairs; skip: train on the rest")
+    add_on_invalid(p, "pairs", "train on the rest")
     g = p.add_argument_group("preference optimisation")
     losses = PREFERENCE_LOSSES.values()
     g.add_argument("--loss", default="sigmoid", choices=list(PREFERENCE_LOSSES),
