@@ -1,4 +1,4 @@
-"""Preference optimisation: a registered loss (losses.PREFERENCE_LOSSES) over its layout's examples,
+"""Preference optimisation: a registered loss (preference_losses.PREFERENCE_LOSSES) over its layout's examples,
 against the reference it needs (objectives_pref's Reference types), in the template the run records."""
 from __future__ import annotations
 
