@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=HelpFormatter)
         mod.add_args(p)
         p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML; flags override it")
-        p.set_defaults(_run=mod.run, _parser=p)
+        p.set_defaults(_run=mod.run, _parser=p, _main=main)  # _main: for a verb that runs others (demo)
     return parser
 
 

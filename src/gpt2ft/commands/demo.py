@@ -54,20 +54,19 @@ def clean_play(markdown: str) -> str:
 class Steps:
     """Runs each stage as an ordinary gpt2ft command, printed as a user would type it, and counts the
     stages that finished. The stages run in this process: torch and the verbs are imported once, not
-    once per stage (a fifth of the quick demo's time was process start-up)."""
+    once per stage (process start-up was a large share of the quick demo's time)."""
 
-    def __init__(self):
+    def __init__(self, gpt2ft):
+        self.gpt2ft = gpt2ft  # the CLI's main(argv), handed over by the CLI (a verb does not import it)
         self.finished = 0
 
     def __call__(self, title: str, args: list) -> None:
-        from ..cli import main
-
         args = [str(a) for a in args]
         print(f"\n== {title}\n$ gpt2ft {shlex.join(args)}", flush=True)
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            code = main(args)
-        finally:  # main() hands Ctrl-C back to the default when it ends; the demo keeps its own
+            code = self.gpt2ft(args)
+        finally:  # the CLI hands Ctrl-C back to the default when it ends; the demo keeps its own
             signal.signal(signal.SIGINT, sigint)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -87,7 +86,7 @@ def run(args):
     existed = out.exists()
     new = not existed or not any(out.iterdir())
     claim_output_dir(out, "gpt2ft demo", overwrite=args.overwrite)
-    steps = Steps()
+    steps = Steps(args._main)
     try:
         return _stages(args, out, steps)
     except BaseException:
