@@ -33,8 +33,9 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 
 # the files from the longest down (measured), so the run ends on short ones and no worker waits long for the
 # other (xdist keeps a file on one worker and, left to itself, sends the files with the fewest tests last)
-LONGEST_FIRST = ("test_distributed.py", "test_demo.py", "test_reliability.py", "test_dpo_cli.py", "test_chat.py", "test_train.py",
-                 "test_lora.py", "test_cli.py", "test_sft.py", "test_serve.py", "test_serve_load.py")
+LONGEST_FIRST = ("test_demo.py", "test_distributed.py", "test_demo_from_model.py", "test_reliability.py",
+                 "test_dpo_cli.py", "test_chat.py", "test_train.py", "test_lora.py", "test_sft.py", "test_cli.py",
+                 "test_serve.py", "test_gguf.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -79,14 +80,54 @@ def tiny_model(hf_dir):
 
 
 def run_cli(*args, check: bool = False, env=None, timeout: float | None = None, input: str | None = None):
-    """Run `python -m gpt2ft.cli ARGS` in a subprocess; returns CompletedProcess (text). No time limit by
-    default: a loaded machine makes work slower, not wrong."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, input=input)
+    """Run `gpt2ft ARGS` and return a CompletedProcess (text). In this process (torch and the verbs are
+    imported once, not once per call: most of the suite's time was process start-up), with its own
+    stdin/stdout/stderr, exit code and traceback as the interpreter would give them. With `env` it runs
+    in a real subprocess, since some variables (HF_HUB_OFFLINE, HF_HOME) are read when a library is
+    imported. No time limit by default: a loaded machine makes work slower, not wrong."""
+    argv = [str(a) for a in args]
+    if env is not None or timeout is not None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", *argv], capture_output=True, text=True,
+                              env=full_env, timeout=timeout, input=input)
+    else:
+        proc = _run_in_process(argv, input)
     if check and proc.returncode != 0:
-        raise AssertionError(f"gpt2ft {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"gpt2ft {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _run_in_process(argv: list[str], input: str | None) -> subprocess.CompletedProcess:
+    import io
+    import traceback
+    import warnings
+
+    from gpt2ft.cli import main
+
+    def stream(data: bytes = b""):
+        return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", write_through=True)
+
+    saved = sys.stdin, sys.stdout, sys.stderr, signal.getsignal(signal.SIGINT), torch.get_num_threads()
+    sys.stdin, sys.stdout, sys.stderr = stream((input or "").encode()), stream(), stream()
+    out, err = sys.stdout, sys.stderr
+    try:
+        with warnings.catch_warnings():  # each run shows its warnings, as a fresh process would
+            warnings.simplefilter("default")
+            try:
+                code = main(argv)
+            except SystemExit as e:  # --help, argparse, a verb's own exit
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # what the interpreter would print for an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved[:3]
+        signal.signal(signal.SIGINT, saved[3])
+        torch.set_num_threads(saved[4])
+    text = [s.buffer.getvalue().decode("utf-8", errors="replace") for s in (out, err)]
+    return subprocess.CompletedProcess(["gpt2ft", *argv], code, text[0], text[1])
 
 
 def assert_clean_error(proc, *needles):

@@ -7,11 +7,26 @@ from conftest import assert_clean_error, run_cli
 from gpt2ft.cli import VERBS, build_parser
 
 
-def test_top_level_help_runs_in_a_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "gpt2ft.cli", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0
-    for verb in VERBS:
-        assert verb in proc.stdout
+HEAVY = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "matplotlib", "yaml", "fastapi", "uvicorn",
+         "huggingface_hub", "jinja2", "gguf", "llguidance")
+
+
+def test_help_of_every_verb_imports_no_heavy_library():
+    """`gpt2ft --help` and `gpt2ft VERB --help` on a fresh interpreter: the parser builds from declarations
+    only (torch alone takes ~1-2 s to import), so help is instant. Checked by what got imported, not by time."""
+    script = ("import sys\nfrom gpt2ft.cli import VERBS, main\n"
+              "for argv in [[]] + [[v] for v in VERBS]:\n"
+              "    try:\n        main(argv + ['--help'])\n    except SystemExit:\n        pass\n"
+              f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr, proc.stderr.splitlines()[-1]
+    assert all(verb in proc.stdout for verb in VERBS)
+    # the installed command's path: python -m gpt2ft --help, imports traced by the interpreter itself
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gpt2ft", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: gpt2ft" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "gpt2ft" in imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
 @pytest.mark.parametrize("verb", list(VERBS))
@@ -20,6 +35,52 @@ def test_every_verb_has_help(verb, capsys):
         build_parser().parse_args([verb, "--help"])
     assert e.value.code == 0
     assert "usage: gpt2ft " + verb in capsys.readouterr().out
+
+
+def _verb_parsers():
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb")
+    return verbs.choices
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_help_shows_each_default_once_and_marks_required_options(verb):
+    import re
+
+    parser = _verb_parsers()[verb]
+    text = " ".join(parser.format_help().split())
+    assert not re.search(r"\(default: (None|True|False)\)", text)  # a switch's off, or an unset option
+    assert not re.search(r"\(default: [^)]*\) \(default", text)
+    assert "%" not in text.replace("%%", "")  # every % was escaped, none was lost
+    usage = " ".join(parser.format_usage().split())
+    for action in parser._actions:
+        help_text = " ".join(parser._get_formatter()._expand_help(action).split()) if action.help else ""
+        if getattr(action, "metadata_required", False):  # required: no [brackets] in usage, "(required)" in help
+            assert help_text.endswith("(required)") and f"[{action.option_strings[0]} " not in usage
+        elif isinstance(action.default, (int, float, str)) and action.default not in (True, False, "==SUPPRESS==") and \
+                action.option_strings and "default" not in (action.help or ""):
+            assert help_text.endswith(f"(default: {action.default})"), (action.dest, help_text)
+
+
+def test_on_invalid_says_what_each_verb_does_with_the_rest():
+    parsers = _verb_parsers()
+    said = {verb: next(a for a in parsers[verb]._actions if a.dest == "on_invalid").help
+            for verb in ("sft", "dpo", "eval", "data")}
+    assert "skip: train on the rest" in said["sft"] and "skip: train on the rest" in said["dpo"]
+    assert "skip: score the rest" in said["eval"] and "skip: convert the rest" in said["data"]
+
+
+def test_docs_link_only_inside_the_repository():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#]+)\)", text) + re.findall(r"`(\.\./[^`]+)`", text):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(root) and path.exists(), f"{doc.name}: {target}"
 
 
 def test_generate_and_info_from_a_folder(hf_dir):

@@ -25,3 +25,11 @@ def test_num_params_counts_the_model():
     with torch.device("meta"):
         model = GPT(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_pretrain_help_lists_every_preset_with_its_size():
+    from gpt2ft.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb")
+    text = " ".join(verbs.choices["pretrain"].format_help().split())
+    assert "gpt3-2.7b (2.7B)" in text and "gpt3-small (125M)" in text and "micro (" in text

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from gpt2ft.errors import UserError
-from gpt2ft.fileio import (MAX_DATA_FILE, OUTPUT_MARKER, WRITTEN_LEDGER, check_output_dir, check_size,
+from gpt2ft.fileio import (atomic_write, MAX_DATA_FILE, OUTPUT_MARKER, WRITTEN_LEDGER, check_output_dir, check_size,
                            check_writable, claim_output_dir, model_folder_of, output_dir, read_json, read_user_text,
                            refuse_overwriting_inputs, write_user_file)
 
@@ -209,3 +209,19 @@ def test_a_folder_or_binary_file_as_data_is_one_line(tmp_path):
     refused(tmp_path, lambda: list(read_lines(tmp_path / "d.jsonl")), "d.jsonl", "cannot read")
     (tmp_path / "b.json").write_bytes(b'[{"instruction": "a\x00", "output": "b"}]')
     refused(tmp_path, lambda: load_records(tmp_path / "b.json"), "b.json:1", "binary")
+
+
+def test_a_ctrl_c_inside_a_writers_cleanup_stays_a_ctrl_c(tmp_path):
+    """torch.save's zip writer turns a KeyboardInterrupt raised mid-write into a RuntimeError while it closes;
+    the second Ctrl-C of a training run must still end it as an interrupt (exit 130), leaving no temp file."""
+    def interrupted_write(f):
+        f.write(b"partial")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("unexpected pos 127744 vs 127632")
+
+    target = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted_write)
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,8 @@ import torch
 
 from conftest import assert_clean_error, run_cli, snapshot
 from gpt2ft.errors import UserError
-from gpt2ft.losses import PREFERENCE_LOSSES, PreferenceLoss
+from gpt2ft.losses import IMPLEMENTATIONS
+from gpt2ft.preference_losses import PREFERENCE_LOSSES, PreferenceLoss
 from gpt2ft.objectives_pref import PreferenceConfig
 from gpt2ft.recipes import DPOConfig, SFTConfig, Start, dpo, sft
 from gpt2ft.templates import TEMPLATES, pick_template
@@ -66,10 +67,12 @@ def test_cli_loss_choices_and_help_come_from_the_registry(monkeypatch):
     action = _dpo_loss_action()
     assert action.choices == list(PREFERENCE_LOSSES)
     assert all(loss.help in action.help for loss in PREFERENCE_LOSSES.values())
-    # one registry entry is all a new loss needs: the CLI offers it, the config takes it, the objective runs it
-    toy = PreferenceLoss("toy", lambda p, beta: (p.chosen * 0 + beta, p.chosen.detach(), p.rejected.detach()),
-                         True, "a constant, for this test")
-    monkeypatch.setitem(PREFERENCE_LOSSES, "toy", toy)
+    assert set(IMPLEMENTATIONS) == set(PREFERENCE_LOSSES)  # every declared loss has its function, and no more
+    # one declaration and its function are all a new loss needs: the CLI offers it, the config takes it,
+    # the objective runs it
+    monkeypatch.setitem(PREFERENCE_LOSSES, "toy", PreferenceLoss("toy", True, "a constant, for this test"))
+    monkeypatch.setitem(IMPLEMENTATIONS, "toy", lambda p, beta: (p.chosen * 0 + beta, p.chosen.detach(),
+                                                                 p.rejected.detach()))
     assert "toy" in _dpo_loss_action().choices
     from gpt2ft.losses import preference_loss
 

@@ -1,4 +1,4 @@
-"""Issue 9, one test per rule, each driving the real CLI in a subprocess: the exit code, exactly one
+"""One test per rule, each driving the real CLI (in this process; see conftest.run_cli): the exit code, exactly one
 clear error line on stderr, and the bytes of every file that existed before left unchanged (and no
 file added). The world: a word tokenizer, prepared data and a 4-step pretrain run, made once."""
 from __future__ import annotations
@@ -21,10 +21,16 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32
 WORDS = "the king queen said to be or not that is question love night day sword crown".split()
 
 
-def gpt2ft(*args, cwd=None, timeout=None):
+def gpt2ft(*args, cwd=None):
     """run_cli from another working directory."""
-    return subprocess.run([sys.executable, "-m", "gpt2ft.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if cwd is None:
+        return run_cli(*args)
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return run_cli(*args)
+    finally:
+        os.chdir(here)
 
 
 def refused(root: Path, *args, needles=(), cwd=None, run_out: Path | None = None):

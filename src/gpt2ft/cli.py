@@ -44,8 +44,39 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, keep the examples in each verb's docstring as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the examples in each verb's docstring as written; show each option's default once, where it
+    says something (not None, not a switch's off), and mark the options a verb requires (they may come
+    from --config, so argparse itself does not require them)."""
+
+    def _get_help_string(self, action):
+        text = (action.help or "").replace(" (default: %(default)s)", "")  # Python 3.11's BooleanOptionalAction
+        if getattr(action, "metadata_required", False):
+            return text + " (required)"
+        shown = _default_text(action)
+        return text if shown is None else f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _format_usage(self, usage, actions, groups, prefix):
+        marked = [a for a in actions if getattr(a, "metadata_required", False) and not a.required]
+        for a in marked:  # shown without [brackets]
+            a.required = True
+        try:
+            return super()._format_usage(usage, actions, groups, prefix)
+        finally:
+            for a in marked:
+                a.required = False
+
+
+def _default_text(action) -> str | None:
+    """An option's default as --help shows it, or None where the help text says it already, the option
+    is off or unset by default, or it is a plain switch."""
+    default, text = action.default, action.help or ""
+    if default is None or default is argparse.SUPPRESS or not action.option_strings or "default" in text:
+        return None
+    if action.nargs == 0:  # --x/--no-x shows the one in force; a plain switch is off unless given
+        names = action.option_strings
+        return (names[0] if default else names[-1]) if isinstance(action, argparse.BooleanOptionalAction) else None
+    return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
 
 
 def _load_yaml(path: str) -> dict:

@@ -57,10 +57,23 @@ def atomic_write(path: Path, write) -> None:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"could not write {path}: {e.strerror or e}") from None
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _interrupted(e):  # a Ctrl-C inside a writer's cleanup (torch.save's zip) turns into its error
+            raise KeyboardInterrupt from None
         raise
     fsync_dir(path.parent)
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """Whether e is, or arose while handling, a KeyboardInterrupt."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -3,11 +3,12 @@ loop can divide by the global count and accumulate exactly per token."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .preference_losses import OPTION_DEFAULTS, PREFERENCE_LOSSES
 
 IGNORE = -100
 
@@ -205,75 +206,59 @@ def odds_ratio_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tor
     return -F.logsigmoid(log_odds)
 
 
-# ----- the registry: each loss on a batch of pairs -> (per-pair loss, chosen reward, rejected reward) ----
+# ----- the registry's functions: a batch of pairs -> (per-pair loss, chosen reward, rejected reward) -----
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+
+def implements(name: str):
+    """Register the pure function of the declared loss `name` (gpt2ft.preference_losses.PREFERENCE_LOSSES)."""
+    def register(fn):
+        IMPLEMENTATIONS[name] = fn
+        return fn
+    return register
+
+
 def _with_ratio_rewards(loss: torch.Tensor, p: PairLogps, beta: float):
     chosen_ratio, rejected_ratio = p.ratios
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+@implements("sigmoid")
 def _sigmoid(p: PairLogps, beta: float, label_smoothing: float):
     chosen_ratio, rejected_ratio = p.ratios
     return _with_ratio_rewards(sigmoid_loss(chosen_ratio - rejected_ratio, beta, label_smoothing), p, beta)
 
 
+@implements("robust")
 def _robust(p: PairLogps, beta: float, label_smoothing: float):
     chosen_ratio, rejected_ratio = p.ratios
     return _with_ratio_rewards(robust_loss(chosen_ratio - rejected_ratio, beta, label_smoothing), p, beta)
 
 
+@implements("hinge")
 def _hinge(p: PairLogps, beta: float):
     chosen_ratio, rejected_ratio = p.ratios
     return _with_ratio_rewards(hinge_loss(chosen_ratio - rejected_ratio, beta), p, beta)
 
 
+@implements("ipo")
 def _ipo(p: PairLogps, beta: float):
     chosen_ratio, rejected_ratio = p.ratios
     per_token = chosen_ratio / p.chosen_len.clamp(min=1) - rejected_ratio / p.rejected_len.clamp(min=1)
     return _with_ratio_rewards(ipo_loss(per_token, beta), p, beta)
 
 
+@implements("simpo")
 def _simpo(p: PairLogps, beta: float, gamma: float):
     chosen_avg, rejected_avg = p.averages
     return simpo_loss(chosen_avg, rejected_avg, beta, gamma), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
+@implements("orpo")
 def _orpo(p: PairLogps, lam: float):
     chosen_avg, rejected_avg = p.averages  # the chosen answer's NLL plus lam x the odds-ratio term
     loss = -chosen_avg + lam * odds_ratio_loss(chosen_avg, rejected_avg)
     return loss, lam * chosen_avg.detach(), lam * rejected_avg.detach()
-
-
-@dataclass(frozen=True)
-class PreferenceLoss:
-    """One preference loss: its name (--loss), whether it compares against a reference model, its default
-    beta, the options its pure function takes besides the log-probs, and the batch layout it needs
-    (objectives_pref.LAYOUTS: "pairs" is B chosen rows then the same B prompts with their rejected answers)."""
-    name: str
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    needs_reference: bool
-    help: str
-    params: tuple[str, ...] = ("beta",)
-    default_beta: float = 0.1
-    layout: str = "pairs"
-
-
-OPTION_DEFAULTS = {"label_smoothing": 0.0, "gamma": 0.5, "lam": 0.1}  # beta's default is per loss
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {loss.name: loss for loss in (
-    PreferenceLoss("sigmoid", _sigmoid, True, "DPO; with --label-smoothing, cDPO", ("beta", "label_smoothing")),
-    PreferenceLoss("robust", _robust, True, "robust DPO, unbiased under --label-smoothing noise",
-                   ("beta", "label_smoothing")),
-    PreferenceLoss("ipo", _ipo, True, "IPO, on per-token log-ratios"),
-    PreferenceLoss("hinge", _hinge, True, "SLiC-HF hinge"),
-    # SimPO's rewards are per-token averages: a larger scale (Meng et al. use 2-2.5)
-    PreferenceLoss("simpo", _simpo, False, "SimPO: reference-free, length-normalised, margin --gamma",
-                   ("beta", "gamma"), default_beta=2.0),
-    PreferenceLoss("orpo", _orpo, False, "ORPO: reference-free, NLL + --lambda x odds ratio", ("lam",)),
-)}
-
-
-def losses_using(option: str) -> list[str]:
-    """The registered losses that take `option` (beta, label_smoothing, gamma, lam)."""
-    return [loss.name for loss in PREFERENCE_LOSSES.values() if option in loss.params]
 
 
 def preference_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_len: torch.Tensor,
@@ -292,7 +277,8 @@ def preference_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, cho
     if entry.needs_reference and (ref_chosen is None or ref_rejected is None):
         raise ValueError(f"the {kind} loss needs reference log-probs")
     defaults = {"beta": entry.default_beta, **OPTION_DEFAULTS}
-    loss, chosen_reward, rejected_reward = entry.fn(p, **{k: params.get(k, defaults[k]) for k in entry.params})
+    options = {k: params.get(k, defaults[k]) for k in entry.params}
+    loss, chosen_reward, rejected_reward = IMPLEMENTATIONS[kind](p, **options)
     if sft_weight:
         loss = loss + sft_weight * -p.averages[0]
     return {"loss": loss, "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}

@@ -1,6 +1,6 @@
 """Preference optimisation (DPO and its relatives) as one more objective of the training loop.
 
-The loss comes from the registry (losses.PREFERENCE_LOSSES); the batch layout it needs from LAYOUTS here
+The loss comes from the registry (preference_losses.PREFERENCE_LOSSES); the batch layout it needs from LAYOUTS here
 (`pairs`: B chosen rows then the same B prompts with their rejected answers, so one forward pass gives
 the per-sequence log-probs of both). The reference is a type (`Reference`):
   FrozenCopy: a frozen copy of the starting model; OtherModel: another model, frozen (both under no_grad);
@@ -21,9 +21,9 @@ import torch
 
 from .data.preferences import PreferenceDataset, fingerprint, load_pairs, tokenize_pairs
 from .errors import UserError
-from .losses import (OPTION_DEFAULTS, PREFERENCE_LOSSES, PairLogps, PreferenceLoss, losses_using, preference_loss,
-                     sequence_logps, unwrap)
+from .losses import PairLogps, preference_loss, sequence_logps, unwrap
 from .objectives import Objective
+from .preference_losses import OPTION_DEFAULTS, PREFERENCE_LOSSES, PreferenceLoss, losses_using
 from .templates import pick_template
 
 OPTION_FLAGS = {"beta": "--beta", "label_smoothing": "--label-smoothing", "gamma": "--gamma", "lam": "--lambda"}

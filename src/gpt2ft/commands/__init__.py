@@ -151,6 +151,9 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[
         if kind is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
+        if f.metadata.get("required"):  # checked once --config is applied (cli._apply_config)
+            required(g.add_argument(flag, type=str, default=None, help=help_text))
+            continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         if typing.get_origin(base) is list:
             g.add_argument(flag, nargs="+", type=typing.get_args(base)[0], default=default, help=help_text)
@@ -197,14 +200,22 @@ def add_lora(p: argparse.ArgumentParser) -> None:
 
 
 # ----- instruction data flags (sft, eval, data) ------------------------------------------------------
-def add_instruction_data_args(p) -> None:
+def add_instruction_data_args(p, skip: str) -> None:
+    """--data, --format, --split, --columns, --template, --on-invalid; `skip` says what the verb does with
+    the valid records under --on-invalid skip ("train on the rest", "score the rest")."""
     required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID"))
     p.add_argument("--format", default="auto", help="auto|alpaca|instruction-response|messages|csv")
     add_columns_args(p)
     p.add_argument("--template", default=None,
                    help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat for "
                         "multi-turn data and alpaca otherwise)")
-    p.add_argument("--on-invalid", default="error", help="error: stop and list bad records; skip: train on the rest")
+    add_on_invalid(p, "records", skip)
+
+
+def add_on_invalid(p, rows: str, skip: str) -> None:
+    p.add_argument("--on-invalid", choices=("error", "skip"), default="error",
+                   help=f"error: stop before loading the model and list the bad {rows}; skip: {skip} (the rejected "
+                        "ones and their reasons are reported)")
 
 
 def add_columns_args(p) -> None:

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import add_columns_args, add_device, add_sampling, load_model, parse_columns, required, sampling_config
+from . import (add_columns_args, add_device, add_on_invalid, add_sampling, load_model, parse_columns, required,
+               sampling_config)
 
 
 def add_args(p):
@@ -28,7 +29,7 @@ def add_args(p):
                    help="auto|alpaca|instruction-response|messages|csv|lines")
     p.add_argument("--instruction", default=None, help="with --from lines: the instruction every line answers")
     add_columns_args(p)
-    p.add_argument("--on-invalid", default="error", help="error|skip")
+    add_on_invalid(p, "records", "convert the rest")
     g = p.add_argument_group("pairs")
     g.add_argument("--data", default=None, help="instruction data whose answers become `chosen`")
     g.add_argument("--template", default=None, help="prompt template (default: the model's saved one, else alpaca)")

@@ -4,7 +4,7 @@ Data: JSON/JSONL/CSV/hf: rows with `prompt` (or `instruction` + optional `input`
 `rejected`, or TRL's conversational form (messages); --columns maps other names. Prompts are rendered
 with the model's saved template, exactly as SFT rendered them.
 
-Losses (--loss, from the registry gpt2ft.losses.PREFERENCE_LOSSES): sigmoid (DPO; --label-smoothing makes
+Losses (--loss, from the registry gpt2ft.preference_losses): sigmoid (DPO; --label-smoothing makes
 it cDPO), robust, ipo, hinge, simpo (reference-free, length-normalised, --gamma) and orpo (reference-free,
 NLL + --lambda x odds ratio); --sft-weight adds the chosen answer's NLL (RPO). A flag that does not apply
 to the chosen loss (--gamma with sigmoid, --reference with orpo, ...) is refused.
@@ -22,11 +22,12 @@ holding the policy only.
 """
 from __future__ import annotations
 
-from . import add_columns_args, add_common, add_lora, add_training, parse_columns, recipe_config, required
+from . import (add_columns_args, add_common, add_lora, add_on_invalid, add_training, parse_columns, recipe_config,
+               required)
 
 
 def add_args(p):
-    from ..losses import PREFERENCE_LOSSES, losses_using
+    from ..preference_losses import PREFERENCE_LOSSES, losses_using
 
     add_common(p, adapter_flag=False)
     required(p.add_argument("--data", help="preference data (.json, .jsonl, .csv) or hf:DATASET_ID"))
@@ -34,7 +35,7 @@ def add_args(p):
     p.add_argument("--template", default=None,
                    help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat "
                         "for multi-turn prompts and alpaca otherwise)")
-    p.add_argument("--on-invalid", default="error", help="error: stop and list bad pairs; skip: train on the rest")
+    add_on_invalid(p, "pairs", "train on the rest")
     g = p.add_argument_group("preference optimisation")
     losses = PREFERENCE_LOSSES.values()
     g.add_argument("--loss", default="sigmoid", choices=list(PREFERENCE_LOSSES),

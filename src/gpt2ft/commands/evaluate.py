@@ -22,7 +22,7 @@ from . import add_common, add_instruction_data_args, add_sampling, load_model, p
 
 def add_args(p):
     add_common(p)
-    add_instruction_data_args(p)
+    add_instruction_data_args(p, "score the rest")
     p.add_argument("--out", default=None, metavar="REPORT_DIR",
                    help="write responses.jsonl and summary.json here (a new or empty folder, or one eval made)")
     p.add_argument("--overwrite", action="store_true",

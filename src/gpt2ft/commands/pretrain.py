@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 from ..argtypes import ranged
+from ..config import preset_help
 from . import add_common, add_training, recipe_config, required
 
 
 def add_args(p):
-    p.add_argument("--model-config", default="micro", help="preset: micro, tiny, small, gpt2, gpt2-medium, ...")
+    p.add_argument("--model-config", default="micro",
+                   help=f"a preset (parameters at GPT-2's 50,257-token vocabulary): {preset_help()}")
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         p.add_argument("--" + name.replace("_", "-"), type=ranged(int, 1), default=None,
                        help=f"override the preset's {name} (>= 1)")

@@ -18,7 +18,7 @@ from . import add_common, add_instruction_data_args, add_lora, add_training, par
 
 def add_args(p):
     add_common(p, adapter_flag=False)
-    add_instruction_data_args(p)
+    add_instruction_data_args(p, "train on the rest")
     g = p.add_argument_group("SFT")
     g.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
     g.add_argument("--packing", action="store_true", help="pack several examples per row (no cross attention)")

@@ -3,6 +3,7 @@ read or written, the distribution strategy (the device resolved once, the proces
 handed to the loop, and the run-folder steps."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_text, make_dir, refuse_overwriting_inputs
 from ..objectives import Objective
 from ..train import TrainConfig, train
-from ..train.run_folder import RunFolder
+from ..train.run_folder import RunFolder, remove_unused
 from ..train.strategy import Single, make_strategy
 
 
@@ -49,8 +50,25 @@ class Plan:
     template: Any = None  # the prompt template (sft, dpo)
 
     def train(self) -> Path | None:
-        return train(self.model, self.tokenizer, self.objective, self.config, self.meta, self.resume_keys,
-                     self.folder, self.strategy)
+        try:
+            return train(self.model, self.tokenizer, self.objective, self.config, self.meta, self.resume_keys,
+                         self.folder, self.strategy)
+        finally:  # the lock goes with the run, not with the process (a Python caller may train again)
+            remove_unused()
+            self.folder.close()
+
+
+def recipe(build):
+    """A recipe that fails after claiming its run folder leaves no empty folder behind, in the CLI (whose
+    exit would also clear it) and for a Python caller whose process lives on."""
+    @functools.wraps(build)
+    def claimed(cfg):
+        try:
+            return build(cfg)
+        except BaseException:
+            remove_unused()
+            raise
+    return claimed
 
 
 def begin(config: TrainConfig, inputs: dict) -> Single:

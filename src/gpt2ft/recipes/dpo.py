@@ -1,4 +1,4 @@
-"""Preference optimisation: a registered loss (losses.PREFERENCE_LOSSES) over its layout's examples,
+"""Preference optimisation: a registered loss (preference_losses.PREFERENCE_LOSSES) over its layout's examples,
 against the reference it needs (objectives_pref's Reference types), in the template the run records."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..objectives_pref import (LAYOUTS, AdaptersOff, FrozenCopy, NoReference, Ot
 from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first,
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first, recipe,
                      save_rejected_and_splits)
 
 REFERENCE_CACHE = Path("reference_logps") / "logps.pt"  # in the run folder
@@ -78,6 +78,7 @@ def build_reference(cfg: DPOConfig, loaded) -> Reference:
     return Precomputed(reference) if cfg.precompute_reference else reference
 
 
+@recipe
 def dpo(cfg: DPOConfig) -> Plan:
     from ..runtime import seed_everything
 

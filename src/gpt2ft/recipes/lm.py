@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first,
+                     recipe)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class PretrainConfig:
     sample_prompt: list[str] | None = None
 
 
+@recipe
 def pretrain(cfg: PretrainConfig) -> Plan:
     from ..config import preset
     from ..data.text import read_meta
@@ -65,6 +67,7 @@ class FinetuneConfig:
     sample_prompt: list[str] | None = None
 
 
+@recipe
 def finetune(cfg: FinetuneConfig) -> Plan:
     from ..data.text import prepare, read_meta
     from ..objectives import LanguageModeling

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import Plan, Start, begin, check_start, data_resume_keys, load_for_training, save_rejected_and_splits
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe,
+                     save_rejected_and_splits)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class SFTConfig:
     keyword: list[str] | None = None
 
 
+@recipe
 def sft(cfg: SFTConfig) -> Plan:
     from ..data.instructions import load_records
     from ..objectives import InstructionTuning

@@ -28,7 +28,7 @@ def _finite_at_least(n):
 class TrainConfig:
     """Options shared by every training verb (flags and YAML keys of the same names)."""
 
-    out: str | None = _f(None, "run folder: checkpoints, metrics.jsonl, config.yaml, plots")
+    out: str | None = _f(None, "run folder: checkpoints, metrics.jsonl, config.yaml, loss.png", required=True)
     max_steps: int = _f(-1, "optimizer steps, >= 1 (-1: derive from --epochs)", lambda v: v == -1 or v >= 1)
     epochs: float = _f(1.0, "passes over the training data when --max-steps is -1 (> 0)",
                        lambda v: math.isfinite(v) and v > 0)
@@ -45,7 +45,7 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1, in [0, 1)", lambda v: 0 <= v < 1)
     beta2: float = _f(0.95, "AdamW beta2, in [0, 1)", lambda v: 0 <= v < 1)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this, >= 0 (0: off)", _finite_at_least(0))
-    dropout: float | None = _f(None, "override the model's dropout, in [0, 1)", lambda v: 0 <= v < 1)
+    dropout: float | None = _f(None, "override the model's dropout, in [0, 1) (unset: the model's own)", lambda v: 0 <= v < 1)
     eval_every: int = _f(100, "evaluate every N steps, >= 0 (0: only at the end)", _at_least(0))
     eval_batches: int = _f(20, "validation micro-batches per evaluation (>= 1)", _at_least(1))
     save_every: int = _f(500, "save a checkpoint every N steps, >= 0 (0: only best and the end)", _at_least(0))

@@ -1,7 +1,7 @@
 """The run folder, written in one place:
 
     RUN/.gpt2ft-output.json   which verb made it ({"made_by": "gpt2ft sft"})
-    RUN/.lock                 held (flock) while a process trains here; the OS drops it when the process dies
+    RUN/.lock                 held (lockf) while a process trains here; the OS drops it when the process dies
     RUN/config.yaml           the resolved options and run metadata
     RUN/metrics.jsonl         one JSON object per logged step / evaluation
     RUN/samples.jsonl         generations at each evaluation
@@ -35,10 +35,17 @@ RUN_FILES = ("checkpoints", "latest", "best", "metrics.jsonl", "samples.jsonl", 
 
 
 class RunFolder:
-    """A claimed run folder (open_run): the main process holds its lock (`lock`, a file descriptor) until exit."""
+    """A claimed run folder (open_run): the main process holds its lock (`lock`, a file descriptor) until
+    the run ends (`close`) or the process exits."""
 
     def __init__(self, path: Path, main: bool = True, lock: int | None = None):
         self.path, self.main, self.lock = path, main, lock
+
+    def close(self) -> None:
+        """Release the lock when the run ends (the folder stays claimed: marked as this verb's)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     @property
     def metrics(self) -> Path:
@@ -164,6 +171,7 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
         if not overwrite:
             raise UserError(f"--out {path} is not empty and was not made by gpt2ft; choose a new folder, or pass "
                             "--overwrite to write into it anyway (nothing of yours there is deleted)")
+    created = not path.exists()
     if contents:
         lock = _lock(path)  # before looking closer: a run in progress is refused as such
         checkpoints = run_checkpoints(path)
@@ -180,24 +188,33 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
             raise UserError(f"--out {path} already holds a run (newest checkpoint {checkpoints[0].name}); pass "
                             "--resume auto to continue it, --overwrite to start it over, or choose a new --out")
     else:
-        created = not path.exists()
         make_dir(path)
         lock = _lock(path)
-        if created:
-            atexit.register(_remove_if_unused, path, lock)  # a verb that fails before training leaves nothing
+    folder = RunFolder(path, main, lock)
+    if created:
+        _CREATED.append(folder)
     if owner != verb:
         atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb})
-    return RunFolder(path, main, lock)
+    return folder
 
 
-def _remove_if_unused(path: Path, lock: int) -> None:
-    """Remove a run folder this process created if nothing but its marker and lock was written to it."""
-    try:
-        if {p.name for p in path.iterdir()} <= {OUTPUT_MARKER, LOCK_FILE}:
-            os.close(lock)
-            shutil.rmtree(path, ignore_errors=True)
-    except OSError:
-        pass
+_CREATED: list[RunFolder] = []  # the run folders this process created, until they hold more than the marker
+
+
+def remove_unused() -> None:
+    """Remove the run folders this process created that hold nothing but their marker and lock: a verb or
+    a recipe that fails before training leaves nothing (called when a recipe fails and at exit)."""
+    while _CREATED:
+        folder = _CREATED.pop()
+        try:
+            if {p.name for p in folder.path.iterdir()} <= {OUTPUT_MARKER, LOCK_FILE}:
+                folder.close()
+                shutil.rmtree(folder.path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+atexit.register(remove_unused)
 
 
 def _remove(p: Path) -> None:
@@ -209,11 +226,12 @@ def _remove(p: Path) -> None:
 
 def _lock(path: Path) -> int:
     """Take the run folder's lock; the open descriptor, held until the process exits (the OS releases it
-    even on kill -9)."""
+    even on kill -9). A POSIX record lock, so it belongs to the process: the same process may claim the
+    folder again (a second run from Python or a notebook, e.g. to resume it), another process may not."""
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
         holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise UserError(f"--out {path} is in use: another gpt2ft process (pid {holder}) is training there; "
