@@ -124,6 +124,8 @@ def runs(commands, tmp_path_factory):
     launch = _torchrun(root, "first", first)
     for verb in VERBS:  # meanwhile, the one-process runs
         _one_process(_argv(commands, verb, "single", root / f"{verb}-single"))
+    # FSDP without torchrun (a group of one, here in this process, torn down after): offload on one device
+    _one_process(_argv(commands, "sft", "single", root / "sft-fsdp-alone", "--strategy", "fsdp", "--fsdp-offload"))
     log = _finish(launch, root, "first", first, failing="killed")
     assert "SIGKILL" in log, log[-3000:]
     for src, dst in (("pretrain-single", "one-to-two"), ("pretrain-fsdp", "two-to-one")):
@@ -185,9 +187,13 @@ def test_checkpoints_are_the_one_process_files_and_load_in_transformers(runs, la
             _close(load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors"))
 
 
-def test_fsdp_offload_and_activation_checkpointing_change_no_number(runs):
-    assert _logged(runs / "sft-fsdp-offload") == pytest.approx(_logged(runs / "sft-single"), abs=1e-5)
-    _close(_hf_weights(_final(runs / "sft-fsdp-offload")), _hf_weights(_final(runs / "sft-single")))
+@pytest.mark.parametrize("run", ["sft-fsdp-offload", "sft-fsdp-alone"])
+def test_fsdp_offload_and_activation_checkpointing_change_no_number(runs, run):
+    assert _logged(runs / run) == pytest.approx(_logged(runs / "sft-single"), abs=1e-5)
+    _close(_hf_weights(_final(runs / run)), _hf_weights(_final(runs / "sft-single")))
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the group of one made for sft-fsdp-alone is gone
 
 
 def test_fsdp_bf16_mixed_precision_stays_near_fp32(runs):
