@@ -21,8 +21,10 @@ from ..losses import perplexity
 from ..objectives import Objective
 from ..runtime import resolve_device, resolve_dtype
 from .config import TrainConfig, TrainState
+from .defaults import describe, settle_run, total_steps
 from .distributed import Distributed
 from .metrics import MetricsLog
+from .report import RunReport
 from .run_folder import RunFolder, open_run
 from .state import check_resume_keys, lr_at, next_indices, rng_state, set_rng_state
 
@@ -39,6 +41,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     dist = Distributed(device)
     if len(objective.train) == 0:
         raise UserError("the training set is empty (is --max-length larger than the data?)")
+    cfg, derived = settle_run(cfg, objective, model, dist.world)  # unset --epochs, --lr, ...: from data and model
     if run.main:
         run.remove_leftovers()
     torch.manual_seed(cfg.seed)
@@ -62,20 +65,23 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         set_rng_state(saved["rng"])
         print_err(f"resumed from {last_saved} at step {state.step}")
     global_batch = cfg.batch_size * cfg.grad_accum * dist.world
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(objective.train) / global_batch))
+    total = total_steps(cfg, len(objective.train), dist.world)
     if run.main:
-        run.write_config(_config_yaml(cfg, meta))
+        if derived:
+            print_err(describe(objective.name, len(objective.train), derived))
+        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
                   f"({len(objective.train)} training examples) on {device}, {str(dtype).removeprefix('torch.')}")
         print_err("config: " + json.dumps(asdict(cfg), default=str))
     step = Step(model, _wrap(model, cfg, dist, device), objective, optimizer, scaler, cfg, dist, device, dtype)
     log = MetricsLog(run, total, state.step, cfg.progress)
+    report = RunReport(run, objective, cfg, total, log)  # the console: scores, a sample, warnings, the summary
     if state.step == 0 and run.main:  # the starting point of the loss curves
         initial = step.validate()
         if initial:
             log.write({"step": 0, "tokens_seen": 0, **initial})
-            log.log(f"step 0: {_shown(initial)}")
+            report.evaluation(0, initial, [])
 
     def save(best: bool) -> Path:
         trainer_state = {"state": asdict(state), "optimizer": optimizer.state_dict(),
@@ -95,7 +101,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
             is_last, best, stop_early = state.step == total, False, False
             evaluating = (cfg.eval_every and state.step % cfg.eval_every == 0) or is_last
             if evaluating:
-                best, stop_early = evaluate(step, state, record, objective, tokenizer, cfg, log)
+                best, stop_early = evaluate(step, state, record, objective, tokenizer, cfg, log, report)
             if state.step % cfg.log_every == 0 or evaluating:
                 log.write({k: v for k, v in record.items() if k != "finite"})
             log.tick(record)
@@ -109,7 +115,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
             if stop_early:
                 break
     if run.main:
-        print_err(f"done: {state.step} steps; checkpoints in {run.path}")
+        report.finish(state.step, last_saved)
     return last_saved
 
 
@@ -210,14 +216,15 @@ def accumulate_gradients(model, objective: Objective, micro: list[dict], units: 
 
 # ----- evaluation ----------------------------------------------------------------------------
 def evaluate(step: Step, state: TrainState, record: dict, objective: Objective, tokenizer, cfg: TrainConfig,
-             log: MetricsLog) -> tuple[bool, bool]:
+             log: MetricsLog, report: RunReport) -> tuple[bool, bool]:
     """Validation loss and metrics, the objective's own scores and samples (main process) into `record`;
     returns (is this the best so far, stop early)."""
     record.update(step.validate())
     if step.dist.main:
         record.update(objective.evaluate(step.model, tokenizer, state.step))
-        log.samples(state.step, sample_generations(step.model, tokenizer, objective.sample_prompts, cfg.sample_tokens))
-        log.log(f"step {state.step}: {_shown(record)}")
+        samples = sample_generations(step.model, tokenizer, objective.sample_prompts, cfg.sample_tokens)
+        log.samples(state.step, samples)
+        report.evaluation(state.step, record, objective.eval_samples() + samples)
     value = record.get(objective.best_metric)
     if value is None:
         return False, False
@@ -323,10 +330,6 @@ class StopSignals:
 
 def print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _shown(record: dict) -> dict:
-    return {k: round(v, 4) for k, v in record.items() if k.startswith("val") and isinstance(v, float)}
 
 
 def _config_yaml(cfg: TrainConfig, meta: dict) -> str:
