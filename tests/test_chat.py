@@ -582,3 +582,19 @@ def test_json_command_constrains_every_reply_until_off_and_bad_files_change_noth
     assert notes[-1].endswith("output free text")
     chat.handle("hi")
     assert not chat.last_reply.text.startswith("{")
+
+
+def test_an_empty_reply_is_marked_not_a_blank_line(tiny_model):
+    """A model that ends its reply at once (here: end of text forced by a logit bias) is said to, in the
+    reply's place; the conversation keeps the empty reply as it was."""
+    from gpt2ft.chat import EMPTY_MARK
+
+    model, tokenizer = tiny_model
+    chat, out, notes = in_process(tiny_model)
+    chat.settings.logit_bias = {tokenizer.eos_id: 100.0}
+    reply = chat.say("hello")
+    assert reply.text == "" and "".join(out) == EMPTY_MARK + "\n"
+    assert chat.messages[-1] == {"role": "assistant", "content": ""}
+    chat.settings.logit_bias = {}
+    out.clear()
+    assert chat.say("and now?").text.strip() and EMPTY_MARK not in "".join(out)

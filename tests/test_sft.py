@@ -240,3 +240,30 @@ def test_text_perplexity_matches_transformers(hf_dir, hf_model, tmp_path):
     with torch.no_grad():
         expected = math.exp(hf_model(ids, labels=ids).loss.item())  # one window: the text fits the context
     assert ids.shape[1] <= 65 and ppl == pytest.approx(expected, rel=1e-4), proc.stdout
+
+
+def test_default_flags_on_a_few_dozen_records_answer_and_explain_the_run(tiny_sft_setup, tmp_path, capsys):
+    """What a newcomer types: 30 records, no flags but --out. The run derives enough steps and a learning
+    rate for this model, says so, shows scores and a sample at each evaluation, ends with a summary and
+    loss.png; the tuned model answers (or the run warned that it could not)."""
+    from matplotlib.image import imread
+
+    from gpt2ft.checkpoint import load
+    from gpt2ft.generation import SamplingConfig, generate_batch
+    from gpt2ft.recipes import SFTConfig, Start, sft
+    from gpt2ft.train import TrainConfig
+
+    root, data = tiny_sft_setup
+    run = tmp_path / "mine"
+    sft(SFTConfig(TrainConfig(out=str(run), device="cpu", progress=False), Start(str(root / "base")), str(data))).train()
+    err = capsys.readouterr().err
+    assert "derived for these 25 training examples" in err and "--epochs 50:" in err and "--lr 0.0006:" in err
+    assert err.count("  sample: ") >= 10 and "step 157/157: val_loss" in err
+    assert "done: 157 steps" in err and "best val_loss" in err and f"loss plot: {run / 'loss.png'}" in err
+    image = imread(run / "loss.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    loaded = load(run)
+    prompts = [loaded.template.prompt([{"role": "user", "content": q}]) for q, _ in QA[::5]]
+    outputs = generate_batch(loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=24, temperature=0,
+                                                                                       template_stop=loaded.template.stop))
+    assert all(o.strip() for o in outputs) or "warning: " in err, outputs

@@ -22,6 +22,7 @@ KINDS = ("dpo", "sft", "finetune", "pretrain")  # preference order of auto-selec
 KIND_NAMES = {"pretrained": "pretrain", **{k: k for k in KINDS}}
 HUB_FALLBACK = "gpt2"
 CUT_MARK = " [cut]"
+EMPTY_MARK = "(the model ended its reply at once)"  # an empty reply, which would show as a blank line
 
 
 # ----- which model ----------------------------------------------------------------------------
@@ -335,7 +336,7 @@ class Chat(Commands):
             finish = "cut"  # the engine keeps in cache only what was fully computed
         seconds = time.perf_counter() - start
         text = "".join(shown) if finish == "cut" else stream.text
-        self.write((CUT_MARK if finish == "cut" else "") + "\n")
+        self.write((CUT_MARK if finish == "cut" else EMPTY_MARK if not text.strip() else "") + "\n")
         reply = Reply(text, finish or stream.finish_reason, len(prompt_ids), stream.completion_tokens,
                       stream.completion.cached_tokens, ttft, seconds, list(stream.completion.token_ids))
         if self.verbose:

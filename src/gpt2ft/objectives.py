@@ -3,8 +3,9 @@
 The contract (`Objective`) is small and explicit: the datasets (`train`, `val`: len() and
 batch(indices) -> dict), the `fingerprint` that resume checks, the `unit` its loss is averaged over
 and `count(batch)` of them, `setup()` for anything it holds besides the model (a reference model),
-`loss(model, batch) -> (summed loss, dict of summed metrics)`, `evaluate()` for extra scores, and the
-metric that picks `best/`. Sums, not means, so accumulation over micro-batches and ranks is exact.
+`loss(model, batch) -> (summed loss, dict of summed metrics)`, `evaluate()` for extra scores (and
+`eval_samples()`, what it generated, for the console), and the metric that picks `best/`. Sums, not
+means, so accumulation over micro-batches and ranks is exact.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class Objective:
     def evaluate(self, model, tokenizer, step: int) -> dict:
         """Extra scores at evaluation time (main process), e.g. generation metrics."""
         return {}
+
+    def eval_samples(self) -> list[dict]:
+        """What the last evaluate() generated ({"prompt", "output", "reference"}), for the console."""
+        return []
 
 
 class MaskedLM(Objective):
@@ -93,7 +98,7 @@ class InstructionTuning(MaskedLM):
                  eval_examples: int = 32, eval_max_new_tokens: int = 64, keywords: list[str] | None = None):
         from .data.sft import InstructionDataset, build_examples
 
-        self.template, self.keywords = template, keywords or []
+        self.template, self.keywords, self.samples = template, keywords or [], []
         self.val_records = val_records[:eval_examples]
         self.eval_max_new_tokens = eval_max_new_tokens
         train_examples, weights, counts = build_examples(train_records, template, tokenizer, max_length,
@@ -115,14 +120,24 @@ class InstructionTuning(MaskedLM):
     def tokens(self, batch: dict) -> int:
         return batch["n_tokens"]
 
+    def eval_samples(self) -> list[dict]:
+        return self.samples
+
     def evaluate(self, model, tokenizer, step: int) -> dict:
+        from .data.sft import prompt_ids
         from .evaluate import evaluate_records
         from .generation import SamplingConfig
 
         if not self.val_records:
             return {}
-        sampling = SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=0.0,
-                                  template_stop=list(self.template.stop))
-        _, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
+        # a small context: fewer new tokens rather than no record scored (alpaca's prompt alone can fill half)
+        longest = max(len(prompt_ids(r.messages[:-1], self.template, tokenizer)) for r in self.val_records)
+        room = max(1, min(self.eval_max_new_tokens, model.config.block_size - longest))
+        sampling = SamplingConfig(max_new_tokens=room, temperature=0.0, template_stop=list(self.template.stop))
+        rows, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
+        asked = {r.where: [m["content"] for m in r.messages[:-1] if m["role"] == "user"][-1]  # not the template
+                 for r in self.val_records}
+        self.samples = [{"prompt": asked.get(r["where"], r["prompt"]), "output": r["output"],
+                         "reference": r["reference"]} for r in rows]
         return {k: v for k, v in summary.items() if k in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL",
                                                           "keyword_rate", "length_ratio")}

@@ -113,9 +113,12 @@ class PairLayout:
         """Per-pair metrics the loop sums and logs."""
         chosen, rejected = out["chosen_reward"], out["rejected_reward"]
         margin = chosen - rejected
-        return {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": margin,
-                "reward_accuracy": (margin > 0).float() + 0.5 * (margin == 0).float(),  # a tie prefers neither
-                "logp_chosen": p.chosen.detach(), "logp_rejected": p.rejected.detach()}
+        metrics = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": margin,
+                   "reward_accuracy": (margin > 0).float() + 0.5 * (margin == 0).float(),  # a tie prefers neither
+                   "logp_chosen": p.chosen.detach(), "logp_rejected": p.rejected.detach()}
+        if p.ref_chosen is not None:  # how far the chosen answers' log-prob moved from the reference's
+            metrics["logp_chosen_vs_ref"] = (p.chosen - p.ref_chosen).detach()
+        return metrics
 
     @staticmethod
     def report(n_train: int, n_val: int, counts: dict, max_length: int) -> str:

@@ -137,8 +137,9 @@ def quantize_loaded(model, method: str) -> None:
     quantize_model(model, method)
 
 
-def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
-    """Flags from a config dataclass: --field-name, typed, help from the field's metadata."""
+def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = (),
+                       helps: dict[str, str] | None = None) -> None:
+    """Flags from a config dataclass: --field-name, typed, help from the field's metadata (or `helps`)."""
     g = p.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -147,7 +148,7 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
-        help_text = f.metadata.get("help", "")
+        help_text = (helps or {}).get(f.name) or f.metadata.get("help", "")
         if kind is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
@@ -177,12 +178,15 @@ def recipe_config(cls, args, **overrides):
     return cls(**values)
 
 
-def add_training(p: argparse.ArgumentParser, lr: float, **defaults) -> None:
-    """Every TrainConfig flag (--out, --max-steps, --batch-size, ... --resume) with verb-specific defaults."""
+def add_training(p: argparse.ArgumentParser, verb: str, **defaults) -> None:
+    """Every TrainConfig flag (--out, --max-steps, --batch-size, ... --resume); --epochs, --lr, --warmup-steps
+    and --eval-every left unset are derived at the start of the run (gpt2ft.train.defaults, whose table
+    for `verb` their help quotes); `defaults` are the verb's own fixed values (batch size, dropout)."""
     from ..train.config import TrainConfig  # not ..train: that imports torch, and --help must not
+    from ..train.defaults import help_texts
 
-    add_dataclass_args(p, TrainConfig, "training", skip=("device", "dtype"))
-    p.set_defaults(lr=lr, **defaults)
+    add_dataclass_args(p, TrainConfig, "training", skip=("device", "dtype"), helps=help_texts(verb))
+    p.set_defaults(**defaults)
     p.add_argument("--sample-prompt", action="append", default=None, metavar="TEXT",
                    help="prompt to sample from at each evaluation (repeatable)")
 

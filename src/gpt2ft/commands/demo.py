@@ -11,6 +11,8 @@ With --model gpt2 (or any MODEL) it skips pretraining and fine-tunes that model 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 import shutil
@@ -60,19 +62,22 @@ class Steps:
         self.gpt2ft = gpt2ft  # the CLI's main(argv), handed over by the CLI (a verb does not import it)
         self.finished = 0
 
-    def __call__(self, title: str, args: list) -> None:
+    def __call__(self, title: str, args: list, capture: bool = False) -> str:
+        """Run `gpt2ft ARGS`; with capture, return its standard output (also printed)."""
         args = [str(a) for a in args]
         print(f"\n== {title}\n$ gpt2ft {shlex.join(args)}", flush=True)
-        sigint = signal.getsignal(signal.SIGINT)
+        sigint, out = signal.getsignal(signal.SIGINT), io.StringIO()
         try:
-            code = self.gpt2ft(args)
+            with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
+                code = self.gpt2ft(args)
         finally:  # the CLI hands Ctrl-C back to the default when it ends; the demo keeps its own
             signal.signal(signal.SIGINT, sigint)
-            sys.stdout.flush()
+            print(out.getvalue(), end="", flush=True)
             sys.stderr.flush()
         if code:
             raise SystemExit(code)
         self.finished += 1
+        return out.getvalue()
 
 
 def run(args):
@@ -147,33 +152,63 @@ def _stages(args, out: Path, _step: Steps) -> int:
            *device])
     _step("5. evaluate on the held-out test split",
           ["eval", out / "sft", "--data", out / "sft", "--out", out / "eval", "--max-new-tokens", 32, *device])
-    for run_dir in ([out / "pretrain"] if args.model is None else []) + [out / "sft"]:
-        _step(f"6. plot {run_dir.name} losses", ["plot", run_dir])
     sampled = ["--temperature", 0.7, "--top-k", 40, "--seed", 0]  # greedy decoding of a small model loops
     if args.model is None:
-        _step("7a. what the pretrained model writes (sampled; it continues text, it does not answer)",
+        _step("6a. what the pretrained model writes (sampled; it continues text, it does not answer)",
               ["compare", base, out / "sft", "--raw", *sum((["--prompt", p] for p in CUES), []), *sampled,
                "--max-new-tokens", 60, "--out-md", out / "pretrain_samples.md", *again, *device])
-    _step("7b. answers before and after instruction tuning",
+    _step("6b. answers before and after instruction tuning",
           ["compare", base, out / "sft", *sum((["--prompt", p] for p in PROMPTS), []), "--template",
            "instruction-response", *sampled, "--max-new-tokens", 32, "--out-md", out / "before_after.md", *again, *device])
-    _step("8. preference-tune with DPO: the right answer over a wrong fact, a wrong play or a rambling one",
+    _step("7. preference-tune with DPO: the right answer over a wrong fact, a wrong play or a rambling one",
           ["dpo", out / "sft", "--data", PREFS_FILE, "--out", out / "dpo", "--test-fraction", 0.1,
            "--epochs", 0.05 if quick else args.dpo_epochs,
            "--batch-size", 8, "--lr", "2e-4" if args.model is None else "2e-5", "--beta", "0.1",
            "--warmup-steps", 2 if quick else 10, "--eval-every", 2 if quick else 40, "--save-every", 1000, *again,
            *train_dtype, *device])
     for name, model in (("sft", out / "sft"), ("dpo", out / "dpo")):  # likelihood and, for dpo, implicit reward
-        _step(f"9. preference accuracy on held-out pairs: {name}",
+        _step(f"8. preference accuracy on held-out pairs: {name}",
               ["eval", model, "--data", out / "dpo", "--out", out / f"prefs_{name}", *device])
-    _step("10. plot dpo losses and rewards", ["plot", out / "dpo", *again])
-    _step("11. samples before and after DPO",
+    _step("9. samples before and after DPO",
           ["compare", out / "sft", out / "dpo", *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", 32,
            "--out-md", out / "sft_vs_dpo.md", *again, *device])
+    answer = _step("10. the README's example: a greedy answer from the SFT model",
+                   ["generate", out / "sft", "--prompt", PROMPTS[0], "--temperature", 0, "--max-new-tokens", 32,
+                    *device], capture=True)
     minutes = (time.time() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min. Everything is in {out}:\n"
           f"  {out / 'sft' / 'loss.png'}, {out / 'eval' / 'summary.json'}, {out / 'before_after.md'}\n"
           f"  {out / 'dpo' / 'loss.png'}, {out / 'prefs_sft' / 'summary.json'}, {out / 'prefs_dpo' / 'summary.json'}, "
-          f"{out / 'sft_vs_dpo.md'}\n"
-          f"Try: gpt2ft generate {out / 'sft'} --prompt \"What kind of play is Macbeth?\" --temperature 0")
+          f"{out / 'sft_vs_dpo.md'}\n\n{results_table(out, args.model is None, minutes, answer)}\n\n"
+          f"Try: gpt2ft generate {out / 'sft'} --prompt \"{PROMPTS[0]}\" --temperature 0")
     return 0
+
+
+def results_table(out: Path, pretrained: bool, minutes: float, answer: str) -> str:
+    """The demo's numbers in one table: each run's validation loss (first evaluation -> best), the SFT
+    model's scores on the held-out test split, preference accuracy before and after DPO, one answer."""
+    import json
+
+    from ..plots import read_metrics
+
+    def loss(run: str) -> str:
+        vals = [r["val_loss"] for r in read_metrics(out / run) if "val_loss" in r]
+        return f"{vals[0]:.2f} -> {min(vals):.2f}" if vals else "-"
+
+    def summary(name: str) -> dict:
+        path = out / name / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    test, before, after = summary("eval"), summary("prefs_sft"), summary("prefs_dpo")
+    rows = [("pretrain", "validation loss (start -> best)", loss("pretrain"))] if pretrained else []
+    rows += [("sft", "validation loss (start -> best)", loss("sft")),
+             ("sft", "held-out test: BLEU / ROUGE-L / exact match",
+              f"{test.get('bleu', 0):.1f} / {test.get('rougeL', 0):.2f} / {test.get('exact_match', 0):.2f}"),
+             ("dpo", "validation loss (start -> best)", loss("dpo")),
+             ("dpo", "held-out preference accuracy (sft -> dpo)",
+              f"{before.get('preference_accuracy', 0):.2f} -> {after.get('preference_accuracy', 0):.2f}"),
+             ("sft", f"{PROMPTS[0]!r} (greedy)", repr(" ".join(answer.split())[:60])),
+             ("all", "wall time", f"{minutes:.1f} min")]
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{'run':<{width[0]}}  {'measure':<{width[1]}}  value", "-" * (width[0] + width[1] + 20)]
+    return "\n".join(lines + [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows])

@@ -64,7 +64,7 @@ def add_args(p):
     g.add_argument("--val-fraction", type=float, default=0.10, help="share of pairs for validation")
     g.add_argument("--test-fraction", type=float, default=0.05, help="share of pairs held out for testing")
     g.add_argument("--eval-samples", type=int, default=3, help="validation prompts generated from at each evaluation")
-    add_training(p, lr=5e-5, warmup_steps=10, epochs=1.0, eval_every=50, batch_size=4)
+    add_training(p, "dpo", batch_size=4)
     p.set_defaults(dropout=0.0)  # as TRL: dropout off, so the policy's and reference's log-probs compare
     add_lora(p)
 

@@ -15,7 +15,7 @@ def add_args(p):
     required(p.add_argument("--data", help="prepared data folder, or text file(s)/folder to prepare now"))
     p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
                    help="held-out share when preparing text, in [0, 1)")
-    add_training(p, lr=5e-5, warmup_steps=50)
+    add_training(p, "finetune")
     add_lora(p)
 
 

@@ -18,7 +18,7 @@ def add_args(p):
     required(p.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json)"))
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the data's)")
     add_common(p, model=False)
-    add_training(p, lr=1e-3, warmup_steps=100, dropout=0.0)
+    add_training(p, "pretrain", dropout=0.0)
 
 
 def run(args):

@@ -33,7 +33,7 @@ def add_args(p):
     g.add_argument("--eval-examples", type=int, default=32, help="validation records generated at each evaluation")
     g.add_argument("--eval-max-new-tokens", type=int, default=64, help="tokens generated per evaluated record")
     g.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
-    add_training(p, lr=1e-4, warmup_steps=20, epochs=3.0, eval_every=50)
+    add_training(p, "sft")
     add_lora(p)
 
 

@@ -3,7 +3,9 @@
     config.py      TrainConfig (every training flag, validated) and TrainState (what resume restores)
     state.py       data order, RNG states, the LR schedule, resume checks
     run_folder.py  the run folder: ownership marker, lock, checkpoints (latest/best/rotation), resume
+    defaults.py    what an unset --epochs, --lr, --warmup-steps, --eval-every becomes (from data and model)
     metrics.py     metrics.jsonl, samples.jsonl, TensorBoard, the progress bar
+    report.py      the console: scores and a sample per evaluation, warnings, the summary, loss.png
     strategy.py    single device, DDP or FSDP2 under torchrun: wrap, optimizer, clip, sums, whole state in/out
     loop.py        train(): set up -> resume -> step -> log -> evaluate -> save
 """

@@ -30,23 +30,26 @@ class TrainConfig:
 
     out: str | None = _f(None, "run folder: checkpoints, metrics.jsonl, config.yaml, loss.png", required=True)
     max_steps: int = _f(-1, "optimizer steps, >= 1 (-1: derive from --epochs)", lambda v: v == -1 or v >= 1)
-    epochs: float = _f(1.0, "passes over the training data when --max-steps is -1 (> 0)",
-                       lambda v: math.isfinite(v) and v > 0)
+    epochs: float | None = _f(None, "passes over the training data when --max-steps is -1 (> 0; unset: from the "
+                                    "data size, train.defaults)", lambda v: math.isfinite(v) and v > 0)
     batch_size: int = _f(8, "micro-batch size, >= 1 (sequences per forward pass, per process)", _at_least(1))
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step (>= 1)", _at_least(1))
     max_length: int | None = _f(None, "sequence length in tokens, 2 .. the model's context (default: the context)",
                                 _at_least(2))
-    lr: float = _f(3e-4, "peak learning rate (> 0)", lambda v: math.isfinite(v) and v > 0)
+    lr: float | None = _f(None, "peak learning rate (> 0; unset: from the model's width, train.defaults)",
+                          lambda v: math.isfinite(v) and v > 0)
     min_lr: float | None = _f(None, "final learning rate of the cosine schedule, 0 .. lr (default: lr/10)",
                               _finite_at_least(0))
-    warmup_steps: int = _f(100, "linear warmup steps, >= 0 (capped at a tenth of the run)", _at_least(0))
+    warmup_steps: int | None = _f(None, "linear warmup steps, >= 0 (capped at a tenth of the run; unset: 0.05 x its steps)",
+                                  _at_least(0))
     weight_decay: float = _f(0.1, "AdamW weight decay, >= 0 (not on biases, norms and embeddings)",
                              _finite_at_least(0))
     beta1: float = _f(0.9, "AdamW beta1, in [0, 1)", lambda v: 0 <= v < 1)
     beta2: float = _f(0.95, "AdamW beta2, in [0, 1)", lambda v: 0 <= v < 1)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this, >= 0 (0: off)", _finite_at_least(0))
     dropout: float | None = _f(None, "override the model's dropout, in [0, 1) (unset: the model's own)", lambda v: 0 <= v < 1)
-    eval_every: int = _f(100, "evaluate every N steps, >= 0 (0: only at the end)", _at_least(0))
+    eval_every: int | None = _f(None, "evaluate every N steps, >= 0 (0: only at the end; unset: about 10 per run)",
+                                _at_least(0))
     eval_batches: int = _f(20, "validation micro-batches per evaluation (>= 1)", _at_least(1))
     save_every: int = _f(500, "save a checkpoint every N steps, >= 0 (0: only best and the end)", _at_least(0))
     keep_last: int = _f(2, "checkpoints to keep besides best/ (>= 1)", _at_least(1))
@@ -72,7 +75,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self)
-        if self.min_lr is not None and self.min_lr > self.lr:
+        if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if self.resume is not None and self.overwrite:
             raise UserError("--resume continues a run and --overwrite starts it over: pass one of them")

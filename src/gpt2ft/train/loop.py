@@ -20,7 +20,9 @@ from ..generation import SamplingConfig, fits_context, generate_batch
 from ..losses import perplexity
 from ..objectives import Objective
 from .config import TrainConfig, TrainState
+from .defaults import describe, settle_run, total_steps
 from .metrics import MetricsLog
+from .report import RunReport
 from .run_folder import RunFolder, open_run
 from .state import check_resume_keys, lr_at, next_indices, rng_state, set_rng_state
 from .strategy import Single, make_strategy
@@ -35,6 +37,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     strategy = strategy or make_strategy(cfg)
     if len(objective.train) == 0:
         raise UserError("the training set is empty (is --max-length larger than the data?)")
+    cfg, derived = settle_run(cfg, objective, model, strategy.world)  # unset --epochs, --lr, ...: from data and model
     if run.main:
         run.remove_leftovers()
     torch.manual_seed(cfg.seed)
@@ -54,9 +57,11 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     if resumed:
         last_saved, state = resumed[0], _restore(resumed[1], model, optimizer, scaler, strategy)
         say(f"resumed from {last_saved} at step {state.step}")
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(objective.train) / global_batch))
+    total = total_steps(cfg, len(objective.train), strategy.world)
     if run.main:
-        run.write_config(_config_yaml(cfg, meta))
+        if derived:
+            print_err(describe(objective.name, len(objective.train), derived))
+        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
                   f"({len(objective.train)} training examples) on {strategy.device}, "
@@ -64,11 +69,13 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         print_err("config: " + json.dumps(asdict(cfg), default=str))
     step = Step(model, wrapped, objective, optimizer, scaler, cfg, strategy)
     log = MetricsLog(run, total, state.step, cfg.progress)
+    report = RunReport(run, objective, cfg, total, log)  # the console: scores, a sample, warnings, the summary
     if state.step == 0:  # the starting point of the loss curves
         initial = step.validate()
         if initial:
             log.write({"step": 0, "tokens_seen": 0, **initial})
-            log.log(f"step 0: {_shown(initial)}")
+            if run.main:
+                report.evaluation(0, initial, [])
 
     def save(best: bool) -> Path:  # every process: a sharded state is gathered from all; the main one writes
         extra = {"scaler": scaler.state_dict() if scaler else None, "resume_keys": resume_keys, "config": asdict(cfg)}
@@ -85,7 +92,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
             is_last, best, stop_early = state.step == total, False, False
             evaluating = (cfg.eval_every and state.step % cfg.eval_every == 0) or is_last
             if evaluating:
-                best, stop_early = evaluate(step, state, record, objective, tokenizer, cfg, log)
+                best, stop_early = evaluate(step, state, record, objective, tokenizer, cfg, log, report)
             if state.step % cfg.log_every == 0 or evaluating:
                 log.write({k: v for k, v in record.items() if k != "finite"})
             log.tick(record)
@@ -101,7 +108,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
             if stop_early:
                 break
     if run.main:
-        print_err(f"done: {state.step} steps; checkpoints in {run.path}")
+        report.finish(state.step, last_saved)
     return last_saved
 
 
@@ -234,7 +241,7 @@ def accumulate_gradients(model, objective: Objective, micro: list[dict], units: 
 
 # ----- evaluation ----------------------------------------------------------------------------
 def evaluate(step: Step, state: TrainState, record: dict, objective: Objective, tokenizer, cfg: TrainConfig,
-             log: MetricsLog) -> tuple[bool, bool]:
+             log: MetricsLog, report: RunReport) -> tuple[bool, bool]:
     """Validation loss and metrics, the objective's own scores and samples into `record`; returns (is this
     the best so far, stop early). Every process evaluates and generates (a sharded model needs them all);
     the main process's numbers are the ones recorded, so all of them take the same decisions."""
@@ -243,7 +250,8 @@ def evaluate(step: Step, state: TrainState, record: dict, objective: Objective, 
     samples = sample_generations(step.model, tokenizer, objective.sample_prompts, cfg.sample_tokens)
     record.update(step.strategy.broadcast(scores))
     log.samples(state.step, samples)
-    log.log(f"step {state.step}: {_shown(record)}")
+    if step.strategy.main:
+        report.evaluation(state.step, record, objective.eval_samples() + samples)
     value = record.get(objective.best_metric)
     if value is None:
         return False, False
@@ -340,10 +348,6 @@ class StopSignals:
 
 def print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _shown(record: dict) -> dict:
-    return {k: round(v, 4) for k, v in record.items() if k.startswith("val") and isinstance(v, float)}
 
 
 def _config_yaml(cfg: TrainConfig, meta: dict) -> str:
