@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..generation import SamplingConfig, fits_context, generate_batch
 from ..losses import perplexity
 from ..objectives import Objective
-from ..runtime import resolve_device, resolve_dtype
+from ..runtime import freed_memory_kept, resolve_device, resolve_dtype
 from .config import TrainConfig, TrainState
 from .distributed import Distributed
 from .metrics import MetricsLog
@@ -84,7 +84,8 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         saved_meta = {**meta, "step": state.step, "tokens_seen": state.tokens_seen}
         return run.save(model, tokenizer, saved_meta, trainer_state, cfg.keep_last, best)
 
-    with StopSignals() as signals, contextlib.closing(log), contextlib.closing(dist):
+    with StopSignals() as signals, contextlib.closing(log), contextlib.closing(dist), \
+            freed_memory_kept(device.type == "cpu"):  # each step's large buffers reused, not faulted in afresh
         bad_in_a_row, window = 0, Window()
         while state.step < total:
             record = step.run(state, total, window)  # one optimizer step: the heart of it
