@@ -52,6 +52,8 @@ def train_suite(base: dict, dtypes: list[str], rounds: int, gpu: bool) -> None:
     print(f"FLOPs per token (GPT-2 124M, length {base['length']}): {per_token / 1e9:.3f} G")
     for dtype in dtypes:
         kinds = {k: {"kind": k, "dtype": dtype, **base} for k in ("ours", "hf_loop", "hf_trainer", "peak")}
+        if not gpu:  # a reference: the plain loop with our loop's CPU allocator setting (freed_memory_kept)
+            kinds["hf_loop_kept"] = {"kind": "hf_loop", "kept": True, "dtype": dtype, **base}
         runs = measure(kinds, rounds)
         assert {r["dtype"] for v in runs.values() for r in v} == {dtype}, "every side must run in the same dtype"
         peak, mix = max(r["rate"] for r in runs["peak"]), max(r["mix"] for r in runs["peak"])
@@ -60,14 +62,19 @@ def train_suite(base: dict, dtypes: list[str], rounds: int, gpu: bool) -> None:
         hf_best = max(med["hf_loop"], med["hf_trainer"])
         print(f"  ratio ours / hf_trainer: {med['ours'] / med['hf_trainer']:.2f}x; "
               f"ours / the better of the two: {med['ours'] / hf_best:.2f}x (medians)")
+        if "hf_loop_kept" in med:
+            print(f"  ours / hf_loop_kept (the plain loop with our allocator setting): "
+                  f"{med['ours'] / med['hf_loop_kept']:.2f}x (medians)")
         best = {k: max(v) for k, v in rates.items()}
         print(f"  best runs: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items())
-              + f"; ours / the better: {best['ours'] / max(best['hf_loop'], best['hf_trainer']):.2f}x")
+              + f"; ours / the better of hf_loop and hf_trainer: "
+              f"{best['ours'] / max(best['hf_loop'], best['hf_trainer']):.2f}x")
+        peaks = ", ".join(f"{r['rate'] / 1e9:.0f}" for r in runs["peak"])
         print(f"  {dtype} matmul peak of this machine, the step's shapes: best shape {peak / 1e9:.0f} GFLOP/s, "
-              f"the step's mix {mix / 1e9:.0f} GFLOP/s (runs: {', '.join(f'{r['rate'] / 1e9:.0f}' for r in runs['peak'])})")
+              f"the step's mix {mix / 1e9:.0f} GFLOP/s (runs: {peaks})")
         for name, values in rates.items():
             frac = [v * per_token / peak for v in values]
-            print(f"  {name:<10} {summary(values)} tokens/s = {100 * max(frac):.0f}% (best) / "
+            print(f"  {name:<12} {summary(values)} tokens/s = {100 * max(frac):.0f}% (best) / "
                   f"{100 * statistics.median(frac):.0f}% (median) of the peak, "
                   f"{100 * statistics.median(values) * per_token / mix:.0f}% of the step's mix (median)")
         if gpu:

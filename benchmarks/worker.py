@@ -85,7 +85,14 @@ def run_ours(cfg: dict) -> list[float]:
 
 def run_hf_loop(cfg: dict) -> list[float]:
     """A plain transformers loop: GPT2LMHeadModel(labels=...) + torch AdamW (fused, as ours), autocast
-    in the config's dtype."""
+    in the config's dtype; "kept": True runs it inside our loop's allocator setting (freed_memory_kept)."""
+    from gpt2ft.runtime import freed_memory_kept
+
+    with freed_memory_kept(cfg.get("kept", False)):
+        return _hf_loop(cfg)
+
+
+def _hf_loop(cfg: dict) -> list[float]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     device, dtype = device_and_dtype(cfg)
