@@ -12,11 +12,23 @@ import time
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its matrix-relevant flags (AVX-512, bf16, AMX) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = " ".join(info.get("model name", platform.machine()).split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    flags = [f for f in wanted if f in info.get("flags", "").split()]
+    return f"{name} [{' '.join(flags) or 'no AVX2'}]"
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads " \
-           f"(torch {torch.__version__})"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def decode_parser(description: str | None = None):

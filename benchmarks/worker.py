@@ -6,6 +6,9 @@ line: tokens/s (median over steps after the first), examples/s and peak memory i
 kinds: ours | hf_loop | hf_trainer (LM on random tokens), ours_sft | trl_sft (the bundled
 instruction set), ours_lora | hf_peft (LoRA r=8 on c_attn,c_proj). "masked": 0.5 masks the first
 half of every row's labels (ours) to show the cost of skipping the vocabulary projection there.
+"dtype": "float32" | "bfloat16" is the compute dtype of every kind (bf16 autocast over fp32 master
+weights on both sides; default: bf16 on a GPU, fp32 on a CPU). kind "peak" times the matrix
+products of one GPT-2 124M training step (batch x length tokens) in that dtype and prints FLOP/s.
 """
 from __future__ import annotations
 
@@ -22,10 +25,15 @@ from benchmarks.common import peak_memory_mb, sync
 LORA = dict(r=8, alpha=16.0, dropout=0.0, targets=("c_attn", "c_proj"))
 
 
-def device_and_dtype():
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+def device_and_dtype(cfg: dict):
+    """The device, and the compute dtype the config names (default bf16 on a GPU, fp32 on a CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = cfg.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def dtype_name(cfg: dict) -> str:
+    return str(device_and_dtype(cfg)[1]).removeprefix("torch.")
 
 
 class RandomBlocks:
@@ -69,17 +77,25 @@ def run_ours(cfg: dict) -> list[float]:
     out = tempfile.mkdtemp()
     tc = TrainConfig(out=out, max_steps=cfg["steps"], batch_size=cfg["batch"], log_every=1, eval_every=0,
                      save_every=10**9, progress=False, warmup_steps=0, compile=cfg.get("compile", False),
-                     gradient_checkpointing=cfg.get("checkpointing", False))
+                     gradient_checkpointing=cfg.get("checkpointing", False), dtype=dtype_name(cfg))
     train(model, gpt2_tokenizer(), objective, tc, {}, {})
     rates = [json.loads(l)["tokens_per_s"] for l in open(f"{out}/metrics.jsonl") if "tokens_per_s" in l]
     return rates
 
 
 def run_hf_loop(cfg: dict) -> list[float]:
-    """A plain transformers loop: GPT2LMHeadModel(labels=...) + torch AdamW, autocast bf16 on a GPU."""
+    """A plain transformers loop: GPT2LMHeadModel(labels=...) + torch AdamW (fused, as ours), autocast
+    in the config's dtype; "kept": True runs it inside our loop's allocator setting (freed_memory_kept)."""
+    from gpt2ft.runtime import freed_memory_kept
+
+    with freed_memory_kept(cfg.get("kept", False)):
+        return _hf_loop(cfg)
+
+
+def _hf_loop(cfg: dict) -> list[float]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(cfg)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
                                        n_positions=max(cfg["length"], 1024))).to(device).train()
@@ -88,8 +104,7 @@ def run_hf_loop(cfg: dict) -> list[float]:
 
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                  target_modules=list(LORA["targets"]), fan_in_fan_out=True))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     data = RandomBlocks(cfg["batch"] * (cfg["steps"] + 1), cfg["length"])
     times = []
     for step in range(cfg["steps"]):
@@ -133,7 +148,7 @@ class _StepTimer:
 def run_hf_trainer(cfg: dict) -> list[float]:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(cfg)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
                                        n_positions=max(cfg["length"], 1024)))
@@ -143,7 +158,7 @@ def run_hf_trainer(cfg: dict) -> list[float]:
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg["batch"],
                              max_steps=cfg["steps"], learning_rate=1e-4, report_to="none", save_strategy="no",
                              logging_strategy="no", bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu",
-                             dataloader_num_workers=0, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch")
+                             dataloader_num_workers=0, optim="adamw_torch_fused")
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer.hook()]).train()
     return [cfg["batch"] * cfg["length"] / t for t in timer.times]
 
@@ -175,7 +190,7 @@ def run_ours_sft(cfg: dict) -> list[float]:
     objective.val = None
     out = tempfile.mkdtemp()
     tc = TrainConfig(out=out, max_steps=cfg["steps"], batch_size=cfg["batch"], log_every=1, eval_every=0,
-                     save_every=10**9, progress=False, warmup_steps=0)
+                     save_every=10**9, progress=False, warmup_steps=0, dtype=dtype_name(cfg))
     train(model, tok, objective, tc, {}, {})
     mean_tokens = sum(len(e.ids) - 1 for row in objective.train.rows for e in row) / len(objective.train)
     return [json.loads(l)["tokens_per_s"] / mean_tokens for l in open(f"{out}/metrics.jsonl") if "tokens_per_s" in l]
@@ -189,7 +204,7 @@ def run_trl_sft(cfg: dict) -> list[float]:
 
     from gpt2ft.tokenizer import gpt2_tokenizer
 
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(cfg)
     folder = tempfile.mkdtemp()
     gpt2_tokenizer().save(__import__("pathlib").Path(folder))
     hf_tok = GPT2TokenizerFast.from_pretrained(folder)
@@ -207,13 +222,52 @@ def run_trl_sft(cfg: dict) -> list[float]:
     return [cfg["batch"] / t for t in timer.times]
 
 
+def step_matmuls(n_layer: int, n_embd: int, vocab: int, tokens: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every matrix product in one training step of a GPT-2: for each linear
+    y = x W^T (tokens x d_in -> d_out) the forward, the input gradient and the weight gradient."""
+    linears = [(n_embd, 3 * n_embd, n_layer), (n_embd, n_embd, n_layer), (n_embd, 4 * n_embd, n_layer),
+               (4 * n_embd, n_embd, n_layer), (n_embd, vocab, 1)]
+    out = []
+    for d_in, d_out, count in linears:
+        out += [(tokens, d_in, d_out, count), (tokens, d_out, d_in, count), (d_out, tokens, d_in, count)]
+    return out
+
+
+def run_peak(cfg: dict) -> dict:
+    """FLOP/s of this machine on the step's own matrix products, in the config's dtype (best of 5 each):
+    the best single shape ("peak") and the whole step's mix (total FLOPs / total time)."""
+    from gpt2ft.config import preset
+
+    device, dtype = device_and_dtype(cfg)
+    c = preset("gpt2")
+    flops = seconds = 0.0
+    best = 0.0
+    for m, k, n, count in step_matmuls(c.n_layer, c.n_embd, c.vocab_size, cfg["batch"] * cfg["length"]):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        out = a @ b  # warm up (and allocate the output once)
+        times = []
+        for _ in range(5):
+            sync()
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            sync()
+            times.append(time.perf_counter() - start)
+        t = min(times)
+        best = max(best, 2 * m * k * n / t)
+        flops, seconds = flops + 2 * m * k * n * count, seconds + t * count
+    return {"rate": best, "mix": flops / seconds, "dtype": str(dtype).removeprefix("torch.")}
+
+
 RUNNERS = {"ours": run_ours, "ours_lora": run_ours, "hf_loop": run_hf_loop, "hf_peft": run_hf_loop,
-           "hf_trainer": run_hf_trainer, "ours_sft": run_ours_sft, "trl_sft": run_trl_sft}
+           "hf_trainer": run_hf_trainer, "ours_sft": run_ours_sft, "trl_sft": run_trl_sft, "peak": run_peak}
 
 
 if __name__ == "__main__":
     config = json.loads(sys.argv[1])
     torch.set_num_threads(torch.get_num_threads())
     rates = RUNNERS[config["kind"]](config)
-    print(json.dumps({"rate": statistics.median(rates[1:] if len(rates) > 1 else rates), "rates": rates,
-                      "peak_mb": peak_memory_mb()}))
+    if isinstance(rates, dict):  # peak: its own record
+        print(json.dumps(rates))
+    else:
+        print(json.dumps({"rate": statistics.median(rates[1:] if len(rates) > 1 else rates), "rates": rates,
+                          "peak_mb": peak_memory_mb(), "dtype": dtype_name(config)}))

@@ -80,3 +80,19 @@ def test_gpt2_init_scheme():
     assert abs(std - 0.02 / (2 * 8) ** 0.5) < 0.001
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
     assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_explicit_causal_attention_equals_sdpa():
+    """The CPU bf16 path (explicit products, mask added in the first) against SDPA's causal kernel: equal in
+    float64; in bf16 within bf16 rounding of the float64 result; and a bf16 training forward takes it."""
+    import torch.nn.functional as F
+
+    import gpt2ft.model as model_module
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(model_module._explicit_causal_attention(q, k, v, 0.0), ref, atol=1e-12)
+    low = model_module._explicit_causal_attention(*(t.bfloat16() for t in (q, k, v)), 0.0)
+    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
+    assert model_module._explicit_is_faster(q.bfloat16()) and not model_module._explicit_is_faster(q.float())

@@ -1,6 +1,7 @@
 """Device, dtype and seeding choices shared by every verb."""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -49,6 +50,44 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _mallopt():
+    """glibc's mallopt, or None where the C library has none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
+
+
+@contextlib.contextmanager
+def freed_memory_kept(enabled: bool = True):
+    """While inside (on glibc): serve every allocation from the heap, no per-buffer mmap, and keep what is
+    freed for reuse. A training step on a CPU frees and reallocates the same large buffers every step
+    (logits chunks, gradients, weight casts); by default each one over 32 MiB is mapped afresh and each
+    of its 4 KiB pages faulted in and zeroed again: over 2 x 10^5 page faults a step for GPT-2 124M at
+    4 x 256 tokens, about 15% of the step's CPU time on the AVX512-BF16 box. Measured there: no faults
+    after the first steps, the heap flat over 150 steps of varying lengths, peak RSS within 3%. On exit,
+    glibc's usual large-buffer settings come back and the heap's free memory is returned
+    (malloc_trim), so later work in the process neither keeps nor fragments it. Yields whether it applied."""
+    mallopt = _mallopt() if enabled else None
+    applied = mallopt is not None and bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    try:
+        yield applied
+    finally:
+        if applied:  # glibc's defaults once its dynamic threshold has grown: mmap above 32 MiB, trim above 64
+            mallopt(_M_MMAP_MAX, 65536)
+            mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+            mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def seed_everything(seed: int) -> None:

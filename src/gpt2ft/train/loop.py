@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..generation import SamplingConfig, fits_context, generate_batch
 from ..losses import perplexity
 from ..objectives import Objective
+from ..runtime import freed_memory_kept
 from .config import TrainConfig, TrainState
 from .defaults import describe, settle_run, total_steps
 from .metrics import MetricsLog
@@ -81,7 +82,8 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         extra = {"scaler": scaler.state_dict() if scaler else None, "resume_keys": resume_keys, "config": asdict(cfg)}
         return _save(run, strategy, model, optimizer, tokenizer, meta, state, extra, cfg.keep_last, best)
 
-    with StopSignals() as signals, contextlib.closing(log), contextlib.closing(strategy):
+    with StopSignals() as signals, contextlib.closing(log), contextlib.closing(strategy), \
+            freed_memory_kept(strategy.device.type == "cpu"):  # each step's large buffers reused, not faulted in afresh
         bad_in_a_row, window = 0, Window()
         while state.step < total:
             record = step.run(state, total, window)  # one optimizer step: the heart of it
