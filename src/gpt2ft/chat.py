@@ -124,7 +124,7 @@ def chat_settings(**values) -> SamplingConfig:
     return SamplingConfig(**{**CHAT_DEFAULTS, **values})
 
 
-def load_chat_model(ref: str, device: str, dtype: str, lora: str | None, verify: bool = True):
+def load_chat_model(ref: str, device, dtype, lora: str | None, verify: bool = True):
     """(loaded model, saved template or None): the checkpoint's template, or the adapter's with --lora."""
     from .checkpoint import load, read_meta, resolve
     from .templates import as_template

@@ -29,7 +29,9 @@ def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: boo
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda > mps > cpu)")
-    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto|float32|bfloat16|float16 (auto: bfloat16 where this machine multiplies it in hardware, "
+                        "a GPU or a CPU with AMX-BF16 or AVX512-BF16, else float32; float32 compares bit for bit)")
 
 
 def add_no_verify(p: argparse.ArgumentParser) -> None:
@@ -115,12 +117,28 @@ def add_quantize(p: argparse.ArgumentParser) -> None:
                         "merged first)")
 
 
+def inference_device(args):
+    """(device, dtype) of a verb that runs a model without training it: --device, and --dtype with auto
+    resolved by runtime.inference_dtype; auto's pick is said in one line on stderr."""
+    import sys
+
+    from ..runtime import inference_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    dtype, why = inference_dtype(args.dtype, device)
+    if why:
+        print(f"dtype: {str(dtype).removeprefix('torch.')} ({why}; --dtype float32 to compare bit for bit)",
+              file=sys.stderr, flush=True)
+    return device, dtype
+
+
 def load_model(args):
-    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer), quantized as
-    --quantize asks."""
+    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer) in its inference dtype,
+    quantized as --quantize asks."""
     from ..checkpoint import load
 
-    loaded = load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None),
+    device, dtype = inference_device(args)
+    loaded = load(args.model, device=device, dtype=dtype, lora=getattr(args, "lora", None),
                   verify=getattr(args, "verify", True))
     if getattr(args, "quantize", None):
         quantize_loaded(loaded.model, args.quantize)

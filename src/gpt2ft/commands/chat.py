@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import add_device, add_grammar, add_no_verify, add_sampling, sampling_config
+from . import add_device, add_grammar, add_no_verify, add_sampling, inference_device, sampling_config
 
 
 def add_args(p):
@@ -57,7 +57,7 @@ def run(args):
         note(f"model: {ref}, {reason}")
     else:
         ref, reason = args.model, "given on the command line"
-    loaded, template = load_chat_model(ref, args.device, args.dtype, args.lora, args.verify)
+    loaded, template = load_chat_model(ref, *inference_device(args), args.lora, args.verify)
     model, tokenizer = loaded
     kind = loaded.meta.get("objective") or ("pretrained (Hugging Face)" if not loaded.meta else "unknown")
     chat = Chat(model, tokenizer, template, settings, system=args.system, note=note, transcript=transcript,
