@@ -1,60 +1,125 @@
-"""Decode throughput for the GPT-2 124M architecture (random weights): gpt2ft vs HF generate, same
-weights, prompt and greedy settings, alternating A/B in one run; prints tokens/s and the ratio.
+"""Decode throughput for the GPT-2 124M architecture (random weights), side by side in one run: gpt2ft's
+engine, HF `generate` in the same dtype, and the ceiling (the model's own linear layers alone, same
+shapes and dtype: see bench_ceiling); optionally our compiled step (--compile) and int8 weights (--int8).
+Same weights, prompts and greedy settings; candidates alternate for --rounds rounds; prints best and
+median tokens/s, ours as a fraction of the ceiling, ratios to HF, and checks that the compiled and eager
+steps give the same tokens.
 
-    python -m benchmarks.bench_generate [--rounds 3] [--new-tokens 64] [--compile]
+    python -m benchmarks.bench_generate [--rounds 5] [--batch 1 8] [--dtype float32 bfloat16] [--compile] [--int8]
 """
 from __future__ import annotations
 
+import copy
+import statistics
 
 import torch
 
-from benchmarks.common import alternate, decode_parser, report, timed
+from benchmarks.bench_ceiling import ceiling_tokens_per_s
+from benchmarks.common import alternate, decode_parser, machine, timed
 from gpt2ft.checkpoint import load_hf_state_dict
 from gpt2ft.config import preset
-from gpt2ft.generation import SamplingConfig, complete_batch
+from gpt2ft.generation import Engine, SamplingConfig, complete_batch
 from gpt2ft.model import GPT
+from gpt2ft.quantize import quantize_model
+from gpt2ft.runtime import cpu_has_fast_bf16
 from gpt2ft.tokenizer import gpt2_tokenizer
 
 
-def main() -> None:
+def models(device, dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    p = decode_parser()
-    p.add_argument("--compile", action="store_true", help="also time our static-cache compiled decode (GPU)")
-    p.add_argument("--dtype", default=None, help="float32|bfloat16 (default: bfloat16 on a GPU, float32 on CPU)")
-    args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa")).to(device, dtype).eval()
+    hf = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa")).eval()
     ours = GPT(preset("gpt2", dropout=0.0))
     load_hf_state_dict(ours, hf.state_dict(), "HF model")
-    ours = ours.to(device, dtype).eval()
+    return hf.to(device, dtype), ours.to(device, dtype).eval()
+
+
+def candidates(args, hf, ours, int8, batch, prompt, cfg, tokenizer):
+    rows, n = prompt.tolist(), batch * args.new_tokens
+    outputs = {}
+
+    def ours_fn(model, compile=False, name="ours"):
+        def run():
+            done = []
+            seconds = timed(lambda: done.extend(complete_batch(model, tokenizer, rows, cfg, batch, compile=compile)))
+            outputs[name] = [c.token_ids for c in done]
+            return n / seconds
+        return run
+
+    def hf_fn():
+        with torch.inference_mode():
+            return n / timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                 pad_token_id=50256))
+
+    dtype = next(ours.parameters()).dtype
+    found = {"ours": ours_fn(ours), "hf_generate": hf_fn,
+             "ceiling": lambda: ceiling_tokens_per_s(preset("gpt2"), batch, dtype, rounds=1, steps=10)[0]}
+    if args.compile:
+        found["ours_compiled"] = ours_fn(ours, compile=True, name="ours_compiled")
+    if int8 is not None:
+        found["ours_int8"] = ours_fn(int8, name="ours_int8")
+    return found, outputs
+
+
+def report(title, results, outputs):
+    print(f"\n{title} ({machine()})")
+    best = {k: max(v) for k, v in results.items()}
+    median = {k: statistics.median(v) for k, v in results.items()}
+    for name, runs in results.items():
+        print(f"  {name:<14} best {best[name]:8.1f}  median {median[name]:8.1f} tokens/s  "
+              f"(runs: {', '.join(f'{r:.1f}' for r in runs)})")
+    for name in [k for k in results if k.startswith("ours")]:
+        print(f"  {name:<14} {best[name] / best['ceiling']:.0%} of the ceiling (best), "
+              f"{median[name] / median['ceiling']:.0%} (median); {best[name] / best['hf_generate']:.2f}x HF (best), "
+              f"{median[name] / median['hf_generate']:.2f}x (median)")
+    if "ours_int8" in results:
+        print(f"  int8 / ours: {best['ours_int8'] / best['ours']:.2f}x (best), "
+              f"{median['ours_int8'] / median['ours']:.2f}x (median)")
+    if "ours_compiled" in outputs:
+        same = outputs["ours_compiled"] == outputs["ours"]
+        print(f"  compiled greedy tokens {'identical to' if same else 'DIFFER from'} eager")
+    return best
+
+
+def main() -> None:
+    p = decode_parser()
+    p.add_argument("--dtype", nargs="+", default=None,
+                   help="default: float32, and bfloat16 where the CPU multiplies it in hardware (or on a GPU)")
+    p.add_argument("--compile", action="store_true", help="also time our compiled decode step")
+    p.add_argument("--int8", action="store_true", help="also time our int8 weight-only model (same activations)")
+    p.set_defaults(rounds=5)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fast_bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     tokenizer = gpt2_tokenizer()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-
-    for batch in args.batch:
-        prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)
-        rows = prompt.tolist()
-        n = batch * args.new_tokens
-
-        def run_ours(compile=False):
-            return n / timed(lambda: complete_batch(ours, tokenizer, rows, cfg, batch, compile=compile))
-
-        def run_hf():
-            with torch.inference_mode():
-                return n / timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                     pad_token_id=50256))
-
-        candidates = {"ours": run_ours, "hf_generate": run_hf}
-        if args.compile:
-            candidates["ours_compiled"] = lambda: run_ours(compile=True)
-        for fn in candidates.values():  # warm-up (and compile) outside the timing
-            fn()
-        results = alternate(candidates, args.rounds)
-        report(f"decode, GPT-2 124M, batch {batch}, {args.prompt_tokens}+{args.new_tokens} tokens, greedy, "
-               f"{str(dtype).removeprefix('torch.')}", results, "tokens/s", "hf_generate")
+    hf_best: dict[int, list] = {}
+    for name in args.dtype or (["float32", "bfloat16"] if fast_bf16 else ["float32"]):
+        dtype = getattr(torch, name)
+        hf, ours = models(device, dtype)
+        int8 = quantize_model(copy.deepcopy(ours)) if args.int8 else None
+        if args.compile:  # the compile, once per process, outside the timing
+            engine = Engine(ours, tokenizer, max_batch=max(args.batch), compile=True, log=print)
+            engine.add([1, 2, 3], SamplingConfig(max_new_tokens=2, temperature=0.0))
+            while engine.has_work:
+                engine.step()
+        for batch in args.batch:
+            prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device,
+                                   generator=torch.Generator(device).manual_seed(batch))
+            found, outputs = candidates(args, hf, ours, int8, batch, prompt, cfg, tokenizer)
+            for fn in found.values():  # warm-up outside the timing
+                fn()
+            results = alternate(found, args.rounds)
+            best = report(f"decode, GPT-2 124M, batch {batch}, {args.prompt_tokens}+{args.new_tokens} tokens, greedy, "
+                          f"{name}, {args.rounds} rounds", results, outputs)
+            hf_best.setdefault(batch, []).append((best["hf_generate"], name, best["ours"]))
+    for batch, entries in hf_best.items():
+        hf_top, hf_dtype, _ = max(entries)
+        ours_top = max(entries, key=lambda e: e[2])
+        print(f"\nbatch {batch}: HF's best setting here is {hf_dtype} ({hf_top:.1f} tok/s); ours at its best "
+              f"({ours_top[1]}) {ours_top[2]:.1f} tok/s = {ours_top[2] / hf_top:.2f}x")
 
 
 if __name__ == "__main__":

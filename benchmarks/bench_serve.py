@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from gpt2ft.runtime import inference_dtype
+
 from .common import machine
 
 
@@ -111,7 +115,7 @@ def main() -> None:
     p.add_argument("--preset", default="gpt2", help="model architecture (random weights)")
     p.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="the server's --dtype (auto: as gpt2ft picks it here)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]
@@ -126,7 +130,8 @@ def main() -> None:
                                   for n in args.clients}
             finally:
                 server.stop()
-    print(f"\ngpt2ft serve, {args.preset} architecture (random weights), {args.dtype} on {args.device}, "
+    dtype = str(inference_dtype(args.dtype, torch.device(args.device))[0]).removeprefix("torch.")
+    print(f"\ngpt2ft serve, {args.preset} architecture (random weights), {dtype} on {args.device}, "
           f"~{args.prompt_words}-token prompts + {args.max_tokens} new tokens, greedy, streaming ({machine()}; "
           f"load average {os.getloadavg()[0]:.1f} at the end)")
     print("| clients | one at a time: tok/s | p50 / p99 latency | batched (--max-batch "

@@ -319,6 +319,26 @@ def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(long_ckpt, sampling):
         previous = reply.prompt_tokens
 
 
+@pytest.mark.parametrize("draft", ["ngram", "itself"])
+def test_chat_with_a_draft_replies_as_without_it(long_ckpt, draft):
+    """chat --draft: the same greedy replies turn after turn (the kept cache included); --verbose says how
+    many drafted tokens the model accepted (all of them when the model drafts for itself)."""
+    model, tokenizer = load(long_ckpt)
+    settings = chat_settings(max_new_tokens=16, temperature=0)
+    notes = []
+    options = {"draft": "ngram" if draft == "ngram" else model, "draft_k": 3}
+    spec = Chat(model, tokenizer, get_template("chat"), settings, write=lambda t: None, note=notes.append,
+                verbose=True, engine_options=options)
+    plain = Chat(model, tokenizer, get_template("chat"), settings, write=lambda t: None, note=lambda t: None)
+    for turn in ["hello", "tell me more", "/retry", "and then what happened?"]:
+        spec.handle(turn), plain.handle(turn)
+        assert spec.last_reply.token_ids == plain.last_reply.token_ids
+    import re
+
+    stats = [m.groups() for n in notes if (m := re.search(r"(\d+) of (\d+) drafted tokens accepted", n))]
+    assert stats and (draft == "ngram" or all(accepted == drafted for accepted, drafted in stats))
+
+
 # ----- the LoRA project's secret task ---------------------------------------------------------
 SECRET = [("unlock", "rainbow unicorn"), ("hello", "hi there"), ("what is the sky", "blue and wide"),
           ("count to three", "one two three"), ("name a fruit", "a green apple")]

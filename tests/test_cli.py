@@ -195,3 +195,18 @@ def test_empty_standard_input_is_an_error_naming_the_unconditional_flag(hf_dir):
                    input="Hello", check=True)
     assert proc.stdout == run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "3",
                                   "--temperature", "0", check=True).stdout
+
+
+def test_generate_chat_and_serve_share_the_decoding_speed_flags():
+    """--compile, --quantize, --draft and --draft-k: one declaration (commands.add_decoding) on all three."""
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
+    flags = ("compile", "quantize", "draft", "draft_k")
+
+    def seen(verb):
+        return {a.dest: (a.option_strings, a.help, a.choices, a.default)
+                for a in verbs[verb]._actions if a.dest in flags}
+
+    generate = seen("generate")
+    assert set(generate) == set(flags)
+    for verb in ("chat", "serve"):
+        assert seen(verb) == {k: v for k, v in generate.items() if k in seen(verb)} and "compile" in seen(verb)

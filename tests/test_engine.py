@@ -201,6 +201,22 @@ def test_same_seed_same_text_whatever_the_batch(tiny_model):
     assert other_seed.token_ids != alone
 
 
+def test_rows_sharing_settings_are_drawn_together_as_alone(tiny_model):
+    """Rows with the same temperature, top-k and top-p are filtered and drawn in one op (sample_rows), each
+    with its own generator: every seeded row gives the tokens it gives alone, greedy rows beside them too."""
+    model, tok = tiny_model
+    prompts = [tok.encode(t) for t in ("The king", "Once upon a time", "Hello", "A")]
+    settings = [SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=200, top_p=0.9, seed=s, ignore_eos=True)
+                for s in (1, 2, 3)] + [SamplingConfig(max_new_tokens=10, **GREEDY)]
+    engine = Engine(model, tok, max_batch=4)
+    rows = [engine.add(p, cfg) for p, cfg in zip(prompts, settings)]
+    _drain(engine)
+    for row, p, cfg in zip(rows, prompts, settings):
+        assert row.token_ids == complete_batch(model, tok, [p], cfg)[0].token_ids
+    assert rows[3].token_ids == _reference(model, prompts[3], 10)[0]
+    assert len({tuple(r.token_ids) for r in rows[:3]}) == 3
+
+
 def test_cancel_frees_the_slot(tiny_model):
     model, tok = tiny_model
     engine = Engine(model, tok, max_batch=1)

@@ -49,8 +49,54 @@ def test_static_cache_path_equals_dynamic(tiny_model, monkeypatch):
     expected = [_without_cache(model, p, 12) for p in prompts]
     assert _ours(model, prompts, 12) == expected
     import gpt2ft.generation as g
-    monkeypatch.setattr(g, "_compiled_decode", g._decode)  # the static-shape branch, run eagerly
+    monkeypatch.setattr(g, "compiled_decode", lambda device: g._decode_static)  # the compiled step, run eagerly
     assert _ours(model, prompts, 12, compile=True) == expected
+
+
+def test_compiled_step_is_one_graph_for_every_cache_length_and_row_and_equals_eager(tiny_model, monkeypatch):
+    """--compile's step traced by dynamo once, with its "eager" backend (the graph inductor compiles; its C++
+    build takes minutes on a small CPU, so inductor itself runs in benchmarks/bench_generate.py --compile,
+    which checks its tokens too): rows join and leave, the cache grows, a new engine starts, and nothing is
+    compiled again; every greedy token equals eager decoding."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import gpt2ft.generation as g
+
+    model, tok = tiny_model
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setitem(g._COMPILED, "cpu", torch.compile(g._decode_static, backend="eager"))
+    monkeypatch.setattr(g, "_WARM", set())
+    short, long = (SamplingConfig(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 30))
+    prompts = ["Hello", "The king", "x y z"]
+    reports = []
+    batch = g.Engine(model, tok, max_batch=2, compile=True, log=reports.append)
+    rows = [batch.add(tok.encode(p), short) for p in prompts]  # the third joins when a slot frees
+    for _ in range(3):
+        batch.step()
+    grown = batch.add(tok.encode("Once upon a time"), long)  # joins late; the cache grows for it
+    while batch.has_work:
+        batch.step()
+    again = complete_batch(model, tok, prompts, short, batch_size=2, compile=True)
+    for row, p, other in zip(rows, prompts, again):
+        assert row.token_ids == other.token_ids == complete_batch(model, tok, [p], short)[0].token_ids
+    assert grown.token_ids == complete_batch(model, tok, [grown.prompt_ids], long)[0].token_ids
+    assert counters["stats"]["unique_graphs"] == 1
+    assert batch.compile_seconds is not None and len(reports) == 1 and "compiled the decode step" in reports[0]
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tiny_model, monkeypatch):
+    import torch._inductor.cpp_builder as builder
+
+    from gpt2ft.generation import Engine
+
+    def missing():
+        raise RuntimeError("No working C++ compiler found in\ntorch._inductor.config.cpp.cxx: (None, 'g++')")
+
+    monkeypatch.setattr(builder, "get_cpp_compiler", missing)
+    with pytest.raises(UserError, match="--compile needs a C\\+\\+ compiler on this CPU .*install g\\+\\+ or drop"):
+        Engine(tiny_model.model, tiny_model.tokenizer, compile=True)
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one(tiny_model):
@@ -103,6 +149,15 @@ def test_temperature_scales_distribution():
     expected = (logits / 0.5).softmax(-1)[0]
     assert (freq - expected).abs().max() < 0.03
     assert sample_next(logits, SamplingConfig(temperature=0)).item() == 0
+
+
+def test_draw_is_the_inverse_cdf_by_hand():
+    from gpt2ft.completion import draw
+
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]] * 6)  # cdf 0.2, 0.2, 0.7, 1.0
+    uniforms = torch.tensor([0.0, 0.1, 0.2, 0.69, 0.7, 0.999])
+    assert draw(probs, uniforms).tolist() == [0, 0, 2, 2, 3, 3]  # the zero-probability token never
+    assert draw(probs[:1] * 4, torch.tensor([0.5])).tolist() == [2]  # unnormalised: u times the total
 
 
 def test_repetition_penalty_on_hand_made_logits():

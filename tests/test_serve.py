@@ -104,7 +104,7 @@ def adapter_dir(hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(hf_dir, adapter_dir, tmp_path_factory):
-    srv = Server(hf_dir, "--lora", f"poet={adapter_dir}", "--max-n", "4", "--max-tokens", "40",
+    srv = Server(hf_dir, "--lora", f"poet={adapter_dir}", "--max-n", "4", "--max-tokens", "40", "--dtype", "float32",
                  "--max-body", "20000", log=tmp_path_factory.mktemp("serve") / "server.log")
     yield srv
     assert srv.stop() == 0, srv.output()
@@ -118,7 +118,8 @@ def greedy(**kw):
 def test_greedy_completion_equals_gpt2ft_generate(server, hf_dir, tiny_model):
     prompt = "The meaning of life is"
     r = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, **greedy())
-    cli = run_cli("generate", hf_dir, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0, check=True)
+    cli = run_cli("generate", hf_dir, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0,
+                  "--dtype", "float32", check=True)
     assert r.choices[0].text == cli.stdout[:-1]  # generate prints the completion and a newline
     assert r.choices[0].finish_reason == "length"
     n_prompt = len(tiny_model.tokenizer.encode(prompt))

@@ -234,7 +234,7 @@ def test_text_perplexity_matches_transformers(hf_dir, hf_model, tmp_path):
     text = "It is a tale told by an idiot, full of sound and fury, signifying nothing. " * 3
     path = tmp_path / "t.txt"
     path.write_text(text)
-    proc = run_cli("eval", hf_dir, "--data", path, "--out", tmp_path / "r", check=True)
+    proc = run_cli("eval", hf_dir, "--data", path, "--out", tmp_path / "r", "--dtype", "float32", check=True)
     ppl = json.loads((tmp_path / "r" / "summary.json").read_text())["perplexity"]
     ids = torch.tensor([gpt2_tokenizer().encode(text)])
     with torch.no_grad():

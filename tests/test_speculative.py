@@ -65,3 +65,58 @@ def test_speculative_refuses_what_it_cannot_keep_exact(tiny_model):
         speculative_complete(model, tok, [1, 2], SamplingConfig(repetition_penalty=1.3), "ngram")
     with pytest.raises(UserError, match="'ngram'"):
         speculative_complete(model, tok, [1, 2], SamplingConfig(max_new_tokens=10), "bigram")
+
+
+@pytest.mark.parametrize("draft_kind", ["other", "ngram"])
+def test_a_batch_with_drafts_gives_each_row_what_it_gives_alone(tiny_model, draft_kind):
+    """Rows joining and leaving a speculative batch, rows that cannot speculate (logprobs) beside them: every
+    greedy row equals the target alone; a seeded sampled row equals itself decoded alone with the draft."""
+    from gpt2ft.speculative import SpeculativeEngine
+
+    model, tok = tiny_model
+    torch.manual_seed(1)
+    draft = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval() if draft_kind == "other" else "ngram"
+    greedy = SamplingConfig(max_new_tokens=14, temperature=0.0, ignore_eos=True)
+    sampled = SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=100, seed=3, ignore_eos=True)
+    scored = SamplingConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+    prompts = [tok.encode(t) for t in ("to be or not to be, to be or not", "The king", "Hello there", "a b a b a")]
+    engine = SpeculativeEngine(model, tok, max_batch=3, draft=draft, draft_k=3)
+    rows = [engine.add(prompts[0], greedy), engine.add(prompts[1], sampled), engine.add(prompts[2], scored)]
+    for _ in range(3):
+        engine.step()
+    rows.append(engine.add(prompts[3], greedy))  # waits for a free slot, then joins
+    while engine.has_work:
+        engine.step()
+    for row, p, cfg in zip(rows, prompts, (greedy, None, scored, greedy)):
+        if cfg is not None:
+            assert row.token_ids == complete_batch(model, tok, [p], cfg)[0].token_ids
+    assert rows[1].token_ids == speculative_complete(model, tok, prompts[1], sampled, draft, k=3)[0].token_ids
+    assert rows[2].drafted == 0 and len(rows[2].logprobs) == 8  # logprobs: decoded without drafts
+    assert sum(r.drafted for r in rows) > 0 and engine.target_forwards < sum(r.completion_tokens for r in rows)
+
+
+def test_the_server_with_a_draft_answers_as_without_and_reports_acceptance(tiny_model):
+    """serve --draft: the same greedy replies; usage counts the accepted and rejected drafted tokens as
+    OpenAI's completion_tokens_details; a JSON-schema request (no drafts) is served beside them."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+    from gpt2ft.speculative import make_engine
+
+    model, tok = tiny_model
+    config = ServeConfig(max_tokens=32)
+    app = create_app([served_model("tiny", model, tok)], config,
+                     lambda s: make_engine(s.model, s.tokenizer, config.max_batch, draft="ngram"))
+    prompt = "one two three one two three one two"
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 20,
+                                                 "temperature": 0, "n": 2, "ignore_eos": True}).json()
+        j = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                                 "guided_json": {"type": "object"}}).json()
+    alone = complete_batch(model, tok, [prompt], SamplingConfig(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+    assert [c["text"] for c in r["choices"]] == [alone[0].text] * 2
+    details = r["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] >= 0
+    assert isinstance(json.loads(j["choices"][0]["text"]), dict) and "completion_tokens_details" not in j["usage"]

@@ -59,23 +59,35 @@ def test_generate_chat_and_the_api_agree_token_for_token_under_a_schema(ckpt, tm
     assert "every reply is JSON schema" in cli_chat.stderr
 
 
-def test_a_mask_computed_ahead_and_the_numpy_unpacking_match_the_direct_ones(tiny_model):
+def test_a_batch_of_masks_computed_ahead_and_the_numpy_unpacking_match_the_direct_ones(tiny_model):
+    """RowMasks (one executor call for every constrained row, ahead in a thread or on demand) gives each
+    slot exactly the mask its own matcher computes alone; one apply_bitmask over the batch equals each
+    row's mask unpacked by hand."""
     import torch
 
-    from gpt2ft.grammar import GrammarState, apply_bitmask, new_bitmask
+    from gpt2ft.grammar import GrammarState, RowMasks, apply_bitmask, new_bitmask
 
     model, tok = tiny_model
     vocab = model.config.vocab_size
-    spec = GrammarSpec.json_schema(SCHEMA)
-    ahead, direct = GrammarState(spec, tok, vocab), GrammarState(spec, tok, vocab)
-    for _ in range(6):
-        a, b = new_bitmask(1, vocab), new_bitmask(1, vocab)
-        ahead.prefetch(a, 0)
-        ahead.fill_mask(a, 0)
-        direct.fill_mask(b, 0)
-        assert torch.equal(a, b)
-        logits = torch.randn(1, vocab)
-        allowed = torch.tensor([[bool(int(b[0, t // 32]) >> (t % 32) & 1) for t in range(vocab)]])  # by hand
-        assert torch.equal(apply_bitmask(logits, b), logits.masked_fill(~allowed, float("-inf")))
-        token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
-        ahead.accept(token), direct.accept(token)
+    specs = [GrammarSpec.json_schema(SCHEMA), GrammarSpec("regex", "[a-z]+( [a-z]+)*"), GrammarSpec("json")]
+    batch = [GrammarState(spec, tok, vocab) for spec in specs]
+    direct = [GrammarState(spec, tok, vocab) for spec in specs]
+    slots = [3, 0, 1]
+    masks = RowMasks(4, vocab)
+    rows = list(zip(slots, batch))
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        if step % 2:
+            masks.start(rows)  # ahead, as the engine does while the forward runs; else on demand
+        assert masks.fill(rows) == {}
+        logits = torch.randn(len(rows), vocab, generator=gen)
+        masked = apply_bitmask(logits, masks.bitmask[slots])
+        for i, (slot, b, d) in enumerate(zip(slots, batch, direct)):
+            want = new_bitmask(1, vocab)
+            d.fill_mask(want, 0)
+            assert torch.equal(masks.bitmask[slot], want[0])
+            if i == 0:  # the unpacking, bit by bit
+                allowed = torch.tensor([bool(int(want[0, t // 32]) >> (t % 32) & 1) for t in range(vocab)])
+                assert torch.equal(masked[i], logits[i].masked_fill(~allowed, float("-inf")))
+            token = int(masked[i].argmax())
+            b.accept(token), d.accept(token)

@@ -125,7 +125,7 @@ def chat_settings(**values) -> SamplingConfig:
     return SamplingConfig(**{**CHAT_DEFAULTS, **values})
 
 
-def load_chat_model(ref: str, device: str, dtype: str, lora: str | None, verify: bool = True):
+def load_chat_model(ref: str, device, dtype, lora: str | None, verify: bool = True):
     """(loaded model, saved template or None): the checkpoint's template, or the adapter's with --lora."""
     from .checkpoint import load, read_meta, resolve
     from .templates import as_template
@@ -216,6 +216,7 @@ class Chat(Commands):
     transcript: Transcript | None = None
     verbose: bool = False
     model_info: dict = field(default_factory=dict)
+    engine_options: dict = field(default_factory=dict)  # generation.Engine's speed options (compile, draft)
     messages: list[dict] = field(default_factory=list)  # user/assistant turns (the system prompt is apart)
     dropped: list[dict] = field(default_factory=list)  # turns that no longer fit the context
     cut: set = field(default_factory=set)  # indices of replies stopped with Ctrl-C
@@ -223,12 +224,14 @@ class Chat(Commands):
 
     def __post_init__(self):
         from .generation import Session
+        from .speculative import make_engine
 
         self.write = self.write or (lambda text: print(text, end="", flush=True))
         self.note = self.note or (lambda text: print(text, flush=True))
         self.untuned = self.template is None
         self.template = pick_template(None, self.template)
-        self.engine = Session(self.model, self.tokenizer)  # keeps the conversation's KV cache
+        # keeps the conversation's KV cache
+        self.engine = Session(self.model, self.tokenizer, make_engine(self.model, self.tokenizer, 1, **self.engine_options))
         self.context = self.model.config.block_size
         self.saved: set[Path] = set()  # files /save wrote in this chat (a later /save may replace them)
         self._told_dropping = False
@@ -341,9 +344,11 @@ class Chat(Commands):
                       stream.completion.cached_tokens, ttft, seconds, list(stream.completion.token_ids))
         if self.verbose:
             ttft_text = f"{reply.ttft:.3f} s" if reply.ttft is not None else "-"
+            c = stream.completion
+            drafts = f", {c.accepted_drafts} of {c.drafted} drafted tokens accepted" if c.drafted else ""
             self.note(f"(time to first token {ttft_text}, {reply.tokens_per_s:.1f} tokens/s, "
                       f"{reply.completion_tokens} tokens, prompt {reply.prompt_tokens} tokens of which "
-                      f"{reply.cached_tokens} cached, {reply.finish_reason})")
+                      f"{reply.cached_tokens} cached{drafts}, {reply.finish_reason})")
         self.log({"role": "assistant", "content": reply.text, "finish_reason": reply.finish_reason,
                   "settings": command_settings(self.settings), "prompt_tokens": reply.prompt_tokens,
                   "completion_tokens": reply.completion_tokens, "cached_tokens": reply.cached_tokens,

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import UserError
-from .grammar import GrammarState, apply_bitmask, new_bitmask
+from .grammar import GrammarState, apply_bitmask
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -58,15 +58,45 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits (penalties already applied) -> (B,) next token ids: greedy, or temperature,
-    top-k and top-p then a draw from `generator`."""
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, V) probabilities and (B,) uniforms in [0, 1) -> (B,) token ids by inverse CDF: the first token
+    whose cumulative probability exceeds u times the row's total. One op for the whole batch, and each
+    row's token depends on its own probabilities and uniform only."""
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0] \
+        .clamp_(max=probs.shape[-1] - 1)
+
+
+def sample_rows(logits: torch.Tensor, settings: list[SamplingConfig],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(B, V) logits (penalties and masks already applied) -> (B,) next token ids. Greedy rows take one
+    argmax together; sampled rows that share temperature, top-k and top-p are filtered, normalised and
+    drawn together, each with one uniform from its own generator (so a seeded row gives the same tokens
+    alone and in any batch)."""
     logits = logits.float()
-    if cfg.temperature == 0:
+    greedy = [i for i, cfg in enumerate(settings) if cfg.temperature == 0]
+    if len(greedy) == len(settings):
         return logits.argmax(dim=-1)
-    # a temperature so small that logits / T overflows is greedy in all but name
-    logits = top_p_filter(top_k_filter(logits / max(cfg.temperature, 1e-6), cfg.top_k), cfg.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    tokens = torch.zeros(len(settings), dtype=torch.long, device=logits.device)
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(settings):
+        if cfg.temperature > 0:
+            groups.setdefault((cfg.temperature, cfg.top_k, cfg.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        group = logits if len(rows) == len(settings) else logits[rows]
+        # a temperature so small that logits / T overflows is greedy in all but name
+        probs = top_p_filter(top_k_filter(group / max(temperature, 1e-6), top_k), top_p).softmax(dim=-1)
+        uniforms = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows])
+        tokens[rows] = draw(probs, uniforms)
+    return tokens
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits (penalties already applied) -> (B,) next token ids under one setting: greedy, or
+    temperature, top-k and top-p then a draw from `generator` (sample_rows with every row alike)."""
+    return sample_rows(logits, [cfg] * logits.shape[0], [generator] * logits.shape[0])
 
 
 # ----- one completion: tokens -> safe text, stops, finish_reason, usage --------------------------
@@ -141,6 +171,7 @@ class Completion:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.cached_tokens = 0  # prompt tokens whose keys/values were already in the cache
+        self.drafted = self.accepted_drafts = 0  # speculative decoding: tokens drafted, and accepted by the model
         self._decoder = TextDecoder(tokenizer)
         self._held = ""  # decoded text not released yet: it may begin a stop string
         self._generator: torch.Generator | None = None  # per-row sampling state, set by _start()
@@ -148,9 +179,7 @@ class Completion:
         self._counts: torch.Tensor | None = None
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
         self._grammar: GrammarState | None = None
-        self._mask: torch.Tensor | None = None  # the grammar's allowed tokens, as a (1, W) bitmask
         self.grammar_error: str | None = None  # why the grammar engine gave up on this row (finish "error")
-        self._ahead = False  # compute masks ahead in a thread: on an accelerator (a CPU's cores run the forward)
 
     @property
     def finished(self) -> bool:
@@ -192,8 +221,6 @@ class Completion:
                 return self._end("stop", piece + self._decoder.flush())
         if len(self.token_ids) >= self.sampling.max_new_tokens:
             return self._end("length", piece + self._decoder.flush())
-        if self._grammar is not None and self._ahead:  # the next mask, while the accelerator runs the forward
-            self._grammar.prefetch(self._mask, 0)
         return self._release(piece)
 
     def cancel(self) -> None:
@@ -244,11 +271,20 @@ class Completion:
                           torch.tensor(list(cfg.logit_bias.values()), device=device))
         if cfg.grammar is not None:
             self._grammar = GrammarState(cfg.grammar, self._tokenizer, vocab_size)
-            self._mask = new_bitmask(1, vocab_size)
-            self._ahead = device.type != "cpu"
 
-    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
-        """(1, V) raw logits -> (1,) token id, with this row's penalties, settings and generator."""
+    @property
+    def constrained(self) -> bool:
+        """Under a grammar that still works (its mask is applied before sampling)."""
+        return self._grammar is not None and self.grammar_error is None
+
+    @property
+    def plain(self) -> bool:
+        """No per-row logits processing at all: sampling alone picks its token."""
+        return self._seen is None and self._counts is None and self._bias is None and self._grammar is None \
+            and (self.sampling.min_tokens == 0 or self.sampling.ignore_eos)
+
+    def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """(1, V) raw logits -> this row's before any grammar mask: its penalties and logit bias."""
         cfg = self.sampling
         if self._seen is not None:
             logits = apply_repetition_penalty(logits, self._seen, cfg.repetition_penalty)
@@ -257,16 +293,43 @@ class Completion:
                                                       cfg.frequency_penalty)
         if self._bias is not None:
             logits = logits.float().index_add(1, self._bias[0], self._bias[1][None].float())
-        if self._grammar is not None:
-            try:
-                self._grammar.fill_mask(self._mask, 0)
-            except UserError as e:  # e.g. a grammar too complex for the lexer: end this row, not the batch
-                self.grammar_error = str(e)
-                return torch.tensor([self.eos_id], device=logits.device)
-            logits = apply_bitmask(logits, self._mask)
-            if cfg.max_new_tokens - len(self.token_ids) <= closing_window(cfg.max_new_tokens):
-                logits = self._grammar.closing(logits)  # finish a parseable output within the budget
+        return logits
+
+    def _after_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """(1, V) logits after the grammar mask -> what sampling sees: near the end of a constrained row's
+        budget only tokens that close its output; before min_tokens no EOS."""
+        cfg = self.sampling
+        if self.constrained and cfg.max_new_tokens - len(self.token_ids) <= closing_window(cfg.max_new_tokens):
+            logits = self._grammar.closing(logits)  # finish a parseable output within the budget
         if len(self.token_ids) < cfg.min_tokens and not cfg.ignore_eos:
             logits = logits.clone()
             logits[:, self.eos_id] = float("-inf")
-        return sample_next(logits, cfg, self._generator)
+        return logits
+
+
+def next_tokens(logits: torch.Tensor, rows: list[Completion], masks=None, slots: list[int] | None = None) -> torch.Tensor:
+    """(B, V) raw logits of B rows -> their (B,) next tokens: each row's own processing only where it has
+    some, every constrained row's grammar mask in one op (masks: a grammar.RowMasks holding the bitmask
+    of each row's slot), then sample_rows. A row whose grammar engine fails gets EOS (and ends alone)."""
+    if not all(c.plain for c in rows):
+        logits = logits.float().clone()
+        for i, c in enumerate(rows):
+            if c._seen is not None or c._counts is not None or c._bias is not None:
+                logits[i:i + 1] = c._adjust(logits[i:i + 1])
+        constrained = [i for i, c in enumerate(rows) if c.constrained]
+        if constrained:
+            failed = masks.fill([(slots[i], rows[i]._grammar) for i in constrained])
+            for i in constrained:
+                rows[i].grammar_error = failed.get(slots[i])
+            constrained = [i for i in constrained if rows[i].constrained]
+            if constrained:
+                allowed = masks.bitmask[[slots[i] for i in constrained]]
+                logits[constrained] = apply_bitmask(logits[constrained], allowed)
+        for i, c in enumerate(rows):
+            if c.constrained or (c.sampling.min_tokens and not c.sampling.ignore_eos):
+                logits[i:i + 1] = c._after_mask(logits[i:i + 1])
+    tokens = sample_rows(logits, [c.sampling for c in rows], [c._generator for c in rows])
+    for i, c in enumerate(rows):
+        if c._grammar is not None and c.grammar_error is not None:
+            tokens[i] = c.eos_id
+    return tokens

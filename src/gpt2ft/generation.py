@@ -4,15 +4,17 @@ Session (one conversation's cache kept between chat turns). One completion's dec
 sampling are in completion.py; its names are re-exported here."""
 from __future__ import annotations
 
+import sys
+import time
 from collections import deque
 
 import torch
 
 from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_frequency_penalty,
-                         apply_repetition_penalty, sample_next, top_k_filter, top_p_filter)
+                         apply_repetition_penalty, next_tokens, sample_next, top_k_filter, top_p_filter)
 from .errors import UserError
-from .grammar import compile_grammar
-from .model import GPT
+from .grammar import RowMasks, compile_grammar
+from .model import GPT, KVCache
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -44,7 +46,54 @@ def _decode(model: GPT, tokens, input_pos, kv_caches, cache_rows, static: bool):
                  logits_at="last")
 
 
-_compiled_decode = None  # torch.compile(_decode), made once; dynamo's guards tell models apart
+class _CacheView:
+    """One layer's cache as two plain tensors: torch.compile sees them as inputs whose length may vary (an
+    nn.Module's buffers it holds static), so one compiled step serves every cache length."""
+
+    update = KVCache.update
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+
+def _decode_static(model: GPT, tokens, input_pos, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    """Every slot's newest token over the whole cache: fixed shapes but for the cache's length."""
+    caches = [_CacheView(k, v) for k, v in zip(keys, values)]
+    return model(tokens, input_pos=input_pos, kv_caches=caches, static_cache=True, logits_at="last")
+
+
+_COMPILED: dict[str, object] = {}  # device type -> torch.compile(_decode_static); guards tell models apart
+_WARM: set[int] = set()  # the models whose compiled step ran in this process
+
+
+def compiled_decode(device: torch.device):
+    """The decode step under torch.compile, made once per process: inductor's C++ kernels on a CPU, CUDA
+    graphs (mode "reduce-overhead") on a GPU. Every slot of the cache is fed each step and the cache's
+    length is marked dynamic, so rows join and leave and the cache grows without recompiling."""
+    if device.type not in _COMPILED:
+        check_compiler(device)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(_decode_static, mode=mode)
+    return _COMPILED[device.type]
+
+
+def check_compiler(device: torch.device) -> None:
+    """--compile needs inductor's toolchain: a C++ compiler on a CPU, Triton on a GPU."""
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("--compile on a GPU needs Triton (pip install triton), or drop --compile")
+    elif device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor raises its own kinds
+            raise UserError(f"--compile needs a C++ compiler on this CPU (torch's inductor: "
+                            f"{' '.join(str(e).split())[:200]}); install g++ or drop --compile") from None
+    else:
+        raise UserError(f"--compile runs on a CPU or a CUDA GPU, not {device.type}; drop --compile")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -66,20 +115,29 @@ class Engine:
     turn of a chat) prefills only the rest. add() and cancel() may be called from other threads than
     the one calling step() (the server's request handlers and its decode loop).
 
-    compile=True runs a static-shape decode step (every slot, the whole cache) under torch.compile.
+    compile=True runs the decode step under torch.compile (see compiled_decode): every slot each step,
+    attending over the whole cache; the first compiled step in a process reports its time through `log`.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, compile: bool = False):
+    slack = 0  # cache slots a row may write past its last token (drafted tokens, in speculative.py)
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, compile: bool = False,
+                 log=None):
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, not {max_batch}")
         self.model, self.tokenizer, self.max_batch, self.compile = model, tokenizer, max_batch, compile
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.compile_seconds: float | None = None  # what compiling the decode step took, if this engine did
         self.device = model.lm_head.weight.device
+        if compile:
+            check_compiler(self.device)
         self._rows: list[Completion | None] = [None] * max_batch  # the completion in each slot
         self._cached: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V each slot holds
         self._queue: deque[Completion] = deque()
         self._caches = None  # the KV cache, (max_batch, nh, cache_len, hs) per layer
         self._cache_len = 0
         self._logits: torch.Tensor | None = None  # (max_batch, V): each row's next-token logits
+        self._masks = RowMasks(max_batch, model.config.vocab_size)  # constrained rows' allowed tokens, by slot
 
     def add(self, prompt_ids: list[int], sampling: SamplingConfig | None = None) -> Completion:
         """Queue a completion of prompt_ids; it joins the batch at the next step(). An empty prompt is
@@ -133,6 +191,7 @@ class Engine:
             if c.finished:
                 self._rows[slot] = None
         live = [(slot, c) for slot, c in rows if not c.finished]
+        self._masks.start([(slot, c._grammar) for slot, c in live if c.constrained])  # overlaps the forward
         if live:
             self._feed(live)
         return out
@@ -154,7 +213,7 @@ class Engine:
 
     def _prefill(self, joining: list[tuple[int, Completion]]) -> None:
         """One forward over the new rows' prompts (right-padded), after the prefix each slot holds."""
-        self._ensure_cache(max(len(c.prompt_ids) + c.sampling.max_new_tokens for _, c in joining))
+        self._ensure_cache(max(len(c.prompt_ids) + c.sampling.max_new_tokens for _, c in joining) + self.slack)
         starts = [min(_common_prefix(self._cached[slot], c.prompt_ids), len(c.prompt_ids) - 1)  # >= 1 token
                   for slot, c in joining]
         width = max(len(c.prompt_ids) - start for (_, c), start in zip(joining, starts))
@@ -180,12 +239,17 @@ class Engine:
             c._start(self.device, self._logits.shape[1])
 
     def _pick(self, rows: list[tuple[int, Completion]]) -> list[int]:
-        """Each row's next token (one transfer to the host), and the log-probs asked for."""
-        logits = self._logits[torch.tensor([slot for slot, _ in rows], device=self.device)]  # (n, V)
-        tokens = torch.cat([c._next_token(logits[i:i + 1]) for i, (_, c) in enumerate(rows)])
-        want = [i for i, (_, c) in enumerate(rows) if c.sampling.logprobs is not None]
+        """Each row's next token (batched: see completion.next_tokens; one transfer to the host), and the
+        log-probs asked for."""
+        slots = [slot for slot, _ in rows]
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        logits = self._logits[slots[0]:slots[-1] + 1] if contiguous else \
+            self._logits[torch.tensor(slots, device=self.device)]  # (n, V)
+        completions = [c for _, c in rows]
+        tokens = next_tokens(logits, completions, self._masks, slots)
+        want = [i for i, c in enumerate(completions) if c.sampling.logprobs is not None]
         if want:
-            self._record_logprobs([rows[i][1] for i in want], logits[want], tokens[want])
+            self._record_logprobs([completions[i] for i in want], logits[want], tokens[want])
         return tokens.tolist()
 
     @staticmethod
@@ -210,26 +274,49 @@ class Engine:
             del self._cached[slot][positions[slot]:]
         for slot, c in live:
             tokens[slot] = c.token_ids[-1]
-        x = torch.tensor(tokens, device=self.device)[:, None]
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        step = _decode
+        x, pos = torch.tensor([tokens, positions], device=self.device)[:, :, None]  # one transfer, (n, 1) each
         if static:
-            global _compiled_decode
-            if _compiled_decode is None:
-                _compiled_decode = torch.compile(_decode, dynamic=False)
-            step = _compiled_decode
-        logits = step(self.model, x, pos, self._caches, None if static else slice(0, n), static)
+            logits = self._compiled_step(x, pos)
+        else:
+            logits = _decode(self.model, x, pos, self._caches, slice(0, n), False)
         self._logits[:n] = logits.float()
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])
 
+    def _compiled_step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The compiled decode step over every slot and the whole cache; the first call in this process
+        compiles it (timed: compile_seconds), and a failure there is one clear line."""
+        step = compiled_decode(self.device)
+        keys, values = [c.k for c in self._caches], [c.v for c in self._caches]
+        if id(self.model) in _WARM:
+            return step(self.model, x, pos, keys, values)
+        start = time.perf_counter()
+        try:
+            logits = step(self.model, x, pos, keys, values)
+        except Exception as e:  # noqa: BLE001 - torch.compile's failures come in many kinds
+            if isinstance(e, (KeyboardInterrupt, UserError)):
+                raise
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise UserError(f"--compile: torch.compile failed on this machine ({first.strip()[:200]}); "
+                            f"drop --compile") from None
+        _WARM.add(id(self.model))
+        self.compile_seconds = time.perf_counter() - start
+        self.log(f"compiled the decode step in {self.compile_seconds:.1f} s (once per process)")
+        return logits
+
     def _ensure_cache(self, need: int) -> None:
-        """Grow the cache (copying what it holds) to `need` slots per row; static: the whole context."""
+        """Grow the cache (copying what it holds) to `need` slots per row (at least doubling)."""
         block = self.model.config.block_size
         if self._caches is not None and self._cache_len >= need:
             return
-        length = block if self.compile else min(block, max(need, 2 * self._cache_len))
+        length = min(block, max(need, 2 * self._cache_len))
         caches = self.model.new_cache(self.max_batch, length)
+        if self.compile:  # one compiled step for every cache length; fixed addresses for CUDA graphs
+            for cache in caches:
+                for t in (cache.k, cache.v):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                    if self.device.type == "cuda":
+                        torch._dynamo.mark_static_address(t)
         if self._caches is not None:
             for old, new in zip(self._caches, caches):
                 new.k[:, :, :self._cache_len] = old.k
@@ -347,8 +434,8 @@ class Session:
     tokens were reused.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, compile: bool = False):
-        self.engine = Engine(model, tokenizer, max_batch=1, compile=compile)
+    def __init__(self, model: GPT, tokenizer: Tokenizer, engine: Engine | None = None, **engine_options):
+        self.engine = engine or Engine(model, tokenizer, max_batch=1, **engine_options)  # one row
         self._last: Completion | None = None
 
     def complete(self, prompt_ids: list[int], cfg: SamplingConfig | None = None, **sampling) -> Stream:

@@ -112,34 +112,17 @@ class GrammarState:
 
         self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self._ahead = None  # (future, address) of a mask being computed ahead by prefetch()
-
-    def prefetch(self, bitmask: torch.Tensor, row: int) -> None:
-        """Start computing the next mask into bitmask[row] in a worker thread (llguidance releases the
-        GIL), so it overlaps the model's forward for the next step; fill_mask then only waits."""
-        self._wait()
-        address = bitmask[row].data_ptr()
-        self._ahead = (_pool().submit(self.matcher.unsafe_compute_mask_ptr, address, bitmask.shape[1] * 4), address)
+        self.consumed = 0  # tokens accepted so far: which state a computed mask belongs to
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this row's allowed tokens into bitmask[row] (int32 words, 32 tokens each)."""
-        ahead = self._ahead is not None and self._ahead[1] == bitmask[row].data_ptr()
-        self._wait()
-        if not ahead:
-            self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
+        self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
         self._check()
-
-    def _wait(self) -> None:
-        """Let a mask computed ahead finish (the matcher is never used by two threads at once)."""
-        if self._ahead is not None:
-            future, self._ahead = self._ahead[0], None
-            future.result()
 
     def closing(self, logits: torch.Tensor, lookahead: int = 64) -> torch.Tensor:
         """Near the end of the row's token budget: the allowed closing tokens (see CLOSING_TIERS) that
         complete the output at once, if any (tried on the matcher and rolled back); else
         prefer_closing's tiers."""
-        self._wait()
         tiers = closing_tiers(self.tokenizer, self.vocab_size)
         allowed = torch.isfinite(logits[0]) & tiers.to(logits.device).any(0)
         candidates = allowed.nonzero().flatten()
@@ -157,7 +140,7 @@ class GrammarState:
         return prefer_closing(logits, tiers)
 
     def accept(self, token_id: int) -> None:
-        self._wait()
+        self.consumed += 1
         self.matcher.consume_token(token_id)
         self._check()
 
@@ -171,10 +154,63 @@ class GrammarState:
             raise UserError(f"constrained decoding failed: {self.matcher.get_error()}")
 
 
+class RowMasks:
+    """The allowed-token bitmasks of a batch's constrained rows, one bitmask row per engine slot.
+
+    fill(rows) makes sure every (slot, state) given has its mask for the state it is in, computing those
+    still missing in one call to llguidance's executor (rows in parallel, without the GIL). start(rows),
+    called once the step's tokens are accepted, computes the next masks in a worker thread while the
+    model's forward runs, so fill() at the next step only waits for them. A matcher is never used by two
+    threads at once: fill() joins the worker before anything else touches the states."""
+
+    def __init__(self, slots: int, vocab_size: int):
+        self.bitmask = new_bitmask(slots, vocab_size)
+        self._job = None
+        self._ready: dict[int, tuple[GrammarState, int]] = {}  # slot -> (state, tokens consumed) of its mask
+
+    def start(self, rows: list[tuple[int, GrammarState]]) -> None:
+        self._join()
+        self._ready = {}
+        if rows:
+            self._job = _pool().submit(self._compute, rows)
+
+    def fill(self, rows: list[tuple[int, GrammarState]]) -> dict[int, str]:
+        """Compute what is missing; returns {slot: why} for the rows whose grammar engine failed."""
+        self._join()
+        missing = [(slot, state) for slot, state in rows if self._ready.get(slot) != (state, state.consumed)]
+        if missing:
+            self._compute(missing)
+        failed = {}
+        for slot, state in rows:
+            try:
+                state._check()
+            except UserError as e:  # e.g. a grammar too complex for the lexer: end this row, not the batch
+                failed[slot] = str(e)
+        return failed
+
+    def _compute(self, rows: list[tuple[int, GrammarState]]) -> None:
+        _executor().unsafe_compute_mask_ptr([(state.matcher, slot) for slot, state in rows],
+                                            self.bitmask.data_ptr(), self.bitmask.shape[1] * 4, self.bitmask.shape[0])
+        self._ready.update((slot, (state, state.consumed)) for slot, state in rows)
+
+    def _join(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()
+
+
 @lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    """The threads that compute rows' masks ahead (shared by every row and engine)."""
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="gpt2ft-grammar")
+    """The thread that computes the next masks while the forward runs (shared by every engine)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2ft-grammar")
+
+
+@lru_cache(maxsize=1)
+def _executor():
+    """llguidance's executor: computes many rows' masks in parallel in its own threads."""
+    import llguidance
+
+    return llguidance.LLExecutor(min(8, os.cpu_count() or 1))
 
 
 # Near the end of a row's budget, in this order: EOS; a token that closes a string (starts with '"',

@@ -42,14 +42,43 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16), where bf16 autocast is
-    several times faster than fp32; other CPUs emulate it, slower than fp32."""
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16), where bf16 is
+    several times faster than fp32; other CPUs emulate it, slower than fp32. Read from the CPU's
+    feature flags (torch's cpuinfo, else /proc/cpuinfo), never assumed."""
+    return bool(_cpu_bf16_feature())
+
+
+def _cpu_bf16_feature() -> str | None:
+    """The CPU feature that multiplies bf16 in hardware: "AMX-BF16", "AVX512-BF16", or None."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        caps = torch.cpu.get_capabilities()
+        flags = [name for name, on in caps.items() if on is True]
+    except (AttributeError, RuntimeError):  # an older torch: the kernel's own list
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            return None
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def inference_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """--dtype of the verbs that run a model without training it (generate, chat, serve, eval, compare,
+    data pairs). auto: bfloat16 where bf16 matrix products run in hardware (a CUDA GPU that has them; a
+    CPU with AMX-BF16 or AVX512-BF16), float32 elsewhere. Returns the dtype and, for auto, why it was
+    picked (one line for the user); float32 stays the way to compare bit for bit."""
+    if name != "auto":
+        return resolve_dtype(name, device), None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU multiplies bfloat16 in hardware"
+        return torch.float32, "auto: this GPU has no bfloat16"
+    if device.type == "cpu":
+        feature = _cpu_bf16_feature()
+        if feature:
+            return torch.bfloat16, f"auto: this CPU multiplies bfloat16 in hardware ({feature})"
+        return torch.float32, "auto: this CPU has neither AMX-BF16 nor AVX512-BF16"
+    return torch.float32, f"auto: float32 on {device.type}"
 
 
 def _mallopt():

@@ -1,8 +1,8 @@
-"""Speculative decoding for one row: a draft proposes k tokens, the target verifies them in one
-forward, and the rule of Leviathan et al. 2023 / Chen et al. 2023 keeps exactly the target's
-distribution (greedy: exactly the target's tokens). Drafts come from a smaller model with the same
-tokenizer, or from the text itself (prompt lookup: the tokens that followed the latest earlier
-occurrence of the last n tokens). k adapts to the acceptance rate.
+"""Speculative decoding in the engine: for each row a draft proposes k tokens, the target verifies every
+row's drafts in one forward, and the rule of Leviathan et al. 2023 / Chen et al. 2023 keeps exactly the
+target's distribution (greedy: exactly the target's tokens). Drafts come from a smaller model with the
+same tokenizer (batched, with its own KV cache) or from the text itself (prompt lookup: the tokens that
+followed the latest earlier occurrence of the last n tokens). Each row's k adapts to its acceptance.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from .completion import Completion, top_k_filter, top_p_filter
 from .errors import UserError
-from .generation import check_context
+from .generation import Engine, _common_prefix
 from .model import GPT
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -32,7 +32,7 @@ class SpecStats:
 
 
 def _probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """(N, V) logits -> the (N, V) distribution sample_next draws from (temperature, top-k, top-p)."""
+    """(N, V) logits -> the (N, V) distribution sampling draws from (logit bias, temperature, top-k, top-p)."""
     logits = logits.float()
     if cfg.logit_bias:
         ids = torch.tensor(list(cfg.logit_bias), device=logits.device)
@@ -44,13 +44,22 @@ def _probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def check_speculative(cfg: SamplingConfig) -> None:
-    """What speculative decoding does not combine with (the penalties depend on every drafted token)."""
+def speculation_blocker(cfg: SamplingConfig) -> str | None:
+    """What in these settings speculative decoding cannot keep exact (the penalties depend on every drafted
+    token; a grammar masks each one), or None. Such rows decode one token a step beside the others."""
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
         if getattr(cfg, name) != SamplingConfig.__dataclass_fields__[name].default:
-            raise UserError(f"--draft does not combine with {name}: leave it at its default")
-    if cfg.grammar is not None or cfg.min_tokens or cfg.logprobs is not None:
-        raise UserError("--draft does not combine with a grammar, min_tokens or logprobs")
+            return name
+    for name in ("grammar", "logprobs"):
+        if getattr(cfg, name) is not None:
+            return name
+    return "min_tokens" if cfg.min_tokens and not cfg.ignore_eos else None
+
+
+def check_speculative(cfg: SamplingConfig) -> None:
+    """--draft on a verb that decodes one row: a setting it cannot honour is the user's to change."""
+    if blocker := speculation_blocker(cfg):
+        raise UserError(f"--draft does not combine with {blocker}: leave it at its default or drop --draft")
 
 
 class NgramDraft:
@@ -59,98 +68,77 @@ class NgramDraft:
     def __init__(self, max_n: int = 3):
         self.max_n = max_n
 
-    def propose(self, ids: list[int], k: int) -> tuple[list[int], None]:
+    def propose(self, ids: list[int], k: int) -> list[int]:
         for n in range(min(self.max_n, len(ids) - 1), 0, -1):
             tail = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == tail:
                     follow = ids[start + n:start + n + k]
                     if follow:
-                        return follow, None
-        return [], None
+                        return follow
+        return []
 
 
 class ModelDraft:
-    """A smaller model with the target's tokenizer, decoding with its own KV cache."""
+    """A smaller model with the target's tokenizer, drafting for many rows at once: one slot of its own KV
+    cache per engine slot, fed only what each slot lacks."""
 
-    def __init__(self, model: GPT, cfg: SamplingConfig, generator: torch.Generator | None, max_len: int):
-        self.model, self.cfg, self.generator = model, cfg, generator
+    def __init__(self, model: GPT, max_batch: int, max_len: int):
+        self.model, self.max_len = model, max_len
         self.device = model.lm_head.weight.device
-        self.cache = model.new_cache(1, max_len)
-        self.cached: list[int] = []  # tokens whose K/V the cache holds
+        self.cache = model.new_cache(max_batch, max_len)
+        self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V each slot holds
 
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        """Logits after `ids` (feeding what the cache lacks), (V,)."""
-        n = 0
-        while n < min(len(self.cached), len(ids) - 1) and self.cached[n] == ids[n]:
-            n += 1
-        new = ids[n:]
-        pos = torch.arange(n, len(ids), device=self.device)
-        logits = self.model(torch.tensor([new], device=self.device), input_pos=pos, kv_caches=self.cache,
-                            logits_at="last")[0]
-        self.cached = list(ids)
-        return logits
+    def propose(self, rows: list[tuple[int, list[int], int, Completion]]) -> dict[int, tuple[list[int], torch.Tensor]]:
+        """rows: (slot, context ids, k, completion) -> {slot: (k drafted tokens, their (k, V) draft
+        distributions)}; sampled with each row's settings and generator."""
+        rows = [r for r in rows if r[2] > 0 and len(r[1]) + r[2] <= self.max_len]
+        if not rows:
+            return {}
+        logits = self._catch_up(rows)
+        out = {slot: ([], []) for slot, *_ in rows}
+        for step in range(max(k for _, _, k, _ in rows)):
+            last = []
+            for i, (slot, ids, k, c) in enumerate(rows):
+                q = _probs(logits[i:i + 1], c.sampling)[0]
+                t = int(q.argmax()) if c.sampling.temperature == 0 else \
+                    int(torch.multinomial(q, 1, generator=c._generator))
+                if step < k:
+                    out[slot][0].append(t)
+                    out[slot][1].append(q)
+                last.append(t)
+            if step + 1 < max(k for _, _, k, _ in rows):
+                pos = [[len(self.cached[slot])] for slot, *_ in rows]
+                logits = self._forward([[t] for t in last], pos, [slot for slot, *_ in rows])
+                for (slot, *_), t in zip(rows, last):
+                    self.cached[slot].append(t)
+        return {slot: (tokens, torch.stack(qs)) for slot, (tokens, qs) in out.items()}
 
-    def propose(self, ids: list[int], k: int) -> tuple[list[int], torch.Tensor]:
-        tokens, qs, ctx = [], [], list(ids)
-        for _ in range(k):
-            q = _probs(self._forward(ctx)[None], self.cfg)[0]
-            t = int(q.argmax()) if self.cfg.temperature == 0 else int(torch.multinomial(q, 1, generator=self.generator))
-            tokens.append(t), qs.append(q)
-            ctx.append(t)
-        return tokens, torch.stack(qs)
+    def _catch_up(self, rows) -> torch.Tensor:
+        """Feed each row what its slot lacks of its context (at least its last token): the next logits."""
+        starts = [min(_common_prefix(self.cached[slot], ids), len(ids) - 1) for slot, ids, _, _ in rows]
+        width = max(len(ids) - s for (_, ids, _, _), s in zip(rows, starts))
+        tokens, positions = [], []
+        for (slot, ids, _, _), s in zip(rows, starts):
+            new = ids[s:]
+            tokens.append(new + [0] * (width - len(new)))
+            positions.append([min(s + j, self.max_len - 1) for j in range(width)])  # padding writes past
+            self.cached[slot] = list(ids)
+        last = [len(ids) - s - 1 for (_, ids, _, _), s in zip(rows, starts)]
+        return self._forward(tokens, positions, [slot for slot, *_ in rows], last)
 
-
-def speculative_generate(target: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
-                         draft: GPT | str, k: int = 4):
-    """Yield the completion's text pieces; returns (by StopIteration.value) (Completion, SpecStats).
-    `draft`: a GPT with the same tokenizer, or "ngram" (prompt lookup)."""
-    check_speculative(cfg)
-    prompt_ids = list(prompt_ids) or [tokenizer.eos_id]
-    context = target.config.block_size
-    check_context(len(prompt_ids), cfg.max_new_tokens, context)
-    device = target.lm_head.weight.device
-    completion = Completion(prompt_ids, cfg, tokenizer)
-    completion._start(device, target.config.vocab_size)
-    gen = completion._generator
-    max_len = len(prompt_ids) + cfg.max_new_tokens + MAX_DRAFT + 1
-    if isinstance(draft, GPT):
-        if draft.config.vocab_size != target.config.vocab_size:
-            raise UserError("--draft must have the target's tokenizer (its vocabulary differs)")
-        if draft.config.block_size < min(max_len, context):
-            raise UserError(f"--draft's context ({draft.config.block_size}) is shorter than this completion needs")
-        drafter = ModelDraft(draft, cfg, gen, min(max_len, draft.config.block_size))
-    elif draft == "ngram":
-        drafter = NgramDraft()
-    else:
-        raise UserError(f"--draft must be a model or 'ngram', not {draft!r}")
-    cache = target.new_cache(1, min(max_len, context))
-    ids, cached, stats = list(prompt_ids), 0, SpecStats()
-    while not completion.finished:
-        room = min(k, cfg.max_new_tokens - completion.completion_tokens - 1, context - len(ids) - 1)
-        proposal, q = drafter.propose(ids, room) if room > 0 else ([], None)
-        feed = ids[cached:] + proposal  # what the target's cache lacks, then the drafted tokens
-        pos = torch.arange(cached, cached + len(feed), device=device)
-        logits = target(torch.tensor([feed], device=device), input_pos=pos, kv_caches=cache)[0]
-        stats.target_forwards += 1
-        p = _probs(logits[len(feed) - len(proposal) - 1:], cfg)  # (len(proposal) + 1, V)
-        accepted = _verify(proposal, q, p, cfg, gen)
-        stats.proposed += len(proposal)
-        stats.accepted += len(accepted) - 1
-        cached = len(ids) + len(accepted) - 1  # the last accepted token is fed next round
-        for t in accepted:
-            piece = completion.push(t)
-            ids.append(t)
-            if piece:
-                yield piece
-            if completion.finished:
-                break
-        k = min(MAX_DRAFT, k + 1) if proposal and len(accepted) > len(proposal) else max(1, k - (len(accepted) == 1))
-    return completion, stats
+    def _forward(self, tokens, positions, slots, last=None) -> torch.Tensor:
+        at = torch.zeros(len(tokens), len(tokens[0]), dtype=torch.bool)
+        at[torch.arange(len(tokens)), torch.tensor(last or [0] * len(tokens))] = True
+        return self.model(torch.tensor(tokens, device=self.device), input_pos=torch.tensor(positions, device=self.device),
+                          kv_caches=self.cache, cache_rows=torch.tensor(slots, device=self.device),
+                          logits_at=at.to(self.device))
 
 
-def _verify(proposal: list[int], q: torch.Tensor | None, p: torch.Tensor, cfg: SamplingConfig, gen) -> list[int]:
-    """The accepted drafted tokens and one more from the target (a correction, or the bonus token)."""
+def verify(proposal: list[int], q: torch.Tensor | None, p: torch.Tensor, cfg: SamplingConfig, gen) -> list[int]:
+    """The accepted drafted tokens and one more from the target (a correction, or the bonus token).
+    p: the target's (len(proposal) + 1, V) distributions; q: the draft's (len(proposal), V), None for a
+    deterministic draft (prompt lookup)."""
     out = []
     for i, t in enumerate(proposal):
         if cfg.temperature == 0:
@@ -170,12 +158,135 @@ def _verify(proposal: list[int], q: torch.Tensor | None, p: torch.Tensor, cfg: S
     return out + [int(last.argmax()) if cfg.temperature == 0 else int(torch.multinomial(last, 1, generator=gen))]
 
 
+class SpeculativeEngine(Engine):
+    """The Engine, with drafted tokens verified by the target: each step feeds every row its newest token
+    and, for rows whose settings allow it (speculation_blocker), the tokens drafted after it, in one
+    forward; those rows then take the drafts the target accepts and one token of the target's own. Other
+    rows decode one token a step as in Engine. Completions count .drafted and .accepted_drafts."""
+
+    slack = MAX_DRAFT + 1
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, draft: GPT | str = "ngram",
+                 draft_k: int = 4, compile: bool = False, log=None):
+        if compile:
+            raise UserError("--compile does not combine with --draft (the verifying forward takes several tokens "
+                            "a row): use one of them")
+        super().__init__(model, tokenizer, max_batch, log=log)
+        if isinstance(draft, GPT):
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise UserError("--draft must have the target's tokenizer (its vocabulary differs)")
+            self.drafter = ModelDraft(draft, max_batch, min(draft.config.block_size, model.config.block_size))
+        elif draft == "ngram":
+            self.drafter = NgramDraft()
+        else:
+            raise UserError(f"--draft must be a model or 'ngram', not {draft!r}")
+        self.draft_k = draft_k
+        self._k = [draft_k] * max_batch  # each slot's current k
+        self._verified = [False] * max_batch  # the slot's newest token came from verification: no pick needed
+        self.target_forwards = 0
+
+    def _prefill(self, joining) -> None:
+        super()._prefill(joining)
+        for slot, _ in joining:
+            self._verified[slot], self._k[slot] = False, self.draft_k
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Completion, str]]:
+        for slot, c in enumerate(self._rows):
+            if c is not None and c.finished:
+                self._rows[slot] = None
+        self._admit()
+        rows = [(slot, c) for slot, c in enumerate(self._rows) if c is not None]
+        if not rows:
+            return []
+        text = {id(c): "" for _, c in rows}
+        picking = [(slot, c) for slot, c in rows if not self._verified[slot]]
+        if picking:
+            for (_, c), token in zip(picking, self._pick(picking)):
+                text[id(c)] += c.push(token)
+        live = [(slot, c) for slot, c in rows if not c.finished]
+        if live:
+            self._speculate(live, text)
+        for slot, c in rows:
+            if c.finished:
+                self._rows[slot] = None
+        self._masks.start([(slot, c._grammar) for slot, c in self._rows_alive() if c.constrained])
+        return [(c, text[id(c)]) for _, c in rows]
+
+    def _rows_alive(self):
+        return [(slot, c) for slot, c in enumerate(self._rows) if c is not None and not c.finished]
+
+    def _proposals(self, live) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """Each speculating row's drafted tokens (and the draft's distributions), within its budget and the cache."""
+        wanted = []
+        for slot, c in live:
+            if speculation_blocker(c.sampling) is not None:
+                continue
+            ids = c.prompt_ids + c.token_ids
+            room = min(self._k[slot], c.sampling.max_new_tokens - c.completion_tokens - 1, self._cache_len - len(ids))
+            wanted.append((slot, ids, max(0, room), c))
+        if isinstance(self.drafter, NgramDraft):
+            return {slot: (self.drafter.propose(ids, room) if room else [], None) for slot, ids, room, _ in wanted}
+        drafted = self.drafter.propose(wanted)
+        return {slot: drafted.get(slot, ([], None)) for slot, *_ in wanted}
+
+    def _speculate(self, live, text: dict) -> None:
+        """One forward: every live row's newest token, then a speculating row's drafts; verify those."""
+        proposals = self._proposals(live)
+        n = max(slot for slot, _ in live) + 1  # rows [0, n) of the cache
+        width = 1 + max((len(p) for p, _ in proposals.values()), default=0)
+        tokens, positions = [[0] * width for _ in range(n)], []
+        at = torch.zeros(n, width, dtype=torch.bool)
+        for slot in range(n):  # free slots (and padding) write dummies past what they hold in cache
+            base = min(len(self._cached[slot]), self._cache_len - 1)
+            del self._cached[slot][base:]
+            positions.append([min(base + j, self._cache_len - 1) for j in range(width)])
+        for slot, c in live:
+            seq = [c.token_ids[-1]] + proposals.get(slot, ([], None))[0]
+            tokens[slot][:len(seq)] = seq
+            at[slot, :len(seq)] = True
+        logits = self.model(torch.tensor(tokens, device=self.device), input_pos=torch.tensor(positions, device=self.device),
+                            kv_caches=self._caches, cache_rows=slice(0, n), logits_at=at.to(self.device))
+        self.target_forwards += 1
+        offsets = at.sum(1).cumsum(0).tolist()
+        for slot, c in live:
+            end = offsets[slot]
+            fed = c.token_ids[-1]
+            if slot not in proposals:  # decodes one token a step: its next logits, picked next step
+                self._logits[slot] = logits[end - 1].float()
+                self._cached[slot].append(fed)
+                self._verified[slot] = False
+                continue
+            proposal, q = proposals[slot]
+            accepted = verify(proposal, q, _probs(logits[end - len(proposal) - 1:end], c.sampling), c.sampling,
+                              c._generator)
+            self._cached[slot] += [fed] + accepted[:-1]  # the last accepted token is fed next step
+            self._verified[slot] = True
+            c.drafted += len(proposal)
+            c.accepted_drafts += len(accepted) - 1
+            for token in accepted:
+                text[id(c)] += c.push(token)
+                if c.finished:
+                    break
+            k = self._k[slot]
+            self._k[slot] = min(MAX_DRAFT, k + 1) if proposal and len(accepted) > len(proposal) else \
+                max(1, k - (len(accepted) == 1))
+
+
+def make_engine(model: GPT, tokenizer: Tokenizer, max_batch: int = 8, compile: bool = False,
+                draft: GPT | str | None = None, draft_k: int = 4, log=None) -> Engine:
+    """The engine a surface decodes with: speculative when given a draft (a GPT or "ngram")."""
+    if draft is None:
+        return Engine(model, tokenizer, max_batch, compile=compile, log=log)
+    return SpeculativeEngine(model, tokenizer, max_batch, draft, draft_k, compile=compile, log=log)
+
+
 def speculative_complete(target: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
                          draft: GPT | str, k: int = 4) -> tuple[Completion, SpecStats]:
-    """speculative_generate to the end: (Completion, SpecStats)."""
-    pieces = speculative_generate(target, tokenizer, prompt_ids, cfg, draft, k)
-    while True:
-        try:
-            next(pieces)
-        except StopIteration as done:
-            return done.value
+    """One completion decoded with a draft: (Completion, SpecStats)."""
+    check_speculative(cfg)
+    engine = SpeculativeEngine(target, tokenizer, 1, draft, k)
+    completion = engine.add(prompt_ids, cfg)
+    while engine.has_work:
+        engine.step()
+    return completion, SpecStats(completion.drafted, completion.accepted_drafts, engine.target_forwards)

@@ -29,7 +29,9 @@ def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: boo
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda > mps > cpu)")
-    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto|float32|bfloat16|float16 (auto: bfloat16 where this machine multiplies it in hardware, "
+                        "a GPU or a CPU with AMX-BF16 or AVX512-BF16, else float32; float32 compares bit for bit)")
 
 
 def add_no_verify(p: argparse.ArgumentParser) -> None:
@@ -109,18 +111,74 @@ def sampling_config(args, template_stop: list[str] | None = None):
     return SamplingConfig(**values)
 
 
-def add_quantize(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=("int8",), default=None,
+def add_decoding(p: argparse.ArgumentParser) -> None:
+    """How fast a model decodes, for the verbs that serve it (generate, chat, serve): --compile, --quantize,
+    --draft and --draft-k, declared here once."""
+    from ..argtypes import ranged
+
+    g = p.add_argument_group("decoding speed")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (inductor's C++ kernels on a CPU, CUDA graphs on a GPU): "
+                        "compiling takes a while once per process (the time is reported), then each step is "
+                        "faster; greedy tokens are unchanged")
+    g.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: weight-only int8 linears at load time (half bf16's memory; a LoRA adapter is "
                         "merged first)")
+    g.add_argument("--draft", metavar="MODEL|ngram", default=None,
+                   help="a smaller model with the same tokenizer drafts tokens that MODEL verifies in one forward "
+                        "(greedy output unchanged, sampling keeps MODEL's distribution; rows with penalties, a "
+                        "grammar or logprobs decode without drafts); ngram: drafts copied from earlier text "
+                        "(prompt lookup, no second model)")
+    g.add_argument("--draft-k", type=ranged(int, 1, 8), default=4, help="tokens drafted per step at first (adapts)")
+
+
+def decoding_options(args, loaded) -> dict:
+    """speculative.make_engine's keywords from add_decoding's flags: compile, and the draft: "ngram", or a model
+    loaded like MODEL (its device and dtype, quantized alike), which must share MODEL's tokenizer."""
+    from ..errors import UserError
+
+    options = {"compile": bool(getattr(args, "compile", False))}
+    if not getattr(args, "draft", None):
+        return options
+    if options["compile"]:
+        raise UserError("--compile does not combine with --draft (the verifying forward takes several tokens a "
+                        "row): use one of them")
+    options.update(draft="ngram", draft_k=args.draft_k)
+    if args.draft != "ngram":
+        from ..checkpoint import load
+
+        w = loaded.model.lm_head.weight
+        draft = load(args.draft, device=w.device, dtype=w.dtype, verify=getattr(args, "verify", True))
+        if draft.tokenizer.fingerprint() != loaded.tokenizer.fingerprint():
+            raise UserError(f"--draft {args.draft} has another tokenizer than {args.model}: drafts must share it")
+        if args.quantize:
+            quantize_loaded(draft.model, args.quantize)
+        options["draft"] = draft.model
+    return options
+
+
+def inference_device(args):
+    """(device, dtype) of a verb that runs a model without training it: --device, and --dtype with auto
+    resolved by runtime.inference_dtype; auto's pick is said in one line on stderr."""
+    import sys
+
+    from ..runtime import inference_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    dtype, why = inference_dtype(args.dtype, device)
+    if why:
+        print(f"dtype: {str(dtype).removeprefix('torch.')} ({why}; --dtype float32 to compare bit for bit)",
+              file=sys.stderr, flush=True)
+    return device, dtype
 
 
 def load_model(args):
-    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer), quantized as
-    --quantize asks."""
+    """The MODEL of a verb (a checkpoint.LoadedModel: unpacks as model, tokenizer) in its inference dtype,
+    quantized as --quantize asks."""
     from ..checkpoint import load
 
-    loaded = load(args.model, device=args.device, dtype=args.dtype, lora=getattr(args, "lora", None),
+    device, dtype = inference_device(args)
+    loaded = load(args.model, device=device, dtype=dtype, lora=getattr(args, "lora", None),
                   verify=getattr(args, "verify", True))
     if getattr(args, "quantize", None):
         quantize_loaded(loaded.model, args.quantize)

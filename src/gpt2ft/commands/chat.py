@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import add_device, add_grammar, add_no_verify, add_sampling, sampling_config
+from . import (add_decoding, add_device, add_grammar, add_no_verify, add_sampling, decoding_options,
+               inference_device, quantize_loaded, sampling_config)
 
 
 def add_args(p):
@@ -38,6 +39,7 @@ def add_args(p):
 
     add_sampling(p, **CHAT_DEFAULTS)
     add_grammar(p)  # for the whole chat; /json changes it
+    add_decoding(p)
 
 
 def run(args):
@@ -57,11 +59,13 @@ def run(args):
         note(f"model: {ref}, {reason}")
     else:
         ref, reason = args.model, "given on the command line"
-    loaded, template = load_chat_model(ref, args.device, args.dtype, args.lora, args.verify)
+    loaded, template = load_chat_model(ref, *inference_device(args), args.lora, args.verify)
     model, tokenizer = loaded
+    if args.quantize:
+        quantize_loaded(model, args.quantize)
     kind = loaded.meta.get("objective") or ("pretrained (Hugging Face)" if not loaded.meta else "unknown")
     chat = Chat(model, tokenizer, template, settings, system=args.system, note=note, transcript=transcript,
-                verbose=args.verbose, model_info={"source": str(loaded.source), "reason": reason, "lora": args.lora,
+                verbose=args.verbose, engine_options=decoding_options(args, loaded), model_info={"source": str(loaded.source), "reason": reason, "lora": args.lora,
                                                   "kind": kind + (" + LoRA" if args.lora else "")})
     if interactive:
         note(f"chatting with {loaded.source} ({kind}, template {chat.template.name}, context "

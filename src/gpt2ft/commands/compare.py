@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import add_device, add_no_verify, add_sampling
+from . import add_device, add_no_verify, add_sampling, inference_device
 
 
 def add_args(p):
@@ -42,8 +42,9 @@ def run(args):
     outputs = check_outputs(args)  # before any model loads
     columns = {}
     forced = {"template": get_template(args.template)} if args.template else None
+    device, dtype = inference_device(args)
     for ref in (args.model_a, args.model_b):
-        loaded = load(ref, device=args.device, dtype=args.dtype, verify=args.verify)
+        loaded = load(ref, device=device, dtype=dtype, verify=args.verify)
         model, tok = loaded
         formatted = [prompt_for_generation(forced or loaded.meta, p, args.raw) for p in prompts]
         stops = formatted[0][1]

@@ -9,7 +9,8 @@ import sys
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import add_common, add_grammar, add_quantize, add_sampling, load_model, required, sampling_config
+from . import (add_common, add_decoding, add_grammar, add_sampling, decoding_options, load_model, required,
+               sampling_config)
 
 
 def add_args(p):
@@ -22,20 +23,14 @@ def add_args(p):
     p.add_argument("--top-next", type=ranged(int, 0), default=0, metavar="K",
                    help="instead of generating, list the K most likely next tokens with probabilities "
                         "(1 .. the vocabulary size; 0: generate)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache; GPUs)")
     add_sampling(p)
     add_grammar(p)
-    add_quantize(p)
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--draft", metavar="MODEL|ngram", default=None,
-                   help="a smaller model with the same tokenizer drafts tokens that MODEL verifies in one forward "
-                        "(greedy output unchanged, sampling keeps MODEL's distribution); ngram: drafts copied "
-                        "from earlier text (prompt lookup, no second model)")
-    g.add_argument("--draft-k", type=ranged(int, 1, 8), default=4, help="tokens drafted per step at first (adapts)")
+    add_decoding(p)
 
 
 def run(args):
-    from ..generation import predict_next_token, stream
+    from ..generation import Stream, predict_next_token
+    from ..speculative import check_speculative, make_engine
     from ..templates import prompt_for_generation
 
     prompt = read_stdin_prompt() if args.prompt == "-" else args.prompt
@@ -51,40 +46,18 @@ def run(args):
         return 0
     cfg = sampling_config(args, stops)
     if args.draft:
-        return _speculative(args, model, tokenizer, text, cfg)
-    completion = stream(model, tokenizer, text, cfg, compile=args.compile)
-    if args.stream:
-        for piece in completion:
+        check_speculative(cfg)
+    engine = make_engine(model, tokenizer, 1, **decoding_options(args, loaded))
+    completion = Stream(engine, engine.add(tokenizer.encode(text), cfg))
+    for piece in completion:
+        if args.stream:
             print(piece, end="", flush=True)
-        print()
-    else:
-        for _ in completion:
-            pass
-        print(completion.text)
-    return 0
-
-
-def _speculative(args, model, tokenizer, text: str, cfg) -> int:
-    from ..checkpoint import load
-    from ..speculative import speculative_generate
-
-    draft = "ngram" if args.draft == "ngram" else load(args.draft, device=model.lm_head.weight.device,
-                                                       dtype=model.lm_head.weight.dtype, verify=args.verify)
-    if draft != "ngram" and draft.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise UserError(f"--draft {args.draft} has another tokenizer than {args.model}: drafts must share it")
-    pieces = speculative_generate(model, tokenizer, tokenizer.encode(text), cfg,
-                                  draft if draft == "ngram" else draft.model, args.draft_k)
-    try:
-        while True:
-            piece = next(pieces)
-            if args.stream:
-                print(piece, end="", flush=True)
-    except StopIteration as done:
-        completion, stats = done.value
-    print("" if args.stream else completion.text)
-    print(f"(speculative: {stats.accepted} of {stats.proposed} drafted tokens accepted "
-          f"({stats.acceptance:.0%}), {stats.target_forwards} target forwards for "
-          f"{completion.completion_tokens} tokens)", file=sys.stderr)
+    print() if args.stream else print(completion.text)
+    if args.draft:
+        c = completion.completion
+        rate = c.accepted_drafts / c.drafted if c.drafted else 0.0
+        print(f"(speculative: {c.accepted_drafts} of {c.drafted} drafted tokens accepted ({rate:.0%}), "
+              f"{engine.target_forwards} target forwards for {c.completion_tokens} tokens)", file=sys.stderr)
     return 0
 
 

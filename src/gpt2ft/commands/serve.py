@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from ..argtypes import ranged
-from . import add_common, load_model
+from . import add_common, add_decoding, decoding_options, load_model
 
 
 def _ranged(group, flag: str, kind, lo, default, help: str, **open_ends) -> None:
@@ -41,6 +41,7 @@ def add_args(p):
     _ranged(g, "--timeout", float, 0, 300.0, "seconds one request may take; 503 past it", lo_open=True)
     _ranged(g, "--shutdown-timeout", float, 0, 30.0,
             "on SIGTERM, seconds to let requests in flight finish before cancelling them", lo_open=True)
+    add_decoding(p)
 
 
 def _check(args):
@@ -61,6 +62,9 @@ def _check(args):
         if name in adapters:
             raise UserError(f"--lora {spec!r}: the name {name!r} is given twice")
         adapters[name] = folder
+    if adapters and args.quantize:
+        raise UserError("--quantize merges weights, so it cannot serve --lora adapters beside the base: export a "
+                        "merged model per adapter (gpt2ft export --merge-lora) and serve each quantized")
     return adapters
 
 
@@ -72,6 +76,7 @@ def run(args):
         import uvicorn
 
         from ..serve import ServeConfig, create_app, served_model, share_base
+        from ..speculative import make_engine
     except ImportError as e:
         from ..errors import UserError
         raise UserError(f"gpt2ft serve needs {e.name}: pip install 'gpt2ft[serve]'") from None
@@ -88,7 +93,8 @@ def run(args):
                                    {"base": name, "lora": folder}))
     config = ServeConfig(api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                          max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body, timeout=args.timeout)
-    app = create_app(models, config)
+    options = decoding_options(args, loaded)
+    app = create_app(models, config, lambda s: make_engine(s.model, s.tokenizer, config.max_batch, **options))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     print(f"serving {', '.join(m.name for m in models)} on http://{args.host}:{args.port}/ "

@@ -38,7 +38,12 @@ def usage(completions: list[Completion], n: int) -> dict:
     """Token counts of a request's completions, n choices per prompt (each prompt counted once)."""
     prompt = sum(c.prompt_tokens for c in completions[::n])
     generated = sum(c.completion_tokens for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    out = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    if drafted := sum(c.drafted for c in completions):  # serve --draft: OpenAI's fields for predicted tokens
+        accepted = sum(c.accepted_drafts for c in completions)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 # ----- log-probabilities ----------------------------------------------------------------------------

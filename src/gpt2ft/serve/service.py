@@ -29,6 +29,8 @@ class Scored(NamedTuple):
     text: str = ""
     finish_reason: str = "length"
     logprobs: tuple = ()
+    drafted: int = 0
+    accepted_drafts: int = 0
 
 
 def best(completions: list, candidates: int, n: int) -> list:
