@@ -104,8 +104,9 @@ def test_precomputed_reference_gives_the_live_copys_loss_and_gradients(hf_dir, t
         grads.append([p.grad.clone() for p in model.parameters()])
         if objective is live:
             expected = (float(loss.detach()), metrics)
-    assert float(loss) == pytest.approx(expected[0], abs=1e-5)
-    assert all(metrics[k] == pytest.approx(v, abs=1e-5) for k, v in expected[1].items())
+    # equal up to float32 rounding of sums over other batch compositions (padding differs)
+    assert float(loss) == pytest.approx(expected[0], rel=1e-6, abs=1e-5)
+    assert {k: pytest.approx(v, abs=1e-4) for k, v in expected[1].items()} == metrics  # differences of ~75-nat sums
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     # the cache is reused for the same data and reference, recomputed when the reference changes
     again = _objective(tok, Precomputed(live.reference), loss_type)  # the starting weights, as a frozen copy

@@ -102,11 +102,21 @@ def test_semantic_kernel_example_keeps_the_conversation(server, tiny_model):  # 
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "semantic_kernel_chat.py"), "--base-url",
                            server.url + "/v1", "--api-key", KEY, "--model", "tiny", "--temperature", "1", "--seed", "3",
                            "--max-tokens", "6", *[a for t in turns for a in ("--say", t)]],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    replies = [line[len("assistant> "):] for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
     used = [int(line.split()[0][1:]) for line in proc.stdout.splitlines() if line.startswith("  (")]
-    assert len(replies) == len(used) == 2, proc.stdout
+    assert len(used) == 2, proc.stdout
+    # the replies are what the openai client gets for the same conversation (a reply may hold a newline,
+    # so they are looked for in the whole output, not line by line)
+    client = server.client()
+    messages, replies = [], []
+    for user in turns:
+        messages.append({"role": "user", "content": user})
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1, seed=3)
+        got = r.choices[0].message.content
+        assert f"assistant> {got}\n" in proc.stdout, (got, proc.stdout)
+        replies.append(got)
+        messages.append({"role": "assistant", "content": got})
     # the second request carried the first exchange: its prompt is the whole conversation, rendered as
     # the plain transcript of a model without a template (written out here by hand), each earlier reply
     # ending with EOS as SFT trains
@@ -114,11 +124,3 @@ def test_semantic_kernel_example_keeps_the_conversation(server, tiny_model):  # 
     first = tok.encode("User: Hi there\nAssistant:")
     second = first + tok.encode(replies[0]) + [tok.eos_id] + tok.encode("User: Tell me more\nAssistant:")
     assert used == [len(first), len(second)]
-    # and the replies are what the openai client gets for the same conversation
-    client = server.client()
-    messages = []
-    for user, got in zip(turns, replies):
-        messages.append({"role": "user", "content": user})
-        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1, seed=3)
-        assert got == r.choices[0].message.content
-        messages.append({"role": "assistant", "content": got})
