@@ -31,22 +31,40 @@ def _drain(engine):
 
 
 # ----- the model's per-row cache positions --------------------------------------------------------
-def test_per_row_cache_positions_equal_no_cache(tiny_model):
-    model, _ = tiny_model
+def _decode_two_rows(model):
+    """Prefill two rows into their own cache rows, decode both together at different positions: the step's
+    logits and, for each row, the logits of the same tokens without a cache."""
     a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
     cache = model.new_cache(2, 16)
     with torch.no_grad():
-        # prefill each row into its own cache row, then decode both together at different positions
         for row, ids in enumerate((a, b)):
             model(torch.tensor([ids]), input_pos=torch.arange(len(ids))[None], kv_caches=cache,
                   cache_rows=slice(row, row + 1))
         step = model(torch.tensor([[12], [23]]), input_pos=torch.tensor([[len(a)], [len(b)]]), kv_caches=cache,
                      logits_at="last")
-        for row, ids in enumerate((a + [12], b + [23])):
-            assert (step[row] - model(torch.tensor([ids]))[0, -1]).abs().max() < 1e-5
-        static = model(torch.tensor([[12], [23]]), input_pos=torch.tensor([[len(a)], [len(b)]]), kv_caches=cache,
+        return cache, step, [model(torch.tensor([ids]))[0, -1] for ids in (a + [12], b + [23])]
+
+
+def test_per_row_cache_positions_equal_no_cache(tiny_model):
+    model = tiny_model.model
+    cache, step, full = _decode_two_rows(model)
+    for row in range(2):
+        assert (step[row] - full[row]).abs().max() < 1e-5
+    with torch.no_grad():  # the compiled step's static-shape path writes the same cache slots
+        static = model(torch.tensor([[12], [23]]), input_pos=torch.tensor([[7], [3]]), kv_caches=cache,
                        static_cache=True, logits_at="last")
-        assert (static - step).abs().max() < 1e-5
+    assert (static - step).abs().max() < 1e-5
+
+
+def test_bf16_model_with_its_float32_cache_on_cpu_follows_no_cache(tiny_model):
+    """A bf16 model decodes with a float32 cache on a CPU (per-row slots written by index_put): the same
+    next-token logits as the bf16 model without a cache, up to bf16 rounding."""
+    import copy
+
+    cache, step, full = _decode_two_rows(copy.deepcopy(tiny_model.model).bfloat16())
+    assert cache[0].k.dtype == torch.float32 and step.dtype == torch.bfloat16
+    for row in range(2):
+        assert (step[row].float() - full[row].float()).abs().max() < 0.05 * full[row].float().abs().max()
 
 
 def test_rows_prefilled_together_into_scattered_cache_rows(tiny_model):

@@ -96,24 +96,3 @@ def test_explicit_causal_attention_equals_sdpa():
     low = model_module._explicit_causal_attention(*(t.bfloat16() for t in (q, k, v)), 0.0)
     assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
     assert model_module._explicit_is_faster(q.bfloat16()) and not model_module._explicit_is_faster(q.float())
-
-
-def test_bf16_model_with_its_float32_cache_on_cpu_follows_no_cache(tiny_model):
-    """A bf16 model decodes with a float32 cache on a CPU (per-row slots written by index_put): the same
-    next-token logits as the bf16 model without a cache, up to bf16 rounding."""
-    import copy
-
-    model = copy.deepcopy(tiny_model.model).bfloat16()
-    a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
-    cache = model.new_cache(2, 16)
-    assert cache[0].k.dtype == torch.float32
-    with torch.no_grad():
-        for row, ids in enumerate((a, b)):
-            model(torch.tensor([ids]), input_pos=torch.arange(len(ids))[None], kv_caches=cache,
-                  cache_rows=slice(row, row + 1))
-        step = model(torch.tensor([[12], [23]]), input_pos=torch.tensor([[len(a)], [len(b)]]), kv_caches=cache,
-                     logits_at="last")
-        assert step.dtype == torch.bfloat16
-        for row, ids in enumerate((a + [12], b + [23])):
-            full = model(torch.tensor([ids]))[0, -1].float()
-            assert (step[row].float() - full).abs().max() < 0.05 * full.abs().max()
