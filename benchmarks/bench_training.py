@@ -10,10 +10,12 @@
          also LoRA with activation checkpointing (ours_ckpt).
 
     python -m benchmarks.bench_training --suite train --rounds 5 [--dtype float32 bfloat16]
+    python -m benchmarks.bench_training --suite train --rounds 5 --threads 1 --clock cpu   # per core, load-proof
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -51,6 +53,7 @@ def train_suite(base: dict, dtypes: list[str], rounds: int, gpu: bool) -> None:
     per_token = flops_per_token(preset("gpt2"), base["length"])
     print(f"FLOPs per token (GPT-2 124M, length {base['length']}): {per_token / 1e9:.3f} G")
     for dtype in dtypes:
+        print(f"\n{dtype}: load average {os.getloadavg()[0]:.1f} at start")
         kinds = {k: {"kind": k, "dtype": dtype, **base} for k in ("ours", "hf_loop", "hf_trainer", "peak")}
         if not gpu:  # a reference: the plain loop with our loop's CPU allocator setting (freed_memory_kept)
             kinds["hf_loop_kept"] = {"kind": "hf_loop", "kept": True, "dtype": dtype, **base}
@@ -90,12 +93,17 @@ def main() -> None:
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=None,
                    help="compute dtypes of the train suite (default: bfloat16 on a GPU; float32 and, on a CPU "
                         "with AMX or AVX512-BF16, bfloat16 too)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every candidate (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps in wall seconds, or in each process's CPU seconds (with --threads 1: a "
+                        "per-core rate that other load on a shared machine barely changes)")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     dtypes = args.dtype or (["bfloat16"] if gpu else ["float32"] + (["bfloat16"] if cpu_has_fast_bf16() else []))
     batch, length = (16, 1024) if gpu else (4, 256)
-    base = {"steps": args.steps, "batch": batch, "length": length}
-    print(f"machine: {machine()}; batch {batch} x {length} tokens, {args.steps} steps per run (first one not timed)")
+    base = {"steps": args.steps, "batch": batch, "length": length, "threads": args.threads, "clock": args.clock}
+    print(f"machine: {machine()}; batch {batch} x {length} tokens, {args.steps} steps per run (first one not timed); "
+          f"threads {args.threads or 'default'}, {args.clock} clock; load average {os.getloadavg()[0]:.1f} at start")
 
     if args.suite in ("train", "all"):
         train_suite(base, dtypes, args.rounds, gpu)

@@ -6,7 +6,9 @@ line: tokens/s (median over steps after the first), examples/s and peak memory i
 kinds: ours | hf_loop | hf_trainer (LM on random tokens), ours_sft | trl_sft (the bundled
 instruction set), ours_lora | hf_peft (LoRA r=8 on c_attn,c_proj). "masked": 0.5 masks the first
 half of every row's labels (ours) to show the cost of skipping the vocabulary projection there.
-"dtype": "float32" | "bfloat16" is the compute dtype of every kind (bf16 autocast over fp32 master
+"clock": "cpu" times steps in this process's CPU seconds (time.process_time) instead of wall seconds, and
+"threads": N sets torch's threads: with one thread, tokens per CPU-second is a per-core rate that other
+work on a shared machine barely moves. "dtype": "float32" | "bfloat16" is the compute dtype of every kind (bf16 autocast over fp32 master
 weights on both sides; default: bf16 on a GPU, fp32 on a CPU). kind "peak" times the matrix
 products of one GPT-2 124M training step (batch x length tokens) in that dtype and prints FLOP/s.
 """
@@ -23,6 +25,7 @@ import torch
 from benchmarks.common import peak_memory_mb, sync
 
 LORA = dict(r=8, alpha=16.0, dropout=0.0, targets=("c_attn", "c_proj"))
+clock = time.perf_counter  # or time.process_time ("clock": "cpu"); set in __main__
 
 
 def device_and_dtype(cfg: dict):
@@ -78,6 +81,12 @@ def run_ours(cfg: dict) -> list[float]:
     tc = TrainConfig(out=out, max_steps=cfg["steps"], batch_size=cfg["batch"], log_every=1, eval_every=0,
                      save_every=10**9, progress=False, warmup_steps=0, compile=cfg.get("compile", False),
                      gradient_checkpointing=cfg.get("checkpointing", False), dtype=dtype_name(cfg))
+    if clock is not time.perf_counter:  # the loop's own per-step rate, on this clock
+        import types
+
+        import gpt2ft.train.loop as loop
+
+        loop.time = types.SimpleNamespace(time=clock)
     train(model, gpt2_tokenizer(), objective, tc, {}, {})
     rates = [json.loads(l)["tokens_per_s"] for l in open(f"{out}/metrics.jsonl") if "tokens_per_s" in l]
     return rates
@@ -110,7 +119,7 @@ def _hf_loop(cfg: dict) -> list[float]:
     for step in range(cfg["steps"]):
         batch = {k: v.to(device) for k, v in data.batch(range(step * cfg["batch"], (step + 1) * cfg["batch"])).items()}
         sync()
-        start = time.perf_counter()
+        start = clock()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss
         loss.backward()
@@ -118,7 +127,7 @@ def _hf_loop(cfg: dict) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return [cfg["batch"] * cfg["length"] / t for t in times]
 
 
@@ -136,11 +145,11 @@ class _StepTimer:
         class Callback(TrainerCallback):
             def on_step_begin(self, *a, **k):
                 sync()
-                timer._start = time.perf_counter()
+                timer._start = clock()
 
             def on_step_end(self, *a, **k):
                 sync()
-                timer.times.append(time.perf_counter() - timer._start)
+                timer.times.append(clock() - timer._start)
 
         return Callback()
 
@@ -248,10 +257,10 @@ def run_peak(cfg: dict) -> dict:
         times = []
         for _ in range(5):
             sync()
-            start = time.perf_counter()
+            start = clock()
             torch.mm(a, b, out=out)
             sync()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         t = min(times)
         best = max(best, 2 * m * k * n / t)
         flops, seconds = flops + 2 * m * k * n * count, seconds + t * count
@@ -264,7 +273,8 @@ RUNNERS = {"ours": run_ours, "ours_lora": run_ours, "hf_loop": run_hf_loop, "hf_
 
 if __name__ == "__main__":
     config = json.loads(sys.argv[1])
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(config.get("threads") or torch.get_num_threads())
+    clock = time.process_time if config.get("clock") == "cpu" else time.perf_counter
     rates = RUNNERS[config["kind"]](config)
     if isinstance(rates, dict):  # peak: its own record
         print(json.dumps(rates))
