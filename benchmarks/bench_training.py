@@ -98,6 +98,8 @@ def main() -> None:
                    help="time steps in wall seconds, or in each process's CPU seconds (with --threads 1: a "
                         "per-core rate that other load on a shared machine barely changes)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # so the machine line names the candidates' threads
     gpu = torch.cuda.is_available()
     dtypes = args.dtype or (["bfloat16"] if gpu else ["float32"] + (["bfloat16"] if cpu_has_fast_bf16() else []))
     batch, length = (16, 1024) if gpu else (4, 256)
