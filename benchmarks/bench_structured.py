@@ -31,8 +31,8 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
           "required": ["name", "age", "tags"]}
 
 
-def run_batch(model, tokenizer, rows, cfg) -> tuple[float, float]:
-    """(tokens/s while every row runs, tokens/s end to end) of one batch of completions."""
+def run_batch(model, tokenizer, rows, cfg) -> tuple[float, float, int]:
+    """(tokens/s while every row runs, tokens/s end to end, steps with every row running) of one batch."""
     engine = Engine(model, tokenizer, max_batch=len(rows))
     completions = [engine.add(r, cfg) for r in rows]
     engine.step()  # the prefill and the first tokens, outside the per-token figure
@@ -49,7 +49,7 @@ def run_batch(model, tokenizer, rows, cfg) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     total = sum(c.completion_tokens for c in completions) - len(rows)
     full = full or (total, seconds)
-    return full[0] / full[1], total / seconds
+    return full[0] / full[1], total / seconds, full[0] // len(rows)
 
 
 def main() -> None:
@@ -70,11 +70,13 @@ def main() -> None:
     for batch in args.batch:
         rows = torch.randint(0, 50257, (batch, args.prompt_tokens)).tolist()
         end_to_end = {"free": [], "json_schema": []}
+        steps = {"free": [], "json_schema": []}
 
         def run(name, cfg):
             def once():
-                per_token, whole = run_batch(model, tokenizer, rows, cfg)
+                per_token, whole, full = run_batch(model, tokenizer, rows, cfg)
                 end_to_end[name].append(whole)
+                steps[name].append(full)
                 return per_token
             return once
 
@@ -82,7 +84,10 @@ def main() -> None:
         for fn in candidates.values():  # warm-up: the grammar's compilation and the closing tiers
             fn()
         end_to_end = {"free": [], "json_schema": []}
+        steps = {"free": [], "json_schema": []}
         results = alternate(candidates, args.rounds)
+        print(f"  batch {batch}  steps with every row running, per run: free {steps['free']}, "
+              f"json_schema {steps['json_schema']}")
         for label, figures in (("per token", results), ("end to end", end_to_end)):
             for name, runs in figures.items():
                 print(f"  batch {batch}  {label:<10}  {name:<12} best {max(runs):8.1f}  median "

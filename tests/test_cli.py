@@ -90,6 +90,9 @@ def test_generate_and_info_from_a_folder(hf_dir):
     streamed = run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0",
                        "--stream", check=True).stdout
     assert streamed == out
+    drafted = run_cli("generate", hf_dir, "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0",
+                      "--stream", "--draft", "ngram", check=True)  # speculative: the same tokens, and a word on it
+    assert drafted.stdout == out and "drafted tokens accepted" in drafted.stderr
     info = run_cli("info", hf_dir, check=True).stdout
     assert "parameters" in info and "n_layer=2" in info
     top = run_cli("generate", hf_dir, "--prompt", "Hello", "--top-next", "3", check=True).stdout

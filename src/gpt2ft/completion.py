@@ -300,7 +300,7 @@ class Completion:
         budget only tokens that close its output; before min_tokens no EOS."""
         cfg = self.sampling
         if self.constrained and cfg.max_new_tokens - len(self.token_ids) <= closing_window(cfg.max_new_tokens):
-            logits = self._grammar.closing(logits)  # finish a parseable output within the budget
+            logits = self._grammar.closing(logits, first=cfg.temperature == 0)  # finish parseable within the budget
         if len(self.token_ids) < cfg.min_tokens and not cfg.ignore_eos:
             logits = logits.clone()
             logits[:, self.eos_id] = float("-inf")

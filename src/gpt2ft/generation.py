@@ -68,12 +68,13 @@ _WARM: set[int] = set()  # the models whose compiled step ran in this process
 
 def compiled_decode(device: torch.device):
     """The decode step under torch.compile, made once per process: inductor's C++ kernels on a CPU, CUDA
-    graphs (mode "reduce-overhead") on a GPU. Every slot of the cache is fed each step and the cache's
+    graphs (what mode "reduce-overhead" turns on) on a GPU. Every slot of the cache is fed each step and the cache's
     length is marked dynamic, so rows join and leave and the cache grows without recompiling."""
     if device.type not in _COMPILED:
         check_compiler(device)
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        _COMPILED[device.type] = torch.compile(_decode_static, mode=mode)
+        # eager's rounding after each bf16/fp16 op, so greedy tokens stay those of eager decoding
+        options = {"emulate_precision_casts": True, **({"triton.cudagraphs": True} if device.type == "cuda" else {})}
+        _COMPILED[device.type] = torch.compile(_decode_static, options=options)
     return _COMPILED[device.type]
 
 

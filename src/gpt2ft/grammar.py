@@ -119,20 +119,23 @@ class GrammarState:
         self.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
         self._check()
 
-    def closing(self, logits: torch.Tensor, lookahead: int = 64) -> torch.Tensor:
+    def closing(self, logits: torch.Tensor, lookahead: int = 64, first: bool = False) -> torch.Tensor:
         """Near the end of the row's token budget: the allowed closing tokens (see CLOSING_TIERS) that
-        complete the output at once, if any (tried on the matcher and rolled back); else
-        prefer_closing's tiers."""
+        complete the output at once, if any (tried on the matcher and rolled back, most likely first);
+        else prefer_closing's tiers. first=True (greedy rows) stops at the most likely such token: the
+        one the argmax over all of them would pick."""
         tiers = closing_tiers(self.tokenizer, self.vocab_size)
         allowed = torch.isfinite(logits[0]) & tiers.to(logits.device).any(0)
         candidates = allowed.nonzero().flatten()
-        candidates = candidates[logits[0, candidates].argsort(descending=True)][:lookahead].tolist()
+        candidates = candidates[logits[0, candidates].argsort(descending=True, stable=True)][:lookahead].tolist()
         finishing = []
         for t in candidates:
             if self.matcher.try_consume_tokens([t]) == 1:
                 if self.matcher.is_accepting():
                     finishing.append(t)
                 self.matcher.rollback(1)
+                if finishing and first:
+                    break
         if finishing:
             keep = torch.zeros_like(allowed)
             keep[finishing] = True

@@ -1,6 +1,7 @@
 """Int8 weight-only quantization at load time: every linear layer's weight becomes int8 with one scale
 per output channel (symmetric, absmax / 127), multiplied by the CPU's int8 weight kernel
-(`aten._weight_int8pack_mm`) with activations in the model's dtype. The token embedding and the
+(`aten._weight_int8pack_mm`) with activations in the model's dtype (float32 ones rounded to bf16 for the
+kernel, which is vectorised for bf16 only). The token embedding and the
 tied lm_head share one int8 matrix, so the weights take half the memory of bf16. Nothing else in
 gpt2ft knows: a quantized model is a GPT whose modules were swapped (as in gpt-fast).
 """
@@ -41,8 +42,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x.dtype))
+        if x2.device.type == "cpu":  # the kernel is vectorised for bf16 rows (float32 ones run ~10x slower)
+            rows = x2.to(torch.bfloat16) if x2.dtype == torch.float32 else x2
+            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8,
+                                                   self.scale.to(rows.dtype)).to(x.dtype)
         else:  # other devices: dequantize on the fly
             y = F.linear(x2, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         if self.bias is not None:
