@@ -257,7 +257,7 @@ def test_default_flags_on_a_few_dozen_records_answer_and_explain_the_run(tiny_sf
     run = tmp_path / "mine"
     sft(SFTConfig(TrainConfig(out=str(run), device="cpu", progress=False), Start(str(root / "base")), str(data))).train()
     err = capsys.readouterr().err
-    assert "derived for these 25 training examples" in err and "--epochs 50:" in err and "--lr 0.0006:" in err
+    assert "derived for these 25 training examples" in err and "--epochs 50:" in err and "--lr 0.003:" in err
     assert err.count("  sample: ") >= 10 and "step 157/157: val_loss" in err
     assert "done: 157 steps" in err and "best val_loss" in err and f"loss plot: {run / 'loss.png'}" in err
     image = imread(run / "loss.png")
