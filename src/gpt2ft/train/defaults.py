@@ -40,9 +40,9 @@ DEFAULTS = {
     "finetune": VerbDefaults(5e-5, 3e-4, 2000, 1.0, 10.0, "a small text is seen often enough to take on its style"),
     "sft": VerbDefaults(1e-4, 1e-3, 4000, 3.0, 50.0, "a few dozen records need many passes to learn the answer "
                                                     "format and where an answer ends"),
-    "dpo": VerbDefaults(2e-5, 1e-4, 750, 1.0, 10.0, "preference tuning moves fast: longer, or at a higher rate "
-                                                   "(3e-4 on the quickstart's model), it unlearns the chosen "
-                                                   "answers too"),
+    "dpo": VerbDefaults(2e-5, 1e-4, 750, 1.0, 10.0, "preference tuning moves fast: trained longer, or at a higher "
+                                                   "rate (3e-4 on the quickstart's model), it unlearns the "
+                                                   "chosen answers too"),
 }
 AUTO = ("epochs", "lr", "warmup_steps", "eval_every")  # the TrainConfig fields whose None means "derive it"
 
@@ -119,7 +119,7 @@ def help_texts(verb: str) -> dict[str, str]:
     """--help of the AUTO flags for `verb`, from the table."""
     d = defaults_for(verb)
     epochs = (f"unset: enough passes to see about {d.examples} training examples, {d.min_epochs:g} to "
-              f"{d.max_epochs:g} ({d.why})" if d.examples else f"unset: {d.min_epochs:g} ({d.why})")
+              f"{d.max_epochs:g} of them; {d.why}" if d.examples else f"unset: {d.min_epochs:g}; {d.why}")
     return {
         "epochs": f"passes over the training data when --max-steps is -1, > 0 ({epochs})",
         "lr": (f"peak learning rate, > 0 (unset: {d.lr:g} for GPT-2's width {WIDTH}, {d.lr_quickstart:g} for the "
