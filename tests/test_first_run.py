@@ -12,9 +12,13 @@ from gpt2ft.train.report import RunReport, degenerate, scores_text
 # ----- derived defaults -------------------------------------------------------------------------
 def test_unset_values_follow_the_data_size_and_the_model_width():
     cfg, lines = settle(TrainConfig(out="r"), "sft", n_train=27, width=256, lora=False)
-    # 1500 examples / 27 = 55.6 passes, capped at 50; 50 x 27 / 8 = 168.75 -> 169 steps
+    # 4000 examples / 27 = 148 passes, capped at 50; 50 x 27 / 8 = 168.75 -> 169 steps
     assert cfg.epochs == 50 and total_steps(cfg, 27) == 169
-    assert cfg.lr == pytest.approx(1e-4 * 768 / 256)
+    assert cfg.lr == pytest.approx(1e-3)  # the quickstart model's width: its rate as stated
+    assert settle(TrainConfig(out="r"), "sft", 27, 768, False)[0].lr == pytest.approx(1e-4)  # GPT-2's
+    # between and beyond the two widths, log-linear: 1e-4 x (768 / w) ** (log 10 / log 3)
+    assert settle(TrainConfig(out="r"), "sft", 27, 384, False)[0].lr == pytest.approx(1e-4 * 2 ** (math.log(10) / math.log(3)))
+    assert settle(TrainConfig(out="r"), "sft", 27, 1024, False)[0].lr == pytest.approx(1e-4 * 0.75 ** (math.log(10) / math.log(3)))
     assert cfg.warmup_steps == 8 and cfg.eval_every == 17  # round(0.05 x 169), ceil(169 / 10)
     assert len(lines) == 4 and lines[0].startswith("--epochs 50: 27 training examples")
     big, _ = settle(TrainConfig(out="r"), "sft", n_train=50_000, width=768, lora=True)
@@ -22,8 +26,8 @@ def test_unset_values_follow_the_data_size_and_the_model_width():
     assert big.eval_every == 500  # ceil(18750 / 10) capped
     tiny, _ = settle(TrainConfig(out="r"), "pretrain", n_train=1000, width=16, lora=False)
     assert tiny.lr == 3e-3 and tiny.epochs == 1  # 6e-4 x 48 capped; pretraining makes one pass
-    dpo, _ = settle(TrainConfig(out="r", batch_size=4), "dpo", n_train=350, width=768, lora=False)
-    assert dpo.epochs == pytest.approx(1.7) and dpo.lr == pytest.approx(3e-5)  # 600 / 350 = 1.71
+    dpo, _ = settle(TrainConfig(out="r", batch_size=4), "dpo", n_train=350, width=256, lora=False)
+    assert dpo.epochs == pytest.approx(2.1) and dpo.lr == pytest.approx(1e-4)  # 750 / 350 = 2.14
 
 
 def test_given_values_are_kept_and_not_reported():
@@ -41,14 +45,14 @@ def test_the_cli_defaults_are_the_config_s_and_the_help_quotes_the_table():
     for verb, row in DEFAULTS.items():
         actions = {a.dest: a for a in verbs[verb]._actions}
         assert all(actions[k].default is None for k in ("epochs", "lr", "warmup_steps", "eval_every"))
-        assert f"{row.lr:g} x 768" in actions["lr"].help
+        assert f"{row.lr:g} for GPT-2's width 768, {row.lr_quickstart:g} for the quickstart" in actions["lr"].help
 
 
 # ----- degenerate outputs -----------------------------------------------------------------------
 @pytest.mark.parametrize("text,kind", [
     ("", "empty"), ("  \n", "empty"), ("The the the the", "loop"), ("TheInsteadThe kept in the the the in the dry.", "loop"),
     ("Kears in Mears in Kears in Mears in Kears in Mears in", "loop"),
-    ("a b c d " * 6, "loop"),
+    ("a b c d " * 6, "loop"), ("King Henry Viiiiiiiiiiiiiiiiiiii", "loop"),
     ("Macbeth is a tragedy.", None), ("Othello has 5 acts, and each of them is in verse and prose.", None),
 ])
 def test_degenerate_outputs_are_named(text, kind):

@@ -36,7 +36,8 @@ def add_args(p):
     p.add_argument("--pretrain-steps", type=ranged(int, 1), default=None,
                    help="pretraining steps, >= 1 (default: 600 where bf16 is fast (GPUs, AMX/AVX512-BF16 CPUs), else 400)")
     p.add_argument("--sft-epochs", type=ranged(float, 0, lo_open=True), default=None,
-                   help="SFT passes over the instruction set, > 0 (default: 12 from scratch, 3 with --model)")
+                   help="SFT passes over the instruction set, > 0 (default: sft's own, from the data size: 11.3 "
+                        "from scratch; 3 with --model)")
     p.add_argument("--dpo-epochs", type=ranged(float, 0, lo_open=True), default=2.0,
                    help="DPO passes over the preference pairs (> 0)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
@@ -66,7 +67,7 @@ class Steps:
         """Run `gpt2ft ARGS`; with capture, return its standard output (also printed)."""
         args = [str(a) for a in args]
         print(f"\n== {title}\n$ gpt2ft {shlex.join(args)}", flush=True)
-        sigint, out = signal.getsignal(signal.SIGINT), io.StringIO()
+        sigint, out, started = signal.getsignal(signal.SIGINT), io.StringIO(), time.time()
         try:
             with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
                 code = self.gpt2ft(args)
@@ -77,6 +78,7 @@ class Steps:
         if code:
             raise SystemExit(code)
         self.finished += 1
+        print(f"({time.time() - started:.0f} s)", flush=True)
         return out.getvalue()
 
 
@@ -136,18 +138,17 @@ def _stages(args, out: Path, _step: Steps) -> int:
                                         "--val-fraction", "0.05"])
         _step("3. pretrain a small GPT-2 from scratch",
               ["pretrain", "--model-config", "tiny", "--block-size", 256, "--data", out / "data",
-               "--out", out / "pretrain", "--max-steps", 4 if quick else pretrain_steps,
-               "--batch-size", 16, "--lr", "2e-3", "--warmup-steps", 4 if quick else 30,
+               "--out", out / "pretrain", "--max-steps", 4 if quick else pretrain_steps, "--batch-size", 8,
                "--eval-every", 2 if quick else 100, "--eval-batches", 8, "--save-every", 1000,
                "--sample-prompt", "HAMLET:", *again, *train_dtype, *device])
         base = out / "pretrain"
     if not DATA_FILE.exists():
         raise UserError(f"the bundled instruction set is missing ({DATA_FILE}); reinstall gpt2ft")
-    epochs = 0.05 if quick else args.sft_epochs or (12 if args.model is None else 3)
+    # from scratch, the passes and the learning rate are sft's own defaults (derived from the data and the model)
+    epochs = 0.05 if quick else args.sft_epochs or (None if args.model is None else 3)
     _step("4. instruction-tune it (loss on responses only)",
           ["sft", base, "--data", DATA_FILE, "--template", "instruction-response", "--out", out / "sft",
-           "--epochs", epochs, "--batch-size", 16, "--lr", "1e-3" if args.model is None else "1e-4",
-           "--warmup-steps", 2 if quick else 20, "--eval-every", 2 if quick else 100,
+           *(["--epochs", epochs] if epochs else []), "--batch-size", 16, "--eval-every", 2 if quick else 50,
            "--eval-examples", 8 if quick else 16, "--eval-max-new-tokens", 24, "--save-every", 1000, *again, *train_dtype,
            *device])
     _step("5. evaluate on the held-out test split",
@@ -163,8 +164,7 @@ def _stages(args, out: Path, _step: Steps) -> int:
     _step("7. preference-tune with DPO: the right answer over a wrong fact, a wrong play or a rambling one",
           ["dpo", out / "sft", "--data", PREFS_FILE, "--out", out / "dpo", "--test-fraction", 0.1,
            "--epochs", 0.05 if quick else args.dpo_epochs,
-           "--batch-size", 8, "--lr", "2e-4" if args.model is None else "2e-5", "--beta", "0.1",
-           "--warmup-steps", 2 if quick else 10, "--eval-every", 2 if quick else 40, "--save-every", 1000, *again,
+           "--batch-size", 8, "--beta", "0.1", "--eval-every", 2 if quick else 40, "--save-every", 1000, *again,
            *train_dtype, *device])
     for name, model in (("sft", out / "sft"), ("dpo", out / "dpo")):  # likelihood and, for dpo, implicit reward
         _step(f"8. preference accuracy on held-out pairs: {name}",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from .config import TrainConfig
 
-WIDTH = 768  # GPT-2 small's width, at which each verb's learning rate is stated
+WIDTH, QUICKSTART = 768, 256  # GPT-2 small's width and the quickstart model's, where each verb's rate is stated
 WARMUP_FRACTION = 0.05  # of the run's optimizer steps
 EVALUATIONS = 10  # per run, when --eval-every is unset (at most MAX_EVAL_EVERY steps apart)
 MAX_EVAL_EVERY = 500
@@ -18,28 +18,31 @@ MAX_EVAL_EVERY = 500
 
 @dataclass(frozen=True)
 class VerbDefaults:
-    """One verb's defaults. Learning rate: `lr` for all weights at GPT-2 small's width, scaled by
-    768 / the model's width (Adam's best rate for a hidden layer falls as 1/width: muP, Yang et al. 2022,
-    arXiv:2203.03466), times `lora_factor` when only LoRA adapters train (a rank-8 update moves far less
-    per step), at most `max_lr`. Length: enough passes to see `examples` training examples, between
-    `min_epochs` and `max_epochs`."""
-    lr: float
+    """One verb's defaults. Learning rate: the peak rate for all weights that trained GPT-2 small (768
+    wide) well and the one that trained the quickstart's model (256 wide) well, interpolated log-linearly
+    in the model's width through those two points (smaller models take larger rates), times `lora_factor`
+    when only LoRA adapters train (a rank-8 update moves far less per step), at most `max_lr`. Length:
+    enough passes over the data to see `examples` training examples, between `min_epochs` and
+    `max_epochs`."""
+    lr: float  # at width 768
+    lr_quickstart: float  # at width 256
     examples: int
     min_epochs: float
     max_epochs: float
-    why: str  # why this many examples, for --help
+    why: str  # why this length, for --help
     lora_factor: float = 10.0
     max_lr: float = 3e-3
 
 
 DEFAULTS = {
-    "pretrain": VerbDefaults(6e-4, 0, 1.0, 1.0, "one pass over the data (GPT-2 small and GPT-3 small "
-                                               "pretrained at 6e-4)"),
-    "finetune": VerbDefaults(5e-5, 2000, 1.0, 10.0, "a small text sees enough blocks to take on its style"),
-    "sft": VerbDefaults(1e-4, 1500, 3.0, 50.0, "a few dozen records need many passes to learn the answer "
-                                              "format and where to stop; best/ keeps the lowest val loss"),
-    "dpo": VerbDefaults(3e-5, 600, 1.0, 10.0, "preference tuning moves quickly: more passes push the chosen "
-                                             "answers' likelihood down with the rejected ones'"),
+    "pretrain": VerbDefaults(6e-4, 2e-3, 0, 1.0, 1.0, "one pass over the data; GPT-2 small and GPT-3 small "
+                                                     "pretrained at 6e-4, the quickstart at 2e-3"),
+    "finetune": VerbDefaults(5e-5, 3e-4, 2000, 1.0, 10.0, "a small text is seen often enough to take on its style"),
+    "sft": VerbDefaults(1e-4, 1e-3, 4000, 3.0, 50.0, "a few dozen records need many passes to learn the answer "
+                                                    "format and where an answer ends"),
+    "dpo": VerbDefaults(2e-5, 1e-4, 750, 1.0, 10.0, "preference tuning moves fast: trained longer, or at a higher "
+                                                   "rate (3e-4 on the quickstart's model), it unlearns the "
+                                                   "chosen answers too"),
 }
 AUTO = ("epochs", "lr", "warmup_steps", "eval_every")  # the TrainConfig fields whose None means "derive it"
 
@@ -48,9 +51,14 @@ def defaults_for(verb: str) -> VerbDefaults:
     return DEFAULTS.get(verb, DEFAULTS["finetune"])  # a Python-API objective of its own: fine-tuning's
 
 
+def _width_lr(d: VerbDefaults, width: int) -> float:
+    exponent = math.log(d.lr_quickstart / d.lr) / math.log(WIDTH / QUICKSTART)
+    return d.lr * (WIDTH / width) ** exponent
+
+
 def auto_lr(verb: str, width: int, lora: bool) -> float:
     d = defaults_for(verb)
-    return min(d.lr * WIDTH / width * (d.lora_factor if lora else 1.0), d.max_lr)
+    return min(_width_lr(d, width) * (d.lora_factor if lora else 1.0), d.max_lr)
 
 
 def auto_epochs(verb: str, n_train: int) -> float:
@@ -94,26 +102,29 @@ def settle(cfg: TrainConfig, verb: str, n_train: int, width: int, lora: bool,
 
 def _lr_reason(verb: str, width: int, lora: bool) -> str:
     d = defaults_for(verb)
-    text = f"{verb}'s {d.lr:g} at width {WIDTH}"
-    if width != WIDTH:
-        text += f" x {WIDTH}/{width} (this model's width)"
+    if width == WIDTH:
+        text = f"{verb}'s rate for GPT-2's width {WIDTH}"
+    elif width == QUICKSTART:
+        text = f"{verb}'s rate for the quickstart model's width {QUICKSTART}"
+    else:
+        text = (f"{verb}'s rate at width {width}, between {d.lr:g} at {WIDTH} and {d.lr_quickstart:g} at "
+                f"{QUICKSTART} (log-linear in width)")
     if lora:
-        text += f" x {d.lora_factor:g} (LoRA)"
-    return text + (f", capped at {d.max_lr:g}" if d.lr * WIDTH / width * (d.lora_factor if lora else 1) > d.max_lr
+        text += f", x {d.lora_factor:g} for LoRA"
+    return text + (f", capped at {d.max_lr:g}" if _width_lr(d, width) * (d.lora_factor if lora else 1) > d.max_lr
                    else "")
 
 
 def help_texts(verb: str) -> dict[str, str]:
     """--help of the AUTO flags for `verb`, from the table."""
     d = defaults_for(verb)
-    gpt2, quick = auto_lr(verb, 768, False), auto_lr(verb, 256, False)
     epochs = (f"unset: enough passes to see about {d.examples} training examples, {d.min_epochs:g} to "
-              f"{d.max_epochs:g} ({d.why})" if d.examples else f"unset: {d.min_epochs:g} ({d.why})")
+              f"{d.max_epochs:g} of them; {d.why}" if d.examples else f"unset: {d.min_epochs:g}; {d.why}")
     return {
         "epochs": f"passes over the training data when --max-steps is -1, > 0 ({epochs})",
-        "lr": (f"peak learning rate, > 0 (unset: {d.lr:g} x {WIDTH} / the model's width, x {d.lora_factor:g} "
-               f"with --lora, at most {d.max_lr:g}: {gpt2:.2g} for GPT-2, {quick:.2g} for the quickstart's "
-               "256-wide model)"),
+        "lr": (f"peak learning rate, > 0 (unset: {d.lr:g} for GPT-2's width {WIDTH}, {d.lr_quickstart:g} for the "
+               f"quickstart model's {QUICKSTART}, log-linear in width between and beyond, x {d.lora_factor:g} with "
+               f"--lora, at most {d.max_lr:g})"),
         "warmup_steps": (f"linear warmup steps, >= 0 (unset: {WARMUP_FRACTION:g} x the run's steps; at most a "
                          "tenth of them)"),
         "eval_every": (f"evaluate every N steps, >= 0 (0: only at the end; unset: about {EVALUATIONS} "

@@ -6,19 +6,24 @@ scores, where the checkpoints are) and loss.png. The loop calls RunReport at thr
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
 SCORES = ("exact_match", "bleu", "rougeL", "keyword_rate", "length_ratio")  # SFT's generation scores
+QUIET = ("val_ppl", "val_reward_chosen", "val_reward_rejected", "val_logp_chosen", "val_logp_rejected")  # in the files
 DRIFT_NATS = 10.0  # DPO: chosen log-prob this far below the reference's (mean per answer) is warned about
 
 
 def degenerate(text: str) -> str | None:
     """'empty' (nothing but whitespace: the model ended its reply at once), 'loop' (an n-gram of 1-6 words
-    repeated 3+ times in a row, or a long text with few distinct word trigrams), or None."""
+    repeated 3+ times in a row, 1-6 characters repeated 8+ times in a row as in 'Viiiiiiii', or a long
+    text with few distinct word trigrams), or None."""
     words = text.split()
     if not words:
         return "empty"
+    if re.search(r"(\S{1,6}?)\1{7,}", text):
+        return "loop"
     for n in range(1, 7):
         for i in range(len(words) - 3 * n + 1):
             gram = words[i:i + n]
@@ -41,7 +46,7 @@ def scores_text(record: dict) -> str:
     if "val_loss" in record:
         parts.append(f"val_loss {record['val_loss']:.4f} (ppl {record.get('val_ppl', math.nan):.4g})")
     for key, value in record.items():
-        if key.startswith("val_") and key not in ("val_loss", "val_ppl") and isinstance(value, float):
+        if key.startswith("val_") and key != "val_loss" and key not in QUIET and isinstance(value, float):
             parts.append(f"{key.removeprefix('val_')} {value:.4g}")
     parts += [f"{k} {record[k]:.4g}" for k in SCORES if isinstance(record.get(k), (int, float))]
     return " · ".join(parts) or "no validation data"
