@@ -63,7 +63,7 @@ def _metrics(run):
 def test_dpo_lifts_held_out_preference_accuracy(sft_model, tmp_path, loss):
     root, sft, prefs = sft_model
     run = tmp_path / loss
-    run_cli("dpo", sft, "--data", prefs, "--out", run, "--loss", loss, "--epochs", "2", "--val-fraction", "0.25",
+    run_cli("dpo", sft, "--data", prefs, "--out", run, "--loss", loss, "--epochs", "2", "--lr", "2.4e-4", "--val-fraction", "0.25",
             "--test-fraction", "0", "--eval-every", "0", *CPU, check=True)
     meta = json.loads((run / "latest" / "gpt2ft.json").read_text())
     assert meta["objective"] == "dpo" and meta["loss"] == loss and meta["template"]["name"] == "instruction-response"
