@@ -47,7 +47,7 @@ def per_device(c: dict[str, int], n: int) -> dict[str, float]:
     return {"full": BYTES_FULL * p, "full_fsdp": BYTES_FULL * p / n,
             "full_offload": 2 * (4 + 4) * c["group"],  # on the GPU: two groups' weights and gradients in flight
             "lora": BYTES_FROZEN * p + BYTES_FULL * lora, "lora_fsdp": (BYTES_FROZEN * p + BYTES_FULL * lora) / n,
-            "dpo": (BYTES_FULL + BYTES_FROZEN) * p, "dpo_fsdp": BYTES_FULL * p / n + BYTES_FROZEN * p}
+            "dpo": (BYTES_FULL + BYTES_FROZEN) * p, "dpo_fsdp": (BYTES_FULL + BYTES_FROZEN) * p / n}  # the reference is sharded too
 
 
 def table(n: int) -> str:

@@ -229,3 +229,30 @@ def test_strategy_flags_are_checked_where_they_are_parsed(monkeypatch):
         make_strategy(TrainConfig(strategy="single", device="cpu"))
     monkeypatch.delenv("WORLD_SIZE")
     assert make_strategy(TrainConfig(device="cpu")).name == "single"  # auto, one process
+
+
+def test_dpo_s_frozen_reference_is_sharded_like_the_policy_and_scores_the_same():
+    """Under FSDP the frozen copy DPO scores against is sharded too (each process holds 1/N of it, not a
+    whole second model), and gives the log-probs of the unsharded copy (a group of one, in this process)."""
+    from torch.distributed.tensor import DTensor
+
+    from gpt2ft.config import GPTConfig
+    from gpt2ft.model import GPT
+    from gpt2ft.objectives_pref import FrozenCopy
+    from gpt2ft.train import TrainConfig
+    from gpt2ft.train.strategy import make_strategy
+
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    ids = torch.randint(0, 64, (4, 12))
+    batch = {"input_ids": ids, "labels": torch.where(torch.arange(12) < 5, -100, ids)}
+    plain, sharded = FrozenCopy(policy), FrozenCopy(policy)
+    plain.setup(lambda module: module)
+    strategy = make_strategy(TrainConfig(out="unused", strategy="fsdp", device="cpu"))
+    try:
+        sharded.setup(strategy.place_frozen)
+        assert all(isinstance(p, DTensor) and not p.requires_grad for p in sharded.module.parameters())
+        assert sharded.logps(policy, batch, None).tolist() == pytest.approx(plain.logps(policy, batch, None).tolist(),
+                                                                            abs=1e-6)
+    finally:
+        strategy.close()

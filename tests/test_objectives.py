@@ -41,8 +41,8 @@ class PerSequence(Objective):
         self.train, self.val, self.fingerprint = Rows(24), Rows(8, seed=1), "toy"
         self.setup_calls = []
 
-    def setup(self, model, device, dtype):
-        self.setup_calls.append((device.type, dtype))
+    def setup(self, model, strategy):
+        self.setup_calls.append((strategy.device.type, strategy.dtype))
 
     def count(self, batch):
         return batch["input_ids"].shape[0]

@@ -19,6 +19,8 @@ KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "Answer in JSON"}]
 
+OBJ = lambda props, req=None, **kw: {"type": "object", "properties": props, "required": list(props) if req is None else req,
+                                     "additionalProperties": False, **kw}
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0,
                                                                          "maximum": 120}},
@@ -38,6 +40,42 @@ SCHEMAS = [
     {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 5}]},
     {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 6}}, "required": ["s"],
      "additionalProperties": False},
+    # nested objects, arrays of objects, enums, consts, bounds, optional fields, patterns, refs, unions
+    OBJ({"id": {"type": "string", "pattern": "^[a-f0-9]{8}$"}, "count": {"type": "integer", "minimum": 1, "maximum": 5}}),
+    OBJ({"a": OBJ({"b": OBJ({"c": {"type": "boolean"}})})}),  # three levels deep
+    {"type": "array", "items": OBJ({"k": {"type": "string", "maxLength": 4}, "v": {"type": "integer"}}),
+     "minItems": 1, "maxItems": 3},
+    {"enum": [1, "two", None, True]},
+    OBJ({"version": {"const": 2}, "mode": {"enum": ["fast", "slow"]}}),
+    OBJ({"p": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}}),
+    {"type": "integer", "minimum": -50, "maximum": -10},
+    OBJ({"x": {"type": "integer"}, "y": {"type": "integer"}}, req=[]),  # every field optional
+    {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 2, "maxItems": 5},
+    OBJ({"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}}),
+    OBJ({"email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.com$"}}),
+    {"type": "array", "prefixItems": [{"type": "string", "maxLength": 5}, {"type": "integer"}, {"type": "boolean"}],
+     "items": False, "minItems": 3},
+    {"oneOf": [OBJ({"kind": {"const": "circle"}, "r": {"type": "number", "minimum": 0}}),
+               OBJ({"kind": {"const": "square"}, "side": {"type": "integer", "minimum": 1}})]},
+    {"$defs": {"pt": OBJ({"x": {"type": "integer"}, "y": {"type": "integer"}})},
+     **OBJ({"start": {"$ref": "#/$defs/pt"}, "end": {"$ref": "#/$defs/pt"}})},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 3}, "maxItems": 3},
+     "minItems": 1, "maxItems": 3},
+    OBJ({"n": {"type": ["integer", "null"], "minimum": 0, "maximum": 10}}),
+    {"type": "boolean"},
+    {"type": "string", "enum": ["yes", "no", "maybe"]},
+    OBJ({"first": {"type": "string", "maxLength": 8}, "last": {"type": "string", "maxLength": 8},
+         "age": {"type": "integer", "minimum": 18, "maximum": 99}, "member": {"type": "boolean"},
+         "score": {"type": "number", "minimum": 0, "maximum": 100}}, req=["first", "last", "age"]),
+    {"type": "array", "items": {"type": "string", "pattern": "^[A-Z][a-z]{1,5}$"}, "minItems": 1, "maxItems": 3},
+    {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}, "maxProperties": 3},
+    {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+               {"type": "object", "properties": {"b": {"type": "string", "maxLength": 3}}, "required": ["b"]}]},
+    OBJ({"when": {"type": "string", "format": "date"}, "uid": {"type": "string", "format": "uuid"}}),
+    OBJ({"n": {"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}}),
+    OBJ({"t": {"type": "string", "format": "date-time"}, "e": {"type": "string", "format": "email"}}),
+    {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},  # more properties allowed
+    OBJ({"s": {"type": "string", "minLength": 3}}),
 ]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -88,23 +126,40 @@ def test_reply_validates_against_the_schema_whole_and_streamed(client, i):
     schema = SCHEMAS[i]
     for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": i}):
         r = chat(client, response_format=schema_format(schema), **kw)
-        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        validate(r.choices[0].message.content, schema)
         assert r.choices[0].finish_reason == "stop"
         chunks = chat(client, response_format=schema_format(schema), stream=True, **kw)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == r.choices[0].message.content
 
 
-def test_eight_concurrent_constrained_requests(app, http):
+@pytest.mark.parametrize("first", range(0, len(SCHEMAS), 8))
+def test_eight_concurrent_constrained_requests(app, http, first):
+    batch = SCHEMAS[first:first + 8]
+
     async def main():
         async with openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=KEY, max_retries=0,
                                       http_client=_AsyncBridge(app)) as ac:
             return await asyncio.gather(*[ac.chat.completions.create(
-                model="tiny", messages=USER, max_tokens=40, temperature=1.0, seed=s,
-                response_format=schema_format(SCHEMAS[s])) for s in range(8)])
+                model="tiny", messages=USER, max_tokens=40, temperature=1.0, seed=first + s,
+                response_format=schema_format(schema)) for s, schema in enumerate(batch)])
 
-    for s, r in enumerate(asyncio.run(main())):
-        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[s])
+    for schema, r in zip(batch, asyncio.run(main())):
+        validate(r.choices[0].message.content, schema)
+
+
+def validate(text: str, schema: dict) -> None:
+    """`text` parses and validates against `schema`, formats (date, uuid, email, date-time) included."""
+    jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker())
+
+
+def test_keywords_the_grammar_cannot_enforce_are_400_naming_them(http):
+    for schema, word in (({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+                         ({"type": "object", "properties": {"a": {"type": "integer"}}, "maxProperties": 1},
+                          "maxProperties")):
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 5,
+                                                    "response_format": schema_format(schema)})
+        assert word in assert_error(r, "response_format.json_schema.schema")
 
 
 def _AsyncBridge(app):

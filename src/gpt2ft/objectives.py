@@ -29,8 +29,9 @@ class Objective:
     best_metric = "val_loss"  # the evaluation record's key that picks best/ and drives --patience
     best_mode = "min"  # or "max"
 
-    def setup(self, model, device: torch.device, dtype: torch.dtype) -> None:
-        """Called once the model is on its device: move or build what the objective holds."""
+    def setup(self, model, strategy) -> None:
+        """Called once the model is on its device (strategy: train.strategy's, with .device, .dtype and
+        .place_frozen): move or build what the objective holds."""
 
     def count(self, batch: dict) -> int:
         """Units in the batch; the loop divides the summed loss by the global count."""

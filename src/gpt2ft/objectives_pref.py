@@ -175,8 +175,9 @@ class Reference:
     model_ref: str | None = None  # what `gpt2ft eval` loads as this run's reference
     uses_policy = False  # computes with the policy's own weights
 
-    def setup(self, device) -> None:
-        """Move what it holds to the training device."""
+    def setup(self, place) -> None:
+        """Put what it holds where it computes: place(module) returns the module on the training device
+        (sharded under FSDP)."""
 
     def logps(self, policy, batch: dict, layout) -> torch.Tensor | None:
         """Reference log-probs of the batch's rows, in row order (None: no reference)."""
@@ -197,8 +198,8 @@ class FrozenModel(Reference):
     def __init__(self, module: torch.nn.Module, name: str, model_ref: str | None):
         self.module, self.name, self.model_ref = module, name, model_ref
 
-    def setup(self, device) -> None:
-        self.module.to(device=device, dtype=torch.float32)  # autocast gives it the policy's compute dtype
+    def setup(self, place) -> None:
+        self.module = place(self.module)  # fp32: autocast gives it the policy's compute dtype
 
     @torch.no_grad()
     def logps(self, policy, batch, layout):
@@ -285,8 +286,8 @@ class PreferenceOptimization(Objective):
         self.report = layout.report(len(train), len(val), {k: train_counts[k] + val_counts[k] for k in train_counts},
                                     max_length)
 
-    def setup(self, model, device, dtype) -> None:
-        self.reference.setup(device)
+    def setup(self, model, strategy) -> None:
+        self.reference.setup(strategy.place_frozen)
 
     def count(self, batch: dict) -> int:
         return len(batch["index"])
@@ -318,7 +319,7 @@ class PreferenceOptimization(Objective):
             log(f"reference log-probs: reusing {path}")
         else:
             log(f"reference log-probs: computing {len(self.train) + len(self.val)} {self.unit} once -> {path}")
-            source.setup(device)
+            source.setup(lambda module: module.to(device=device, dtype=torch.float32))
             if source.uses_policy:
                 policy.to(device)
             cached = {"key": key, **{name: self.compute_reference(source, policy, data, device, dtype, batch_size)

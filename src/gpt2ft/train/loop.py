@@ -51,7 +51,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         run.restore_weights(model, resumed[0])
     wrapped = strategy.wrap(model, cfg)
     model.train()
-    objective.setup(model, strategy.device, strategy.dtype)
+    objective.setup(model, strategy)
     optimizer = make_optimizer(model, cfg)  # after wrapping: under FSDP its parameters are the shards
     scaler = torch.amp.GradScaler(strategy.device.type) if strategy.dtype == torch.float16 else None
     state, last_saved = TrainState(), None

@@ -48,6 +48,11 @@ class Single:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         return torch.compile(model) if cfg.compile else model
 
+    def place_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Where a frozen module that runs beside the model (DPO's reference) computes: on the device in
+        fp32 (autocast gives the compute dtype); FSDP shards it as it shards the model."""
+        return module.to(device=self.device, dtype=torch.float32)
+
     def clip(self, params: list, max_norm: float) -> float:
         """Clip the gradients' global norm to max_norm (0: only measure it); returns the norm before."""
         grads = [p.grad for p in params if p.grad is not None]
@@ -152,6 +157,16 @@ class FSDP(Single):
         self.offload = offload
 
     def wrap(self, model, cfg: TrainConfig):
+        model.gradient_checkpointing = cfg.gradient_checkpointing  # per block, inside each block's shard
+        self._shard(model)
+        return torch.compile(model) if cfg.compile else model
+
+    def place_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen reference is sharded like the policy: each process holds 1/N of it, gathered block by
+        block for its no-grad forward."""
+        return self._shard(module)
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -161,11 +176,10 @@ class FSDP(Single):
         if self.offload:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         model.to(device=torch.device("cpu") if self.offload else self.device, dtype=torch.float32)
-        model.gradient_checkpointing = cfg.gradient_checkpointing  # per block, inside each block's shard
         for block in model.transformer.h:
             fully_shard(block, **options)
         fully_shard(model, **options)  # the tied wte/lm_head, wpe and ln_f: the root's own group
-        return torch.compile(model) if cfg.compile else model
+        return model
 
     def model_state(self, model) -> dict | None:
         dcp = _dcp()  # every process takes part in the gather; the main one gets the whole state on CPU
