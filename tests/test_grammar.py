@@ -108,3 +108,31 @@ def test_schemas_parse_within_the_token_budget_in_one_batch(tiny_model):
     greedy = complete_batch(model, tok, prompts[:1], SamplingConfig(max_new_tokens=48, temperature=0.0,
                                                                     grammar=GrammarSpec.json_schema(SCHEMAS[0])))
     jsonschema.validate(json.loads(greedy[0].text), SCHEMAS[0])
+
+
+def test_closing_keeps_room_for_what_a_schema_still_needs(tiny_model):
+    """A schema whose shortest output is long (two nested required objects, a date-time, an address)
+    still closes within a tight budget: the row starts closing at twice the shortest output's length
+    (counted by hand: '{"', 'start', '":{"', ... 22 tokens for the points), and formats come out as the
+    common validators accept them (no year 0000, no lowercase 'z')."""
+    from gpt2ft.generation import complete_batch
+    from gpt2ft.grammar import shortest_completion
+    from gpt2ft.sampling import SamplingConfig
+
+    model, tok = tiny_model
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+             "required": ["x", "y"], "additionalProperties": False}
+    schemas = [{"type": "object", "properties": {"start": point, "end": point}, "required": ["start", "end"],
+                "additionalProperties": False},
+               {"type": "object", "properties": {"t": {"type": "string", "format": "date-time"},
+                                                 "ip": {"type": "string", "format": "ipv4"}},
+                "required": ["t", "ip"], "additionalProperties": False}]
+    assert shortest_completion(GrammarSpec.json_schema({"type": "boolean"}), tok, model.config.vocab_size) == 1
+    needs = [shortest_completion(GrammarSpec.json_schema(s), tok, model.config.vocab_size) for s in schemas]
+    assert 15 <= needs[0] <= 30 and needs[1] >= 15, needs
+    for schema, need in zip(schemas, needs):
+        for seed in range(3):
+            cfg = SamplingConfig(max_new_tokens=need + 8, temperature=1.0, seed=seed, grammar=GrammarSpec.json_schema(schema))
+            row = complete_batch(model, tok, [tok.encode("Reply in JSON:")], cfg)[0]
+            assert row.finish_reason == "stop", row.text
+            jsonschema.validate(json.loads(row.text), schema, format_checker=jsonschema.FormatChecker())

@@ -73,7 +73,7 @@ SCHEMAS = [
                {"type": "object", "properties": {"b": {"type": "string", "maxLength": 3}}, "required": ["b"]}]},
     OBJ({"when": {"type": "string", "format": "date"}, "uid": {"type": "string", "format": "uuid"}}),
     OBJ({"n": {"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}}),
-    OBJ({"t": {"type": "string", "format": "date-time"}, "e": {"type": "string", "format": "email"}}),
+    OBJ({"t": {"type": "string", "format": "date-time"}, "ip": {"type": "string", "format": "ipv4"}}),
     {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},  # more properties allowed
     OBJ({"s": {"type": "string", "minLength": 3}}),
 ]

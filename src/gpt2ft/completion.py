@@ -15,9 +15,10 @@ from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
 
-def closing_window(max_new_tokens: int) -> int:
-    """The last tokens of a constrained row's budget, in which tokens that close the output are preferred."""
-    return max(16, max_new_tokens // 3)
+def closing_window(max_new_tokens: int, shortest: int = 0) -> int:
+    """The last tokens of a constrained row's budget, in which tokens that close the output are preferred:
+    a third of it, at least 16, and at least twice the tokens the grammar's shortest output takes."""
+    return max(16, max_new_tokens // 3, 2 * shortest)
 
 
 # ----- logits processors (pure functions on (B, V) float logits) ------------------------------
@@ -299,7 +300,8 @@ class Completion:
         """(1, V) logits after the grammar mask -> what sampling sees: near the end of a constrained row's
         budget only tokens that close its output; before min_tokens no EOS."""
         cfg = self.sampling
-        if self.constrained and cfg.max_new_tokens - len(self.token_ids) <= closing_window(cfg.max_new_tokens):
+        left = cfg.max_new_tokens - len(self.token_ids)
+        if self.constrained and left <= closing_window(cfg.max_new_tokens, self._grammar.shortest):
             logits = self._grammar.closing(logits, first=cfg.temperature == 0)  # finish parseable within the budget
         if len(self.token_ids) < cfg.min_tokens and not cfg.ignore_eos:
             logits = logits.clone()

@@ -9,6 +9,7 @@ except after an opening bracket.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
         if spec.kind in ("json", "json_schema"):
             schema = json.loads(spec.source) if spec.kind == "json_schema" else {"type": "object"}
             if isinstance(schema, dict):
-                schema = {"x-guidance": COMPACT_JSON, **schema}
+                schema = {"x-guidance": COMPACT_JSON, **strict_formats(schema)}
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
         if spec.kind == "choice":  # a Lark rule of quoted literals: nothing else can follow
             return llguidance.LLMatcher.grammar_from_lark(
@@ -41,6 +42,30 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
         return llguidance.grammar_from(spec.kind, spec.source)
     except (ValueError, TypeError) as e:
         raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {_one_line(e)}") from None
+
+
+# Formats as the common validators (jsonschema's FormatChecker with rfc3339-validator) accept them:
+# llguidance's own regexes also allow year 0000 and a lowercase "z", which those refuse. Days up to 28,
+# so that every month has them.
+_DAY = "(0[1-9]|1[0-9]|2[0-8])"
+FORMAT_PATTERNS = {
+    "date": f"^[1-9][0-9]{{3}}-(0[1-9]|1[0-2])-{_DAY}$",
+    "date-time": f"^[1-9][0-9]{{3}}-(0[1-9]|1[0-2])-{_DAY}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                 "(\\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$",
+}
+
+
+def strict_formats(schema):
+    """The schema with each string `format` of FORMAT_PATTERNS (and no pattern of its own) written as
+    that pattern, everywhere in it."""
+    if isinstance(schema, list):
+        return [strict_formats(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_formats(v) for k, v in schema.items()}
+    if isinstance(out.get("format"), str) and out["format"] in FORMAT_PATTERNS and "pattern" not in out:
+        out["pattern"] = FORMAT_PATTERNS[out.pop("format")]
+    return out
 
 
 def _one_line(error) -> str:
@@ -113,6 +138,10 @@ class GrammarState:
         self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.consumed = 0  # tokens accepted so far: which state a computed mask belongs to
+        self.json = spec.kind in ("json", "json_schema")
+        self.text = JsonText()  # where the output is: inside a string or not (closing tokens differ)
+        self._plan: tuple[int, list[int]] = (-1, [])  # (at tokens consumed, the rest of a shortest walk)
+        self.shortest = shortest_completion(spec, tokenizer, vocab_size)  # tokens a whole output takes at least
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this row's allowed tokens into bitmask[row] (int32 words, 32 tokens each)."""
@@ -140,12 +169,31 @@ class GrammarState:
             keep = torch.zeros_like(allowed)
             keep[finishing] = True
             return logits.masked_fill(~keep, float("-inf"))
+        if self.json and self.text.in_string:  # only its closing quote ends a string; brackets would extend it
+            if not (torch.isfinite(logits[0]) & tiers[:2].to(logits.device).any(0)).any():
+                return self._toward_shortest(logits)  # a format or pattern must be finished first
+            tiers = tiers[:2]
         return prefer_closing(logits, tiers)
+
+    def _toward_shortest(self, logits: torch.Tensor, limit: int = 64) -> torch.Tensor:
+        """Only the next token of the shortest walk to a complete output from here (the logits as they
+        are if no walk completes). The walk is kept while the row follows it."""
+        at, path = self._plan
+        if at != self.consumed or not path:
+            found = shortest_walk(self.matcher, self.text, "json", self.tokenizer, self.vocab_size, limit)
+            if found is None or not found[1]:
+                return logits
+            path = found[1]
+        self._plan = (self.consumed + 1, path[1:])  # still valid if this token is the one taken
+        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        keep[path[0]] = True
+        return logits.masked_fill(~keep, float("-inf"))
 
     def accept(self, token_id: int) -> None:
         self.consumed += 1
         self.matcher.consume_token(token_id)
         self._check()
+        self.text.add(token_bytes(self.tokenizer, token_id))
 
     @property
     def finished(self) -> bool:
@@ -216,6 +264,22 @@ def _executor():
     return llguidance.LLExecutor(min(8, os.cpu_count() or 1))
 
 
+class JsonText:
+    """Whether JSON text written so far ends inside a string (an odd number of unescaped quotes)."""
+
+    def __init__(self):
+        self.in_string, self._escaped = False, False
+
+    def add(self, data: bytes) -> None:
+        for byte in data:
+            if self._escaped:
+                self._escaped = False
+            elif byte == 0x5C and self.in_string:  # backslash
+                self._escaped = True
+            elif byte == 0x22:  # quote
+                self.in_string = not self.in_string
+
+
 # Near the end of a row's budget, in this order: EOS; a token that closes a string (starts with '"',
 # then only closing characters); closing brackets alone; separators (to reach the next required key).
 CLOSING_TIERS = ((b'"', b'"}],: '), (b"}]", b"}] "), (b",:", b'",:}] '))
@@ -232,6 +296,68 @@ def closing_tiers(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
             if text and text[0] in first and all(b in rest for b in text[1:]):
                 tiers[t, i] = True
     return tiers
+
+
+@lru_cache(maxsize=4)
+def _finish_orders(tokenizer: Tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tier of each token: 0 EOS, 1.. the closing tiers, len(tiers) + 1 the rest; the other tokens
+    longest first; the same shortest first): the orders the walks of shortest_completion try."""
+    tiers = closing_tiers(tokenizer, vocab_size)
+    tier = torch.where(tiers.any(0), tiers.float().argmax(0), len(tiers)).numpy()
+    length = np.array([len(token_bytes(tokenizer, i)) for i in range(vocab_size)])
+    return tier, np.lexsort((-length, tier)), np.lexsort((length, tier))
+
+
+@lru_cache(maxsize=256)
+def shortest_completion(spec: GrammarSpec, tokenizer: Tokenizer, vocab_size: int, limit: int = 128) -> int:
+    """About the fewest tokens a whole output of the grammar takes (0 if no walk finds one), from its
+    start (see shortest_walk). A row keeps twice this for closing its output (completion.closing_window),
+    so a schema with many required fields still finishes within a small budget."""
+    import llguidance
+
+    lltok, grammar = compile_grammar(spec, tokenizer, vocab_size)
+    found = shortest_walk(llguidance.LLMatcher(lltok, grammar, log_level=0), JsonText(), spec.kind, tokenizer,
+                          vocab_size, limit)
+    return found[0] if found else 0
+
+
+def shortest_walk(matcher, text: JsonText, kind: str, tokenizer: Tokenizer, vocab_size: int,
+                  limit: int) -> tuple[int, list[int]] | None:
+    """(tokens, the tokens) of the shortest of four walks from the matcher's state (on copies) to a
+    complete output, or None if none completes within `limit`. Each walk takes EOS, else a closing token
+    (CLOSING_TIERS; inside a JSON string only its closing quote), else the longest allowed token (a forced
+    key or pattern in fewest tokens), the shortest (an open number or date ends soonest), or a random one
+    (twice, seeded: a number that must not stay 0)."""
+    tier, longest, shortest = _finish_orders(tokenizer, vocab_size)
+    positions = [np.argsort(order) for order in (longest, shortest)]  # token -> its place in the order
+    policies = [lambda ids, place=place: ids[place[ids].argmin()] for place in positions]
+    policies += [lambda ids, rng=np.random.default_rng(seed): rng.choice(ids) for seed in (0, 1)]
+    walks = [_walk(matcher.deep_copy(), copy.copy(text), kind, tokenizer, vocab_size, limit, p) for p in policies]
+    return min((w for w in walks if w is not None), default=None)
+
+
+def _walk(matcher, text: JsonText, kind: str, tokenizer: Tokenizer, vocab_size: int, limit: int,
+          choose) -> tuple[int, list[int]] | None:
+    """(tokens, the tokens) until the output is complete, taking choose(allowed ids of the lowest
+    rank) at each step; None if it is not complete within `limit`."""
+    tier = _finish_orders(tokenizer, vocab_size)[0]
+    bitmask, path = new_bitmask(1, vocab_size), []
+    for n in range(limit):
+        if matcher.is_accepting() or matcher.is_stopped():
+            return n, path
+        if matcher.is_error():
+            return None
+        matcher.unsafe_compute_mask_ptr(bitmask[0].data_ptr(), bitmask.shape[1] * 4)
+        ids = np.unpackbits(bitmask[0].numpy().view(np.uint8), count=vocab_size, bitorder="little").nonzero()[0]
+        if not len(ids):
+            return None
+        rank = tier[ids] if not (kind in ("json", "json_schema") and text.in_string) else \
+            np.where(tier[ids] > 1, tier.max(), tier[ids])  # inside a string brackets would extend it
+        token = int(choose(ids[rank == rank.min()]))
+        path.append(token)
+        matcher.consume_token(token)
+        text.add(token_bytes(tokenizer, token))
+    return None
 
 
 def prefer_closing(logits: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
