@@ -57,7 +57,6 @@ def run(args):
 def _evaluate(args, data: Path, out: Path | None):
     from ..data.instructions import load_records
     from ..data.preferences import is_preference_data
-    from ..fileio import atomic_write_text
     from ..evaluate import evaluate_records
     from ..templates import pick_template
 
@@ -83,19 +82,14 @@ def _evaluate(args, data: Path, out: Path | None):
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
     summary.update(model=loaded.ref, data=str(data) if str(data).startswith("hf:") else str(data.resolve()),
                    rejected=len(rejected), template=template.name)
-    _print_table(summary)
-    if out:
-        atomic_write_text(out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        print(f"wrote {out / 'responses.jsonl'} and {out / 'summary.json'}")
-    return 0
+    return _report(summary, out, "responses.jsonl", rows)
 
 
 def run_text(args, data: Path, out: Path | None) -> int:
     """A plain text file: its perplexity (the text is read whole, so its size is bounded)."""
     from ..data.text import read_lines
     from ..evaluate import text_perplexity
-    from ..fileio import MAX_DATA_FILE, atomic_write_text, check_size
+    from ..fileio import MAX_DATA_FILE, check_size
 
     check_size(data, "text file to score", MAX_DATA_FILE, "score a part of it")
     text = "".join(line for _, line in read_lines(data))
@@ -106,16 +100,12 @@ def run_text(args, data: Path, out: Path | None) -> int:
     if n == 0:
         raise UserError(f"{data} is a single token: perplexity needs at least two")
     summary = {"perplexity": ppl, "tokens": n, "data": str(data.resolve())}
-    _print_table(summary)
-    if out:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return 0
+    return _report(summary, out)
 
 
 def run_preferences(args, source, out: Path | None) -> int:
     """Chosen/rejected pairs: preference accuracy and mean margin (see objectives_pref.evaluate_preferences)."""
     from ..data.preferences import load_pairs
-    from ..fileio import atomic_write_text
     from ..objectives_pref import evaluate_preferences
 
     pairs, rejected = load_pairs(source, args.split, parse_columns(args.columns), args.on_invalid)
@@ -123,11 +113,22 @@ def run_preferences(args, source, out: Path | None) -> int:
     loaded = load_model(args)
     rows, summary = evaluate_preferences(loaded, pairs, args.template, args.reference, args.beta, args.batch_size)
     summary.update(model=loaded.ref, data=str(source), rejected=len(rejected))
+    return _report(summary, out, "pairs.jsonl", rows)
+
+
+def _report(summary: dict, out: Path | None, rows_file: str | None = None, rows: list | None = None) -> int:
+    """Print the summary; with --out, write it (and the per-example rows) there."""
+    from ..fileio import atomic_write_text
+
     _print_table(summary)
     if out:
-        atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        written = [out / "summary.json"]
+        if rows_file:
+            atomic_write_text(out / rows_file, "".join(json.dumps(r) + "\n" for r in rows))
+            written.insert(0, out / rows_file)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        print(f"wrote {out / 'pairs.jsonl'} and {out / 'summary.json'}")
+        if rows_file:
+            print(f"wrote {' and '.join(map(str, written))}")
     return 0
 
 
