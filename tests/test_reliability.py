@@ -330,7 +330,7 @@ def test_a_model_whose_tokenizer_is_smaller_than_its_vocabulary(world, tmp_path,
 def test_out_naming_an_existing_file(world):
     for args in (["pretrain", "--data", "data", *TINY], ["prepare", "text.txt", "--tokenizer", "tok"],
                  ["tokenizer", "train", "text.txt", "--kind", "word"], ["eval", "run", "--data", "text.txt"],
-                 ["export", "run"]):
+                 ["export", "run"], ["demo"]):
         refused(world, *args, "--out", "user/notes.txt", cwd=world, needles=("notes.txt",))
 
 
