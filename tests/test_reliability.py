@@ -331,7 +331,7 @@ def test_out_naming_an_existing_file(world):
     for args in (["pretrain", "--data", "data", *TINY], ["prepare", "text.txt", "--tokenizer", "tok"],
                  ["tokenizer", "train", "text.txt", "--kind", "word"], ["eval", "run", "--data", "text.txt"],
                  ["export", "run"], ["demo"]):
-        refused(world, *args, "--out", "user/notes.txt", cwd=world, needles=("notes.txt",))
+        assert refused(world, *args, "--out", "user/notes.txt", cwd=world, needles=("notes.txt",)).returncode == 2
 
 
 # ----- prepare: split by tokens, no temp files, paths that do not depend on the cwd -------------------
