@@ -330,8 +330,8 @@ def test_a_model_whose_tokenizer_is_smaller_than_its_vocabulary(world, tmp_path,
 def test_out_naming_an_existing_file(world):
     for args in (["pretrain", "--data", "data", *TINY], ["prepare", "text.txt", "--tokenizer", "tok"],
                  ["tokenizer", "train", "text.txt", "--kind", "word"], ["eval", "run", "--data", "text.txt"],
-                 ["export", "run"]):
-        refused(world, *args, "--out", "user/notes.txt", cwd=world, needles=("notes.txt",))
+                 ["export", "run"], ["demo"]):
+        assert refused(world, *args, "--out", "user/notes.txt", cwd=world, needles=("notes.txt",)).returncode == 2
 
 
 # ----- prepare: split by tokens, no temp files, paths that do not depend on the cwd -------------------
@@ -559,3 +559,37 @@ def test_a_folder_or_binary_file_as_data_is_one_line(world, tmp_path):
             needles=("folder.jsonl",))
     refused(tmp_path, "data", "convert", tmp_path / "bin.json", "--out", tmp_path / "o.jsonl", needles=("bin.json",))
     refused(tmp_path, "eval", world / "run", "--data", tmp_path / "bin.json", needles=("bin.json",))
+
+
+# ----- found by the red team (issue 15's judging) ------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "run", "--data", "sft.jsonl", "--reference", "run", "--beta", "nan"], "--beta"),
+    (["eval", "run", "--data", "sft.jsonl", "--beta", "-1"], "--beta"),
+    (["eval", "run", "--data", "sft.jsonl", "--reference", "missing"], "--reference"),  # not preference data
+    (["data", "pairs", "run", "--data", "sft.jsonl", "--out", "o.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["sft", "run", "--data", "sft.jsonl", "--out", "s", "--eval-examples", "-1"], "--eval-examples"),
+    (["sft", "run", "--data", "sft.jsonl", "--out", "s", "--eval-max-new-tokens", "0"], "--eval-max-new-tokens"),
+    (["sft", "run", "--data", "sft.jsonl", "--out", "s", "--lora", "--lora-r", "0"], "--lora-r"),
+    (["sft", "run", "--data", "sft.jsonl", "--out", "s", "--lora", "--lora-alpha", "nan"], "--lora-alpha"),
+    (["sft", "run", "--data", "sft.jsonl", "--out", "s", "--lora", "--lora-dropout", "1.5"], "--lora-dropout"),
+    (["dpo", "run", "--data", "pairs.jsonl", "--out", "s", "--eval-samples", "-1"], "--eval-samples"),
+    (["dpo", "run", "--data", "pairs.jsonl", "--out", "s", "--val-fraction", "nan"], "--val-fraction"),
+])
+def test_more_flags_out_of_range(world, tmp_path, args, needle):
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"instruction": "say king", "output": "the king"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "say", "chosen": "the king", "rejected": "no"}) + "\n")
+    args = [world / "run" if a == "run" else a for a in args]
+    refused(tmp_path, *args, cwd=tmp_path, needles=(needle,), run_out=tmp_path / "s")
+
+
+@pytest.mark.parametrize("verb,data,extra", [
+    ("sft", {"instruction": "say king", "output": "the king"}, ["--lora", "--lora-targets", "nope"]),
+    ("sft", {"instruction": "say king", "output": "the king"}, ["--resume", "missing"]),
+    ("dpo", {"prompt": "say", "chosen": "the king", "rejected": "no"}, ["--reference", "missing"]),
+])
+def test_a_refusal_after_the_splits_are_written_leaves_no_run_folder(world, tmp_path, verb, data, extra):
+    """The data's splits are written before the model (or adapter, or reference) loads: a refusal then must
+    still remove the new run folder."""
+    (tmp_path / "d.jsonl").write_text((json.dumps(data) + "\n") * 8)
+    refused(tmp_path, verb, world / "run", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "r", "--max-steps", "1",
+            "--device", "cpu", *extra, run_out=tmp_path / "r")

@@ -29,7 +29,7 @@ class LoRAConfig:
     def __post_init__(self):
         if self.r < 1:
             raise UserError(f"--lora-r must be >= 1, not {self.r}")
-        if self.alpha <= 0:
+        if not self.alpha > 0:  # NaN too
             raise UserError(f"--lora-alpha must be > 0, not {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), not {self.dropout}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..argtypes import ranged
 from ..errors import UserError
 from . import (add_columns_args, add_device, add_on_invalid, add_sampling, load_model, parse_columns, required,
                sampling_config)
@@ -33,7 +34,7 @@ def add_args(p):
     g = p.add_argument_group("pairs")
     g.add_argument("--data", default=None, help="instruction data whose answers become `chosen`")
     g.add_argument("--template", default=None, help="prompt template (default: the model's saved one, else alpaca)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    g.add_argument("--batch-size", type=ranged(int, 1), default=8, help="prompts generated together, >= 1")
     add_device(g)
     add_sampling(p, temperature=0.7, max_new_tokens=64)
 

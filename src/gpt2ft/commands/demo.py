@@ -91,7 +91,7 @@ def run(args):
         raise UserError(f"{out} holds an earlier demo; pass --overwrite to run it again (its runs are replaced), "
                         "or choose another --out")
     existed = out.exists()
-    new = not existed or not any(out.iterdir())
+    new = not existed or (out.is_dir() and not any(out.iterdir()))  # a file: claim_output_dir refuses it
     claim_output_dir(out, "gpt2ft demo", overwrite=args.overwrite)
     steps = Steps(args._main)
     try:

@@ -22,6 +22,7 @@ holding the policy only.
 """
 from __future__ import annotations
 
+from ..argtypes import ranged
 from . import (add_columns_args, add_common, add_lora, add_on_invalid, add_training, parse_columns, recipe_config,
                required)
 
@@ -61,9 +62,12 @@ def add_args(p):
     g.add_argument("--precompute-reference", action="store_true",
                    help="compute the reference log-probs once, cached in the run folder; train without a reference "
                         "model (for the losses with a reference)")
-    g.add_argument("--val-fraction", type=float, default=0.10, help="share of pairs for validation")
-    g.add_argument("--test-fraction", type=float, default=0.05, help="share of pairs held out for testing")
-    g.add_argument("--eval-samples", type=int, default=3, help="validation prompts generated from at each evaluation")
+    g.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.10,
+                   help="share of pairs for validation, in [0, 1)")
+    g.add_argument("--test-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.05,
+                   help="share of pairs held out for testing, in [0, 1)")
+    g.add_argument("--eval-samples", type=ranged(int, 0), default=3,
+                   help="validation prompts generated from at each evaluation, >= 0")
     add_training(p, "dpo", batch_size=4)
     p.set_defaults(dropout=0.0)  # as TRL: dropout off, so the policy's and reference's log-probs compare
     add_lora(p)

@@ -36,7 +36,8 @@ def add_args(p):
     g = p.add_argument_group("preference data (--data with chosen/rejected pairs)")
     g.add_argument("--reference", default=None, metavar="MODEL",
                    help="score by DPO's implicit reward against MODEL (default: a DPO checkpoint's own reference)")
-    g.add_argument("--beta", type=float, default=None, help="implicit reward scale (default: the DPO run's)")
+    g.add_argument("--beta", type=ranged(float, 0, lo_open=True), default=None,
+                   help="implicit reward scale, > 0 (default: the DPO run's)")
 
 
 REPORT_FILES = ("responses.jsonl", "summary.json", "pairs.jsonl")  # what eval writes into --out
@@ -71,6 +72,10 @@ def _evaluate(args, data: Path, out: Path | None):
     source = args.data if str(args.data).startswith("hf:") else data
     if is_preference_data(source):
         return run_preferences(args, source, out)
+    given = [flag for flag, value in (("--reference", args.reference), ("--beta", args.beta)) if value is not None]
+    if given:  # they score chosen/rejected pairs only: a typo here would otherwise pass unnoticed
+        raise UserError(f"{' and '.join(given)} score preference data (chosen/rejected pairs); {data} holds "
+                        "instruction records: drop them")
     # an empty instruction is a prompt too: the template's frame alone (or, bare, <|endoftext|>)
     records, rejected = load_records(source, args.format, args.split, parse_columns(args.columns), args.on_invalid,
                                      empty_instruction=True)

@@ -30,8 +30,10 @@ def add_args(p):
                    help="sample records containing WORD --factor times as often")
     g.add_argument("--factor", type=ranged(float, 0, lo_open=True), default=3.0,
                    help="oversampling factor for --oversample-keyword, > 0")
-    g.add_argument("--eval-examples", type=int, default=32, help="validation records generated at each evaluation")
-    g.add_argument("--eval-max-new-tokens", type=int, default=64, help="tokens generated per evaluated record")
+    g.add_argument("--eval-examples", type=ranged(int, 0), default=32,
+                   help="validation records generated at each evaluation, >= 0")
+    g.add_argument("--eval-max-new-tokens", type=ranged(int, 1), default=64,
+                   help="tokens generated per evaluated record, >= 1")
     g.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
     add_training(p, "sft")
     add_lora(p)

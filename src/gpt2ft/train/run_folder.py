@@ -199,15 +199,18 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
 
 
 _CREATED: list[RunFolder] = []  # the run folders this process created, until they hold more than the marker
+# What a new run folder holds before its model loads (the data's splits and rejected rows): a refusal there
+# (a bad model, adapter or reference) still leaves nothing behind.
+BEFORE_TRAINING = {OUTPUT_MARKER, LOCK_FILE, "splits", "rejected.jsonl"}
 
 
 def remove_unused() -> None:
-    """Remove the run folders this process created that hold nothing but their marker and lock: a verb or
+    """Remove the run folders this process created that hold nothing but BEFORE_TRAINING: a verb or
     a recipe that fails before training leaves nothing (called when a recipe fails and at exit)."""
     while _CREATED:
         folder = _CREATED.pop()
         try:
-            if {p.name for p in folder.path.iterdir()} <= {OUTPUT_MARKER, LOCK_FILE}:
+            if {p.name for p in folder.path.iterdir()} <= BEFORE_TRAINING:
                 folder.close()
                 shutil.rmtree(folder.path, ignore_errors=True)
         except OSError:
