@@ -12,7 +12,7 @@ The trained checkpoints are cached under $TMPDIR/gpt2ft-bench-speculative/<setti
 included), so a rerun skips training; --retrain ignores the cache. Decoding runs in bf16 where the CPU
 multiplies it in hardware (gpt2ft.runtime.inference_dtype), else float32; --dtype picks.
 
-    python -m benchmarks.bench_speculative [--steps 300] [--rounds 5] [--new-tokens 96] [--dtype auto]
+    python -m benchmarks.bench_speculative [--steps 160] [--rounds 5] [--new-tokens 96] [--dtype auto]
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def train(model: GPT, ids: torch.Tensor, sep: list[int], steps: int, lr: float =
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if (step + 1) % 40 == 0:
+            print(f"  step {step + 1}/{steps}: loss {float(loss.detach()):.2f}", flush=True)
     return float(loss.detach())
 
 
@@ -123,7 +125,7 @@ def tasks(tok, new_tokens: int) -> dict[str, tuple[list[int], int]]:
     text = plays()
     passage = tok.decode(tok.encode(text[200_000:202_000])[:56])
     again = tok.encode(passage)[:6]
-    return {"continue a play": (tok.encode("KING.\nWhat say you, my lord?\n"), new_tokens),
+    return {"continue a play": (tok.encode("**KING HENRY**  \nWhat say you, my lord?  \n"), new_tokens),
             "repeat the passage": (tok.encode(passage + "\n\n") + again, min(new_tokens, len(tok.encode(passage)) - 6))}
 
 
@@ -146,7 +148,7 @@ def bench_task(target, draft, tok, prompt, new, rounds):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=160)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="auto", help="decoding dtype: auto (bf16 where the CPU has it), float32, bfloat16")

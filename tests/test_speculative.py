@@ -158,3 +158,19 @@ def test_a_model_draft_proposes_its_own_greedy_continuation_and_a_perfect_one_is
         drafted = sum(r.drafted for r in rows)
         assert drafted > 0 and (draft is other or sum(r.accepted_drafts for r in rows) == drafted)
         assert all(r.token_ids == complete_batch(model, tok, [p], cfg)[0].token_ids for r, p in zip(rows, prompts))
+
+
+def test_a_draft_that_is_always_rejected_stops_drafting_but_for_probes(tiny_model):
+    """k falls by one per wholly rejected draft down to 0; then the row drafts one token every PROBE_EVERY
+    steps: a useless draft costs a few draft forwards, not one each step."""
+    from gpt2ft.speculative import PROBE_EVERY
+
+    model, tok = tiny_model
+    useless = GPT(model.config).eval()
+    with torch.no_grad():
+        useless.load_state_dict(model.state_dict())
+        useless.transformer.ln_f.weight.neg_()  # about the target's logits negated: its picks are rejected
+    cfg = SamplingConfig(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    c, stats = speculative_complete(model, tok, tok.encode("to be or not to be"), cfg, useless, k=4)
+    assert stats.accepted == 0 and c.token_ids == complete_batch(model, tok, [c.prompt_ids], cfg)[0].token_ids
+    assert 4 + 3 + 2 + 1 <= stats.proposed <= 4 + 3 + 2 + 1 + 48 // PROBE_EVERY + 1
