@@ -120,3 +120,57 @@ def test_the_server_with_a_draft_answers_as_without_and_reports_acceptance(tiny_
     details = r["usage"]["completion_tokens_details"]
     assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] >= 0
     assert isinstance(json.loads(j["choices"][0]["text"]), dict) and "completion_tokens_details" not in j["usage"]
+
+
+def test_prompt_lookup_proposes_what_followed_and_runs_on_into_a_loop():
+    from gpt2ft.speculative import NgramDraft
+
+    d = NgramDraft()
+    assert d.propose([1, 2, 3, 4, 9, 1, 2], 3) == [3, 4, 9]  # what followed the latest "1 2"
+    assert d.propose([7, 1, 2, 3, 1, 2], 5) == [3, 1, 2, 3, 1]  # period 3: k tokens, not 1
+    assert d.propose([5, 5, 5, 5], 6) == [5] * 6
+    assert d.propose([1, 2, 3], 3) == []
+
+
+def test_a_model_draft_proposes_its_own_greedy_continuation_and_a_perfect_one_is_always_taken(tiny_model):
+    """Every proposal of a model draft is that model's greedy continuation of the row's text alone (same
+    positions, its cache rolled back after rejections); a draft equal to the target in a batch of rows has
+    every drafted token accepted."""
+    from gpt2ft.speculative import SpeculativeEngine
+
+    model, tok = tiny_model
+    torch.manual_seed(2)
+    other = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [tok.encode(t) for t in ("to be or not to be", "The king said", "a b a b a")]
+    for draft in (other, model):
+        engine = SpeculativeEngine(model, tok, max_batch=3, draft=draft, draft_k=3)
+        seen, propose = [], engine.drafter.propose
+        engine.drafter.propose = lambda rows: seen.append(({r[0]: list(r[1]) for r in rows}, out := propose(rows))) or out
+        rows = [engine.add(p, cfg) for p in prompts]
+        while engine.has_work:
+            engine.step()
+        for contexts, out in seen:
+            for slot, (tokens, _) in out.items():
+                own = complete_batch(draft, tok, [contexts[slot]], SamplingConfig(max_new_tokens=len(tokens), temperature=0.0,
+                                                                       ignore_eos=True))[0]
+                assert tokens == own.token_ids
+        drafted = sum(r.drafted for r in rows)
+        assert drafted > 0 and (draft is other or sum(r.accepted_drafts for r in rows) == drafted)
+        assert all(r.token_ids == complete_batch(model, tok, [p], cfg)[0].token_ids for r, p in zip(rows, prompts))
+
+
+def test_a_draft_that_is_always_rejected_stops_drafting_but_for_probes(tiny_model):
+    """k falls by one per wholly rejected draft down to 0; then the row drafts one token every PROBE_EVERY
+    steps: a useless draft costs a few draft forwards, not one each step."""
+    from gpt2ft.speculative import PROBE_EVERY
+
+    model, tok = tiny_model
+    useless = GPT(model.config).eval()
+    with torch.no_grad():
+        useless.load_state_dict(model.state_dict())
+        useless.transformer.ln_f.weight.neg_()  # about the target's logits negated: its picks are rejected
+    cfg = SamplingConfig(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    c, stats = speculative_complete(model, tok, tok.encode("to be or not to be"), cfg, useless, k=4)
+    assert stats.accepted == 0 and c.token_ids == complete_batch(model, tok, [c.prompt_ids], cfg)[0].token_ids
+    assert 4 + 3 + 2 + 1 <= stats.proposed <= 4 + 3 + 2 + 1 + 48 // PROBE_EVERY + 1

@@ -17,7 +17,8 @@ from .model import GPT
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
-MAX_DRAFT = 8
+MAX_DRAFT = 16  # the most tokens any drafter proposes a step (each drafter's own max_k is at most this)
+PROBE_EVERY = 8  # a row at k = 0 drafts one token every this many steps, to see whether drafts pay again
 
 
 @dataclass
@@ -65,23 +66,32 @@ def check_speculative(cfg: SamplingConfig) -> None:
 class NgramDraft:
     """Prompt lookup: propose what followed the latest earlier occurrence of the context's last n tokens."""
 
+    max_k = MAX_DRAFT  # a lookup costs nothing: as many as the verifying forward takes at about one's cost
+    min_k = 1
+
     def __init__(self, max_n: int = 3):
         self.max_n = max_n
 
     def propose(self, ids: list[int], k: int) -> list[int]:
+        """k tokens (none without a match). A match close to the end runs on into the tokens it proposes,
+        so a loop of period p drafts k tokens, not p."""
         for n in range(min(self.max_n, len(ids) - 1), 0, -1):
             tail = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == tail:
                     follow = ids[start + n:start + n + k]
-                    if follow:
-                        return follow
+                    while len(follow) < k:  # ids + follow continues the text it copies
+                        follow.append(follow[start + n + len(follow) - len(ids)])
+                    return follow
         return []
 
 
 class ModelDraft:
     """A smaller model with the target's tokenizer, drafting for many rows at once: one slot of its own KV
     cache per engine slot, fed only what each slot lacks."""
+
+    max_k = 8  # each drafted token costs a forward of the draft
+    min_k = 0  # a row whose drafts are all rejected stops drafting, but for one token every PROBE_EVERY steps
 
     def __init__(self, model: GPT, max_batch: int, max_len: int):
         self.model, self.max_len = model, max_len
@@ -182,6 +192,7 @@ class SpeculativeEngine(Engine):
             raise UserError(f"--draft must be a model or 'ngram', not {draft!r}")
         self.draft_k = draft_k
         self._k = [draft_k] * max_batch  # each slot's current k
+        self._steps = 0
         self._verified = [False] * max_batch  # the slot's newest token came from verification: no pick needed
         self.target_forwards = 0
 
@@ -223,10 +234,12 @@ class SpeculativeEngine(Engine):
             if speculation_blocker(c.sampling) is not None:
                 continue
             ids = c.prompt_ids + c.token_ids
-            room = min(self._k[slot], c.sampling.max_new_tokens - c.completion_tokens - 1, self._cache_len - len(ids))
+            k = self._k[slot] or int(self._steps % PROBE_EVERY == slot % PROBE_EVERY)
+            room = min(k, c.sampling.max_new_tokens - c.completion_tokens - 1, self._cache_len - len(ids))
             wanted.append((slot, ids, max(0, room), c))
         if isinstance(self.drafter, NgramDraft):
             return {slot: (self.drafter.propose(ids, room) if room else [], None) for slot, ids, room, _ in wanted}
+        self._steps += 1
         drafted = self.drafter.propose(wanted)
         return {slot: drafted.get(slot, ([], None)) for slot, *_ in wanted}
 
@@ -268,9 +281,10 @@ class SpeculativeEngine(Engine):
                 text[id(c)] += c.push(token)
                 if c.finished:
                     break
-            k = self._k[slot]
-            self._k[slot] = min(MAX_DRAFT, k + 1) if proposal and len(accepted) > len(proposal) else \
-                max(1, k - (len(accepted) == 1))
+            if proposal:  # k grows while every draft is taken, shrinks while none is; no draft: unchanged
+                k = self._k[slot]
+                self._k[slot] = min(self.drafter.max_k, k + 1) if len(accepted) > len(proposal) else \
+                    max(self.drafter.min_k, k - (len(accepted) == 1))
 
 
 def make_engine(model: GPT, tokenizer: Tokenizer, max_batch: int = 8, compile: bool = False,
