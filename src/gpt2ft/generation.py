@@ -280,7 +280,7 @@ class Engine:
             logits = self._compiled_step(x, pos)
         else:
             logits = _decode(self.model, x, pos, self._caches, slice(0, n), False)
-        self._logits[:n] = logits.float()
+        self._logits[:n].copy_(logits)  # one pass, casting as it copies
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])
 

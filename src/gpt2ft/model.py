@@ -234,6 +234,9 @@ class GPT(nn.Module):
 
         max_len = kv_caches[0].k.shape[2] if use_cache else None
         attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len, idx.device)
+        if use_cache and attn_mask is not None:  # additive, once: SDPA would convert a bool mask in every layer
+            attn_mask = torch.zeros(attn_mask.shape, dtype=kv_caches[0].k.dtype, device=idx.device) \
+                .masked_fill_(~attn_mask, float("-inf"))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
             cache = kv_caches[i] if use_cache else None

@@ -196,34 +196,37 @@ class Reply:
                 "usage": usage(counted, len(counted) // max(1, len(completions) // self.n))}
 
     async def chunks(self, events, completions: list[Completion], include_usage: bool):
-        """The stream's chunks: each choice's opening, its pieces, its finish; then the usage if asked."""
+        """The stream's chunks, in lists of those ready together (events: lists of events): each choice's
+        opening, its pieces, its finish; then the usage if asked."""
         extra = {"usage": None} if include_usage else {}
 
         def chunk(choice):
             return {**self._envelope(self.fmt.chunk_object, [choice]), **extra}
 
-        for index in range(len(completions)):
-            if (opening := self.fmt.opening(index)) is not None:
-                yield chunk(opening)
+        def one(event):
+            if isinstance(event, Piece):
+                piece = self.fmt.piece(event)
+                return None if piece is None else chunk(piece)
+            return chunk(self.fmt.finish(event.index, event.completion))
+
+        yield [chunk(opening) for index in range(len(completions)) if (opening := self.fmt.opening(index)) is not None]
         async with aclosing(events):  # closed with the stream, so a client that leaves cancels at once
-            async for event in events:
-                if isinstance(event, Piece):
-                    if (piece := self.fmt.piece(event)) is not None:
-                        yield chunk(piece)
-                else:
-                    yield chunk(self.fmt.finish(event.index, event.completion))
+            async for batch in events:
+                yield [c for c in map(one, batch) if c is not None]
         if include_usage:
-            yield {**self._envelope(self.fmt.chunk_object, []), "usage": usage(completions, self.n)}
+            yield [{**self._envelope(self.fmt.chunk_object, []), "usage": usage(completions, self.n)}]
 
 
 def sse(chunks) -> StreamingResponse:
-    """Server-sent events of `chunks`; an APIError mid-stream is sent as an error event; [DONE] last."""
+    """Server-sent events of `chunks` (lists of chunks, each list sent in one write); an APIError
+    mid-stream is sent as an error event; [DONE] last."""
 
     async def gen():
         try:
             async with aclosing(chunks):
-                async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                async for ready in chunks:  # one write for the chunks ready together
+                    if ready:
+                        yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in ready)
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"

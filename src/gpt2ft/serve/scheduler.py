@@ -63,6 +63,11 @@ class Inbox:
             return False
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 @dataclass
 class Job:
     """One choice of one request: its completion in model `model`'s engine."""
@@ -156,24 +161,34 @@ class Scheduler:
                     self._fail(name, f"generation failed: {type(e).__name__}: {e}")
                     continue
                 with self.cond:
+                    outbox: list[tuple[Job, Event]] = []
                     for completion, piece in events:
-                        self._deliver(completion, piece)
+                        self._deliver(completion, piece, outbox)
+                self._send(outbox)
 
-    def _deliver(self, completion: Completion, piece: str) -> None:
+    def _deliver(self, completion: Completion, piece: str, outbox: list[tuple[Job, Event]]) -> None:
         job = self.jobs.get(id(completion))
         if job is None:  # cancelled
             return
         new_logprobs = (completion.logprobs or [])[job.sent_logprobs:]
         job.sent_logprobs += len(new_logprobs)
-        delivered = True
         if piece or new_logprobs:
-            delivered = job.inbox.put(Piece(job.index, piece, new_logprobs))
+            outbox.append((job, Piece(job.index, piece, new_logprobs)))
         if completion.finished:
             del self.jobs[id(completion)]
-            job.inbox.put(Done(job.index, completion))
-        elif not delivered:  # nobody is waiting for it any more
-            del self.jobs[id(completion)]
-            self.engines[job.model].cancel(completion)
+            outbox.append((job, Done(job.index, completion)))
+
+    def _send(self, outbox: list[tuple[Job, Event]]) -> None:
+        """A step's events, one wake-up of each event loop for all of them (not one per token); the jobs
+        whose loop is gone (the server is shutting down) are cancelled."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+        for job, event in outbox:
+            by_loop.setdefault(job.inbox.loop, []).append((job, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(job.inbox.queue, event) for job, event in items])
+            except RuntimeError:  # nobody is waiting for them any more
+                self.cancel([job for job, _ in items])
 
     def _fail(self, model: str, message: str) -> None:
         with self.cond:

@@ -140,14 +140,14 @@ class Service:
             return reply.whole(done)
 
         async def events():
-            for index, c in enumerate(done):
-                yield Done(index, c)
+            yield [Done(index, c) for index, c in enumerate(done)]
 
         return sse(reply.chunks(events(), done, req.include_usage))
 
     async def events(self, jobs: list[Job], inbox: Inbox, request: Request | None = None):
-        """The jobs' Piece and Done events until all are done; cancels them on a timeout, on an error or
-        when the client leaves (a stream notices at its next write; a plain request every POLL seconds)."""
+        """The jobs' Piece and Done events until all are done, in lists (all that arrived together: a
+        stream writes them at once); cancels them on a timeout, on an error or when the client leaves (a
+        stream notices at its next write; a plain request every POLL seconds)."""
         timeout = self.config.timeout
         deadline = time.monotonic() + timeout
         check = time.monotonic() + POLL
@@ -161,15 +161,18 @@ class Service:
                         raise APIError(499, "the client closed the connection", code="client_closed")
                 try:
                     wait = min(deadline, check if request is not None else deadline) - now
-                    event = await asyncio.wait_for(inbox.queue.get(), max(wait, 0.001))
+                    batch = [await asyncio.wait_for(inbox.queue.get(), max(wait, 0.001))]
                 except asyncio.TimeoutError:
                     if time.monotonic() >= deadline:
                         raise unavailable(f"the request took longer than the server's limit of {timeout:g} s "
                                           "(gpt2ft serve --timeout)", "timeout") from None
                     continue
-                if isinstance(event, Failed):
-                    raise unavailable(event.message)
-                left -= isinstance(event, Done)
-                yield event
+                while not inbox.queue.empty():
+                    batch.append(inbox.queue.get_nowait())
+                for event in batch:
+                    if isinstance(event, Failed):
+                        raise unavailable(event.message)
+                    left -= isinstance(event, Done)
+                yield batch
         finally:
             self.scheduler.cancel(jobs)  # those still running; a no-op for the finished ones
