@@ -55,7 +55,7 @@ def profile(args) -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = GPT(preset("gpt2", dropout=0.0))
-    optimizer = make_optimizer(model, TrainConfig(out="unused"))
+    optimizer = make_optimizer(model, TrainConfig(out="unused", lr=1e-4))  # lr unset is derived by the loop
     autocast = _autocast(torch.device("cpu"), dtype)
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.length + 1))
     batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}

@@ -3,6 +3,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+import pytest
+
+import gpt2ft.losses as losses
 from gpt2ft.losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum, masked_lm_loss_sum
 
 
@@ -65,11 +68,16 @@ def _exact_bf16_problem(n=40, vocab=300, dim=64, seed=0):
     return h, w, t
 
 
-def test_bf16_cross_entropy_against_a_float64_oracle_on_the_same_logits():
+@pytest.mark.parametrize("slices", [None, (8, 64)])
+def test_bf16_cross_entropy_against_a_float64_oracle_on_the_same_logits(monkeypatch, slices):
     """Under bf16 autocast the (n, V) softmax and gradient run in bf16. Stated tolerance against float64 on
     the same logits: flat rows within 0.004 nats; rows with p(target) >= 1/2 within 2% of their (small) loss,
     and every row's hidden-state gradient within 3% of its norm -- which a plain bf16 `softmax - 1` at a
-    confident target (error 2^-9 against a gradient of 1e-3) would miss by far."""
+    confident target (error 2^-9 against a gradient of 1e-3) would miss by far. With `slices`, the CPU's
+    products run in slices of 8 rows and 64 vocabulary entries (GPT-2's are 256 and 8192), uneven ones too."""
+    if slices:
+        monkeypatch.setattr(losses, "ROWS_PER_SLICE", slices[0])
+        monkeypatch.setattr(losses, "VOCAB_PER_SLICE", slices[1])
     h, w, t = _exact_bf16_problem()
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     ref = F.cross_entropy(h64 @ w64.t(), t, reduction="none")
@@ -91,8 +99,13 @@ def test_bf16_cross_entropy_against_a_float64_oracle_on_the_same_logits():
     assert (ww.grad.double() - w64.grad).abs().max() < 0.01 * w64.grad.abs().max()
 
 
-def test_weight_gradient_sums_over_chunks_in_float32():
-    """The weight's gradient of a multi-chunk bf16 call: each chunk's bf16 product summed in float32."""
+@pytest.mark.parametrize("slices", [None, (4, 64)])
+def test_weight_gradient_sums_over_chunks_in_float32(monkeypatch, slices):
+    """The weight's gradient of a multi-chunk bf16 call: each chunk's bf16 product summed in float32 (also
+    when each chunk runs in row and vocabulary slices)."""
+    if slices:
+        monkeypatch.setattr(losses, "ROWS_PER_SLICE", slices[0])
+        monkeypatch.setattr(losses, "VOCAB_PER_SLICE", slices[1])
     h, w, t = _exact_bf16_problem(n=96, seed=1)
     w64 = w.double().requires_grad_()
     F.cross_entropy(h.double() @ w64.t(), t, reduction="sum").backward()

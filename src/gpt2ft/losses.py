@@ -33,7 +33,7 @@ def _ce_chunk(h, weight, t, want_grad: bool):
     any other row takes the log-sum-exp as max logit - log(largest probability), within 2^-9 (0.002
     nats in bf16; exact in float32)."""
     rows = torch.arange(len(t), device=h.device)
-    z = h @ weight.t()  # (n, V)
+    z = _logits(h, weight)  # (n, V)
     top = z.amax(dim=-1).float()
     target = z[rows, t].float()
     p = torch.softmax(z, dim=-1)
@@ -48,6 +48,54 @@ def _ce_chunk(h, weight, t, want_grad: bool):
         return row_loss, None
     p[rows, t] = torch.where(confident, -rest, p_t - 1).to(p.dtype)  # softmax - 1 at the target
     return row_loss, p
+
+
+# A CPU multiplies the (n, V) bf16 products fastest in slices that stay in its caches. Measured on one
+# AVX512-BF16 core, GPT-2 124M at n = 1024 rows: the logits 280 -> 227 ms in 256-row slices; the weight's
+# gradient 354 -> 233 ms and the hidden states' 276 -> 246 ms in 8192-token slices of the vocabulary.
+ROWS_PER_SLICE, VOCAB_PER_SLICE = 256, 8192
+
+
+def _sliced(x: torch.Tensor) -> bool:
+    """Whether the vocabulary products run in slices: bf16 on a CPU (float32 and GPUs: one product each)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h @ weight^T (n, V), in row slices where _sliced."""
+    if not _sliced(h) or len(h) <= ROWS_PER_SLICE:
+        return h @ weight.t()
+    z = h.new_empty(len(h), weight.shape[0])
+    for start in range(0, len(h), ROWS_PER_SLICE):
+        torch.mm(h[start:start + ROWS_PER_SLICE], weight.t(), out=z[start:start + ROWS_PER_SLICE])
+    return z
+
+
+def _hidden_grad(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g @ weight (n, C); where _sliced, summed in float32 over slices of the vocabulary."""
+    if not _sliced(g) or weight.shape[0] <= VOCAB_PER_SLICE:
+        return g @ weight
+    out = None
+    for start in range(0, weight.shape[0], VOCAB_PER_SLICE):
+        part = g[:, start:start + VOCAB_PER_SLICE] @ weight[start:start + VOCAB_PER_SLICE]
+        out = part.float() if out is None else out.add_(part)
+    return out
+
+
+def _add_weight_grad(grad_w: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_w (V, C, float32) + g^T h, or g^T h in float32 where grad_w is None; where _sliced, one
+    vocabulary slice at a time (each element still one product in the compute dtype)."""
+    if not _sliced(g) or g.shape[1] <= VOCAB_PER_SLICE:
+        step = g.t() @ h  # (V, C) in the compute dtype
+        return step.float() if grad_w is None else grad_w.add_(step)
+    fresh = grad_w is None
+    if fresh:
+        grad_w = torch.empty(g.shape[1], h.shape[1], dtype=torch.float32, device=h.device)
+    for start in range(0, g.shape[1], VOCAB_PER_SLICE):
+        part = slice(start, start + VOCAB_PER_SLICE)
+        step = g[:, part].t() @ h
+        grad_w[part].copy_(step) if fresh else grad_w[part].add_(step)
+    return grad_w
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -93,10 +141,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     loss += row_loss.sum()
                 if g is not None:
                     if need_h:
-                        grad_h[part] = g @ w
+                        grad_h[part] = _hidden_grad(g, w)
                     if need_w and not per_seq:
-                        step = g.t() @ h  # (V, C) in the compute dtype
-                        grad_w = step.float() if grad_w is None else grad_w.add_(step)
+                        grad_w = _add_weight_grad(grad_w, g, h)
         ctx.per_seq, ctx.chunk_size, ctx.weight_dtype = per_seq, chunk_size, weight.dtype
         ctx.recompute_w = per_seq and need_w
         kept = (hid, w, targets) if ctx.recompute_w else (None, None, None)
@@ -120,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[part]
                 _, g = _ce_chunk(h, weight, targets[part], True)
                 g.mul_(grad_loss[segments[part]][:, None].to(g.dtype))
-                dw.add_(g.t() @ h)
+                dw = _add_weight_grad(dw, g, h)
             dw = dw.to(ctx.weight_dtype)
         return dh, dw, None, None, None, None
 

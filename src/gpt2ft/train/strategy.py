@@ -61,7 +61,9 @@ class Single:
         norm = torch.nn.utils.get_total_norm(grads)
         if hasattr(norm, "full_tensor"):  # FSDP: each process holds a shard; the norm over all of them
             norm = norm.full_tensor()
-        if max_norm > 0:
+        # torch's factor, max_norm / (norm + 1e-6) clamped at 1: at 1 its pass over every gradient (124M floats for
+        # GPT-2) would multiply by one, so the gradients are only touched when they are scaled down
+        if max_norm > 0 and float(max_norm / (norm + 1e-6)) < 1:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
 
