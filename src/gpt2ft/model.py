@@ -99,6 +99,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(input_pos, k, v, cache_len, cache_rows)  # (B, nh, S, hs)
             q = q.to(k.dtype)  # a CPU keeps a bf16 model's cache in float32 (see GPT.new_cache)
         dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):  # an additive mask: q's dtype
+            attn_mask = attn_mask.to(q.dtype)
         if attn_mask is None and kv_cache is None and _explicit_is_faster(q):
             y = _explicit_causal_attention(q, k, v, dropout_p)
         else:
