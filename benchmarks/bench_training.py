@@ -69,7 +69,7 @@ def train_suite(base: dict, dtypes: list[str], rounds: int, gpu: bool) -> None:
             print(f"  ours / hf_loop_kept (the plain loop with our allocator setting): "
                   f"{med['ours'] / med['hf_loop_kept']:.2f}x (medians)")
         best = {k: max(v) for k, v in rates.items()}
-        print(f"  best runs: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items())
+        print("  best runs: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items())
               + f"; ours / the better of hf_loop and hf_trainer: "
               f"{best['ours'] / max(best['hf_loop'], best['hf_trainer']):.2f}x")
         peaks = ", ".join(f"{r['rate'] / 1e9:.0f}" for r in runs["peak"])
