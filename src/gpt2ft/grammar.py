@@ -22,6 +22,7 @@ from .errors import UserError
 from .sampling import GrammarSpec
 from .tokenizer import Tokenizer
 
+JSON_KINDS = ("json", "json_schema")  # the grammar kinds whose output is JSON text
 COMPACT_JSON = {"whitespace_flexible": False}  # ", " and ": " between items: no runs of spaces or newlines
 
 
@@ -31,7 +32,7 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
     import llguidance
 
     try:
-        if spec.kind in ("json", "json_schema"):
+        if spec.kind in JSON_KINDS:
             schema = json.loads(spec.source) if spec.kind == "json_schema" else {"type": "object"}
             if isinstance(schema, dict):
                 schema = {"x-guidance": COMPACT_JSON, **strict_formats(schema)}
@@ -138,7 +139,7 @@ class GrammarState:
         self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.consumed = 0  # tokens accepted so far: which state a computed mask belongs to
-        self.json = spec.kind in ("json", "json_schema")
+        self.json = spec.kind in JSON_KINDS
         self.text = JsonText()  # where the output is: inside a string or not (closing tokens differ)
         self._plan: tuple[int, list[int]] = (-1, [])  # (at tokens consumed, the rest of a shortest walk)
         self.shortest = shortest_completion(spec, tokenizer, vocab_size)  # tokens a whole output takes at least
@@ -153,8 +154,9 @@ class GrammarState:
         complete the output at once, if any (tried on the matcher and rolled back, most likely first);
         else prefer_closing's tiers. first=True (greedy rows) stops at the most likely such token: the
         one the argmax over all of them would pick."""
-        tiers = closing_tiers(self.tokenizer, self.vocab_size)
-        allowed = torch.isfinite(logits[0]) & tiers.to(logits.device).any(0)
+        tiers = closing_tiers(self.tokenizer, self.vocab_size).to(logits.device)
+        finite = torch.isfinite(logits[0])
+        allowed = finite & tiers.any(0)
         candidates = allowed.nonzero().flatten()
         candidates = candidates[logits[0, candidates].argsort(descending=True, stable=True)][:lookahead].tolist()
         finishing = []
@@ -170,7 +172,7 @@ class GrammarState:
             keep[finishing] = True
             return logits.masked_fill(~keep, float("-inf"))
         if self.json and self.text.in_string:  # only its closing quote ends a string; brackets would extend it
-            if not (torch.isfinite(logits[0]) & tiers[:2].to(logits.device).any(0)).any():
+            if not (finite & tiers[:2].any(0)).any():
                 return self._toward_shortest(logits)  # a format or pattern must be finished first
             tiers = tiers[:2]
         return prefer_closing(logits, tiers)
@@ -180,7 +182,7 @@ class GrammarState:
         are if no walk completes). The walk is kept while the row follows it."""
         at, path = self._plan
         if at != self.consumed or not path:
-            found = shortest_walk(self.matcher, self.text, "json", self.tokenizer, self.vocab_size, limit)
+            found = shortest_walk(self.matcher, self.text, True, self.tokenizer, self.vocab_size, limit)
             if found is None or not found[1]:
                 return logits
             path = found[1]
@@ -298,14 +300,17 @@ def closing_tiers(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     return tiers
 
 
+OTHER_TIER = 1 + len(CLOSING_TIERS)  # a token of no closing tier
+
+
 @lru_cache(maxsize=4)
 def _finish_orders(tokenizer: Tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tier of each token: 0 EOS, 1.. the closing tiers, len(tiers) + 1 the rest; the other tokens
-    longest first; the same shortest first): the orders the walks of shortest_completion try."""
+    """Per token: its tier (0 EOS, 1.. the closing tiers, OTHER_TIER the rest), and its place when the
+    tokens are ordered longest first and shortest first: what the walks of shortest_walk go by."""
     tiers = closing_tiers(tokenizer, vocab_size)
-    tier = torch.where(tiers.any(0), tiers.float().argmax(0), len(tiers)).numpy()
+    tier = torch.where(tiers.any(0), tiers.float().argmax(0), OTHER_TIER).numpy()
     length = np.array([len(token_bytes(tokenizer, i)) for i in range(vocab_size)])
-    return tier, np.lexsort((-length, tier)), np.lexsort((length, tier))
+    return tier, np.argsort(np.argsort(-length, kind="stable")), np.argsort(np.argsort(length, kind="stable"))
 
 
 @lru_cache(maxsize=256)
@@ -316,27 +321,26 @@ def shortest_completion(spec: GrammarSpec, tokenizer: Tokenizer, vocab_size: int
     import llguidance
 
     lltok, grammar = compile_grammar(spec, tokenizer, vocab_size)
-    found = shortest_walk(llguidance.LLMatcher(lltok, grammar, log_level=0), JsonText(), spec.kind, tokenizer,
-                          vocab_size, limit)
+    found = shortest_walk(llguidance.LLMatcher(lltok, grammar, log_level=0), JsonText(), spec.kind in JSON_KINDS,
+                          tokenizer, vocab_size, limit)
     return found[0] if found else 0
 
 
-def shortest_walk(matcher, text: JsonText, kind: str, tokenizer: Tokenizer, vocab_size: int,
+def shortest_walk(matcher, text: JsonText, in_json: bool, tokenizer: Tokenizer, vocab_size: int,
                   limit: int) -> tuple[int, list[int]] | None:
     """(tokens, the tokens) of the shortest of four walks from the matcher's state (on copies) to a
     complete output, or None if none completes within `limit`. Each walk takes EOS, else a closing token
     (CLOSING_TIERS; inside a JSON string only its closing quote), else the longest allowed token (a forced
     key or pattern in fewest tokens), the shortest (an open number or date ends soonest), or a random one
     (twice, seeded: a number that must not stay 0)."""
-    tier, longest, shortest = _finish_orders(tokenizer, vocab_size)
-    positions = [np.argsort(order) for order in (longest, shortest)]  # token -> its place in the order
-    policies = [lambda ids, place=place: ids[place[ids].argmin()] for place in positions]
+    _, longest, shortest = _finish_orders(tokenizer, vocab_size)
+    policies = [lambda ids, place=place: ids[place[ids].argmin()] for place in (longest, shortest)]
     policies += [lambda ids, rng=np.random.default_rng(seed): rng.choice(ids) for seed in (0, 1)]
-    walks = [_walk(matcher.deep_copy(), copy.copy(text), kind, tokenizer, vocab_size, limit, p) for p in policies]
+    walks = [_walk(matcher.deep_copy(), copy.copy(text), in_json, tokenizer, vocab_size, limit, p) for p in policies]
     return min((w for w in walks if w is not None), default=None)
 
 
-def _walk(matcher, text: JsonText, kind: str, tokenizer: Tokenizer, vocab_size: int, limit: int,
+def _walk(matcher, text: JsonText, in_json: bool, tokenizer: Tokenizer, vocab_size: int, limit: int,
           choose) -> tuple[int, list[int]] | None:
     """(tokens, the tokens) until the output is complete, taking choose(allowed ids of the lowest
     rank) at each step; None if it is not complete within `limit`."""
@@ -351,8 +355,8 @@ def _walk(matcher, text: JsonText, kind: str, tokenizer: Tokenizer, vocab_size: 
         ids = np.unpackbits(bitmask[0].numpy().view(np.uint8), count=vocab_size, bitorder="little").nonzero()[0]
         if not len(ids):
             return None
-        rank = tier[ids] if not (kind in ("json", "json_schema") and text.in_string) else \
-            np.where(tier[ids] > 1, tier.max(), tier[ids])  # inside a string brackets would extend it
+        rank = tier[ids] if not (in_json and text.in_string) else \
+            np.where(tier[ids] > 1, OTHER_TIER, tier[ids])  # inside a string brackets would extend it
         token = int(choose(ids[rank == rank.min()]))
         path.append(token)
         matcher.consume_token(token)

@@ -127,13 +127,11 @@ def _report(summary: dict, out: Path | None, rows_file: str | None = None, rows:
 
     _print_table(summary)
     if out:
-        written = [out / "summary.json"]
         if rows_file:
             atomic_write_text(out / rows_file, "".join(json.dumps(r) + "\n" for r in rows))
-            written.insert(0, out / rows_file)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if rows_file:
-            print(f"wrote {' and '.join(map(str, written))}")
+            print(f"wrote {out / rows_file} and {out / 'summary.json'}")
     return 0
 
 

@@ -56,11 +56,17 @@ class Inbox:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def put(self, event: Event) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            return True
-        except RuntimeError:  # the request's event loop is gone (the server is shutting down)
-            return False
+        return _post(self.loop, [(self.queue, event)])
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Event]]) -> bool:
+    """Put each event in its queue from the scheduler's thread, in one wake-up of `loop`; False if the
+    loop is gone (the server is shutting down)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
@@ -185,9 +191,7 @@ class Scheduler:
         for job, event in outbox:
             by_loop.setdefault(job.inbox.loop, []).append((job, event))
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, [(job.inbox.queue, event) for job, event in items])
-            except RuntimeError:  # nobody is waiting for them any more
+            if not _post(loop, [(job.inbox.queue, event) for job, event in items]):  # nobody waits for them
                 self.cancel([job for job, _ in items])
 
     def _fail(self, model: str, message: str) -> None:
