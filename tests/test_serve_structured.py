@@ -396,6 +396,7 @@ def test_langchain_structured_output_and_bind_tools(http):
     {"guided_json": {"type": "object", "properties": {"a": {"type": "object"} for _ in range(1)}} | {"x-guidance": 5}},
     {"guided_grammar": "root ::= \"a\" | "},
     {"guided_regex": "\\"},
+    {"guided_json": json.loads('{"type": "object", "properties": {"a": ' * 300 + '{"type": "integer"}' + '}}' * 300)},
     {"guided_regex": "a{1000000}"},  # llguidance gives up mid-decode: that row ends ("error"), not the batch
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "items": 3}}}],
      "tool_choice": "required"},

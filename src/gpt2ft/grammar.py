@@ -43,6 +43,9 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
         return llguidance.grammar_from(spec.kind, spec.source)
     except (ValueError, TypeError) as e:
         raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {_one_line(e)}") from None
+    except RecursionError:
+        raise UserError(f"the {spec.kind.replace('_', ' ')} is nested too deeply to compile; flatten it "
+                        "(e.g. with $defs and $ref)") from None
 
 
 # Formats as the common validators (jsonschema's FormatChecker with rfc3339-validator) accept them:
