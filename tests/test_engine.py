@@ -368,3 +368,20 @@ def test_bad_prompt_token_ids_are_a_clear_error(tiny_model):
     model, tok = tiny_model
     with pytest.raises(UserError, match="prompt token 50257 is not a token id of this model"):
         Engine(model, tok).add([1, 50257], SamplingConfig(max_new_tokens=5))
+
+
+def test_seeded_rows_in_bf16_give_their_tokens_alone_in_any_batch():
+    """In bfloat16 a CPU matmul of one row takes another kernel than of several, and SDPA sums in another
+    order as the key count changes; both round differently, and a seeded row sampled other tokens alone
+    than among rows of other lengths. GPT-2's widths (768, MLP 3072), random weights, two layers."""
+    from gpt2ft.config import GPTConfig
+    from gpt2ft.model import GPT
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=12, n_embd=768, vocab_size=50257, block_size=128)).to(torch.bfloat16).eval()
+    tok = gpt2_tokenizer()
+    prompts = [tok.encode(f"Prompt number {i}: the quick brown fox " + "jumps " * i) for i in range(6)]
+    cfg = SamplingConfig(max_new_tokens=24, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    together = [c.token_ids for c in complete_batch(model, tok, prompts, cfg)]
+    assert together == [complete_batch(model, tok, [p], cfg)[0].token_ids for p in prompts]

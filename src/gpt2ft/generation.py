@@ -41,9 +41,9 @@ def fits_context(prompt_ids: list[int], max_new_tokens: int, context: int) -> bo
 
 
 # ----- the engine: a running batch that rows join and leave ---------------------------------------
-def _decode(model: GPT, tokens, input_pos, kv_caches, cache_rows, static: bool):
+def _decode(model: GPT, tokens, input_pos, kv_caches, cache_rows, static: bool, rows_apart: bool = False):
     return model(tokens, input_pos=input_pos, kv_caches=kv_caches, cache_rows=cache_rows, static_cache=static,
-                 logits_at="last")
+                 logits_at="last", rows_apart=rows_apart)
 
 
 class _CacheView:
@@ -132,8 +132,12 @@ class Engine:
         self.device = model.lm_head.weight.device
         if compile:
             check_compiler(self.device)
+        # Cache rows: at least two, so that a step with a seeded row multiplies at least two rows (see
+        # _seeded). CPU bf16 matmuls of one row take another kernel than of several, which rounds
+        # differently. Rows past max_batch hold no completion.
+        self._cache_rows = max(2, max_batch)
         self._rows: list[Completion | None] = [None] * max_batch  # the completion in each slot
-        self._cached: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V each slot holds
+        self._cached: list[list[int]] = [[] for _ in range(self._cache_rows)]  # tokens whose K/V each row holds
         self._queue: deque[Completion] = deque()
         self._caches = None  # the KV cache, (max_batch, nh, cache_len, hs) per layer
         self._cache_len = 0
@@ -209,7 +213,10 @@ class Engine:
             slot = max(free, key=lambda s: (_common_prefix(self._cached[s], c.prompt_ids), -s))
             free.remove(slot)
             joining.append((slot, c))
-        if joining:
+        if any(c.sampling.seed is not None for _, c in joining):
+            for row in joining:  # one prompt a forward: a seeded row's prompt rounds as it does alone
+                self._prefill([row])
+        elif joining:
             self._prefill(joining)
 
     def _prefill(self, joining: list[tuple[int, Completion]]) -> None:
@@ -268,7 +275,8 @@ class Engine:
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
         static = self.compile
-        n = self.max_batch if static else max(slot for slot, _ in live) + 1  # rows [0, n) of the cache
+        seeded = not static and any(c.sampling.seed is not None for _, c in live)
+        n = self._cache_rows if static else max(2 if seeded else 1, max(slot for slot, _ in live) + 1)  # rows [0, n)
         tokens, positions = [0] * n, [0] * n
         for slot in range(n):  # free slots write a dummy just past what they hold in cache
             positions[slot] = min(len(self._cached[slot]), self._cache_len - 1)
@@ -279,7 +287,7 @@ class Engine:
         if static:
             logits = self._compiled_step(x, pos)
         else:
-            logits = _decode(self.model, x, pos, self._caches, slice(0, n), False)
+            logits = _decode(self.model, x, pos, self._caches, slice(0, n), False, rows_apart=seeded)
         self._logits[:n].copy_(logits)  # one pass, casting as it copies
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])
@@ -311,7 +319,7 @@ class Engine:
         if self._caches is not None and self._cache_len >= need:
             return
         length = min(block, max(need, 2 * self._cache_len))
-        caches = self.model.new_cache(self.max_batch, length)
+        caches = self.model.new_cache(self._cache_rows, length)
         if self.compile:  # one compiled step for every cache length; fixed addresses for CUDA graphs
             for cache in caches:
                 for t in (cache.k, cache.v):
@@ -323,7 +331,7 @@ class Engine:
                 new.k[:, :, :self._cache_len] = old.k
                 new.v[:, :, :self._cache_len] = old.v
         else:
-            self._logits = torch.zeros(self.max_batch, self.model.config.vocab_size, device=self.device)
+            self._logits = torch.zeros(self._cache_rows, self.model.config.vocab_size, device=self.device)
         self._caches, self._cache_len = caches, length
 
 

@@ -78,6 +78,14 @@ def _explicit_causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
     return (att @ v).view(B, nh, T, hs)
 
 
+def _attend_rows_apart(q, k, v, lengths: list[int]) -> torch.Tensor:
+    """One new token per row over the first lengths[b] cache slots of row b, one row at a time: the call that
+    row makes decoding alone. Over the batch's longest length with a mask, SDPA sums in another order (it
+    changes with the key count), and in bf16 a seeded row then sampled other tokens than alone."""
+    return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+                      for b, n in enumerate(lengths)])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -95,13 +103,16 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        lengths = cache_len if isinstance(cache_len, list) else None  # one new token a row, each its own length
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v, cache_len, cache_rows)  # (B, nh, S, hs)
+            k, v = kv_cache.update(input_pos, k, v, max(lengths) if lengths else cache_len, cache_rows)  # (B, nh, S, hs)
             q = q.to(k.dtype)  # a CPU keeps a bf16 model's cache in float32 (see GPT.new_cache)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):  # an additive mask: q's dtype
             attn_mask = attn_mask.to(q.dtype)
-        if attn_mask is None and kv_cache is None and _explicit_is_faster(q):
+        if lengths is not None:
+            y = _attend_rows_apart(q, k, v, lengths)
+        elif attn_mask is None and kv_cache is None and _explicit_is_faster(q):
             y = _explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(
@@ -200,6 +211,7 @@ class GPT(nn.Module):
         cache_rows: slice | torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         reduction: str = "sum",
+        rows_apart: bool = False,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits.
 
@@ -221,6 +233,8 @@ class GPT(nn.Module):
             summed over the trained positions instead of logits: a scalar (reduction="sum") or one sum per
             row (reduction="per_sequence", (B,)), chunked, never forming the logits whole. It runs here,
             inside forward, so a wrapper that shards the weights (FSDP) holds lm_head while it is used.
+        rows_apart: with one new token per row at per-row positions, each row attends over its own cache
+            slots in a call of its own, so that its logits are bitwise what it gets alone (slower).
         """
         B, T = idx.shape
         use_cache = input_pos is not None
@@ -235,7 +249,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than the context {self.config.block_size}")
 
         max_len = kv_caches[0].k.shape[2] if use_cache else None
-        attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len, idx.device)
+        attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len, idx.device,
+                                                    rows_apart)
         if use_cache and attn_mask is not None:  # additive, once: SDPA would convert a bool mask in every layer
             attn_mask = torch.zeros(attn_mask.shape, dtype=kv_caches[0].k.dtype, device=idx.device) \
                 .masked_fill_(~attn_mask, float("-inf"))
@@ -270,9 +285,10 @@ class GPT(nn.Module):
         raise ValueError(f"reduction must be 'sum' or 'per_sequence', not {reduction!r}")
 
     @staticmethod
-    def _attention_mask(T, attention_mask, input_pos, static_cache, max_len, device):
+    def _attention_mask(T, attention_mask, input_pos, static_cache, max_len, device, rows_apart=False):
         """The bool mask (B|1, 1, T, S) for SDPA, or None where is_causal / attend-to-all suffices;
-        with a cache also S, the number of cache slots to attend over (None: all of them)."""
+        with a cache also S, the number of cache slots to attend over (None: all of them; a list: each row's
+        own, for rows_apart)."""
         if input_pos is None:
             if attention_mask is None:
                 return None, None
@@ -289,6 +305,8 @@ class GPT(nn.Module):
         else:
             S = int(input_pos.max()) + 1
             cache_len = S
+            if attention_mask is None and T == 1 and per_row and rows_apart:  # see _attend_rows_apart
+                return None, (input_pos[:, 0] + 1).tolist()  # each row over its own slots, as alone
             if attention_mask is None and T == 1 and not per_row:
                 return None, cache_len  # one new token attends to every cached one
         pos = (input_pos if per_row else input_pos[None])[:, None, :, None]  # (B|1, 1, T, 1)
