@@ -106,6 +106,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _seeded(rows: list[tuple[int, Completion]]) -> bool:
+    """Whether these rows must decode exactly as each would alone (a seed promises the same tokens in any
+    batch), which the batched path does not keep on a CPU in bf16: a matmul of one row takes another kernel
+    than of several, and SDPA sums in another order as the key count changes; both round differently.
+    Such steps prefill one prompt a forward, multiply at least two rows, and attend row by row."""
+    return any(c.sampling.seed is not None for _, c in rows)
+
+
 class Engine:
     """Decodes many completions together; each row has its own cache slot and positions.
 
@@ -133,15 +141,14 @@ class Engine:
         if compile:
             check_compiler(self.device)
         # Cache rows: at least two, so that a step with a seeded row multiplies at least two rows (see
-        # _seeded). CPU bf16 matmuls of one row take another kernel than of several, which rounds
-        # differently. Rows past max_batch hold no completion.
+        # _seeded). Rows past max_batch hold no completion.
         self._cache_rows = max(2, max_batch)
         self._rows: list[Completion | None] = [None] * max_batch  # the completion in each slot
         self._cached: list[list[int]] = [[] for _ in range(self._cache_rows)]  # tokens whose K/V each row holds
         self._queue: deque[Completion] = deque()
-        self._caches = None  # the KV cache, (max_batch, nh, cache_len, hs) per layer
+        self._caches = None  # the KV cache, (_cache_rows, nh, cache_len, hs) per layer
         self._cache_len = 0
-        self._logits: torch.Tensor | None = None  # (max_batch, V): each row's next-token logits
+        self._logits: torch.Tensor | None = None  # (_cache_rows, V): each row's next-token logits
         self._masks = RowMasks(max_batch, model.config.vocab_size)  # constrained rows' allowed tokens, by slot
 
     def add(self, prompt_ids: list[int], sampling: SamplingConfig | None = None) -> Completion:
@@ -213,7 +220,7 @@ class Engine:
             slot = max(free, key=lambda s: (_common_prefix(self._cached[s], c.prompt_ids), -s))
             free.remove(slot)
             joining.append((slot, c))
-        if any(c.sampling.seed is not None for _, c in joining):
+        if _seeded(joining):
             for row in joining:  # one prompt a forward: a seeded row's prompt rounds as it does alone
                 self._prefill([row])
         elif joining:
@@ -275,7 +282,7 @@ class Engine:
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
         static = self.compile
-        seeded = not static and any(c.sampling.seed is not None for _, c in live)
+        seeded = not static and _seeded(live)
         n = self._cache_rows if static else max(2 if seeded else 1, max(slot for slot, _ in live) + 1)  # rows [0, n)
         tokens, positions = [0] * n, [0] * n
         for slot in range(n):  # free slots write a dummy just past what they hold in cache

@@ -302,11 +302,11 @@ class GPT(nn.Module):
             input_pos, per_row = input_pos[0], False
         if static_cache:
             S, cache_len = max_len, None
+        elif attention_mask is None and T == 1 and per_row and rows_apart:  # see _attend_rows_apart
+            return None, (input_pos[:, 0] + 1).tolist()  # each row over its own slots, as alone
         else:
             S = int(input_pos.max()) + 1
             cache_len = S
-            if attention_mask is None and T == 1 and per_row and rows_apart:  # see _attend_rows_apart
-                return None, (input_pos[:, 0] + 1).tolist()  # each row over its own slots, as alone
             if attention_mask is None and T == 1 and not per_row:
                 return None, cache_len  # one new token attends to every cached one
         pos = (input_pos if per_row else input_pos[None])[:, None, :, None]  # (B|1, 1, T, 1)
