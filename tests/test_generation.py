@@ -53,11 +53,11 @@ def test_static_cache_path_equals_dynamic(tiny_model, monkeypatch):
     assert _ours(model, prompts, 12, compile=True) == expected
 
 
-def test_compiled_step_is_one_graph_for_every_cache_length_and_row_and_equals_eager(tiny_model, monkeypatch):
-    """--compile's step traced by dynamo once, with its "eager" backend (the graph inductor compiles; its C++
-    build takes minutes on a small CPU, so inductor itself runs in benchmarks/bench_generate.py --compile,
-    which checks its tokens too): rows join and leave, the cache grows, a new engine starts, and nothing is
-    compiled again; every greedy token equals eager decoding."""
+def test_compiled_step_compiles_once_for_every_cache_length_and_row_and_equals_eager(tiny_model, monkeypatch):
+    """--compile's step traced by dynamo with its "eager" backend (the graphs inductor compiles; inductor
+    itself in test_compiled_greedy_is_eager_greedy_in_bf16_at_gpt2_width): once rows join and leave and the
+    cache grows, a new engine with other prompts and lengths compiles nothing again; every greedy token
+    equals eager decoding."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -79,11 +79,43 @@ def test_compiled_step_is_one_graph_for_every_cache_length_and_row_and_equals_ea
     while batch.has_work:
         batch.step()
     again = complete_batch(model, tok, prompts, short, batch_size=2, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 8  # per frame, a graph per row count (1 or more) and cache length (the first, then any)
     for row, p, other in zip(rows, prompts, again):
         assert row.token_ids == other.token_ids == complete_batch(model, tok, [p], short)[0].token_ids
     assert grown.token_ids == complete_batch(model, tok, [grown.prompt_ids], long)[0].token_ids
-    assert counters["stats"]["unique_graphs"] == 1
+    later = complete_batch(model, tok, ["Another prompt, longer than the others were", "b"], long, batch_size=2,
+                           compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [c.token_ids for c in later] == [c.token_ids for c in complete_batch(model, tok, [c.prompt_ids for c in later], long)]
     assert batch.compile_seconds is not None and len(reports) == 1 and "compiled the decode step" in reports[0]
+
+
+def test_compiled_greedy_is_eager_greedy_in_bf16_at_gpt2_width(monkeypatch):
+    """Inductor's real C++ step against eager in bf16, where rounding differs with every fused op, matmul
+    row count and key count: at GPT-2's width (two blocks), alone and in a batch whose rows join and
+    leave, greedy tokens are eager's; a seeded sampled row gives its tokens alone."""
+    import torch._dynamo
+
+    import gpt2ft.generation as g
+    from gpt2ft.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(g, "_COMPILED", {})
+    monkeypatch.setattr(g, "_WARM", set())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=128)).to(torch.bfloat16).eval()
+    tok = gpt2_tokenizer()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in (7, 19, 3, 30, 12)]
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    for batch_size in (1, 3):
+        compiled = complete_batch(model, tok, prompts, cfg, batch_size=batch_size, compile=True)
+        eager = complete_batch(model, tok, prompts, cfg, batch_size=batch_size)
+        assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    seeded = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    alone = complete_batch(model, tok, prompts[:1], seeded)[0].token_ids
+    assert complete_batch(model, tok, prompts[:3], seeded, batch_size=3, compile=True)[0].token_ids == alone
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(tiny_model, monkeypatch):

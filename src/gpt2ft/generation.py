@@ -57,7 +57,8 @@ class _CacheView:
 
 
 def _decode_static(model: GPT, tokens, input_pos, keys: list[torch.Tensor], values: list[torch.Tensor]):
-    """Every slot's newest token over the whole cache: fixed shapes but for the cache's length."""
+    """Each row's newest token over every slot of the cache given (the mask hides the slots past a row's
+    position): shapes that torch.compile can hold fixed but for the ones marked dynamic."""
     caches = [_CacheView(k, v) for k, v in zip(keys, values)]
     return model(tokens, input_pos=input_pos, kv_caches=caches, static_cache=True, logits_at="last")
 
@@ -68,13 +69,20 @@ _WARM: set[int] = set()  # the models whose compiled step ran in this process
 
 def compiled_decode(device: torch.device):
     """The decode step under torch.compile, made once per process: inductor's C++ kernels on a CPU, CUDA
-    graphs (what mode "reduce-overhead" turns on) on a GPU. Every slot of the cache is fed each step and the cache's
-    length is marked dynamic, so rows join and leave and the cache grows without recompiling."""
+    graphs (what mode "reduce-overhead" turns on) on a GPU. The row count and cache length are marked dynamic
+    (see Engine._compiled_step), so rows join and leave and the cache grows without recompiling."""
     if device.type not in _COMPILED:
         check_compiler(device)
-        # eager's rounding after each bf16/fp16 op, so greedy tokens stay those of eager decoding
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+
+        # Greedy tokens must be eager's: rounding after each bf16/fp16 op as eager does, and layer norm as
+        # eager's kernel (inductor's own sums in another order: 1 in ~30,000 bf16 outputs differed).
         options = {"emulate_precision_casts": True, **({"triton.cudagraphs": True} if device.type == "cuda" else {})}
-        _COMPILED[device.type] = torch.compile(_decode_static, options=options)
+        table = {op: f for op, f in select_decomp_table().items() if op != torch.ops.aten.native_layer_norm.default}
+        _COMPILED[device.type] = torch.compile(
+            _decode_static, backend=lambda gm, inputs: compile_fx(gm, inputs, config_patches=options,
+                                                                  decompositions=table))
     return _COMPILED[device.type]
 
 
@@ -124,8 +132,11 @@ class Engine:
     turn of a chat) prefills only the rest. add() and cancel() may be called from other threads than
     the one calling step() (the server's request handlers and its decode loop).
 
-    compile=True runs the decode step under torch.compile (see compiled_decode): every slot each step,
-    attending over the whole cache; the first compiled step in a process reports its time through `log`.
+    compile=True runs the decode step under torch.compile (see compiled_decode; the first compiled step
+    in a process reports its time through `log`). On a CPU it multiplies the rows and attends over the
+    slots that eager decoding does, so that its greedy tokens are eager's: in bf16 a matmul rounds
+    differently with the row count and SDPA with the key count. CUDA graphs replay fixed shapes: there it
+    feeds every slot and attends over the whole cache. A step with a seeded row runs eager (see _seeded).
     """
 
     slack = 0  # cache slots a row may write past its last token (drafted tokens, in speculative.py)
@@ -281,9 +292,10 @@ class Engine:
 
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
-        static = self.compile
-        seeded = not static and _seeded(live)
-        n = self._cache_rows if static else max(2 if seeded else 1, max(slot for slot, _ in live) + 1)  # rows [0, n)
+        seeded = _seeded(live)
+        compiled = self.compile and not seeded
+        whole = compiled and self.device.type == "cuda"  # CUDA graphs: every row, the whole cache
+        n = self._cache_rows if whole else max(2 if seeded else 1, max(slot for slot, _ in live) + 1)  # rows [0, n)
         tokens, positions = [0] * n, [0] * n
         for slot in range(n):  # free slots write a dummy just past what they hold in cache
             positions[slot] = min(len(self._cached[slot]), self._cache_len - 1)
@@ -291,19 +303,27 @@ class Engine:
         for slot, c in live:
             tokens[slot] = c.token_ids[-1]
         x, pos = torch.tensor([tokens, positions], device=self.device)[:, :, None]  # one transfer, (n, 1) each
-        if static:
-            logits = self._compiled_step(x, pos)
+        if compiled:
+            logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:
             logits = _decode(self.model, x, pos, self._caches, slice(0, n), False, rows_apart=seeded)
         self._logits[:n].copy_(logits)  # one pass, casting as it copies
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])
 
-    def _compiled_step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The compiled decode step over every slot and the whole cache; the first call in this process
-        compiles it (timed: compile_seconds), and a failure there is one clear line."""
+    def _compiled_step(self, x: torch.Tensor, pos: torch.Tensor, length: int | None) -> torch.Tensor:
+        """The compiled decode step for the len(x) first rows over their first `length` cache slots (None:
+        the whole cache); the first call in this process compiles it (timed: compile_seconds), and a failure
+        there is one clear line."""
         step = compiled_decode(self.device)
-        keys, values = [c.k for c in self._caches], [c.v for c in self._caches]
+        n = len(x)
+        keys = [c.k if length is None else c.k[:n, :, :length] for c in self._caches]
+        values = [c.v if length is None else c.v[:n, :, :length] for c in self._caches]
+        if length is not None:  # views of the cache, new each step: one compiled step for every n and length
+            for t in (x, pos, *keys, *values):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            for t in (*keys, *values):
+                torch._dynamo.maybe_mark_dynamic(t, 2)
         if id(self.model) in _WARM:
             return step(self.model, x, pos, keys, values)
         start = time.perf_counter()

@@ -256,6 +256,11 @@ class GPT(nn.Module):
                 .masked_fill_(~attn_mask, float("-inf"))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
+            if static_cache and i:
+                # The compiled decode step (the only caller with static_cache) compiles each block on its
+                # own: inductor fusing one block's residual add into the next block's norm skips a bf16
+                # rounding that eager does, and greedy tokens must be eager's.
+                torch._dynamo.graph_break()
             cache = kv_caches[i] if use_cache else None
             if self.gradient_checkpointing and self.training and not use_cache:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
