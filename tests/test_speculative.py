@@ -30,6 +30,54 @@ def test_greedy_equals_the_target_alone(tiny_model, draft_kind):
         assert stats.acceptance == 1.0 and stats.target_forwards < 24 / 2
 
 
+def _bf16_gpt2_width() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=128)).to(torch.bfloat16).eval()
+
+
+@torch.inference_mode()
+def test_verifying_several_tokens_in_one_forward_gives_the_logits_of_one_token_a_step_in_bf16():
+    """The verify forward's logits at each drafted token are bitwise those the target computes decoding one
+    token a step (in bf16, SDPA over a longer masked key range rounds otherwise)."""
+    model = _bf16_gpt2_width()
+    gen = torch.Generator().manual_seed(2)
+    rows, p, k = 4, 40, 8
+    prompt, new = torch.randint(0, 50257, (rows, p), generator=gen), torch.randint(0, 50257, (rows, k), generator=gen)
+    logits = []
+    for together in (False, True):
+        cache = model.new_cache(rows, 64)
+        model(prompt, input_pos=torch.arange(p).expand(rows, -1), kv_caches=cache)
+        if together:
+            logits.append(model(new, input_pos=torch.arange(p, p + k).expand(rows, -1), kv_caches=cache,
+                                rows_apart=True))
+        else:
+            logits.append(torch.stack([model(new[:, j:j + 1], input_pos=torch.full((rows, 1), p + j), kv_caches=cache,
+                                             logits_at="last", rows_apart=True) for j in range(k)], dim=1))
+    assert torch.equal(*logits)
+
+
+@pytest.mark.parametrize("one_row_as_several", [True, False])
+def test_greedy_with_a_draft_is_the_target_alone_in_bf16_at_gpt2_width(monkeypatch, one_row_as_several):
+    """bf16 at GPT-2's width, drafts accepted and rejected: token for token what the target gives alone,
+    whether this CPU's one-row matmul rounds as several do or not (then every step multiplies two rows)."""
+    import gpt2ft.generation as g
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    monkeypatch.setattr(g, "one_row_rounds_as_several", lambda model: one_row_as_several)
+    model, tok = _bf16_gpt2_width(), gpt2_tokenizer()
+    torch.manual_seed(1)
+    draft = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=128, block_size=128)).to(torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(3)
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    for _ in range(3):
+        prompt = torch.randint(0, 50257, (7,), generator=gen).tolist() * 3  # repeats: lookup drafts
+        alone = complete_batch(model, tok, [prompt], cfg)[0].token_ids
+        for d in ("ngram", draft):
+            spec, stats = speculative_complete(model, tok, prompt, cfg, d)
+            assert spec.token_ids == alone
+            assert stats.proposed > 0
+
+
 def test_sampling_keeps_the_target_distribution():
     """Two sampled tokens from a 12-word model: the empirical distribution of (t1, t2) over many seeded
     runs is the target's exact one, computed by enumeration, within sampling noise."""

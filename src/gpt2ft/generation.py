@@ -15,6 +15,7 @@ from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_f
 from .errors import UserError
 from .grammar import RowMasks, compile_grammar
 from .model import GPT, KVCache
+from .runtime import one_row_rounds_as_several
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -135,8 +136,8 @@ class Engine:
     compile=True runs the decode step under torch.compile (see compiled_decode; the first compiled step
     in a process reports its time through `log`). On a CPU it multiplies the rows and attends over the
     slots that eager decoding does, so that its greedy tokens are eager's: in bf16 a matmul rounds
-    differently with the row count and SDPA with the key count. CUDA graphs replay fixed shapes: there it
-    feeds every slot and attends over the whole cache. A step with a seeded row runs eager (see _seeded).
+    differently with the row count and SDPA with the key count; a row decoding alone, or a seeded one, runs
+    eager's step (as fast there). CUDA graphs replay fixed shapes: every slot, the whole cache.
     """
 
     slack = 0  # cache slots a row may write past its last token (drafted tokens, in speculative.py)
@@ -151,9 +152,10 @@ class Engine:
         self.device = model.lm_head.weight.device
         if compile:
             check_compiler(self.device)
-        # Cache rows: at least two, so that a step with a seeded row multiplies at least two rows (see
-        # _seeded). Rows past max_batch hold no completion.
+        # Steps multiply rows [0, n): n >= 2 with a seeded row (see _seeded), and where one row rounds unlike
+        # several, so that a row alone gets the tokens of a speculative verify. Rows past max_batch are idle.
         self._cache_rows = max(2, max_batch)
+        self._min_rows = 1 if one_row_rounds_as_several(model) else 2
         self._rows: list[Completion | None] = [None] * max_batch  # the completion in each slot
         self._cached: list[list[int]] = [[] for _ in range(self._cache_rows)]  # tokens whose K/V each row holds
         self._queue: deque[Completion] = deque()
@@ -293,9 +295,10 @@ class Engine:
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
         seeded = _seeded(live)
-        compiled = self.compile and not seeded
-        whole = compiled and self.device.type == "cuda"  # CUDA graphs: every row, the whole cache
-        n = self._cache_rows if whole else max(2 if seeded else 1, max(slot for slot, _ in live) + 1)  # rows [0, n)
+        apart = seeded or len(live) == 1  # attention as each row has it alone (see _attend_rows_apart)
+        whole = self.compile and not seeded and self.device.type == "cuda"  # CUDA graphs: every row, whole cache
+        compiled = whole or (self.compile and not apart)
+        n = self._cache_rows if whole else max(2 if seeded else self._min_rows, max(slot for slot, _ in live) + 1)
         tokens, positions = [0] * n, [0] * n
         for slot in range(n):  # free slots write a dummy just past what they hold in cache
             positions[slot] = min(len(self._cached[slot]), self._cache_len - 1)
@@ -306,7 +309,7 @@ class Engine:
         if compiled:
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:
-            logits = _decode(self.model, x, pos, self._caches, slice(0, n), False, rows_apart=seeded)
+            logits = _decode(self.model, x, pos, self._caches, slice(0, n), False, rows_apart=apart)
         self._logits[:n].copy_(logits)  # one pass, casting as it copies
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])

@@ -78,12 +78,14 @@ def _explicit_causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
     return (att @ v).view(B, nh, T, hs)
 
 
-def _attend_rows_apart(q, k, v, lengths: list[int]) -> torch.Tensor:
-    """One new token per row over the first lengths[b] cache slots of row b, one row at a time: the call that
-    row makes decoding alone. Over the batch's longest length with a mask, SDPA sums in another order (it
-    changes with the key count), and in bf16 a seeded row then sampled other tokens than alone."""
-    return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
-                      for b, n in enumerate(lengths)])
+def _attend_rows_apart(q, k, v, lengths: list[list[int]]) -> torch.Tensor:
+    """Each query (row b, position j) over the first lengths[b][j] cache slots of row b, in a call of its
+    own: the call that token makes when it is decoded alone, one a step. Over a shared key count with a
+    mask, SDPA sums in another order (it changes with the key count): in bf16 a seeded row then sampled
+    other tokens than alone, and a speculative verify kept other tokens than the target alone."""
+    return torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, j:j + 1], k[b:b + 1, :, :n],
+                                                                v[b:b + 1, :, :n]) for j, n in enumerate(row)], dim=2)
+                      for b, row in enumerate(lengths)])
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,9 +105,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        lengths = cache_len if isinstance(cache_len, list) else None  # one new token a row, each its own length
+        lengths = cache_len if isinstance(cache_len, list) else None  # each query's own key count (rows_apart)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v, max(lengths) if lengths else cache_len, cache_rows)  # (B, nh, S, hs)
+            longest = max(map(max, lengths)) if lengths else cache_len
+            k, v = kv_cache.update(input_pos, k, v, longest, cache_rows)  # (B, nh, S, hs)
             q = q.to(k.dtype)  # a CPU keeps a bf16 model's cache in float32 (see GPT.new_cache)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):  # an additive mask: q's dtype
@@ -233,8 +236,9 @@ class GPT(nn.Module):
             summed over the trained positions instead of logits: a scalar (reduction="sum") or one sum per
             row (reduction="per_sequence", (B,)), chunked, never forming the logits whole. It runs here,
             inside forward, so a wrapper that shards the weights (FSDP) holds lm_head while it is used.
-        rows_apart: with one new token per row at per-row positions, each row attends over its own cache
-            slots in a call of its own, so that its logits are bitwise what it gets alone (slower).
+        rows_apart: with per-row positions, each new token attends over its own row's cache slots up to
+            its position, in a call of its own, so that its logits are bitwise what it gets decoded alone,
+            one token a step (slower).
         """
         B, T = idx.shape
         use_cache = input_pos is not None
@@ -292,8 +296,8 @@ class GPT(nn.Module):
     @staticmethod
     def _attention_mask(T, attention_mask, input_pos, static_cache, max_len, device, rows_apart=False):
         """The bool mask (B|1, 1, T, S) for SDPA, or None where is_causal / attend-to-all suffices;
-        with a cache also S, the number of cache slots to attend over (None: all of them; a list: each row's
-        own, for rows_apart)."""
+        with a cache also S, the number of cache slots to attend over (None: all of them; (B, T) nested
+        lists: each token's own, for rows_apart)."""
         if input_pos is None:
             if attention_mask is None:
                 return None, None
@@ -302,13 +306,13 @@ class GPT(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
             return mask | torch.eye(T, dtype=torch.bool, device=device), None  # pad rows see themselves
+        if rows_apart and attention_mask is None and input_pos.dim() == 2 and not static_cache:
+            return None, (input_pos + 1).tolist()  # each token over its own row's slots (_attend_rows_apart)
         per_row = input_pos.dim() == 2
         if per_row and input_pos.shape[0] == 1:  # one row: the shared-positions mask is the same
             input_pos, per_row = input_pos[0], False
         if static_cache:
             S, cache_len = max_len, None
-        elif attention_mask is None and T == 1 and per_row and rows_apart:  # see _attend_rows_apart
-            return None, (input_pos[:, 0] + 1).tolist()  # each row over its own slots, as alone
         else:
             S = int(input_pos.max()) + 1
             cache_len = S

@@ -81,6 +81,35 @@ def inference_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str |
     return torch.float32, f"auto: float32 on {device.type}"
 
 
+_ONE_ROW_AS_SEVERAL: dict[tuple, bool] = {}
+
+
+@torch.inference_mode()
+def one_row_rounds_as_several(model: torch.nn.Module) -> bool:
+    """Whether each of the model's linear layers gives a row alone bitwise what it gives that row among
+    others. Not so on some CPUs in bf16 (oneDNN takes another kernel for one row). Detected once per set of
+    layer shapes and dtypes, on random rows and weights of those shapes (a sharded model's own weights are
+    not whole outside its forward): the kernel is chosen by shape, so layers that agree here agree always."""
+    layers = [model.lm_head] + ([*model.transformer.h[0].modules()] if len(model.transformer.h) else [])
+    layers = [m for m in layers if isinstance(m, torch.nn.Linear) or hasattr(m, "weight_int8")]
+    key = tuple((type(m).__name__, m.in_features, m.out_features, m.weight.dtype, m.weight.device) for m in layers)
+    if key not in _ONE_ROW_AS_SEVERAL:
+        gen = torch.Generator().manual_seed(0)
+        agree = True
+        for m in layers:
+            dtype, device, shape = m.weight.dtype, m.weight.device, (m.out_features, m.in_features)
+            if hasattr(m, "weight_int8"):  # int8 weights (quantize.Int8Linear)
+                q = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+                layer = type(m)(q.to(device), torch.rand(shape[0], generator=gen).to(device) / 64, None, dtype)
+            else:
+                weight = torch.randn(shape, generator=gen).to(device, dtype)
+                layer = lambda x, weight=weight: torch.nn.functional.linear(x, weight)
+            x = torch.randn(2, shape[1], generator=gen).to(device, dtype)
+            agree = agree and torch.equal(layer(x[:1]), layer(x)[:1])
+        _ONE_ROW_AS_SEVERAL[key] = agree
+    return _ONE_ROW_AS_SEVERAL[key]
+
+
 def _mallopt():
     """glibc's mallopt, or None where the C library has none (macOS, musl)."""
     import ctypes

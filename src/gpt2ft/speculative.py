@@ -12,7 +12,7 @@ import torch
 
 from .completion import Completion, top_k_filter, top_p_filter
 from .errors import UserError
-from .generation import Engine, _common_prefix
+from .generation import Engine, _common_prefix, _seeded
 from .model import GPT
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -246,7 +246,7 @@ class SpeculativeEngine(Engine):
     def _speculate(self, live, text: dict) -> None:
         """One forward: every live row's newest token, then a speculating row's drafts; verify those."""
         proposals = self._proposals(live)
-        n = max(slot for slot, _ in live) + 1  # rows [0, n) of the cache
+        n = max(self._min_rows, max(slot for slot, _ in live) + 1)  # rows [0, n) of the cache
         width = 1 + max((len(p) for p, _ in proposals.values()), default=0)
         tokens, positions = [[0] * width for _ in range(n)], []
         at = torch.zeros(n, width, dtype=torch.bool)
@@ -258,8 +258,12 @@ class SpeculativeEngine(Engine):
             seq = [c.token_ids[-1]] + proposals.get(slot, ([], None))[0]
             tokens[slot][:len(seq)] = seq
             at[slot, :len(seq)] = True
+        # A row alone (or a seeded one) attends token by token as when decoded one token a step: its greedy
+        # tokens are then the target's alone (see _attend_rows_apart).
+        apart = len(live) == 1 or _seeded(live)
         logits = self.model(torch.tensor(tokens, device=self.device), input_pos=torch.tensor(positions, device=self.device),
-                            kv_caches=self._caches, cache_rows=slice(0, n), logits_at=at.to(self.device))
+                            kv_caches=self._caches, cache_rows=slice(0, n), logits_at=at.to(self.device),
+                            rows_apart=apart)
         self.target_forwards += 1
         offsets = at.sum(1).cumsum(0).tolist()
         for slot, c in live:
