@@ -400,6 +400,10 @@ def test_sampling_commands_help_and_settings_are_derived_from_the_schema(tiny_mo
     assert notes[-1].startswith("unknown command /temp") and "/heat" in notes[-1] and "/minp" in notes[-1]
     chat.handle("/settings")
     assert "temperature 4.0" in notes[-1] and notes[-1].endswith("min_p 0.25, output free text")
+    for command in ("/memory bogus", "/undo 2", "/info x"):
+        chat.handle(command)
+        name, arg = command.split()
+        assert notes[-1] == f"{name} takes no argument, not {arg!r} (nothing changed): type {name} alone"
     assert chat.settings.temperature == 4.0 and chat.settings.top_k == 40  # chat's defaults
 
 

@@ -120,6 +120,32 @@ def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
                        "No such file")
 
 
+def test_an_option_that_needs_another_is_refused_without_it_never_ignored(hf_dir, tmp_path):
+    """--lora-r without --lora, --outtype without --format gguf, --merge-lora on a model with no adapter:
+    from the command line (even at the default value) or from --config, a one-line error, nothing written."""
+    from gpt2ft.cli import parse
+
+    data = tmp_path / "t.txt"
+    data.write_text("some text " * 50)
+    out = tmp_path / "run"
+    for flags in (["--lora-r", "8"], ["--lora-targets", "c_attn"]):
+        assert_clean_error(run_cli("finetune", hf_dir, "--data", data, "--out", out, *flags),
+                           f"{flags[0]} takes effect only with --lora", f"drop {flags[0]}")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora-alpha: 32\n")
+    assert_clean_error(run_cli("finetune", hf_dir, "--data", data, "--out", out, "--config", cfg),
+                       "--lora-alpha takes effect only with --lora")
+    assert not out.exists()
+    assert parse(["finetune", str(hf_dir), "--data", str(data), "--out", str(out), "--lora", "--lora-r", "4"]).lora_r == 4
+    assert_clean_error(run_cli("export", hf_dir, "--out", tmp_path / "e", "--outtype", "q8_0"),
+                       "--outtype takes effect only with --format gguf")
+    assert_clean_error(run_cli("export", hf_dir, "--out", tmp_path / "e.gguf", "--format", "gguf", "--dtype",
+                               "bfloat16"), "--dtype takes effect only with --format hf")
+    assert_clean_error(run_cli("export", hf_dir, "--out", tmp_path / "e", "--merge-lora"),
+                       "has no LoRA adapter to merge", "drop --merge-lora")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.gguf").exists()
+
+
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")))
 def test_example_configs_parse_for_their_command(path, monkeypatch):
     """Each example YAML starts with the command that uses it; that command must accept every key."""

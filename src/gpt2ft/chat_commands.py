@@ -16,6 +16,7 @@ MAX_CONVERSATION_BYTES = 2**20  # /load: a conversation file of at most 1 MB (fa
 MAX_SCHEMA_BYTES = 2**20  # /json FILE: a JSON schema of at most 1 MB (as generate --json-schema)
 OTHER_COMMANDS = ("system", "undo", "retry", "save", "load", "json", "info", "settings", "memory", "refine",
                   "multi", "help")
+NO_ARGUMENT = ("reset", "undo", "retry", "info", "settings", "memory", "help")  # an argument is a mistake
 HELP = """commands:
   /quit, /exit         leave (also Ctrl-D, or Ctrl-C at the prompt)
   /reset               forget the conversation (the system prompt stays)
@@ -110,6 +111,8 @@ class Commands:
             return False
         if name in sampling_commands():
             self.set_option(name, arg)
+        elif name in NO_ARGUMENT and arg:
+            self.note(f"/{name} takes no argument, not {arg!r} (nothing changed): type /{name} alone")
         elif name in commands():
             getattr(self, f"cmd_{name}")(arg)
         else:

@@ -473,6 +473,8 @@ def export(ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool =
         from .lora import merge_lora as merge
 
         merge(model)
+    elif merge_lora:
+        raise UserError(f"{ref} has no LoRA adapter to merge: drop --merge-lora")
     with output_dir(out, "gpt2ft export", **claim) as folder:
         write_model_files(folder, model, tokenizer, meta=None, dtype=DTYPES[dtype], template=loaded.template)
         atomic_write_text(folder / "README.md", model_card(ref, model, loaded.meta, loaded.template))

@@ -182,7 +182,33 @@ def _apply_config(parser, args, argv):
     for action in args._parser._actions:  # required options may come from the YAML, so check here
         if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:
             raise UserError(f"{'/'.join(action.option_strings)} is required (on the command line or in --config)")
+    _check_only_with(args, _given(args._parser, argv[argv.index(args.verb) + 1:]) | set(values if config else ()))
     return args
+
+
+def _given(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options argv sets itself (a value equal to the default included): argparse fills in a default
+    only where the namespace lacks the attribute, so every one starts as a marker."""
+    marker = object()
+    growing = (argparse._AppendAction, argparse._CountAction)  # they add to what is there: start them empty
+    start = {a.dest: None if isinstance(a, growing) else marker for a in sub._actions if a.dest != "help"}
+    ns = argparse.Namespace(**start)
+    sub.parse_args(argv, namespace=ns)
+    return {dest for dest, first in start.items() if getattr(ns, dest) is not first}
+
+
+def _check_only_with(args, given: set[str]) -> None:
+    """An option marked only_with (gpt2ft.commands) given without what it needs is an error, not ignored."""
+    for action in args._parser._actions:
+        if action.dest not in given or not hasattr(action, "only_with"):
+            continue
+        dest, value = action.only_with
+        have = getattr(args, dest)
+        if (value is None and have in (None, False)) or (value is not None and have != value):
+            other = next(a for a in args._parser._actions if a.dest == dest)
+            need = other.option_strings[0] + ("" if value is None else f" {value}")
+            raise UserError(f"{action.option_strings[0]} takes effect only with {need}: add {need} or drop "
+                            f"{action.option_strings[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

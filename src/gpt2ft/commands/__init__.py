@@ -15,6 +15,13 @@ def required(action: argparse.Action) -> argparse.Action:
     return action
 
 
+def only_with(action: argparse.Action, dest: str, value=None) -> argparse.Action:
+    """Mark an option that means something only beside another (`dest` set, or set to `value`): given
+    without it, on the command line or in --config, it is an error rather than silently ignored."""
+    action.only_with = (dest, value)
+    return action
+
+
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
     """MODEL positional, --lora ADAPTER_DIR, --no-verify, --device, --dtype (--config is on every verb)."""
     if model:
@@ -254,11 +261,13 @@ def add_lora(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora", nargs="?", const=True, default=None, metavar="ADAPTER_DIR",
                    help="train a LoRA adapter only (optionally continuing the one in ADAPTER_DIR)")
-    g.add_argument("--lora-r", type=int, default=8, help="adapter rank")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling numerator (scale = alpha / r)")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
-    g.add_argument("--lora-targets", default="c_attn,c_proj",
-                   help="comma-separated module names (PEFT rule: name or suffix), e.g. c_attn,c_proj,mlp.c_fc")
+    for action in (
+            g.add_argument("--lora-r", type=int, default=8, help="adapter rank"),
+            g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling numerator (scale = alpha / r)"),
+            g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input"),
+            g.add_argument("--lora-targets", default="c_attn,c_proj",
+                           help="comma-separated module names (PEFT rule: name or suffix), e.g. c_attn,c_proj,mlp.c_fc")):
+        only_with(action, "lora")
 
 
 # ----- instruction data flags (sft, eval, data) ------------------------------------------------------

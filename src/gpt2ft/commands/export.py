@@ -8,7 +8,7 @@ for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
 from __future__ import annotations
 
 from ..errors import UserError
-from . import add_no_verify, required
+from . import add_no_verify, only_with, required
 
 
 def add_args(p):
@@ -18,9 +18,9 @@ def add_args(p):
                                            ".gguf file"))
     p.add_argument("--format", choices=("hf", "gguf"), default="hf",
                    help="hf: a Hugging Face folder; gguf: one GGUF file (LoRA merged first) and an Ollama Modelfile")
-    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
-                   help="--format gguf: the weights' type (norms and biases stay f32)")
-    p.add_argument("--dtype", default="float32", help="float32|bfloat16|float16")
+    only_with(p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                             help="--format gguf: the weights' type (norms and biases stay f32)"), "format", "gguf")
+    only_with(p.add_argument("--dtype", default="float32", help="float32|bfloat16|float16"), "format", "hf")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the weights")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder that export did not make (same-named files are replaced)")
