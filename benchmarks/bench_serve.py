@@ -3,10 +3,10 @@
     python -m benchmarks.bench_serve                      # GPT-2 124M architecture, random weights, CPU
     python -m benchmarks.bench_serve --clients 1 8 --max-tokens 32
 
-Starts the real server twice on 127.0.0.1 (--max-batch N, then --max-batch 1: requests queue and are
-served one at a time), sends the same greedy streaming requests from 1, 8 and 32 concurrent clients,
-and prints aggregate tokens/s and p50/p99 latency (request sent -> last byte) for both, and checks
-that both return the same texts.
+Starts the real server twice on 127.0.0.1 (--max-batch N, and --max-batch 1: requests queue and are
+served one at a time), sends the same greedy streaming requests from 1, 8 and 32 concurrent clients to
+one, then the other, for --rounds alternating rounds, and prints aggregate tokens/s (best and median)
+and p50/p99 latency (request sent -> last byte) for both, and whether both return the same texts.
 """
 from __future__ import annotations
 
@@ -116,32 +116,44 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="the server's --dtype (auto: as gpt2ft picks it here)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (batched, then one at a time)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]
+    labels = {"batched": args.max_batch, "one at a time": 1}
+    results = {label: {n: [] for n in args.clients} for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp), args.preset)
-        results = {}
-        for label, batch in (("batched", args.max_batch), ("one at a time", 1)):
-            server = Server(model, batch, extra)
-            try:
-                asyncio.run(run_clients(server.url, 1, 4, args.prompt_words))  # warm-up
-                results[label] = {n: asyncio.run(run_clients(server.url, n, args.max_tokens, args.prompt_words))
-                                  for n in args.clients}
-            finally:
+        servers = {}
+        try:  # both servers up at once, so that each round can alternate between them
+            for label, batch in labels.items():
+                servers[label] = Server(model, batch, extra)
+                asyncio.run(run_clients(servers[label].url, 1, 4, args.prompt_words))  # warm-up
+            for _ in range(args.rounds):
+                for n in args.clients:
+                    for label, server in servers.items():
+                        results[label][n].append(asyncio.run(run_clients(server.url, n, args.max_tokens,
+                                                                         args.prompt_words)))
+        finally:
+            for server in servers.values():
                 server.stop()
     dtype = str(inference_dtype(args.dtype, torch.device(args.device))[0]).removeprefix("torch.")
     print(f"\ngpt2ft serve, {args.preset} architecture (random weights), {dtype} on {args.device}, "
-          f"~{args.prompt_words}-token prompts + {args.max_tokens} new tokens, greedy, streaming ({machine()}; "
-          f"load average {os.getloadavg()[0]:.1f} at the end)")
-    print("| clients | one at a time: tok/s | p50 / p99 latency | batched (--max-batch "
-          f"{args.max_batch}): tok/s | p50 / p99 latency | throughput ratio | same texts |")
+          f"~{args.prompt_words}-token prompts + {args.max_tokens} new tokens, greedy, streaming, {args.rounds} "
+          f"alternating rounds, best / median ({machine()}; load average {os.getloadavg()[0]:.1f} at the end)")
+    print("| clients | one at a time: tok/s | p50 / p99 latency (median run) | batched (--max-batch "
+          f"{args.max_batch}): tok/s | p50 / p99 latency (median run) | throughput ratio best / median | same texts |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in args.clients:
-        a, b = results["one at a time"][n], results["batched"][n]
-        print(f"| {n} | {a['tok_s']:.1f} | {a['p50']:.2f} s / {a['p99']:.2f} s | {b['tok_s']:.1f} | "
-              f"{b['p50']:.2f} s / {b['p99']:.2f} s | {b['tok_s'] / a['tok_s']:.2f}x | "
-              f"{'yes' if a['texts'] == b['texts'] else 'NO'} |")
+        runs = {label: sorted(results[label][n], key=lambda r: r["tok_s"]) for label in labels}
+        best = {label: r[-1]["tok_s"] for label, r in runs.items()}
+        mid = {label: r[len(r) // 2] for label, r in runs.items()}
+        a, b = mid["one at a time"], mid["batched"]
+        same = all(x["texts"] == y["texts"] for x, y in zip(runs["one at a time"], runs["batched"]))
+        print(f"| {n} | {best['one at a time']:.1f} / {a['tok_s']:.1f} | {a['p50']:.2f} s / {a['p99']:.2f} s | "
+              f"{best['batched']:.1f} / {b['tok_s']:.1f} | {b['p50']:.2f} s / {b['p99']:.2f} s | "
+              f"{best['batched'] / best['one at a time']:.2f}x / {b['tok_s'] / a['tok_s']:.2f}x | "
+              f"{'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,28 @@ def test_rows_joining_a_running_batch_late_equal_running_alone(tiny_model):
     assert later.cached_tokens == len(a) + 3  # slot 0 kept row a's prompt and fed tokens
 
 
+def test_rows_left_in_high_slots_decode_alone_and_as_alone(tiny_model, monkeypatch):
+    """Once the rows below have finished, the rows left in high slots are fed by themselves (their cache
+    rows gathered), not with every slot below them, and still decode as alone; rows then join again."""
+    import gpt2ft.generation as g
+
+    model, tok = tiny_model
+    fed = []
+    decode = g._decode
+    monkeypatch.setattr(g, "_decode", lambda m, x, *a, **k: fed.append(len(x)) or decode(m, x, *a, **k))
+    engine = Engine(model, tok, max_batch=8)
+    prompts = [tok.encode(f"row {i} says") for i in range(8)]
+    rows = [engine.add(p, SamplingConfig(max_new_tokens=3 if i < 6 else 16, **GREEDY)) for i, p in enumerate(prompts)]
+    for _ in range(6):
+        engine.step()
+    assert fed[-1] == 2  # slots 6 and 7 alone, not rows [0, 8)
+    late = engine.add(tok.encode("and then"), SamplingConfig(max_new_tokens=6, **GREEDY))
+    _drain(engine)
+    for i, row in enumerate(rows):
+        assert row.token_ids == _reference(model, prompts[i], len(row.token_ids))[0]
+    assert late.token_ids == _reference(model, late.prompt_ids, 6)[0]
+
+
 def test_same_seed_same_text_whatever_the_batch(tiny_model):
     model, tok = tiny_model
     prompt = tok.encode("The meaning of life")

@@ -107,12 +107,7 @@ def check_compiler(device: torch.device) -> None:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _seeded(rows: list[tuple[int, Completion]]) -> bool:
@@ -297,20 +292,24 @@ class Engine:
         seeded = _seeded(live)
         apart = seeded or len(live) == 1  # attention as each row has it alone (see _attend_rows_apart)
         whole = self.compile and not seeded and self.device.type == "cuda"  # CUDA graphs: every row, whole cache
-        compiled = whole or (self.compile and not apart)
-        n = self._cache_rows if whole else max(2 if seeded else self._min_rows, max(slot for slot, _ in live) + 1)
-        tokens, positions = [0] * n, [0] * n
-        for slot in range(n):  # free slots write a dummy just past what they hold in cache
-            positions[slot] = min(len(self._cached[slot]), self._cache_len - 1)
-            del self._cached[slot][positions[slot]:]
-        for slot, c in live:
-            tokens[slot] = c.token_ids[-1]
-        x, pos = torch.tensor([tokens, positions], device=self.device)[:, :, None]  # one transfer, (n, 1) each
-        if compiled:
+        least, top = 2 if seeded else self._min_rows, max(slot for slot, _ in live) + 1
+        if whole or top <= 2 * max(least, len(live)):  # rows [0, n), free ones included: views of the cache
+            feed = list(range(self._cache_rows if whole else max(least, top)))
+            rows = slice(0, len(feed))
+        else:  # a few rows left in high slots: those alone (their cache rows gathered), not every row below
+            feed = sorted(slot for slot, _ in live)
+            feed += [slot for slot in range(self._cache_rows) if slot not in feed][:max(0, least - len(feed))]
+            rows = torch.tensor(feed, device=self.device)
+        positions = [min(len(self._cached[slot]), self._cache_len - 1) for slot in feed]
+        for slot, at in zip(feed, positions):  # free slots write a dummy just past what they hold in cache
+            del self._cached[slot][at:]
+        newest = {slot: c.token_ids[-1] for slot, c in live}
+        x, pos = torch.tensor([[newest.get(slot, 0) for slot in feed], positions], device=self.device)[:, :, None]
+        if isinstance(rows, slice) and (whole or (self.compile and not apart)):
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:
-            logits = _decode(self.model, x, pos, self._caches, slice(0, n), False, rows_apart=apart)
-        self._logits[:n].copy_(logits)  # one pass, casting as it copies
+            logits = _decode(self.model, x, pos, self._caches, rows, False, rows_apart=apart)
+        self._logits[rows] = logits.to(self._logits.dtype)
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])
 
