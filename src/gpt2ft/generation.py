@@ -4,6 +4,7 @@ Session (one conversation's cache kept between chat turns). One completion's dec
 sampling are in completion.py; its names are re-exported here."""
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections import deque
@@ -70,8 +71,7 @@ _WARM: set[int] = set()  # the models whose compiled step ran in this process
 
 def compiled_decode(device: torch.device):
     """The decode step under torch.compile, made once per process: inductor's C++ kernels on a CPU, CUDA
-    graphs (what mode "reduce-overhead" turns on) on a GPU. The row count and cache length are marked dynamic
-    (see Engine._compiled_step), so rows join and leave and the cache grows without recompiling."""
+    graphs on a GPU. Row count and cache length are dynamic (see Engine._compiled_step): no recompiling."""
     if device.type not in _COMPILED:
         check_compiler(device)
         from torch._inductor.compile_fx import compile_fx
@@ -112,9 +112,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _seeded(rows: list[tuple[int, Completion]]) -> bool:
     """Whether these rows must decode exactly as each would alone (a seed promises the same tokens in any
-    batch), which the batched path does not keep on a CPU in bf16: a matmul of one row takes another kernel
-    than of several, and SDPA sums in another order as the key count changes; both round differently.
-    Such steps prefill one prompt a forward, multiply at least two rows, and attend row by row."""
+    batch; in bf16 matmuls round with the row count, SDPA with the key count): such steps prefill one
+    prompt a forward, multiply at least two rows, and attend row by row."""
     return any(c.sampling.seed is not None for _, c in rows)
 
 
@@ -147,10 +146,7 @@ class Engine:
         self.device = model.lm_head.weight.device
         if compile:
             check_compiler(self.device)
-        # Steps multiply rows [0, n): n >= 2 with a seeded row (see _seeded), and where one row rounds unlike
-        # several, so that a row alone gets the tokens of a speculative verify. Rows past max_batch are idle.
-        self._cache_rows = max(2, max_batch)
-        self._min_rows = 1 if one_row_rounds_as_several(model) else 2
+        self._cache_rows = max(2, max_batch)  # >= 2: a step may feed a dummy row (see _min_rows)
         self._rows: list[Completion | None] = [None] * max_batch  # the completion in each slot
         self._cached: list[list[int]] = [[] for _ in range(self._cache_rows)]  # tokens whose K/V each row holds
         self._queue: deque[Completion] = deque()
@@ -287,6 +283,13 @@ class Engine:
             alternatives = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
             c.logprobs.append(TokenLogprob(token, chosen[i], alternatives))
 
+    @functools.cached_property
+    def _min_rows(self) -> int:
+        """Rows a step multiplies at least: 2 where one row rounds unlike several, so that a row alone gets
+        the tokens of a speculative verify (a seeded row's step: 2 always, see _seeded). Detected on first
+        use, on the thread that decodes and with its thread count (see commands/serve.py)."""
+        return 1 if one_row_rounds_as_several(self.model) else 2
+
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
         seeded = _seeded(live)
@@ -321,11 +324,8 @@ class Engine:
         n = len(x)
         keys = [c.k if length is None else c.k[:n, :, :length] for c in self._caches]
         values = [c.v if length is None else c.v[:n, :, :length] for c in self._caches]
-        if length is not None:  # views of the cache, new each step: one compiled step for every n and length
-            for t in (x, pos, *keys, *values):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            for t in (*keys, *values):
-                torch._dynamo.maybe_mark_dynamic(t, 2)
+        for t in (x, pos, *keys, *values) if length is not None else ():  # new views each step: dynamic n, length
+            torch._dynamo.maybe_mark_dynamic(t, [0] if t.dim() < 4 else [0, 2])
         if id(self.model) in _WARM:
             return step(self.model, x, pos, keys, values)
         start = time.perf_counter()
