@@ -115,6 +115,27 @@ def test_speculative_refuses_what_it_cannot_keep_exact(tiny_model):
         speculative_complete(model, tok, [1, 2], SamplingConfig(max_new_tokens=10), "bigram")
 
 
+def test_rows_left_in_high_slots_verify_by_themselves_and_as_alone(tiny_model, monkeypatch):
+    """Once the rows below have finished, the verify forward feeds the rows left in high slots alone (their
+    cache rows gathered), not every slot below them; their greedy tokens are still the target's alone."""
+    from gpt2ft.speculative import SpeculativeEngine
+
+    model, tok = tiny_model
+    fed = []
+    rows_fed = SpeculativeEngine._rows_fed
+    monkeypatch.setattr(SpeculativeEngine, "_rows_fed", lambda self, live, *a: fed.append(rows_fed(self, live, *a))
+                        or fed[-1])
+    engine = SpeculativeEngine(model, tok, 6, "ngram")
+    prompts = [tok.encode(f"to be or not to be {i}") for i in range(6)]
+    cfgs = [SamplingConfig(max_new_tokens=2 if i < 5 else 20, temperature=0.0, ignore_eos=True) for i in range(6)]
+    rows = [engine.add(p, cfg) for p, cfg in zip(prompts, cfgs)]
+    while engine.has_work:
+        engine.step()
+    assert len(fed[-1][0]) <= 2 and isinstance(fed[-1][1], torch.Tensor) and 5 in fed[-1][0]
+    for row, p, cfg in zip(rows, prompts, cfgs):
+        assert row.token_ids == complete_batch(model, tok, [p], cfg)[0].token_ids
+
+
 @pytest.mark.parametrize("draft_kind", ["other", "ngram"])
 def test_a_batch_with_drafts_gives_each_row_what_it_gives_alone(tiny_model, draft_kind):
     """Rows joining and leaving a speculative batch, rows that cannot speculate (logprobs) beside them: every

@@ -120,18 +120,15 @@ def _seeded(rows: list[tuple[int, Completion]]) -> bool:
 class Engine:
     """Decodes many completions together; each row has its own cache slot and positions.
 
-    add() queues a completion; it joins the running batch at the next step() (prefilled alone,
-    into a free slot), and generates exactly what it would alone. step() picks one token for every
-    row and returns [(completion, new text)] for each; rows that end leave and free their slot.
-    A slot keeps the tokens of its last row in cache: a new prompt that begins with them (the next
-    turn of a chat) prefills only the rest. add() and cancel() may be called from other threads than
-    the one calling step() (the server's request handlers and its decode loop).
+    add() queues a completion; it joins the running batch at the next step() (prefilled into a free
+    slot). step() picks one token for every row and returns [(completion, new text)] for each; rows that
+    end leave and free their slot. A slot keeps its last row's tokens in cache: a new prompt that begins
+    with them (a chat's next turn) prefills only the rest. add() and cancel() may be called from other
+    threads than step()'s (the server's request handlers and its decode loop).
 
-    compile=True runs the decode step under torch.compile (see compiled_decode; the first compiled step
-    in a process reports its time through `log`). On a CPU it multiplies the rows and attends over the
-    slots that eager decoding does, so that its greedy tokens are eager's: in bf16 a matmul rounds
-    differently with the row count and SDPA with the key count; a row decoding alone, or a seeded one, runs
-    eager's step (as fast there). CUDA graphs replay fixed shapes: every slot, the whole cache.
+    compile=True runs the decode step under torch.compile (compiled_decode; its first step in a process
+    reports its time through `log`): on a CPU over eager's rows and slots, so that greedy tokens are eager's
+    (a lone or seeded row runs eager's step); with CUDA graphs, every slot over the whole cache.
     """
 
     slack = 0  # cache slots a row may write past its last token (drafted tokens, in speculative.py)
@@ -290,23 +287,27 @@ class Engine:
         use, on the thread that decodes and with its thread count (see commands/serve.py)."""
         return 1 if one_row_rounds_as_several(self.model) else 2
 
+    def _rows_fed(self, live: list[tuple[int, Completion]], whole: bool = False):
+        """(slots, cache rows) a step feeds: rows [0, n) as views of the cache, free ones as dummies (all of
+        them if `whole`); or, with a few rows left in high slots, those alone (their cache rows gathered)."""
+        least, top = 2 if _seeded(live) else self._min_rows, max(slot for slot, _ in live) + 1
+        if whole or top <= 2 * max(least, len(live)):
+            feed = list(range(self._cache_rows if whole else max(least, top)))
+            return feed, slice(0, len(feed))
+        feed = sorted(slot for slot, _ in live)
+        feed += [slot for slot in range(self._cache_rows) if slot not in feed][:max(0, least - len(feed))]
+        return feed, torch.tensor(feed, device=self.device)
+
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
         seeded = _seeded(live)
         apart = seeded or len(live) == 1  # attention as each row has it alone (see _attend_rows_apart)
         whole = self.compile and not seeded and self.device.type == "cuda"  # CUDA graphs: every row, whole cache
-        least, top = 2 if seeded else self._min_rows, max(slot for slot, _ in live) + 1
-        if whole or top <= 2 * max(least, len(live)):  # rows [0, n), free ones included: views of the cache
-            feed = list(range(self._cache_rows if whole else max(least, top)))
-            rows = slice(0, len(feed))
-        else:  # a few rows left in high slots: those alone (their cache rows gathered), not every row below
-            feed = sorted(slot for slot, _ in live)
-            feed += [slot for slot in range(self._cache_rows) if slot not in feed][:max(0, least - len(feed))]
-            rows = torch.tensor(feed, device=self.device)
+        feed, rows = self._rows_fed(live, whole)
         positions = [min(len(self._cached[slot]), self._cache_len - 1) for slot in feed]
         for slot, at in zip(feed, positions):  # free slots write a dummy just past what they hold in cache
             del self._cached[slot][at:]
-        newest = {slot: c.token_ids[-1] for slot, c in live}
+        newest = {slot: c.token_ids[-1] for slot, c in live}  # one transfer: (n, 1) each
         x, pos = torch.tensor([[newest.get(slot, 0) for slot in feed], positions], device=self.device)[:, :, None]
         if isinstance(rows, slice) and (whole or (self.compile and not apart)):
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)

@@ -269,28 +269,29 @@ class SpeculativeEngine(Engine):
     def _speculate(self, live, text: dict) -> None:
         """One forward: every live row's newest token, then a speculating row's drafts; verify those."""
         proposals = self._proposals(live)
-        n = max(self._min_rows, max(slot for slot, _ in live) + 1)  # rows [0, n) of the cache
+        feed, rows = self._rows_fed(live)
+        index = {slot: i for i, slot in enumerate(feed)}
         width = 1 + max((len(p) for p, _ in proposals.values()), default=0)
-        tokens, positions = [[0] * width for _ in range(n)], []
-        at = torch.zeros(n, width, dtype=torch.bool)
-        for slot in range(n):  # free slots (and padding) write dummies past what they hold in cache
+        tokens, positions = [[0] * width for _ in feed], []
+        at = torch.zeros(len(feed), width, dtype=torch.bool)
+        for slot in feed:  # free slots (and padding) write dummies past what they hold in cache
             base = min(len(self._cached[slot]), self._cache_len - 1)
             del self._cached[slot][base:]
             positions.append([min(base + j, self._cache_len - 1) for j in range(width)])
         for slot, c in live:
             seq = [c.token_ids[-1]] + proposals.get(slot, ([], None))[0]
-            tokens[slot][:len(seq)] = seq
-            at[slot, :len(seq)] = True
+            tokens[index[slot]][:len(seq)] = seq
+            at[index[slot], :len(seq)] = True
         # A row alone (or a seeded one) attends token by token as when decoded one token a step: its greedy
         # tokens are then the target's alone (see _attend_rows_apart).
         apart = len(live) == 1 or _seeded(live)
         logits = self.model(torch.tensor(tokens, device=self.device), input_pos=torch.tensor(positions, device=self.device),
-                            kv_caches=self._caches, cache_rows=slice(0, n), logits_at=at.to(self.device),
+                            kv_caches=self._caches, cache_rows=rows, logits_at=at.to(self.device),
                             rows_apart=apart)
         self.target_forwards += 1
         offsets = at.sum(1).cumsum(0).tolist()
         for slot, c in live:
-            end = offsets[slot]
+            end = offsets[index[slot]]
             fed = c.token_ids[-1]
             if slot not in proposals:  # decodes one token a step: its next logits, picked next step
                 self._logits[slot] = logits[end - 1].float()
