@@ -16,7 +16,7 @@ from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_f
 from .errors import UserError
 from .grammar import RowMasks, compile_grammar
 from .model import GPT, KVCache
-from .runtime import one_row_rounds_as_several
+from .runtime import check_compiler, one_row_rounds_as_several
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -87,25 +87,6 @@ def compiled_decode(device: torch.device):
     return _COMPILED[device.type]
 
 
-def check_compiler(device: torch.device) -> None:
-    """--compile needs inductor's toolchain: a C++ compiler on a CPU, Triton on a GPU."""
-    if device.type == "cuda":
-        import importlib.util
-
-        if importlib.util.find_spec("triton") is None:
-            raise UserError("--compile on a GPU needs Triton (pip install triton), or drop --compile")
-    elif device.type == "cpu":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            get_cpp_compiler()
-        except Exception as e:  # noqa: BLE001 - inductor raises its own kinds
-            raise UserError(f"--compile needs a C++ compiler on this CPU (torch's inductor: "
-                            f"{' '.join(str(e).split())[:200]}); install g++ or drop --compile") from None
-    else:
-        raise UserError(f"--compile runs on a CPU or a CUDA GPU, not {device.type}; drop --compile")
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -140,6 +121,7 @@ class Engine:
         self.model, self.tokenizer, self.max_batch, self.compile = model, tokenizer, max_batch, compile
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.compile_seconds: float | None = None  # what compiling the decode step took, if this engine did
+        self._said_eager = False  # that --compile left a step to eager decoding (see _feed)
         self.device = model.lm_head.weight.device
         if compile:
             check_compiler(self.device)
@@ -288,8 +270,8 @@ class Engine:
         return 1 if one_row_rounds_as_several(self.model) else 2
 
     def _rows_fed(self, live: list[tuple[int, Completion]], whole: bool = False):
-        """(slots, cache rows) a step feeds: rows [0, n) as views of the cache, free ones as dummies (all of
-        them if `whole`); or, with a few rows left in high slots, those alone (their cache rows gathered)."""
+        """(slots, cache rows) a step feeds: rows [0, n), free ones as dummies (all if `whole`), or a few
+        rows left in high slots alone, their cache rows gathered."""
         least, top = 2 if _seeded(live) else self._min_rows, max(slot for slot, _ in live) + 1
         if whole or top <= 2 * max(least, len(live)):
             feed = list(range(self._cache_rows if whole else max(least, top)))
@@ -309,7 +291,12 @@ class Engine:
             del self._cached[slot][at:]
         newest = {slot: c.token_ids[-1] for slot, c in live}  # one transfer: (n, 1) each
         x, pos = torch.tensor([[newest.get(slot, 0) for slot in feed], positions], device=self.device)[:, :, None]
-        if isinstance(rows, slice) and (whole or (self.compile and not apart)):
+        compiled = isinstance(rows, slice) and (whole or (self.compile and not apart))
+        if self.compile and not compiled and not self._said_eager:  # --compile is never silently a no-op
+            self._said_eager = True
+            self.log("--compile: a row decoding alone (or a seeded one) runs eager's step on this CPU, as fast here "
+                     "and exact; the compiled step serves two rows or more")
+        if compiled:
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:
             logits = _decode(self.model, x, pos, self._caches, rows, False, rows_apart=apart)
@@ -318,9 +305,8 @@ class Engine:
             self._cached[slot].append(c.token_ids[-1])
 
     def _compiled_step(self, x: torch.Tensor, pos: torch.Tensor, length: int | None) -> torch.Tensor:
-        """The compiled decode step for the len(x) first rows over their first `length` cache slots (None:
-        the whole cache); the first call in this process compiles it (timed: compile_seconds), and a failure
-        there is one clear line."""
+        """The compiled step for the len(x) first rows over their first `length` cache slots (None: all); the
+        process's first call compiles it (timed: compile_seconds), and a failure there is one clear line."""
         step = compiled_decode(self.device)
         n = len(x)
         keys = [c.k if length is None else c.k[:n, :, :length] for c in self._caches]

@@ -81,6 +81,25 @@ def inference_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str |
     return torch.float32, f"auto: float32 on {device.type}"
 
 
+def check_compiler(device: torch.device) -> None:
+    """--compile needs inductor's toolchain: a C++ compiler on a CPU, Triton on a GPU."""
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("--compile on a GPU needs Triton (pip install triton), or drop --compile")
+    elif device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor raises its own kinds
+            raise UserError(f"--compile needs a C++ compiler on this CPU (torch's inductor: "
+                            f"{' '.join(str(e).split())[:200]}); install g++ or drop --compile") from None
+    else:
+        raise UserError(f"--compile runs on a CPU or a CUDA GPU, not {device.type}; drop --compile")
+
+
 _ONE_ROW_AS_SEVERAL: dict[tuple, bool] = {}
 
 
