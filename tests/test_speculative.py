@@ -63,7 +63,11 @@ def test_greedy_with_a_draft_is_the_target_alone_in_bf16_at_gpt2_width(monkeypat
     import gpt2ft.generation as g
     from gpt2ft.tokenizer import gpt2_tokenizer
 
+    import gpt2ft.speculative as sp
+
     monkeypatch.setattr(g, "one_row_rounds_as_several", lambda model: one_row_as_several)
+    apart = []  # each verify forward's choice: a lone row must attend token by token (what the logits test checks)
+    monkeypatch.setattr(sp, "_apart", lambda live: apart.append(g._apart(live)) or apart[-1])
     model, tok = _bf16_gpt2_width(), gpt2_tokenizer()
     torch.manual_seed(1)
     draft = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=128, block_size=128)).to(torch.bfloat16).eval()
@@ -76,6 +80,7 @@ def test_greedy_with_a_draft_is_the_target_alone_in_bf16_at_gpt2_width(monkeypat
             spec, stats = speculative_complete(model, tok, prompt, cfg, d)
             assert spec.token_ids == alone
             assert stats.proposed > 0
+    assert apart and all(apart)
 
 
 def test_sampling_keeps_the_target_distribution():

@@ -98,6 +98,12 @@ def _seeded(rows: list[tuple[int, Completion]]) -> bool:
     return any(c.sampling.seed is not None for _, c in rows)
 
 
+def _apart(rows: list[tuple[int, Completion]]) -> bool:
+    """Whether a step attends as each row alone does (see model._attend_rows_apart): a lone row (its greedy
+    tokens then equal a speculative verify's) or a seeded one."""
+    return len(rows) == 1 or _seeded(rows)
+
+
 class Engine:
     """Decodes many completions together; each row has its own cache slot and positions.
 
@@ -283,7 +289,7 @@ class Engine:
     def _feed(self, live: list[tuple[int, Completion]]) -> None:
         """Run the newest token of every live row through the model: the next step's logits."""
         seeded = _seeded(live)
-        apart = seeded or len(live) == 1  # attention as each row has it alone (see _attend_rows_apart)
+        apart = _apart(live)
         whole = self.compile and not seeded and self.device.type == "cuda"  # CUDA graphs: every row, whole cache
         feed, rows = self._rows_fed(live, whole)
         positions = [min(len(self._cached[slot]), self._cache_len - 1) for slot in feed]
@@ -294,8 +300,8 @@ class Engine:
         compiled = isinstance(rows, slice) and (whole or (self.compile and not apart))
         if self.compile and not compiled and not self._said_eager:  # --compile is never silently a no-op
             self._said_eager = True
-            self.log("--compile: a row decoding alone (or a seeded one) runs eager's step on this CPU, as fast here "
-                     "and exact; the compiled step serves two rows or more")
+            self.log("--compile: some steps run eager decoding (a row alone, a seeded row, or rows left in high "
+                     "slots: eager's exact path, as fast there); the compiled step serves the others")
         if compiled:
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:

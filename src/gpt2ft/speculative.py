@@ -14,7 +14,7 @@ import torch
 
 from .completion import Completion, top_k_filter, top_p_filter
 from .errors import UserError
-from .generation import Engine, _common_prefix, _seeded
+from .generation import Engine, _apart, _common_prefix
 from .model import GPT
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -282,12 +282,9 @@ class SpeculativeEngine(Engine):
             seq = [c.token_ids[-1]] + proposals.get(slot, ([], None))[0]
             tokens[index[slot]][:len(seq)] = seq
             at[index[slot], :len(seq)] = True
-        # A row alone (or a seeded one) attends token by token as when decoded one token a step: its greedy
-        # tokens are then the target's alone (see _attend_rows_apart).
-        apart = len(live) == 1 or _seeded(live)
         logits = self.model(torch.tensor(tokens, device=self.device), input_pos=torch.tensor(positions, device=self.device),
                             kv_caches=self._caches, cache_rows=rows, logits_at=at.to(self.device),
-                            rows_apart=apart)
+                            rows_apart=_apart(live))  # token by token, as the target alone
         self.target_forwards += 1
         offsets = at.sum(1).cumsum(0).tolist()
         for slot, c in live:
