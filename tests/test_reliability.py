@@ -288,6 +288,25 @@ def test_foreign_metrics_file_in_out(world, tmp_path):
                 needles=(str(tmp_path),))
 
 
+def test_a_metrics_row_cut_short_by_kill_9_is_left_out(world, tmp_path):
+    """kill -9 can cut a write short (the kernel stops at a page boundary): the unfinished last row is not
+    an error for plot or resume; a bad row that was finished still is."""
+    import shutil
+
+    from gpt2ft.train.run_folder import read_jsonl_steps
+
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run, symlinks=True)
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_text()
+    lines = text.count("\n")
+    metrics.write_text(text + '{"step": 99, "train_lo')
+    assert run_cli("plot", run).returncode == 0
+    assert read_jsonl_steps(metrics, 10**9) == text
+    metrics.write_text(text + '{"step": 99, "train_lo\n')
+    refused(tmp_path, "plot", run, needles=(f"metrics.jsonl:{lines + 1}",))
+
+
 @pytest.mark.parametrize("rows,needle", [
     ('{"step": 1, "train_loss": "x", "tokens_seen": 2}\n', "train_loss"),
     ('[1, 2]\n', "object"),

@@ -14,19 +14,21 @@ REWARD_KEYS = tuple(f"{split}_reward_{k}" for split in ("train", "val") for k in
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of run_dir/metrics.jsonl; a row that is not an object, or whose step, tokens_seen,
-    losses or scores are not numbers, is an error naming its line."""
+    losses or scores are not numbers, is an error naming its line; an unfinished last line is left out."""
     from .data.text import read_lines
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl; is this a gpt2ft run folder?")
-    rows = []
-    for n, line in read_lines(path):
+    rows, lines = [], list(read_lines(path))
+    for n, line in lines:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):
+                break  # the row a killed run was writing (kill -9 can cut a write short); resume logs it again
             raise UserError(f"{path}:{n}: not valid JSON") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line, not {type(row).__name__}")

@@ -246,15 +246,11 @@ def _lock(path: Path) -> int:
 
 def read_jsonl_steps(path: Path, step: int) -> str:
     """metrics.jsonl truncated to the rows of steps <= step (resume logs the later ones again)."""
-    keep = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            row_step = int(row["step"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{n}: not a gpt2ft metrics row; move the file away or use a new --out") from None
-        if row_step <= step:
-            keep.append(line + "\n")
-    return "".join(keep)
+    from ..plots import read_metrics
+
+    rows = read_metrics(path.parent)
+    for row in rows:
+        if not isinstance(row.get("step"), int):
+            raise UserError(f"{path}: a row without a step ({json.dumps(row)[:60]}) is not a gpt2ft metrics row; "
+                            "move the file away or use a new --out")
+    return "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
