@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +226,51 @@ def test_a_ctrl_c_inside_a_writers_cleanup_stays_a_ctrl_c(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, interrupted_write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_not_even_overwrite_writes_into_another_verbs_folder(tmp_path):
+    out = claim_output_dir(tmp_path / "tok", "gpt2ft tokenizer train")
+    (out / "vocab.json").write_text("{}")
+    refused(tmp_path, lambda: claim_output_dir(out, "gpt2ft export", overwrite=True, files=("vocab.json",)),
+            "made by `gpt2ft tokenizer train`", "another's")
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_failed_verb_leaves_the_folder_as_it_found_it(tmp_path, owned):
+    """No marker is left in a folder of the user's (a later run without --overwrite would take it as
+    gpt2ft's), nor the folder it created; a folder already its own keeps its marker."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    if owned:
+        (user / OUTPUT_MARKER).write_text(json.dumps({"made_by": "gpt2ft eval"}))
+    before = files(tmp_path)
+    for folder in (user, tmp_path / "new"):
+        with pytest.raises(UserError):
+            with output_dir(folder, "gpt2ft eval", overwrite=True, files=("summary.json",)):
+                raise UserError("no examples")
+    assert files(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_what_an_earlier_run_of_the_verb_left_and_this_one_did_not_write_is_removed(tmp_path):
+    names = ("vocab.json", "merges.txt", "word_vocab.json")
+    with output_dir(tmp_path / "tok", "gpt2ft tokenizer train", files=names) as out:
+        atomic_write(out / "word_vocab.json", lambda f: f.write(b"{}"))
+    (out / "notes.txt").write_text("mine")  # not one of the verb's files: never touched
+    with pytest.raises(UserError):  # a failed run removes nothing
+        with output_dir(out, "gpt2ft tokenizer train", files=names):
+            raise UserError("no text")
+    assert (out / "word_vocab.json").exists()
+    with output_dir(out, "gpt2ft tokenizer train", files=names):
+        for name in names[:2]:
+            atomic_write(out / name, lambda f: f.write(b"{}"))
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "merges.txt", "notes.txt", "vocab.json"]
+
+
+def test_a_place_nothing_can_be_created_in_is_refused_before_any_work(tmp_path):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    for target in ("/proc/o.md", "/proc/sub/o.md"):
+        refused(tmp_path, lambda: check_writable(target, what="--out-md"), "--out-md", "/proc", "cannot")
+    refused(tmp_path, lambda: check_output_dir("/proc/report", "gpt2ft eval"), "/proc")
+    refused(tmp_path, lambda: atomic_write(Path("/proc/o.md"), lambda f: f.write(b"x")), "/proc/o.md")

@@ -288,6 +288,28 @@ def test_foreign_metrics_file_in_out(world, tmp_path):
                 needles=(str(tmp_path),))
 
 
+def test_a_tokenizer_trained_again_into_its_folder_is_the_one_loaded(world, tmp_path):
+    """A word tokenizer's vocabulary left beside a new BPE one would be loaded instead of it."""
+    from gpt2ft.tokenizer import load_tokenizer
+
+    tok = tmp_path / "tok"
+    for kind, size in (("word", "50"), ("bpe", "300")):
+        run_cli("tokenizer", "train", world / "text.txt", "--kind", kind, "--vocab-size", size, "--out", tok,
+                check=True)
+    assert load_tokenizer(tok).vocab_size == 300
+    assert not list(tok.glob("word*"))
+
+
+def test_paths_too_long_or_looping_are_one_line_errors(tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    for out in (tmp_path / ("a" * 300 + ".jsonl"), tmp_path / "loop1"):
+        assert_clean_error(run_cli("data", "convert", data, "--out", out), str(out)[:40])
+    assert_clean_error(run_cli("tokenizer", "train", data, "--out", tmp_path / ("a" * 300)), "a" * 40)
+
+
 def test_a_metrics_row_cut_short_by_kill_9_is_left_out(world, tmp_path):
     """kill -9 can cut a write short (the kernel stops at a page boundary): the unfinished last row is not
     an error for plot or resume; a bad row that was finished still is."""

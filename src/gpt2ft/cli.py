@@ -225,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{verb}: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"{verb}: error: {e.filename}: {e.strerror}", file=sys.stderr)  # a path the user gave
-        return 1
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"{verb}: error: {e.filename}: {e.strerror}", file=sys.stderr)  # a path the user gave (too long,
+        return 1  # missing, a loop of links, not allowed)
+    except RuntimeError as e:  # pathlib's resolve() on a loop of symbolic links (an OSError from Python 3.13)
+        if not str(e).startswith("Symlink loop"):
+            raise
+        print(f"{verb}: error: {str(e).replace('Symlink loop from', 'a loop of symbolic links at')}", file=sys.stderr)
+        return 1
     finally:  # a Ctrl-C while the interpreter shuts down ends it quietly (exit status: killed by SIGINT)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 

@@ -45,8 +45,11 @@ def fsync_dir(folder: Path) -> None:
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temp file in path's folder, fsync, then rename over path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    except OSError as e:  # named as the file asked for, not the temp file
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private to its writer
         with os.fdopen(fd, "wb") as f:
@@ -125,11 +128,23 @@ def _written_by_us(path: Path) -> bool:
 
 
 def _check_parents(path: Path, what: str) -> None:
-    """The nearest existing ancestor of `path` must be a folder."""
+    """The nearest existing ancestor of `path` must be a folder that files (or folders, if `path` needs
+    some made) can be created in: tried with a probe that is removed again, since permissions alone do
+    not say (root may write anywhere by them, yet not in /proc or on a read-only mount)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+            try:
+                if parent == path.parent:
+                    fd, probe = tempfile.mkstemp(prefix=".tmp-probe.", dir=parent)
+                    os.close(fd)
+                    os.unlink(probe)
+                else:
+                    os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe.", dir=parent))
+            except OSError as e:
+                raise UserError(f"cannot write {what} {path}: nothing can be created in {parent} "
+                                f"({e.strerror or e}); choose another place") from None
             return
 
 
@@ -328,7 +343,10 @@ def check_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, 
     if overwrite:
         refuse_overwriting_inputs(folder, inputs or {}, out_flag)
     if folder.exists() and any(folder.iterdir()) and owner != verb:
-        what = f"was made by `{owner}`" if owner else "is not empty and was not made by gpt2ft"
+        if owner:  # each verb reads its own folders back (a tokenizer, prepared data): never mixed
+            raise UserError(f"{folder} was made by `{owner}`; choose another folder (not even {flag} lets one "
+                            "gpt2ft verb write into another's)")
+        what = "is not empty and was not made by gpt2ft"
         if not overwrite:
             raise UserError(f"{folder} {what}; choose a new folder, or pass {flag} to write into it anyway "
                             "(files of the same names are replaced, others are left alone)")
@@ -366,17 +384,36 @@ def make_dir(folder: Path) -> None:
 @contextlib.contextmanager
 def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: str = "--overwrite",
                files: tuple[str, ...] = (), inputs: dict | None = None):
-    """claim_output_dir for the length of a `with`: a folder it created is removed again if the body
-    fails before writing anything besides the marker (a failed verb leaves nothing behind)."""
-    new = not Path(folder).expanduser().exists()
+    """claim_output_dir for the length of a `with`. If the body fails before writing anything, nothing
+    is left behind: a folder it created is removed, a marker it added to a folder of the user's is taken
+    back. If it succeeds, those of `files` that an earlier run of the verb left and this one did not write
+    again are removed (an old word vocabulary beside a new BPE one would be loaded instead of it; an old
+    report would describe another evaluation)."""
+    path = Path(folder).expanduser()
+    existed, ours = path.exists(), path.is_dir() and made_by(path) == verb
+    before = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    earlier = {name: _identity(path / name) for name in files if ours and (path / name).is_file()}
     path = claim_output_dir(folder, verb, overwrite=overwrite, flag=flag, files=files, inputs=inputs)
     try:
         yield path
     except BaseException:
-        if new and [p.name for p in path.iterdir()] == [OUTPUT_MARKER]:
+        if not ours and {p.name for p in path.iterdir()} == before | {OUTPUT_MARKER}:
             (path / OUTPUT_MARKER).unlink()
-            path.rmdir()
+            if not existed:
+                path.rmdir()
         raise
+    for name, identity in earlier.items():
+        if _identity(path / name) == identity:
+            (path / name).unlink()
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells a file from the one an atomic write puts in its place."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:
