@@ -634,3 +634,58 @@ def test_a_refusal_after_the_splits_are_written_leaves_no_run_folder(world, tmp_
     (tmp_path / "d.jsonl").write_text((json.dumps(data) + "\n") * 8)
     refused(tmp_path, verb, world / "run", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "r", "--max-steps", "1",
             "--device", "cpu", *extra, run_out=tmp_path / "r")
+
+
+# ----- an option that would do nothing is an error, not ignored -----------------------------------
+def _inputs(tmp_path):
+    (tmp_path / "sft.jsonl").write_text('{"instruction": "the king", "output": "the queen"}\n'
+                                        '{"instruction": "night", "output": "day"}\n')
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "the king", "chosen": "the queen", "rejected": "war"}\n')
+    (tmp_path / "multi.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}) + "\n")
+    (tmp_path / "lines.txt").write_text("question\t\nq\ta\n")
+    (tmp_path / "tpl.yaml").write_text('prompt: "Q: {instruction}\\nA:"\nstopp: ["Q:"]\n')
+    (tmp_path / "emptytok").mkdir()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{run}", "--data", "{world}/text.txt", "--temperature", "0.9"], "--temperature"),
+    (["eval", "{run}", "--data", "{world}/text.txt", "--keyword", "king"], "--keyword"),
+    (["eval", "{run}", "--data", "{tmp}/prefs.jsonl", "--top-p", "0.5"], "--top-p"),
+    (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--beta", "0.1"], "--beta"),
+    (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--template", "{tmp}/tpl.yaml"], "stopp"),
+    (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--batch-size", "4"], "--batch-size"),
+    (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--instruction", "Say"], "--from lines"),
+    (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--split", "test"], "--split"),
+    (["data", "convert", "{tmp}/multi.jsonl", "--out", "{tmp}/o.jsonl"], "--to messages"),
+    (["data", "convert", "{tmp}/lines.txt", "--from", "lines", "--out", "{tmp}/o.jsonl"], "lines.txt:1"),
+    (["data", "pairs", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/p.jsonl", "--to", "messages"], "--to"),
+    (["compare", "{run}", "{run}", "--prompt", "x", "--raw", "--template", "chat"], "--raw"),
+    (["finetune", "{run}", "--data", "{world}/data", "--val-fraction", "0.5", "--out", "{tmp}/f", "--max-steps", "1"],
+     "--val-fraction"),
+    (["prepare", "{world}/text.txt", "--tokenizer", "{world}/tok", "--text-field", "body", "--out", "{tmp}/d"],
+     "--text-field"),
+    (["prepare", "{world}/text.txt", "--tokenizer", "{tmp}/emptytok", "--out", "{tmp}/d"], "holds no tokenizer"),
+    (["tokenizer", "train", "{world}/text.txt", "--kind", "bpe", "--vocab-size", "300", "--lowercase", "--out",
+      "{tmp}/t"], "--lowercase"),
+])
+def test_an_option_that_would_do_nothing_is_refused(world, tmp_path, args, needle):
+    _inputs(tmp_path)
+    args = [a.format(run=world / "run", world=world, tmp=tmp_path) for a in args]
+    refused(tmp_path, *args, needles=(needle,))
+
+
+def test_columns_rename_json_keys_and_eval_leaves_no_report_of_another_evaluation(world, tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"q": "the king", "a": "the queen"}\n')
+    run_cli("data", "convert", tmp_path / "qa.jsonl", "--columns", "instruction=q,output=a", "--out",
+            tmp_path / "o.jsonl", check=True)
+    assert json.loads((tmp_path / "o.jsonl").read_text()) == {"instruction": "the king", "input": "",
+                                                                 "output": "the queen"}
+    report = tmp_path / "report"
+    run_cli("eval", world / "run", "--data", tmp_path / "o.jsonl", "--out", report, "--max-new-tokens", "2",
+            check=True)
+    assert (report / "responses.jsonl").exists()
+    run_cli("eval", world / "run", "--data", world / "text.txt", "--out", report, check=True)
+    assert not (report / "responses.jsonl").exists()  # it described the earlier evaluation
+    assert "perplexity" in json.loads((report / "summary.json").read_text())

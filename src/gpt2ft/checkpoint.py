@@ -328,7 +328,7 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
     else:
         model = GPT(read_config(folder))
         load_hf_state_dict(model, read_weights(folder), str(folder))
-        tokenizer = load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder if has_tokenizer_files(folder) else None)  # none saved: GPT-2's
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                         f"{model.config.vocab_size} embeddings; the folder mixes files of two models")

@@ -182,7 +182,8 @@ def _apply_config(parser, args, argv):
     for action in args._parser._actions:  # required options may come from the YAML, so check here
         if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:
             raise UserError(f"{'/'.join(action.option_strings)} is required (on the command line or in --config)")
-    _check_only_with(args, _given(args._parser, argv[argv.index(args.verb) + 1:]) | set(values if config else ()))
+    args._given = _given(args._parser, argv[argv.index(args.verb) + 1:]) | set(values if config else ())
+    _check_only_with(args, args._given)
     return args
 
 
@@ -202,13 +203,16 @@ def _check_only_with(args, given: set[str]) -> None:
     for action in args._parser._actions:
         if action.dest not in given or not hasattr(action, "only_with"):
             continue
-        dest, value = action.only_with
-        have = getattr(args, dest)
-        if (value is None and have in (None, False)) or (value is not None and have != value):
-            other = next(a for a in args._parser._actions if a.dest == dest)
-            need = other.option_strings[0] + ("" if value is None else f" {value}")
-            raise UserError(f"{action.option_strings[0]} takes effect only with {need}: add {need} or drop "
-                            f"{action.option_strings[0]}")
+        for dest, value in action.only_with:
+            have = getattr(args, dest)
+            if (value is None and have in (None, False)) or (value is not None and have != value):
+                other = next(a for a in args._parser._actions if a.dest == dest)
+                if not other.option_strings:  # a positional: the action word of a verb (`data pairs`)
+                    raise UserError(f"{action.option_strings[0]} takes effect only in `gpt2ft {args.verb} {value}`: "
+                                    f"drop {action.option_strings[0]}")
+                need = other.option_strings[0] + ("" if value is None else f" {value}")
+                raise UserError(f"{action.option_strings[0]} takes effect only with {need}: add {need} or drop "
+                                f"{action.option_strings[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

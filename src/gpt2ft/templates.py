@@ -215,6 +215,9 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+TEMPLATE_KEYS = {"name", "kind", "stop", "prompt", "prompt_no_input", "system", "user", "assistant", "tool"}  # from_dict's
+
+
 def get_template(name_or_path: str) -> Template:
     """A built-in template by name, or a custom one from a JSON/YAML file: `prompt` ({instruction},
     optionally {input}), optional `prompt_no_input`, `stop`, `name`; or `kind: chat` with `system`,
@@ -236,6 +239,9 @@ def get_template(name_or_path: str) -> Template:
         raise UserError(f"{path}: cannot read template ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict) and "kind" not in data:
         data = {**data, "kind": "instruction"}  # a file without a kind is an instruction template
+    if isinstance(data, dict) and (unknown := sorted(map(str, set(data) - TEMPLATE_KEYS))):
+        raise UserError(f"{path}: unknown template key(s) {', '.join(unknown)} (a template has "
+                        f"{', '.join(sorted(TEMPLATE_KEYS))})")
     try:
         return Template.from_dict(data, default_name=path.stem)
     except UserError as e:

@@ -219,12 +219,13 @@ def gpt2_tokenizer() -> BPETokenizer:
 
 
 def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
-    """The tokenizer saved in `folder` (word_vocab.json, vocab.json + merges.txt, or tokenizer.json),
-    else GPT-2's BPE."""
+    """The tokenizer saved in `folder` (word_vocab.json, vocab.json + merges.txt, or tokenizer.json); a
+    folder without one is an error. No folder: GPT-2's BPE."""
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
-            raise UserError(f"tokenizer folder {folder} does not exist")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise UserError(f"tokenizer folder {folder} {what} (e.g. one `gpt2ft tokenizer train` wrote)")
         if (folder / WORD_VOCAB_FILE).exists():
             data = _read_json(folder / WORD_VOCAB_FILE)
             return WordTokenizer(data["words"], data.get("lowercase", False))
@@ -239,6 +240,8 @@ def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
             if model.get("type") != "BPE":
                 raise UserError(f"{folder / 'tokenizer.json'}: only byte-level BPE tokenizers are supported")
             return BPETokenizer(model["vocab"], _json_merges(model), name=folder.name)
+        raise UserError(f"tokenizer folder {folder} holds no tokenizer (word_vocab.json, vocab.json + merges.txt, "
+                        "or tokenizer.json): train one with `gpt2ft tokenizer train`, or drop --tokenizer for GPT-2's")
     return gpt2_tokenizer()
 
 

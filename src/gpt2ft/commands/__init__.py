@@ -16,10 +16,21 @@ def required(action: argparse.Action) -> argparse.Action:
 
 
 def only_with(action: argparse.Action, dest: str, value=None) -> argparse.Action:
-    """Mark an option that means something only beside another (`dest` set, or set to `value`): given
-    without it, on the command line or in --config, it is an error rather than silently ignored."""
-    action.only_with = (dest, value)
+    """Mark an option that means something only beside another (`dest` set, or set to `value`; marked
+    twice, it needs both): given without it, on the command line or in --config, it is an error rather
+    than silently ignored."""
+    action.only_with = [*getattr(action, "only_with", ()), (dest, value)]
     return action
+
+
+def refuse_given(args, dests, where: str) -> None:
+    """Options among `dests` that the user gave (flags or --config) but that mean nothing `where` (known
+    only once the input is read, e.g. "for plain text"): an error naming the first, not silently ignored."""
+    from ..errors import UserError
+
+    for action in args._parser._actions:
+        if action.dest in dests and action.dest in getattr(args, "_given", ()):
+            raise UserError(f"{action.option_strings[0]} has no effect {where}: drop it")
 
 
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
@@ -290,9 +301,9 @@ def add_on_invalid(p, rows: str, skip: str) -> None:
 
 
 def add_columns_args(p) -> None:
-    p.add_argument("--split", default="train", help="split of an hf: dataset")
+    p.add_argument("--split", default="train", help="split of an hf: dataset (default: train)")
     p.add_argument("--columns", default=None, metavar="MAP",
-                   help="CSV header mapping, e.g. instruction=question,output=answer")
+                   help="rename fields (CSV headers, dataset columns, JSON keys), e.g. instruction=question,output=answer")
 
 
 def parse_columns(text: str | None) -> dict[str, str]:

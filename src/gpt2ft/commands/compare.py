@@ -19,8 +19,9 @@ def add_args(p):
                    help='a prompt (repeatable); --prompt "" generates unconditionally (from <|endoftext|>) '
                         "unless a template frames it")
     p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (blank lines are skipped)")
-    p.add_argument("--raw", action="store_true", help="no prompt templates")
-    p.add_argument("--template", default=None,
+    framing = p.add_mutually_exclusive_group()  # a template with --raw would be dropped unsaid
+    framing.add_argument("--raw", action="store_true", help="no prompt templates")
+    framing.add_argument("--template", default=None,
                    help="format every prompt with this template for both models (default: each model's own)")
     p.add_argument("--out-md", default=None, help="also write a Markdown table here (a new file, never one of yours)")
     p.add_argument("--out-json", default=None, help="also write JSON here (a new file, never one of yours)")

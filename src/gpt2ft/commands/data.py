@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import (add_columns_args, add_device, add_on_invalid, add_sampling, load_model, parse_columns, required,
-               sampling_config)
+from . import (add_columns_args, add_device, add_on_invalid, add_sampling, load_model, only_with, parse_columns,
+               required, sampling_config)
 
 
 def add_args(p):
@@ -24,53 +24,63 @@ def add_args(p):
     required(p.add_argument("--out", help="file to write (.jsonl, or .json for an Alpaca array); never an existing "
                                          "file gpt2ft did not write"))
     p.add_argument("--overwrite", action="store_true", help="replace an --out file that gpt2ft wrote earlier")
-    p.add_argument("--to", default="alpaca", choices=["alpaca", "messages", "instruction-response"],
-                   help="output format")
-    p.add_argument("--from", dest="source", default="auto",
-                   help="auto|alpaca|instruction-response|messages|csv|lines")
-    p.add_argument("--instruction", default=None, help="with --from lines: the instruction every line answers")
+    g = p.add_argument_group("convert")
+    for action in (
+        g.add_argument("--to", default="alpaca", choices=["alpaca", "messages", "instruction-response"],
+                       help="output format"),
+        g.add_argument("--from", dest="source", default="auto",
+                       help="auto|alpaca|instruction-response|messages|csv|lines"),
+        only_with(g.add_argument("--instruction", default=None,
+                                 help="with --from lines: the instruction every line answers"), "source", "lines"),
+    ):
+        only_with(action, "action", "convert")
     add_columns_args(p)
     add_on_invalid(p, "records", "convert the rest")
     g = p.add_argument_group("pairs")
+    first = len(p._actions)
     g.add_argument("--data", default=None, help="instruction data whose answers become `chosen`")
     g.add_argument("--template", default=None, help="prompt template (default: the model's saved one, else alpaca)")
     g.add_argument("--batch-size", type=ranged(int, 1), default=8, help="prompts generated together, >= 1")
     add_device(g)
     add_sampling(p, temperature=0.7, max_new_tokens=64)
+    for action in p._actions[first:]:
+        only_with(action, "action", "pairs")
 
 
-def lines_to_rows(path: Path, instruction: str | None) -> list[dict]:
+def lines_to_rows(path: Path, instruction: str | None):
+    """(where, Alpaca row) for each non-blank line: the line answers `instruction`, or is
+    'instruction<TAB>response'."""
     from ..data.instructions import DATA_LIMIT_HINT
     from ..data.text import read_lines
     from ..fileio import MAX_DATA_FILE, check_size
 
+    if instruction is not None and not instruction.strip():
+        raise UserError("--instruction is empty: give the instruction every line answers")
     check_size(path, "data file", MAX_DATA_FILE, DATA_LIMIT_HINT)
-    rows = []
     for n, line in read_lines(path):
         line = line.rstrip("\n")
         if not line.strip():
             continue
-        if instruction:
-            rows.append({"instruction": instruction, "input": "", "output": line.strip()})
-        elif "\t" in line:
-            left, right = line.split("\t", 1)
-            rows.append({"instruction": left.strip(), "input": "", "output": right.strip()})
-        else:
-            raise UserError(f"{path}:{n}: expected 'instruction<TAB>response' (or pass --instruction)")
-    return rows
+        if instruction is None and "\t" not in line:
+            yield f"{path}:{n}", UserError("expected 'instruction<TAB>response' (or pass --instruction)")
+            continue
+        left, right = (instruction, line) if instruction is not None else line.split("\t", 1)
+        yield f"{path}:{n}", {"instruction": left.strip(), "input": "", "output": right.strip()}
 
 
 def run(args):
-    from ..data.instructions import load_records, normalize, record_to_row
+    from ..data.instructions import FORMATS, load_records, record_to_row, validate_rows
     from ..fileio import check_writable, write_user_file
 
     inputs = {"the input": args.input, "--data": args.data, "--template": args.template}
     out = check_writable(args.out, overwrite=args.overwrite, inputs=inputs, what="--out")  # before any work
     if args.action == "pairs":
         return run_pairs(args, inputs)
+    if args.source not in (*FORMATS, "lines"):
+        raise UserError(f"--from must be one of {', '.join(FORMATS)}, lines; not {args.source!r}")
     if args.source == "lines":
-        records = [normalize(row, "alpaca", f"{args.input}:{i}")
-                   for i, row in enumerate(lines_to_rows(Path(args.input), args.instruction))]
+        records, _ = validate_rows(lines_to_rows(Path(args.input), args.instruction), "alpaca", args.on_invalid,
+                                   args.input)
     else:
         records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
     rows = [record_to_row(r, args.to) for r in records]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import add_common, add_instruction_data_args, add_sampling, load_model, parse_columns, sampling_config
+from . import (add_common, add_instruction_data_args, add_sampling, load_model, parse_columns, refuse_given,
+               sampling_config)
 
 
 def add_args(p):
@@ -59,9 +60,13 @@ def _evaluate(args, data: Path, out: Path | None):
     from ..data.instructions import load_records
     from ..data.preferences import is_preference_data
     from ..evaluate import evaluate_records
+    from ..sampling import OPTIONS
     from ..templates import pick_template
 
+    generation = {opt.name for opt in OPTIONS.values() if opt.flag} | {"keyword"}
     if data.suffix in (".txt", ".md"):
+        refuse_given(args, generation | {"batch_size", "max_examples", "template", "format", "columns", "split",
+                                         "on_invalid", "reference", "beta"}, f"on plain text ({data}: perplexity only)")
         return run_text(args, data, out)
     if data.is_dir():
         if not (data / "splits" / "test.jsonl").exists():
@@ -71,11 +76,9 @@ def _evaluate(args, data: Path, out: Path | None):
             raise UserError(f"{data} is empty (the run used --test-fraction 0); pass a data file")
     source = args.data if str(args.data).startswith("hf:") else data
     if is_preference_data(source):
+        refuse_given(args, generation | {"format"}, f"on preference data ({data}: pairs are scored, not generated)")
         return run_preferences(args, source, out)
-    given = [flag for flag, value in (("--reference", args.reference), ("--beta", args.beta)) if value is not None]
-    if given:  # they score chosen/rejected pairs only: a typo here would otherwise pass unnoticed
-        raise UserError(f"{' and '.join(given)} score preference data (chosen/rejected pairs); {data} holds "
-                        "instruction records: drop them")
+    refuse_given(args, {"reference", "beta"}, f"on instruction records ({data}); they score chosen/rejected pairs")
     # an empty instruction is a prompt too: the template's frame alone (or, bare, <|endoftext|>)
     records, rejected = load_records(source, args.format, args.split, parse_columns(args.columns), args.on_invalid,
                                      empty_instruction=True)

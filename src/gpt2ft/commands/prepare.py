@@ -7,7 +7,7 @@ memmaps and meta.json, streaming, so a corpus larger than memory works. Document
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import required
+from . import refuse_given, required
 
 
 def add_args(p):
@@ -24,10 +24,12 @@ def add_args(p):
 
 
 def run(args):
-    from ..data.text import PREPARED_FILES, prepare
+    from ..data.text import PREPARED_FILES, find_text_files, prepare
     from ..fileio import output_dir
     from ..tokenizer import load_tokenizer
 
+    if not any(f.suffix == ".jsonl" for f in find_text_files(args.text)):
+        refuse_given(args, {"text_field"}, "without .jsonl inputs (it names the field of a JSON Lines record)")
     tokenizer = load_tokenizer(args.tokenizer)
     inputs = {"--tokenizer": args.tokenizer, **{f"TEXT {t}": t for t in args.text}}
     with output_dir(args.out, "gpt2ft prepare", overwrite=args.overwrite, files=PREPARED_FILES, inputs=inputs):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import required
+from . import only_with, required
 
 
 def add_args(p):
@@ -15,7 +15,8 @@ def add_args(p):
     p.add_argument("--kind", default="bpe", choices=["word", "bpe"], help="word-level or byte-level BPE")
     p.add_argument("--vocab-size", type=ranged(int, 2), default=8000,
                    help="vocabulary size, special tokens included (BPE: >= 257; word: >= 2)")
-    p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
+    only_with(p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text"),
+              "kind", "word")
     required(p.add_argument("--out", help="folder to write the tokenizer to (a new or empty folder, or one this "
                                          "verb made; never a model or run folder)"))
     p.add_argument("--overwrite", action="store_true",

@@ -43,17 +43,27 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
     """(where, row) for every row of a .json/.jsonl/.csv/.tsv file or hf:DATASET_ID; `where` is
     "file:line" (CSV: the header is line 1), "file: record i" or "hf:id[split][i]". A JSONL line that is
     not JSON yields a UserError as its row (validate with `normalize` or your own check). `columns`
-    renames CSV headers ({header: field}). A file over MAX_DATA_FILE bytes is refused, naming the limit."""
+    renames fields ({name in the file: field}: CSV headers, a dataset's columns, JSON keys) in every
+    format. A file over MAX_DATA_FILE bytes is refused, naming the limit."""
+    for where, row in _rows(path, fmt, split):
+        if columns and isinstance(row, dict):
+            row = {columns.get(k, k): v for k, v in row.items()}
+        yield where, row
+
+
+def _rows(path: str | Path, fmt: str, split: str):
     if str(path).startswith("hf:"):
         yield from _hf_rows(str(path)[3:], split)
         return
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if split != "train":  # the default, harmless on a file; any other split would be silently ignored
+        raise UserError(f"--split {split} picks a split of an hf: dataset; {path} is a local file: drop --split")
     check_size(path, "data file", MAX_DATA_FILE, DATA_LIMIT_HINT)
     suffix = path.suffix.lower()
     if fmt == "csv" or suffix in (".csv", ".tsv"):
-        yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",", columns or {})
+        yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".json":
         data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -66,7 +76,7 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
         yield from read_jsonl(path)
 
 
-def _csv_rows(path: Path, delimiter: str, columns: dict[str, str]):
+def _csv_rows(path: Path, delimiter: str):
     try:
         f = open(path, newline="", encoding="utf-8-sig")
     except OSError as e:
@@ -77,7 +87,7 @@ def _csv_rows(path: Path, delimiter: str, columns: dict[str, str]):
             reader.fieldnames  # read the header first, so the first row is line 2
             start = reader.line_num + 1
             for row in reader:
-                yield f"{path}:{start}", {columns.get(k, k): v for k, v in row.items() if k is not None}
+                yield f"{path}:{start}", {k: v for k, v in row.items() if k is not None}
                 start = reader.line_num + 1
         except UnicodeDecodeError as e:
             raise UserError(f"{path}:{reader.line_num + 1}: invalid UTF-8 (byte {e.start})") from None
@@ -161,8 +171,13 @@ def load_records(path: str | Path, fmt: str = "auto", split: str = "train", colu
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if on_invalid not in ("error", "skip"):
         raise UserError(f"--on-invalid must be error or skip, not {on_invalid!r}")
+    return validate_rows(read_rows(path, fmt, split, columns), fmt, on_invalid, path, empty_instruction)
+
+
+def validate_rows(rows, fmt: str, on_invalid: str, path, empty_instruction: bool = False):
+    """(records, rejected) of (where, row) pairs, as load_records gives them."""
     good, bad = [], []
-    for where, row in read_rows(path, fmt, split, columns):
+    for where, row in rows:
         try:
             good.append(normalize(row, fmt, where, empty_instruction))
         except UserError as e:
@@ -179,7 +194,7 @@ def invalid_rows_error(bad: list[dict], noun: str) -> UserError:
     listed = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:MAX_LISTED])
     more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
     return UserError(f"{len(bad)} invalid {noun}(s): {listed}{more}. Fix them, or pass --on-invalid skip "
-                     "to train on the valid ones")
+                     "to go on with the valid ones")
 
 
 def split_records(records: list[Record], val_fraction: float, test_fraction: float, seed: int):
@@ -205,7 +220,11 @@ def record_to_row(record: Record, fmt: str = "messages") -> dict:
     if fmt == "messages":
         row = {"messages": [{"role": m["role"], "content": message_text(m)} for m in record.messages]}
     else:
-        user = next(m for m in record.messages if m["role"] == "user")
+        if [m["role"] for m in record.messages] != ["user", "assistant"]:  # the others would be dropped unsaid
+            raise UserError(f"{record.where}: a conversation of {len(record.messages)} messages "
+                            f"({', '.join(m['role'] for m in record.messages)}) has no {fmt} form, which holds one "
+                            "instruction and one response: use --to messages")
+        user = record.messages[0]
         if fmt == "alpaca":
             row = {"instruction": user["content"], "input": user.get("input", ""), "output": record.response}
         else:

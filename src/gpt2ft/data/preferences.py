@@ -37,14 +37,6 @@ class Dropped(UserError):
 
 
 # ----- reading --------------------------------------------------------------------------------
-def read_rows(path, split: str, columns: dict[str, str]):
-    """(where, row) of a file or hf:dataset, with --columns renaming applied to every format."""
-    for where, row in read_instruction_rows(path, "auto", split):
-        if columns and isinstance(row, dict):
-            row = {columns.get(k, k): v for k, v in row.items()}
-        yield where, row
-
-
 def _messages(value, name: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise UserError(f"{name!r} must be a string or a non-empty list of messages")
@@ -112,7 +104,7 @@ def load_pairs(path, split: str = "train", columns: dict[str, str] | None = None
     if on_invalid not in ("error", "skip"):
         raise UserError(f"--on-invalid must be error or skip, not {on_invalid!r}")
     good, bad = [], []
-    for where, row in read_rows(path, split, columns or {}):
+    for where, row in read_instruction_rows(path, "auto", split, columns):
         try:
             good.append(normalize_pair(row, where))
         except UserError as e:

@@ -73,6 +73,9 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
 
+    if (Path(cfg.data) / "meta.json").exists() and cfg.val_fraction != FinetuneConfig.val_fraction:
+        raise UserError(f"--val-fraction has no effect: {cfg.data} is prepared data, split when it was prepared "
+                        "(pass the text instead, or prepare it again with --val-fraction)")
     strategy = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data})
     check_start(cfg.start)
     run = open_run(cfg.train.out, "finetune", cfg.train.resume, cfg.train.overwrite)
@@ -83,6 +86,7 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     if not (data / "meta.json").exists():
         data = run.path / "data"
         main_first(strategy, lambda: prepare([cfg.data], data, tokenizer, cfg.val_fraction) if run.main else None)
+
     meta = read_meta(data)
     if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
         raise UserError(f"{cfg.data} was prepared with another tokenizer than {cfg.start.model}'s; prepare it "
