@@ -71,7 +71,8 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
         if not Path(args.prompts).is_file():
-            raise UserError(f"--prompts {args.prompts}: no such file")
+            what = "is a folder: name a file of prompts" if Path(args.prompts).is_dir() else "no such file"
+            raise UserError(f"--prompts {args.prompts}: {what}")
         check_size(args.prompts, "prompts file", MAX_USER_FILE)
         prompts += [line.strip("\n") for _, line in read_lines(Path(args.prompts)) if line.strip()]
     if not prompts:

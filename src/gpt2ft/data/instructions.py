@@ -160,7 +160,7 @@ def normalize(row, fmt: str, where: str, empty_instruction: bool = False) -> Rec
         user = {"role": "user", "content": instruction, **({"input": extra} if extra else {})}
         return Record([user, {"role": "assistant", "content": response}], weight, where, row)
     raise UserError("cannot tell the format: expected 'messages', 'instruction'+'output' (Alpaca) or "
-                    "'instruction'+'response' fields (or pass --format / --columns)")
+                    "'instruction'+'response' fields (or name the fields with --columns)")
 
 
 def load_records(path: str | Path, fmt: str = "auto", split: str = "train", columns: dict[str, str] | None = None,
