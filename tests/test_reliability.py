@@ -669,6 +669,8 @@ def _inputs(tmp_path):
     (["prepare", "{world}/text.txt", "--tokenizer", "{tmp}/emptytok", "--out", "{tmp}/d"], "holds no tokenizer"),
     (["tokenizer", "train", "{world}/text.txt", "--kind", "bpe", "--vocab-size", "300", "--lowercase", "--out",
       "{tmp}/t"], "--lowercase"),
+    (["generate", "{run}", "--prompt", "the", "--temperature", "0", "--top-p", "0.5"], "--top-p"),
+    (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--seed", "3"], "--seed"),  # eval is greedy by default
 ])
 def test_an_option_that_would_do_nothing_is_refused(world, tmp_path, args, needle):
     _inputs(tmp_path)

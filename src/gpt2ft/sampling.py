@@ -50,14 +50,16 @@ class GrammarSpec:
 
 def option(default=MISSING, *, range: Range | None = None, help: str, flag: str | None = None,
            command: str | None = None, api: str | None = None, none: str | None = None,
-           default_factory=MISSING):
+           sampled_only: bool = False, default_factory=MISSING):
     """Field metadata of one sampling option.
 
     flag: the CLI flag (None: no flag); command: the chat REPL's /command (None: none); api: the
     request field of the OpenAI-compatible server (None: not there); none: the word that means
-    None in text (e.g. "random" for the seed), for an optional option.
+    None in text (e.g. "random" for the seed), for an optional option; sampled_only: it changes nothing
+    under greedy decoding (temperature 0).
     """
-    meta = {"range": range, "help": help, "flag": flag, "command": command, "api": api, "none": none}
+    meta = {"range": range, "help": help, "flag": flag, "command": command, "api": api, "none": none,
+            "sampled_only": sampled_only}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -73,9 +75,9 @@ class SamplingConfig:
     temperature: float = option(0.8, range=Range(float, 0, 2), flag="--temperature", command="temp",
                                 api="temperature", help="softmax temperature; 0 = greedy (argmax)")
     top_k: int | None = option(None, range=Range(int, -1), flag="--top-k", command="topk", api="top_k",
-                               none="off", help="keep only the k most likely tokens (0 or -1: all)")
+                               none="off", sampled_only=True, help="keep only the k most likely tokens (0 or -1: all)")
     top_p: float = option(1.0, range=Range(float, 0, 1, lo_open=True), flag="--top-p", command="topp",
-                          api="top_p", help="keep the most likely tokens whose probability mass reaches p (1: all)")
+                          api="top_p", sampled_only=True, help="keep the most likely tokens whose probability mass reaches p (1: all)")
     repetition_penalty: float = option(1.0, range=Range(float, 0.01, 100), flag="--repetition-penalty",
                                        command="penalty", api="repetition_penalty",
                                        help="divide positive / multiply negative logits of tokens already in "
@@ -94,7 +96,7 @@ class SamplingConfig:
     template_stop: list[str] = option(default_factory=list,
                                       help="the model template's own stop strings (each surface adds its template's)")
     seed: int | None = option(None, range=Range(int, 0, 2**64 - 1), flag="--seed", command="seed", api="seed",
-                              none="random", help="sampling seed (none: a fresh random seed); each completion "
+                              none="random", sampled_only=True, help="sampling seed (none: a fresh random seed); each completion "
                                                   "has its own generator")
     logprobs: int | None = option(None, range=Range(int, 0, 20), api="logprobs",
                                   help="record log-probabilities of the raw logits: 0 the chosen token's; "
@@ -137,6 +139,7 @@ class Option:
     api: str | None
     none: str | None
     optional: bool
+    sampled_only: bool = False
 
     @property
     def kind(self) -> type:
@@ -192,7 +195,7 @@ def _options() -> dict[str, Option]:
         default = f.default if f.default is not MISSING else f.default_factory()
         m = f.metadata
         out[f.name] = Option(f.name, default, m["range"], m["help"], m["flag"], m["command"], m["api"], m["none"],
-                             optional=default is None)
+                             optional=default is None, sampled_only=m["sampled_only"])
     return out
 
 

@@ -123,6 +123,9 @@ def sampling_config(args, template_stop: list[str] | None = None):
     from ..sampling import OPTIONS, SamplingConfig
 
     values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
+    if values.get("temperature") == 0:  # the API takes them quietly, as OpenAI's does; a flag is a mistake
+        refuse_given(args, {name for name, opt in OPTIONS.items() if opt.sampled_only},
+                     "with --temperature 0 (greedy decoding takes the most likely token; sampling needs --temperature > 0)")
     values["stop"], values["template_stop"] = list(values.get("stop") or []), list(template_stop or [])
     values["logit_bias"] = {k: v for entry in values.get("logit_bias") or [] for k, v in entry.items()}
     values["grammar"] = grammar_spec(args)
