@@ -108,10 +108,10 @@ def test_export_format_gguf_through_the_cli(hf_dir, tmp_path):
 
     from conftest import assert_clean_error, run_cli
 
-    out = tmp_path / "tiny.gguf"
+    out = tmp_path / "new" / "tiny.gguf"  # its folder is made, as for every output file
     run_cli("export", hf_dir, "--format", "gguf", "--outtype", "f32", "--out", out, check=True)
-    assert AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", n_positions=64) is not None
-    modelfile = (tmp_path / "Modelfile").read_text()
+    assert AutoModelForCausalLM.from_pretrained(out.parent, gguf_file="tiny.gguf", n_positions=64) is not None
+    modelfile = (out.parent / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny.gguf") and "PARAMETER stop" in modelfile
     mine = tmp_path / "mine.gguf"
     mine.write_bytes(b"my own file")

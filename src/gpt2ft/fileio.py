@@ -68,6 +68,21 @@ def atomic_write(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_by_path(path: Path, write) -> None:
+    """atomic_write for writers that take a file name, not a file (gguf's GGUFWriter): write(temp path)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def _interrupted(e: BaseException | None) -> bool:
     """Whether e is, or arose while handling, a KeyboardInterrupt."""
     seen = set()

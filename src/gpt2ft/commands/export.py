@@ -40,11 +40,10 @@ def run(args):
 
 def export_gguf(args) -> int:
     """--format gguf: MODEL (LoRA merged) -> one .gguf file, and a Modelfile beside it (both guarded)."""
-    import os
     from pathlib import Path
 
     from ..checkpoint import load
-    from ..fileio import check_writable, record_written, write_user_file
+    from ..fileio import atomic_write_by_path, check_writable, record_written, write_user_file
     from ..gguf_file import modelfile_text, write_gguf
     from ..lora import merge_lora
 
@@ -59,12 +58,8 @@ def export_gguf(args) -> int:
     check_writable(out, what="--out", overwrite=args.overwrite, inputs=(args.model, loaded.source))
     if loaded.model.lora_config is not None:
         merge_lora(loaded.model)
-    tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
-    try:
-        write_gguf(tmp, loaded.model, loaded.tokenizer, loaded.template, args.outtype, name=out.stem)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_by_path(out, lambda tmp: write_gguf(tmp, loaded.model, loaded.tokenizer, loaded.template,
+                                                      args.outtype, name=out.stem))
     record_written(out)
     from ..chat import CHAT_DEFAULTS  # Ollama's default sampling: gpt2ft chat's
 
