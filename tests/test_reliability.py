@@ -207,6 +207,18 @@ def test_bad_config_files(world, tmp_path, content):
             needles=("--config",))
 
 
+@pytest.mark.parametrize("yaml_text,flags,needles", [
+    ("lr: -1\n", [], ("c.yaml", "lr", "out of range")),  # a range error names the file, as a type error does
+    ("dropout: 1.5\n", [], ("c.yaml", "dropout")),
+    ("epochs: 2\n", ["--max-steps", "1"], ("--epochs", "--max-steps")),  # it would be dropped unsaid
+    ("{}\n", ["--max-steps", "1", "--epochs", "2"], ("--epochs", "--max-steps")),
+])
+def test_training_values_refused_where_they_come_from(world, tmp_path, yaml_text, flags, needles):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    refused(tmp_path, "finetune", world / "run", "--data", world / "data", "--out", tmp_path / "f", *flags,
+            "--config", tmp_path / "c.yaml", needles=needles, run_out=tmp_path / "f")
+
+
 def test_yaml_values_of_the_right_type_work(world, tmp_path):
     (tmp_path / "c.yaml").write_text("prompt: the king\nmax_new_tokens: 3\ntemperature: 0\nstop: [zzz]\n")
     proc = gpt2ft("generate", world / "run", "--config", tmp_path / "c.yaml")

@@ -394,6 +394,10 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
     ({"max_tokens": 2.0}, "max_tokens"),
     ({"logprobs": 1}, "logprobs"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    # valid alone, refused rather than ignored
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
 ])
 def test_invalid_values_are_400(server, change, param):
     err = assert_error(server.post("/v1/chat/completions", {**CHAT, **change}), 400, param)
@@ -412,6 +416,15 @@ def test_nan_and_non_json_are_400(server):
         assert "the request body is empty: send a JSON object" in assert_error(r, 400)["message"]
     r = httpx.post(server.url + "/v1/completions", content=b"[1]", headers={**AUTH, "Content-Type": "application/json"})
     assert "must be a JSON object" in assert_error(r, 400)["message"]
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps({"model": "tiny", "prompt": "a"}).encode(),
+                   headers={**AUTH, "Content-Type": "text/plain"})
+    assert "Content-Type" in assert_error(r, 400)["message"]
+
+
+def test_a_request_bigger_than_the_server_holds_is_400_not_429(server):
+    """A 429 would be retried by clients forever: no retry admits more than --max-batch + --max-queue."""
+    r = server.post("/v1/completions", {"model": "tiny", "prompt": ["a"] * 40, "n": 4, "max_tokens": 1})  # 160 > 8 + 64
+    assert "--max-queue" in assert_error(r, 400, "prompt")["message"]
 
 
 def test_context_length_exceeded(server, tiny_model):

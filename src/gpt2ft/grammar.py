@@ -206,8 +206,11 @@ class GrammarState:
         return self.matcher.is_stopped()
 
     def _check(self):
-        if self.matcher.is_error():
-            raise UserError(f"constrained decoding failed: {self.matcher.get_error()}")
+        if self.matcher.is_error():  # llguidance's first line names the error; the rest dumps its state
+            first = (self.matcher.get_error().strip().splitlines() or ["unknown error"])[0]
+            if " " not in first:  # a bare code, e.g. NoExtensionBias: no token can follow what is there
+                first = f"the grammar lets no token follow the output so far (llguidance: {first})"
+            raise UserError(f"constrained decoding failed: {first}")
 
 
 class RowMasks:

@@ -238,7 +238,23 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[
         if typing.get_origin(base) is list:
             g.add_argument(flag, nargs="+", type=typing.get_args(base)[0], default=default, help=help_text)
         else:
-            g.add_argument(flag, type=base, default=default, help=help_text)
+            check = f.metadata.get("check")
+            g.add_argument(flag, type=base if check is None else _in_range(base, check, f.metadata.get("help", "")),
+                           default=default, help=help_text)
+
+
+def _in_range(base, check, help_text: str):
+    """A flag's type that also applies the field's range check, so a value out of range is refused where it
+    is parsed, naming its flag or its --config file (cli._yaml_value)."""
+    def parse(text: str):
+        value = base(text)
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is out of range: {help_text}")
+        return value
+
+    parse.kind = base  # what cli._yaml_value checks a YAML value's type against
+    parse.__name__ = base.__name__  # argparse names the type in its "invalid int value" errors
+    return parse
 
 
 def recipe_config(cls, args, **overrides):

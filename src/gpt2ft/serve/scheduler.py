@@ -112,6 +112,12 @@ class Scheduler:
         return {"running": sum(min(n, self.max_batch) for n in counts),
                 "waiting": sum(max(0, n - self.max_batch) for n in counts)}
 
+    @property
+    def capacity(self) -> int:
+        """The most completions one request may hold: on an idle server it decodes max_batch of them and
+        queues the rest; a bigger one could never be admitted (a 400, not a 429 to retry)."""
+        return self.max_batch + self.max_queue
+
     def submit(self, model: str, requests: list[tuple[list[int], SamplingConfig]], inbox: Inbox) -> list[Job]:
         """Queue all of a request's completions, or none: Busy, or the engine's UserError (a prompt
         too long for the context or with a token id outside the vocabulary)."""

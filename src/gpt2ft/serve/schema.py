@@ -295,8 +295,16 @@ def validation_message(err: dict, fields: dict[str, Option]) -> tuple[str, str |
         if kind == "missing" or err.get("input") in (None, b""):
             return ("the request body is empty: send a JSON object with `model` and `messages` (chat) or "
                     "`prompt` (completions), with Content-Type: application/json"), None
+        body = err.get("input")
+        try:
+            sent_json = isinstance(body, (bytes, str)) and isinstance(json.loads(body), dict)
+        except ValueError:
+            sent_json = False
+        if sent_json:  # a JSON object sent as text/plain (curl -d without -H, some HTTP libraries)
+            return ("the request body is JSON but its Content-Type is not: send it with Content-Type: "
+                    "application/json"), None
         return (f"the request body must be a JSON object (Content-Type: application/json), not "
-                f"{_shown(err.get('input'))}"), None
+                f"{_shown(body)}"), None
     if loc[0] in fields and kind != "extra_forbidden":
         opt = fields[loc[0]]
         return f"{loc[0]} must be {api_accepts(opt)}, not {_shown(err.get('input'))}", loc[0]

@@ -67,6 +67,15 @@ class Service:
             raise APIError(400, f"best_of ({req.candidates}) must be at least n ({req.n})", "best_of")
         if req.candidates > req.n and req.stream:
             raise APIError(400, "best_of cannot be streamed: the best choices are known only at the end", "best_of")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        for i, message in enumerate(getattr(req, "messages", ())):
+            if message.name is not None:
+                raise APIError(400, f"messages[{i}].name is not supported: the prompt templates have no place for "
+                               "a speaker's name (drop it, or put it in the content)", f"messages.{i}.name")
+            if message.content is None and message.role != "assistant":
+                raise APIError(400, f"messages[{i}].content is required for a {message.role} message (only an "
+                               "assistant's may be null, beside its tool_calls)", f"messages.{i}.content")
         if getattr(req, "max_tokens", None) == 0 and not getattr(req, "echo", False):
             raise APIError(400, "max_tokens must be an integer >= 1, not 0 (0 only with echo: the prompt scored, "
                            "nothing generated)", "max_tokens")
@@ -105,6 +114,11 @@ class Service:
             constraint.check(served.tokenizer, served.model.config.vocab_size)
         configs = self.sampling(req, served, prompts, stops, constraint and constraint.spec)
         specs = [(ids, cfg) for ids, cfg in zip((p for p in prompts for _ in range(req.candidates)), configs)]
+        if len(specs) > self.scheduler.capacity:
+            raise APIError(400, f"this request asks for {len(specs)} completions ({len(prompts)} prompt(s) x "
+                           f"{req.candidates}), more than the {self.scheduler.capacity} this server holds at once "
+                           "(gpt2ft serve --max-batch + --max-queue): send fewer prompts or a smaller n",
+                           param if len(prompts) > 1 else "n")
         inbox = Inbox()
         try:
             return self.scheduler.submit(served.name, specs, inbox), inbox

@@ -79,6 +79,9 @@ class TrainConfig:
             raise UserError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         if self.resume is not None and self.overwrite:
             raise UserError("--resume continues a run and --overwrite starts it over: pass one of them")
+        if self.epochs is not None and self.max_steps != -1:
+            raise UserError(f"--epochs {self.epochs:g} takes effect only with --max-steps -1 (the default), not "
+                            f"{self.max_steps}: pass one of them")
         if self.fsdp_offload and self.strategy != "fsdp":
             raise UserError(f"--fsdp-offload needs --strategy fsdp (not {self.strategy})")
 

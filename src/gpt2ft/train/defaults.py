@@ -78,13 +78,12 @@ def settle(cfg: TrainConfig, verb: str, n_train: int, width: int, lora: bool,
            world: int = 1) -> tuple[TrainConfig, list[str]]:
     """`cfg` with every unset AUTO field derived, and one line per derived value saying where it came from."""
     values, lines = {}, []
-    if cfg.epochs is None:
+    if cfg.epochs is None and cfg.max_steps <= 0:  # with --max-steps, the run's length is that
         values["epochs"] = auto_epochs(verb, n_train)
-        if cfg.max_steps <= 0:
-            d = defaults_for(verb)
-            lines.append(f"--epochs {values['epochs']:g}: {n_train} training examples, passes to see about "
-                         f"{d.examples} (within {d.min_epochs:g}..{d.max_epochs:g})" if d.examples else
-                         f"--epochs {values['epochs']:g}: {d.why}")
+        d = defaults_for(verb)
+        lines.append(f"--epochs {values['epochs']:g}: {n_train} training examples, passes to see about "
+                     f"{d.examples} (within {d.min_epochs:g}..{d.max_epochs:g})" if d.examples else
+                     f"--epochs {values['epochs']:g}: {d.why}")
     if cfg.lr is None:
         values["lr"] = auto_lr(verb, width, lora)
         lines.append(f"--lr {values['lr']:.3g}: {_lr_reason(verb, width, lora)}")

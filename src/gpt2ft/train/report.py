@@ -91,10 +91,11 @@ class RunReport:
         if preference:
             return (f"preference tuning is moving the model away from fluent text; try a lower --lr (this run: "
                     f"{cfg.lr:.2g}), --sft-weight 1, or fewer --epochs")
+        length = f"--epochs {cfg.epochs:g}" if cfg.epochs is not None else f"--max-steps {cfg.max_steps}"
         if kind == "empty":
-            return (f"too little training for this data (this run: --epochs {cfg.epochs:g}, --lr {cfg.lr:.2g}); "
+            return (f"too little training for this data (this run: {length}, --lr {cfg.lr:.2g}); "
                     "try more --epochs or a higher --lr, and check that the responses are not empty")
-        return (f"the model has not learned where an answer ends (this run: --epochs {cfg.epochs:g}, --lr "
+        return (f"the model has not learned where an answer ends (this run: {length}, --lr "
                 f"{cfg.lr:.2g}); try more --epochs or more examples, or generate with --repetition-penalty 1.3")
 
     def _warn_drift(self, record: dict) -> None:
