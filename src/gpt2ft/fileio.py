@@ -144,23 +144,31 @@ def _written_by_us(path: Path) -> bool:
 
 def _check_parents(path: Path, what: str) -> None:
     """The nearest existing ancestor of `path` must be a folder that files (or folders, if `path` needs
-    some made) can be created in: tried with a probe that is removed again, since permissions alone do
-    not say (root may write anywhere by them, yet not in /proc or on a read-only mount)."""
+    some made) can be created in; an existing folder at `path` itself must take files."""
+    if path.is_dir():
+        _creatable(path, path, what, folder=False)
+        return
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write {what} {path}: {parent} is a file, not a folder")
-            try:
-                if parent == path.parent:
-                    fd, probe = tempfile.mkstemp(prefix=".tmp-probe.", dir=parent)
-                    os.close(fd)
-                    os.unlink(probe)
-                else:
-                    os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe.", dir=parent))
-            except OSError as e:
-                raise UserError(f"cannot write {what} {path}: nothing can be created in {parent} "
-                                f"({e.strerror or e}); choose another place") from None
+            _creatable(parent, path, what, folder=parent != path.parent)
             return
+
+
+def _creatable(where: Path, path: Path, what: str, folder: bool) -> None:
+    """Tried with a probe (a file, or a folder) that is removed again, since permissions alone do not
+    say: root may write anywhere by them, yet not in /proc or on a read-only mount."""
+    try:
+        if folder:
+            os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe.", dir=where))
+        else:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-probe.", dir=where)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path}: nothing can be created in {where} "
+                        f"({e.strerror or e}); choose another place") from None
 
 
 def check_writable(path: str | Path, *, overwrite: bool = False, inputs=(), what: str = "output",
