@@ -682,6 +682,11 @@ def _inputs(tmp_path):
     (["tokenizer", "train", "{world}/text.txt", "--kind", "bpe", "--vocab-size", "300", "--lowercase", "--out",
       "{tmp}/t"], "--lowercase"),
     (["generate", "{run}", "--prompt", "the", "--temperature", "0", "--top-p", "0.5"], "--top-p"),
+    (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--max-new-tokens", "500"], "no record can be scored"),
+    (["pretrain", "--data", "{world}/data", "--out", "{tmp}/r", "--max-steps", "1", "--force-resume"],
+     "--force-resume"),
+    (["pretrain", "--data", "{world}/data", "--out", "{tmp}/r", "--max-steps", "1", "--patience", "2",
+      "--eval-every", "0"], "--patience"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--seed", "3"], "--seed"),  # eval is greedy by default
 ])
 def test_an_option_that_would_do_nothing_is_refused(world, tmp_path, args, needle):
@@ -703,3 +708,23 @@ def test_columns_rename_json_keys_and_eval_leaves_no_report_of_another_evaluatio
     run_cli("eval", world / "run", "--data", world / "text.txt", "--out", report, check=True)
     assert not (report / "responses.jsonl").exists()  # it described the earlier evaluation
     assert "perplexity" in json.loads((report / "summary.json").read_text())
+
+
+def test_no_verb_writes_into_a_folder_another_verb_reads_back(world, tmp_path):
+    """A tokenizer, prepared data: neither a run (even with --overwrite) nor a loose file goes in them."""
+    import shutil
+
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    shutil.copytree(world / "tok", tok)
+    shutil.copytree(world / "data", data)
+    for folder in (tok, data):
+        refused(tmp_path, "pretrain", "--data", world / "data", "--out", folder, *TINY, "--max-steps", "1",
+                "--overwrite", needles=(str(folder), "another verb"))
+        (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+        refused(tmp_path, "data", "convert", tmp_path / "d.jsonl", "--out", folder / "c.jsonl",
+                needles=("output folder of",))
+
+
+def test_a_device_given_as_a_file_is_read_no_further_than_the_limit(world):
+    assert_clean_error(run_cli("generate", world / "run", "--prompt", "x", "--json-schema", "/dev/zero"),
+                       "/dev/zero", "limit")

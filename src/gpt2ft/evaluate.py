@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .data import to_device
+from .errors import UserError
 from .data.instructions import Record
 from .data.sft import InstructionDataset, fit_to_length, prompt_ids, tokenize_messages
 from .generation import SamplingConfig, fits_context, generate_batch
@@ -81,6 +82,10 @@ def evaluate_records(model, tokenizer, records: list[Record], template, sampling
     prompts = [template.prompt(r.messages[:-1]) for r in records]  # all but the final reply
     ids = [prompt_ids(r.messages[:-1], template, tokenizer) for r in records]  # exactly as SFT tokenised them
     kept = [i for i, p in enumerate(ids) if fits_context(p, sampling.max_new_tokens, model.config.block_size)]
+    if records and not kept:  # a report of nothing would read as scores (and replace a real one)
+        raise UserError(f"no record can be scored: none of the {len(records)} prompts leaves room for "
+                        f"--max-new-tokens {sampling.max_new_tokens} in the model's context of "
+                        f"{model.config.block_size} tokens; lower --max-new-tokens")
     outputs = generate_batch(model, tokenizer, [ids[i] for i in kept], sampling, batch_size)
     references = [records[i].response for i in kept]
     per_example, summary = score(outputs, references, keywords)

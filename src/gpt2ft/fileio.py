@@ -21,7 +21,10 @@ WRITTEN_LEDGER = ".gpt2ft-files.json"  # {file name: sha256}: the loose files gp
 # folder is known by its marker; its `.lock` is not a sign, as other tools, pytest among them, use that name too)
 MODEL_FILES = ("gpt2ft.json", "COMPLETE", "model.safetensors", "pytorch_model.bin", "adapter_model.safetensors",
                "adapter_config.json", "model.safetensors.index.json")
-TRAINING_VERBS = ("gpt2ft pretrain", "gpt2ft finetune", "gpt2ft sft", "gpt2ft dpo", "gpt2ft export")
+RUN_VERBS = ("gpt2ft pretrain", "gpt2ft finetune", "gpt2ft sft", "gpt2ft dpo")  # their folders are runs
+TRAINING_VERBS = (*RUN_VERBS, "gpt2ft export")  # their folders hold a model
+# verbs whose folder is read back whole (a tokenizer, prepared data, a report): no other file goes in it
+FOLDER_VERBS = ("gpt2ft tokenizer train", "gpt2ft prepare", "gpt2ft eval")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once, at import: the mode new files get (0644 under the usual umask)
 MAX_USER_FILE = 50 * 2**20  # the most bytes a conversation or other small user file may have
@@ -194,6 +197,9 @@ def check_writable(path: str | Path, *, overwrite: bool = False, inputs=(), what
                             "choose another name (an input is never overwritten)")
     if folder := model_folder_of(path.parent):
         raise UserError(f"cannot write {what} {path}: {folder} is a model or run folder; write outside it")
+    if (owner := made_by(path.parent)) in FOLDER_VERBS:
+        raise UserError(f"cannot write {what} {path}: {path.parent} is the output folder of `{owner}`; write "
+                        "outside it")
     if path.exists() or path.is_symlink():
         if path.is_symlink() or not path.is_file() or not _written_by_us(path):
             raise UserError(f"{what} {path} already exists and gpt2ft did not write it: choose another name "
@@ -269,9 +275,12 @@ def read_user_text(path: str | Path, what: str = "file", limit: int = MAX_USER_F
     path = Path(path).expanduser()
     check_size(path, what, limit)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)  # a device or a pipe has no size to check first (/dev/zero never ends)
     except OSError as e:
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise UserError(f"{path}: over the limit of {_amount(limit, 'g')} for a {what}")
     if b"\0" in raw:
         raise UserError(f"{path}: not a {what} (binary data)")
     try:

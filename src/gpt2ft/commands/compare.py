@@ -71,7 +71,8 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
         if not Path(args.prompts).is_file():
-            what = "is a folder: name a file of prompts" if Path(args.prompts).is_dir() else "no such file"
+            what = ("is a folder: name a file of prompts" if Path(args.prompts).is_dir() else
+                    "is not a regular file (a device or a pipe)" if Path(args.prompts).exists() else "no such file")
             raise UserError(f"--prompts {args.prompts}: {what}")
         check_size(args.prompts, "prompts file", MAX_USER_FILE)
         prompts += [line.strip("\n") for _, line in read_lines(Path(args.prompts)) if line.strip()]

@@ -109,6 +109,9 @@ def run_pairs(args, inputs: dict) -> int:
     template = pick_template(args.template, loaded.template, [r.messages for r in records])
     sampling = sampling_config(args, list(template.stop))
     rows, counts = on_policy_pairs(model, tokenizer, records, template, sampling, args.batch_size)
+    if not rows:  # nothing to write: say why rather than leave an empty file
+        raise UserError(f"no pairs: {counts['same_answer']} answers matched the record's (or were empty) and "
+                        f"{counts['too_long']} prompts left no room for --max-new-tokens {sampling.max_new_tokens}")
     write_user_file(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                     overwrite=args.overwrite, inputs={**inputs, "MODEL": loaded.source}, what="--out")
     print(f"wrote {counts['pairs']} pairs to {args.out}; {counts['same_answer']} answers matched the record's "

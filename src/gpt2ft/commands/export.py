@@ -58,6 +58,8 @@ def export_gguf(args) -> int:
     check_writable(out, what="--out", overwrite=args.overwrite, inputs=(args.model, loaded.source))
     if loaded.model.lora_config is not None:
         merge_lora(loaded.model)
+    elif args.merge_lora:
+        raise UserError(f"{args.model} has no LoRA adapter to merge: drop --merge-lora")
     atomic_write_by_path(out, lambda tmp: write_gguf(tmp, loaded.model, loaded.tokenizer, loaded.template,
                                                       args.outtype, name=out.stem))
     record_written(out)

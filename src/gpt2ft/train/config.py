@@ -82,6 +82,11 @@ class TrainConfig:
         if self.epochs is not None and self.max_steps != -1:
             raise UserError(f"--epochs {self.epochs:g} takes effect only with --max-steps -1 (the default), not "
                             f"{self.max_steps}: pass one of them")
+        if self.force_resume and self.resume is None:
+            raise UserError("--force-resume takes effect only with --resume: add --resume auto or drop it")
+        if self.patience and self.eval_every == 0:
+            raise UserError(f"--patience {self.patience} counts evaluations, and --eval-every 0 turns them off: "
+                            "set --eval-every or drop --patience")
         if self.fsdp_offload and self.strategy != "fsdp":
             raise UserError(f"--fsdp-offload needs --strategy fsdp (not {self.strategy})")
 

@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
                           run_checkpoints, verify_checkpoint, write_checkpoint_files)
 from ..errors import UserError
-from ..fileio import OUTPUT_MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
+from ..fileio import OUTPUT_MARKER, RUN_VERBS, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
 
 LOCK_FILE = ".lock"
 # What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
@@ -163,6 +163,9 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
     verb = f"gpt2ft {kind}"
     owner = made_by(path) if path.exists() else None
     contents = [p for p in path.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_FILE)] if path.exists() else []
+    if owner is not None and owner != verb and owner not in RUN_VERBS:  # a tokenizer, data, a model, a report
+        raise UserError(f"--out {path} was made by `{owner}`; choose another folder (not even --overwrite lets "
+                        "a run replace another verb's folder)")
     if contents and owner is None:  # refused before the lock, so no lock file is left in a user's folder
         clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
         if overwrite and clashing:  # --overwrite never deletes what gpt2ft did not write
