@@ -683,6 +683,10 @@ def _inputs(tmp_path):
       "{tmp}/t"], "--lowercase"),
     (["generate", "{run}", "--prompt", "the", "--temperature", "0", "--top-p", "0.5"], "--top-p"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--max-new-tokens", "500"], "no record can be scored"),
+    (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--columns", "instruction=nonexist"],
+     "nonexist"),
+    (["compare", "{run}", "{run}", "--prompt", "x", "--overwrite"], "--overwrite"),
+    (["plot", "{run}", "--overwrite"], "--overwrite"),
     (["pretrain", "--data", "{world}/data", "--out", "{tmp}/r", "--max-steps", "1", "--force-resume"],
      "--force-resume"),
     (["pretrain", "--data", "{world}/data", "--out", "{tmp}/r", "--max-steps", "1", "--patience", "2",
@@ -728,3 +732,13 @@ def test_no_verb_writes_into_a_folder_another_verb_reads_back(world, tmp_path):
 def test_a_device_given_as_a_file_is_read_no_further_than_the_limit(world):
     assert_clean_error(run_cli("generate", world / "run", "--prompt", "x", "--json-schema", "/dev/zero"),
                        "/dev/zero", "limit")
+
+
+def test_an_export_says_what_it_holds(world, tmp_path):
+    """info shows the dtype the weights are stored in; a word tokenizer's model card does not promise
+    transformers' AutoTokenizer, which cannot read it."""
+    out = tmp_path / "exp"
+    proc = run_cli("export", world / "run", "--out", out, "--dtype", "bfloat16", check=True)
+    assert "word tokenizer" in proc.stderr
+    assert "AutoTokenizer does not read" in (out / "README.md").read_text()
+    assert "bfloat16" in run_cli("info", out, check=True).stdout

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import add_device, add_no_verify, add_sampling, inference_device
+from . import add_device, add_no_verify, add_sampling, inference_device, refuse_given
 
 
 def add_args(p):
@@ -91,6 +91,8 @@ def check_outputs(args) -> dict[str, Path]:
 
     outputs = {flag: check_writable(path, overwrite=args.overwrite, inputs=_inputs(args), what=flag)
                for flag, path in (("--out-md", args.out_md), ("--out-json", args.out_json)) if path}
+    if not outputs:
+        refuse_given(args, {"overwrite"}, "without --out-md or --out-json (nothing is written)")
     if len(outputs) == 2 and Path(args.out_md).absolute() == Path(args.out_json).absolute():
         raise UserError(f"--out-md and --out-json both name {args.out_md}: give two files")
     return outputs

@@ -23,7 +23,7 @@ def run(args):
         "source": str(loaded.source),
         "config": model.config.to_dict(),
         "parameters": model.num_params(),
-        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "dtype": _stored_dtype(loaded.source) or str(model.lm_head.weight.dtype).removeprefix("torch."),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
         "meta": loaded.meta,
     }
@@ -32,10 +32,27 @@ def run(args):
         return 0
     print(f"source      {info['source']}")
     print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)")
-    print(f"dtype       {info['dtype']}")
+    print(f"dtype       {info['dtype']} (as stored)")
     print("config      " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     print(f"tokenizer   {tokenizer.kind}, {tokenizer.vocab_size} ids, eos={tokenizer.eos_id}")
     for key in ("template", "base_model", "step", "lora"):
         if key in loaded.meta:
             print(f"{key:<11} {loaded.meta[key]}")
     return 0
+
+
+def _stored_dtype(folder) -> str | None:
+    """The dtype(s) of the weights as saved (read from the safetensors header; --dtype only says how to load)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    kinds = set()
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            kinds |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    return "/".join(sorted(names.get(k, k.lower()) for k in kinds))

@@ -7,6 +7,9 @@ replaces a file gpt2ft did not write.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from . import refuse_given
 
 def add_args(p):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with metrics.jsonl")
@@ -18,8 +21,11 @@ def add_args(p):
 
 
 def run(args):
+    from ..fileio import TRAINING_VERBS, made_by
     from ..plots import plot_run
 
+    if made_by(Path(args.run_dir)) in TRAINING_VERBS:  # a run's own plot is replaced anyway
+        refuse_given(args, {"overwrite"}, f"in a training run's folder ({args.run_dir}: its plot is the run's own)")
     for path in plot_run(args.run_dir, tuple(dict.fromkeys(args.format or ["png"])), overwrite=args.overwrite):
         print(path)
     return 0

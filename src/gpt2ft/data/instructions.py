@@ -45,10 +45,14 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
     not JSON yields a UserError as its row (validate with `normalize` or your own check). `columns`
     renames fields ({name in the file: field}: CSV headers, a dataset's columns, JSON keys) in every
     format. A file over MAX_DATA_FILE bytes is refused, naming the limit."""
+    seen: set[str] = set()
     for where, row in _rows(path, fmt, split):
         if columns and isinstance(row, dict):
+            seen.update(row)
             row = {columns.get(k, k): v for k, v in row.items()}
         yield where, row
+    if columns and (unused := sorted(set(columns) - seen)):  # a typo would rename nothing, unsaid
+        raise UserError(f"--columns names {', '.join(map(repr, unused))}, which no record of {path} has")
 
 
 def _rows(path: str | Path, fmt: str, split: str):
