@@ -659,6 +659,7 @@ def _inputs(tmp_path):
     (tmp_path / "lines.txt").write_text("question\t\nq\ta\n")
     (tmp_path / "tpl.yaml").write_text('prompt: "Q: {instruction}\\nA:"\nstopp: ["Q:"]\n')
     (tmp_path / "emptytok").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -686,6 +687,9 @@ def _inputs(tmp_path):
     (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--columns", "instruction=nonexist"],
      "nonexist"),
     (["compare", "{run}", "{run}", "--prompt", "x", "--overwrite"], "--overwrite"),
+    (["eval", "{run}", "--data", "{tmp}/prefs.jsonl", "--beta", "5"], "likelihood"),  # no reference to scale
+    (["demo", "--quick", "--pretrain-steps", "5", "--out", "{tmp}/demo"], "--pretrain-steps"),
+    (["tokenizer", "train", "{world}/text.txt", "--out", "{tmp}/dangling"], "symbolic link"),
     (["plot", "{run}", "--overwrite"], "--overwrite"),
     (["pretrain", "--data", "{world}/data", "--out", "{tmp}/r", "--max-steps", "1", "--force-resume"],
      "--force-resume"),

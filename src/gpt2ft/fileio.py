@@ -407,6 +407,9 @@ def claim_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, 
 
 
 def make_dir(folder: Path) -> None:
+    if Path(folder).is_symlink() and not Path(folder).exists():  # mkdir would say "File exists"
+        raise UserError(f"cannot create {folder}: it is a symbolic link to {os.readlink(folder)}, which does not "
+                        "exist (or loops); remove the link or choose another folder")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:

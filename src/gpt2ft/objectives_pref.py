@@ -405,11 +405,14 @@ def evaluate_preferences(loaded, pairs, template_name: str | None = None, refere
     meta = loaded.meta or {}
     dpo_run = meta.get("objective") == "dpo"
     reference_ref = reference_ref or (meta.get("reference_model") if dpo_run else None)
-    beta = beta if beta is not None else float(meta.get("beta") or 0.1)
+    given_beta, beta = beta, beta if beta is not None else float(meta.get("beta") or 0.1)
     device = next(model.parameters()).device
     reference = load(reference_ref, device=device, dtype=next(model.parameters()).dtype).model if reference_ref else None
     trained_with = PREFERENCE_LOSSES.get(meta.get("loss"))
     per_token = dpo_run and trained_with is not None and not trained_with.needs_reference
+    if given_beta is not None and reference is None and not per_token:
+        raise UserError(f"--beta {given_beta:g} scales DPO's implicit reward, but these pairs are scored by likelihood "
+                        "(no --reference, and the model is no DPO run with one): drop --beta or pass --reference MODEL")
     template = pick_template(template_name, loaded.template, [PAIRS.conversation(p) for p in pairs])
     rows, summary = score_pairs(model, tokenizer, pairs, template, model.config.block_size - 1, reference, beta,
                                 batch_size, per_token)

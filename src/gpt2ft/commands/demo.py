@@ -85,6 +85,12 @@ class Steps:
 def run(args):
     from ..errors import UserError
     from ..fileio import claim_output_dir, made_by
+    from . import refuse_given
+
+    if args.quick:  # before anything is written
+        refuse_given(args, {"pretrain_steps", "sft_epochs", "dpo_epochs"}, "with --quick (a few fixed steps of each)")
+    if args.model is not None:
+        refuse_given(args, {"pretrain_steps"}, "with --model (no pretraining: the model is where it starts)")
 
     out = Path(args.out)
     if made_by(out) == "gpt2ft demo" and not args.overwrite:
