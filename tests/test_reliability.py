@@ -709,6 +709,12 @@ def test_columns_rename_json_keys_and_eval_leaves_no_report_of_another_evaluatio
             tmp_path / "o.jsonl", check=True)
     assert json.loads((tmp_path / "o.jsonl").read_text()) == {"instruction": "the king", "input": "",
                                                                  "output": "the queen"}
+    multi = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    (tmp_path / "mix.jsonl").write_text(json.dumps(multi) + "\n" + (tmp_path / "o.jsonl").read_text())
+    proc = run_cli("data", "convert", tmp_path / "mix.jsonl", "--on-invalid", "skip", "--out", tmp_path / "m.jsonl",
+                   check=True)  # the conversation an Alpaca row cannot hold is left out, and said so
+    assert "left out 1" in proc.stdout and (tmp_path / "m.jsonl").read_text() == (tmp_path / "o.jsonl").read_text()
     report = tmp_path / "report"
     run_cli("eval", world / "run", "--data", tmp_path / "o.jsonl", "--out", report, "--max-new-tokens", "2",
             check=True)

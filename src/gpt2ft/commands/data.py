@@ -83,13 +83,23 @@ def run(args):
                                    args.input)
     else:
         records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
-    rows = [record_to_row(r, args.to) for r in records]
+    rows, left_out = [], []
+    for record in records:
+        try:
+            rows.append(record_to_row(record, args.to))
+        except UserError as e:  # a record --to cannot hold: one more invalid record
+            if args.on_invalid != "skip":
+                raise
+            left_out.append(str(e))
+    if not rows:
+        raise UserError(f"{args.input}: no record can be written --to {args.to} ({left_out[0]})")
     if out.suffix == ".json":
         text = json.dumps(rows, indent=2, ensure_ascii=False)
     else:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_user_file(out, text, overwrite=args.overwrite, inputs=inputs, what="--out")
-    print(f"wrote {len(rows)} records to {out}")
+    print(f"wrote {len(rows)} records to {out}" + (f"; left out {len(left_out)} that --to {args.to} cannot hold "
+                                                   f"(first: {left_out[0]})" if left_out else ""))
     return 0
 
 
