@@ -77,7 +77,8 @@ class SamplingConfig:
     top_k: int | None = option(None, range=Range(int, -1), flag="--top-k", command="topk", api="top_k",
                                none="off", sampled_only=True, help="keep only the k most likely tokens (0 or -1: all)")
     top_p: float = option(1.0, range=Range(float, 0, 1, lo_open=True), flag="--top-p", command="topp",
-                          api="top_p", sampled_only=True, help="keep the most likely tokens whose probability mass reaches p (1: all)")
+                          api="top_p", sampled_only=True,
+                          help="keep the most likely tokens whose probability mass reaches p (1: all)")
     repetition_penalty: float = option(1.0, range=Range(float, 0.01, 100), flag="--repetition-penalty",
                                        command="penalty", api="repetition_penalty",
                                        help="divide positive / multiply negative logits of tokens already in "
@@ -96,7 +97,8 @@ class SamplingConfig:
     template_stop: list[str] = option(default_factory=list,
                                       help="the model template's own stop strings (each surface adds its template's)")
     seed: int | None = option(None, range=Range(int, 0, 2**64 - 1), flag="--seed", command="seed", api="seed",
-                              none="random", sampled_only=True, help="sampling seed (none: a fresh random seed); each completion "
+                              none="random", sampled_only=True,
+                              help="sampling seed (none: a fresh random seed); each completion "
                                                   "has its own generator")
     logprobs: int | None = option(None, range=Range(int, 0, 20), api="logprobs",
                                   help="record log-probabilities of the raw logits: 0 the chosen token's; "

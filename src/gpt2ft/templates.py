@@ -215,7 +215,8 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-TEMPLATE_KEYS = {"name", "kind", "stop", "prompt", "prompt_no_input", "system", "user", "assistant", "tool"}  # from_dict's
+# the keys Template.from_dict reads: any other key in a template file is a typo, not ignored
+TEMPLATE_KEYS = {"name", "kind", "stop", "prompt", "prompt_no_input", "system", "user", "assistant", "tool"}
 
 
 def get_template(name_or_path: str) -> Template:

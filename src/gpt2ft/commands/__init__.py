@@ -124,8 +124,8 @@ def sampling_config(args, template_stop: list[str] | None = None):
 
     values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
     if values.get("temperature") == 0:  # the API takes them quietly, as OpenAI's does; a flag is a mistake
-        refuse_given(args, {name for name, opt in OPTIONS.items() if opt.sampled_only},
-                     "with --temperature 0 (greedy decoding takes the most likely token; sampling needs --temperature > 0)")
+        refuse_given(args, {name for name, opt in OPTIONS.items() if opt.sampled_only}, "with --temperature 0 "
+                     "(greedy decoding takes the most likely token; sampling needs --temperature > 0)")
     values["stop"], values["template_stop"] = list(values.get("stop") or []), list(template_stop or [])
     values["logit_bias"] = {k: v for entry in values.get("logit_bias") or [] for k, v in entry.items()}
     values["grammar"] = grammar_spec(args)
@@ -322,7 +322,8 @@ def add_on_invalid(p, rows: str, skip: str) -> None:
 def add_columns_args(p) -> None:
     p.add_argument("--split", default="train", help="split of an hf: dataset (default: train)")
     p.add_argument("--columns", default=None, metavar="MAP",
-                   help="rename fields (CSV headers, dataset columns, JSON keys), e.g. instruction=question,output=answer")
+                   help="rename fields (CSV headers, dataset columns, JSON keys), "
+                        "e.g. instruction=question,output=answer")
 
 
 def parse_columns(text: str | None) -> dict[str, str]:

@@ -23,7 +23,8 @@ def add_args(p):
     only_with(p.add_argument("--dtype", default="float32", help="float32|bfloat16|float16"), "format", "hf")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the weights")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty folder that export did not make (never over a model or tokenizer file of yours; other files are left alone)")
+                   help="write into a non-empty folder that export did not make (never over a model or tokenizer "
+                        "file of yours; other files are left alone)")
     add_no_verify(p)
 
 

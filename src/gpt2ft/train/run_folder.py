@@ -26,7 +26,8 @@ import torch
 from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
                           run_checkpoints, verify_checkpoint, write_checkpoint_files)
 from ..errors import UserError
-from ..fileio import OUTPUT_MARKER, RUN_VERBS, atomic_torch_save, atomic_write_json, atomic_write_text, made_by, make_dir
+from ..fileio import (OUTPUT_MARKER, RUN_VERBS, atomic_torch_save, atomic_write_json, atomic_write_text, made_by,
+                      make_dir)
 
 LOCK_FILE = ".lock"
 # What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
