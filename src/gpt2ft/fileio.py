@@ -47,18 +47,37 @@ def fsync_dir(folder: Path) -> None:
 
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temp file in path's folder, fsync, then rename over path."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    except OSError as e:  # named as the file asked for, not the temp file
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private to its writer
+    def fill(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+
+    _fill_and_rename(Path(path), fill)
+
+
+def atomic_write_by_path(path: Path, write) -> None:
+    """atomic_write for writers that take a file name, not a file (gguf's GGUFWriter): write(temp path)."""
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+    _fill_and_rename(Path(path), fill)
+
+
+def _fill_and_rename(path: Path, fill) -> None:
+    """fill(fd, name) a new temp file in path's folder (the folder made if missing), then rename it over
+    path. Any failure removes the temp file, and an OSError becomes one error naming `path`, not the temp."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private to its writer
+        fill(fd, tmp)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -68,21 +87,6 @@ def atomic_write(path: Path, write) -> None:
         if _interrupted(e):  # a Ctrl-C inside a writer's cleanup (torch.save's zip) turns into its error
             raise KeyboardInterrupt from None
         raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_by_path(path: Path, write) -> None:
-    """atomic_write for writers that take a file name, not a file (gguf's GGUFWriter): write(temp path)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
@@ -303,8 +307,9 @@ def read_json(path: Path, what: str = "file", limit: int | None = None):
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail fast, with the reason, on a truncated file or an absurd header (before any allocation)."""
+def check_safetensors(path: Path) -> dict:
+    """Fail fast, with the reason, on a truncated file or an absurd header (before any allocation); the
+    header ({name: {"dtype", "shape", "data_offsets"}}) when it is sound."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -327,6 +332,7 @@ def check_safetensors(path: Path) -> None:
     if 8 + n + end > size:
         raise UserError(f"{path}: truncated safetensors file ({size} bytes, tensors need {8 + n + end}); "
                         "download it again")
+    return header
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -378,10 +384,9 @@ def check_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, 
         if owner:  # each verb reads its own folders back (a tokenizer, prepared data): never mixed
             raise UserError(f"{folder} was made by `{owner}`; choose another folder (not even {flag} lets one "
                             "gpt2ft verb write into another's)")
-        what = "is not empty and was not made by gpt2ft"
         if not overwrite:
-            raise UserError(f"{folder} {what}; choose a new folder, or pass {flag} to write into it anyway "
-                            "(files of the same names are replaced, others are left alone)")
+            raise UserError(f"{folder} is not empty and was not made by gpt2ft; choose a new folder, or pass {flag} "
+                            "to write into it anyway (files of the same names are replaced, others are left alone)")
         clashing = [name for name in files if (folder / name).exists() or (folder / name).is_symlink()]
         if clashing and owner is None:
             raise UserError(f"{folder} holds {', '.join(clashing)}, which `{verb}` would replace, and gpt2ft did "

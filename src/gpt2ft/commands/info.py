@@ -42,17 +42,12 @@ def run(args):
 
 
 def _stored_dtype(folder) -> str | None:
-    """The dtype(s) of the weights as saved (read from the safetensors header; --dtype only says how to load)."""
+    """The dtype(s) of the weights as saved (from the safetensors headers; --dtype only says how to load)."""
     from pathlib import Path
 
-    from safetensors import safe_open
+    from ..fileio import check_safetensors
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return None
-    kinds = set()
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            kinds |= {f.get_slice(name).get_dtype() for name in f.keys()}
     names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    return "/".join(sorted(names.get(k, k.lower()) for k in kinds))
+    kinds = {entry["dtype"] for path in Path(folder).glob("*.safetensors")
+             for name, entry in check_safetensors(path).items() if name != "__metadata__"}
+    return "/".join(sorted(names.get(k, k.lower()) for k in kinds)) or None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import refuse_given
 
+
 def add_args(p):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with metrics.jsonl")
     p.add_argument("--format", action="append", default=None, choices=["png", "pdf", "svg"],
