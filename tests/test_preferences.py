@@ -63,7 +63,7 @@ def test_bad_pairs_are_listed_by_line_and_can_be_skipped(tmp_path):
     assert [p.where.split(":")[-1] for p in pairs] == ["1"]
     reasons = {b["where"].split(":")[-1]: b["reason"] for b in bad}
     assert reasons["5"] == "chosen and rejected are identical" and reasons["6"] == "empty rejected answer"
-    with pytest.raises(UserError, match="no usable preference pairs"):
+    with pytest.raises(UserError, match="no valid pairs"):
         load_pairs(_jsonl(tmp_path / "q.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "a"}]))
 
 

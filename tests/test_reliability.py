@@ -3,6 +3,8 @@ clear error line on stderr, and the bytes of every file that existed before left
 file added). The world: a word tokenizer, prepared data and a 4-step pretrain run, made once."""
 from __future__ import annotations
 
+import gc
+import io
 import json
 import os
 import signal
@@ -528,6 +530,28 @@ def test_ctrl_c_during_prepare_leaves_nothing(world, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted" in err
     assert not (tmp_path / "d").exists()  # the folder it made is gone with its temp files
+
+
+def test_a_ctrl_c_while_a_progress_bar_is_built_waits_for_it(monkeypatch):
+    """A SIGINT that lands inside tqdm() (as it did in the test above, once in CI's runs) used to leave a
+    half-built bar whose destructor printed a traceback; now it is held until the bar is whole, then raised."""
+    import tqdm
+
+    from gpt2ft.runtime import progress_bar
+
+    class Interrupted(tqdm.tqdm):
+        @classmethod
+        def _get_free_pos(cls, instance=None):  # called inside tqdm(), before the bar's `pos` is set
+            signal.raise_signal(signal.SIGINT)
+            return super()._get_free_pos(instance)
+
+    monkeypatch.setattr(tqdm, "tqdm", Interrupted)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        progress_bar(total=3, file=io.StringIO())
+    gc.collect()
+    assert not unraisable
 
 
 # ----- one guarded writer for every file a verb writes (issue 15) ---------------------------------------

@@ -171,3 +171,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def progress_bar(**options):
+    """A tqdm bar, built with Ctrl-C held back until it is whole: a tqdm() cut short by KeyboardInterrupt
+    leaves a half-made object whose destructor prints a traceback on the way out."""
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
+    if threading.current_thread() is not threading.main_thread():
+        return tqdm(**options)
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        return tqdm(**options)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # now, to whoever handled it before

@@ -173,23 +173,39 @@ def load_records(path: str | Path, fmt: str = "auto", split: str = "train", colu
     for each bad record (capped); 'skip' returns the valid ones and the rejected ones with reasons."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if on_invalid not in ("error", "skip"):
-        raise UserError(f"--on-invalid must be error or skip, not {on_invalid!r}")
     return validate_rows(read_rows(path, fmt, split, columns), fmt, on_invalid, path, empty_instruction)
 
 
 def validate_rows(rows, fmt: str, on_invalid: str, path, empty_instruction: bool = False):
     """(records, rejected) of (where, row) pairs, as load_records gives them."""
+    return collect_valid(rows, lambda row, where: normalize(row, fmt, where, empty_instruction), on_invalid, path,
+                         "record")
+
+
+class LeftOut(UserError):
+    """A well-formed row with nothing to train on (e.g. a pair whose answers are identical): always left out
+    and reported, never an error that --on-invalid decides."""
+
+
+def collect_valid(rows, normalise, on_invalid: str, path, noun: str) -> tuple[list, list[dict]]:
+    """The one validate-and-collect loop over (where, row) pairs: (normalise(row, where) of the good rows,
+    the others with their reasons). Invalid rows stop the run with one error listing them unless
+    on_invalid='skip'; LeftOut rows are always left out; no good row at all is an error naming the file."""
+    if on_invalid not in ("error", "skip"):
+        raise UserError(f"--on-invalid must be error or skip, not {on_invalid!r}")
     good, bad = [], []
     for where, row in rows:
         try:
-            good.append(normalize(row, fmt, where, empty_instruction))
+            good.append(normalise(row, where))
         except UserError as e:
-            bad.append({"where": where, "reason": str(e), "record": row if isinstance(row, dict) else None})
-    if bad and on_invalid == "error":
-        raise invalid_rows_error(bad, "record")
+            bad.append({"where": where, "reason": str(e), "record": row if isinstance(row, dict) else None,
+                        "dropped": isinstance(e, LeftOut)})
+    invalid = [b for b in bad if not b["dropped"]]
+    if invalid and on_invalid == "error":
+        raise invalid_rows_error(invalid, noun)
     if not good:
-        raise UserError(f"{path}: no valid records")
+        reasons = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3])
+        raise UserError(f"{path}: no valid {noun}s" + (f" ({reasons})" if reasons else ""))
     return good, bad
 
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..losses import IGNORE
 from ..templates import ROLES, Template, message_text
-from .instructions import invalid_rows_error, read_rows as read_instruction_rows
+from .instructions import LeftOut, collect_valid, read_rows as read_instruction_rows
 from .sft import prompt_ids as sft_prompt_ids
 
 
@@ -30,10 +30,6 @@ class PreferencePair:
     rejected: str
     where: str = ""  # file:line, for messages about this pair
     raw: dict = field(default_factory=dict)
-
-
-class Dropped(UserError):
-    """A well-formed pair that carries no preference (identical or empty answers): reported, not trained on."""
 
 
 # ----- reading --------------------------------------------------------------------------------
@@ -57,7 +53,7 @@ def _answer(value, name: str) -> str:
 
 
 def normalize_pair(row, where: str) -> PreferencePair:
-    """One raw row -> PreferencePair; UserError(reason) if malformed, Dropped(reason) if it prefers nothing."""
+    """One raw row -> PreferencePair; UserError(reason) if malformed, LeftOut(reason) if it prefers nothing."""
     if isinstance(row, Exception):
         raise row
     if not isinstance(row, dict):
@@ -90,9 +86,9 @@ def normalize_pair(row, where: str) -> PreferencePair:
     if messages[-1]["role"] == "assistant":
         raise UserError("the prompt must not end with an assistant turn")
     if not chosen.strip() or not rejected.strip():
-        raise Dropped(f"empty {'chosen' if not chosen.strip() else 'rejected'} answer")
+        raise LeftOut(f"empty {'chosen' if not chosen.strip() else 'rejected'} answer")
     if chosen.strip() == rejected.strip():
-        raise Dropped("chosen and rejected are identical")
+        raise LeftOut("chosen and rejected are identical")
     return PreferencePair(messages, chosen, rejected, where, row)
 
 
@@ -101,22 +97,8 @@ def load_pairs(path, split: str = "train", columns: dict[str, str] | None = None
     """Read and validate every pair. Malformed pairs stop with one error listing file:line: reason for
     each (capped) unless on_invalid='skip'; pairs that prefer nothing (identical or empty answers) are
     always left out. Returns (pairs, left out with reasons)."""
-    if on_invalid not in ("error", "skip"):
-        raise UserError(f"--on-invalid must be error or skip, not {on_invalid!r}")
-    good, bad = [], []
-    for where, row in read_instruction_rows(path, "auto", split, columns):
-        try:
-            good.append(normalize_pair(row, where))
-        except UserError as e:
-            bad.append({"where": where, "reason": str(e), "record": row if isinstance(row, dict) else None,
-                        "dropped": isinstance(e, Dropped)})
-    invalid = [b for b in bad if not b["dropped"]]
-    if invalid and on_invalid == "error":
-        raise invalid_rows_error(invalid, "pair")
-    if not good:
-        reasons = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3])
-        raise UserError(f"{path}: no usable preference pairs ({reasons})")
-    return good, bad
+    return collect_valid(read_instruction_rows(path, "auto", split, columns), normalize_pair, on_invalid, path,
+                         "pair")
 
 
 # ----- tokenizing -----------------------------------------------------------------------------

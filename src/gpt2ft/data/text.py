@@ -12,6 +12,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
+from ..runtime import progress_bar
 from ..tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -168,12 +169,10 @@ def discard(paths: list[Path]) -> None:
 def _tokenize_files(files: list[Path], tmp: dict[str, Path], tokenizer: Tokenizer, dtype, val_fraction: float,
                     text_field: str, progress: bool):
     """Stream every file's tokens into the temp files tmp["train"] and tmp["val"]; (counts, digest)."""
-    from tqdm import tqdm
-
     itemsize = np.dtype(dtype).itemsize
     counts = {"train": 0, "val": 0}
     digest = hashlib.sha256()
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare",
+    bar = progress_bar(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare",
                disable=not progress)
     try:
         with open(tmp["train"], "w+b") as train_f, open(tmp["val"], "wb") as val_f:

@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..fileio import atomic_write_text
+from ..runtime import progress_bar
 from .run_folder import RunFolder, read_jsonl_steps
 
 
@@ -22,9 +23,7 @@ class MetricsLog:
         self.file = open(run.metrics, "a", encoding="utf-8")
         self.writer = _tensorboard(run)
         if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+            self.bar = progress_bar(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def log(self, msg: str) -> None:
         if self.enabled:
