@@ -18,16 +18,33 @@ def ids():
     return torch.tensor([[464, 3290, 318, 257, 922, 1110, 11, 290, 340]])
 
 
+@pytest.fixture(scope="module")
+def gguf_config(tiny_model, tmp_path_factory):
+    """transformers' config read from our GGUF metadata (once: parsing a file's 50257-token vocabulary takes
+    seconds, and every outtype writes the same metadata)."""
+    from transformers import AutoConfig
+
+    from gpt2ft.gguf_file import write_gguf
+
+    model, tok = tiny_model
+    folder = tmp_path_factory.mktemp("gguf_config")
+    write_gguf(folder / "m.gguf", model, tok, TEMPLATES["chat"], outtype="f32")
+    # transformers reads gpt2.context_length into n_ctx, not n_positions: a context other than 1024 is named
+    config = AutoConfig.from_pretrained(folder, gguf_file="m.gguf", n_positions=model.config.block_size)
+    assert (config.n_layer, config.n_embd, config.n_head) == (model.config.n_layer, model.config.n_embd,
+                                                              model.config.n_head)
+    return config
+
+
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
-def test_gguf_loads_in_transformers_with_our_logits(tiny_model, tmp_path, ids, outtype):
+def test_gguf_loads_in_transformers_with_our_logits(tiny_model, gguf_config, tmp_path, ids, outtype):
     from transformers import AutoModelForCausalLM
 
     from gpt2ft.gguf_file import write_gguf
 
     model, tok = tiny_model
     write_gguf(tmp_path / "m.gguf", model, tok, TEMPLATES["chat"], outtype=outtype)
-    # transformers reads gpt2.context_length into n_ctx, not n_positions: a context other than 1024 is named
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", n_positions=model.config.block_size).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=gguf_config).eval()
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
     assert theirs.shape == ours.shape
