@@ -704,12 +704,17 @@ def _inputs(tmp_path):
     (["prepare", "{world}/text.txt", "--tokenizer", "{world}/tok", "--text-field", "body", "--out", "{tmp}/d"],
      "--text-field"),
     (["prepare", "{world}/text.txt", "--tokenizer", "{tmp}/emptytok", "--out", "{tmp}/d"], "holds no tokenizer"),
+    (["prepare", "{world}/text.txt", "--tokenizer", "{world}/tok", "--val-fraction", "0.99999", "--out", "{tmp}/d"],
+     "lower --val-fraction"),
     (["tokenizer", "train", "{world}/text.txt", "--kind", "bpe", "--vocab-size", "300", "--lowercase", "--out",
       "{tmp}/t"], "--lowercase"),
     (["generate", "{run}", "--prompt", "the", "--temperature", "0", "--top-p", "0.5"], "--top-p"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--max-new-tokens", "500"], "no record can be scored"),
     (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--columns", "instruction=nonexist"],
      "nonexist"),
+    (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--columns", "question=instruction"],
+     "did you mean instruction=question"),  # FIELD=HEADER written the other way round
+    (["eval", "{run}", "--data", "{tmp}/prefs.jsonl", "--columns", "output=chosen"], "'output' is not a field"),
     (["compare", "{run}", "{run}", "--prompt", "x", "--overwrite"], "--overwrite"),
     (["eval", "{run}", "--data", "{tmp}/prefs.jsonl", "--beta", "5"], "likelihood"),  # no reference to scale
     (["demo", "--quick", "--pretrain-steps", "5", "--out", "{tmp}/demo"], "--pretrain-steps"),

@@ -39,12 +39,19 @@ class Record:
 
 
 # ----- reading --------------------------------------------------------------------------------
-def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns: dict[str, str] | None = None):
+# the fields --columns can rename a file's names to: an instruction record's, a preference pair's
+RECORD_FIELDS = ("messages", "instruction", "input", "output", "response", "weight")
+PAIR_FIELDS = ("prompt", "instruction", "input", "chosen", "rejected")
+
+
+def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns: dict[str, str] | None = None,
+              fields: tuple[str, ...] = RECORD_FIELDS):
     """(where, row) for every row of a .json/.jsonl/.csv/.tsv file or hf:DATASET_ID; `where` is
     "file:line" (CSV: the header is line 1), "file: record i" or "hf:id[split][i]". A JSONL line that is
     not JSON yields a UserError as its row (validate with `normalize` or your own check). `columns`
     renames fields ({name in the file: field}: CSV headers, a dataset's columns, JSON keys) in every
-    format. A file over MAX_DATA_FILE bytes is refused, naming the limit."""
+    format, each to one of `fields`. A file over MAX_DATA_FILE bytes is refused, naming the limit."""
+    check_column_targets(columns or {}, fields)
     seen: set[str] = set()
     for where, row in _rows(path, fmt, split):
         if columns and isinstance(row, dict):
@@ -53,6 +60,15 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
         yield where, row
     if columns and (unused := sorted(set(columns) - seen)):  # a typo would rename nothing, unsaid
         raise UserError(f"--columns names {', '.join(map(repr, unused))}, which no record of {path} has")
+
+
+def check_column_targets(columns: dict[str, str], fields: tuple[str, ...]) -> None:
+    """Every --columns FIELD=HEADER names one of `fields` (a reversed pair is the usual slip: said so)."""
+    for header, field in columns.items():
+        if field not in fields:
+            swapped = f"; did you mean {header}={field}?" if header in fields else ""
+            raise UserError(f"--columns {field}={header}: {field!r} is not a field of this data (one of "
+                            f"{', '.join(fields)}); write FIELD=HEADER, e.g. instruction=question{swapped}")
 
 
 def _rows(path: str | Path, fmt: str, split: str):

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..losses import IGNORE
 from ..templates import ROLES, Template, message_text
-from .instructions import LeftOut, collect_valid, read_rows as read_instruction_rows
+from .instructions import PAIR_FIELDS, LeftOut, collect_valid, read_rows as read_instruction_rows
 from .sft import prompt_ids as sft_prompt_ids
 
 
@@ -97,8 +97,8 @@ def load_pairs(path, split: str = "train", columns: dict[str, str] | None = None
     """Read and validate every pair. Malformed pairs stop with one error listing file:line: reason for
     each (capped) unless on_invalid='skip'; pairs that prefer nothing (identical or empty answers) are
     always left out. Returns (pairs, left out with reasons)."""
-    return collect_valid(read_instruction_rows(path, "auto", split, columns), normalize_pair, on_invalid, path,
-                         "pair")
+    rows = read_instruction_rows(path, "auto", split, columns, PAIR_FIELDS)
+    return collect_valid(rows, normalize_pair, on_invalid, path, "pair")
 
 
 # ----- tokenizing -----------------------------------------------------------------------------

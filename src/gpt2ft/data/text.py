@@ -135,8 +135,10 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: Tokenizer, val
             print(f"prepare: tokenizing {len(files)} file(s) into {out}", file=sys.stderr, flush=True)
         counts, digest = _tokenize_files(files, tmp, tokenizer, dtype, val_fraction, text_field, progress)
         if counts["train"] < 2:
+            held = (f" after --val-fraction {val_fraction} held out {counts['val']:,} for validation: lower "
+                    "--val-fraction" if counts["val"] else "")
             raise UserError(f"{', '.join(map(str, inputs))}: too little text to train on ({counts['train']} "
-                            "tokens)")
+                            f"tokens{held})")
         written.append(out / "meta.json")
         (out / "meta.json").unlink(missing_ok=True)  # an older meta.json does not describe the new files
         for split in counts:
