@@ -774,10 +774,18 @@ def test_a_device_given_as_a_file_is_read_no_further_than_the_limit(world):
 
 
 def test_an_export_says_what_it_holds(world, tmp_path):
-    """info shows the dtype the weights are stored in; a word tokenizer's model card does not promise
-    transformers' AutoTokenizer, which cannot read it."""
+    """info shows the dtype the weights are stored in; a word tokenizer exports as a tokenizer.json that
+    transformers' AutoTokenizer reads into the same tokens and text."""
+    from transformers import AutoTokenizer
+
+    from gpt2ft.tokenizer import load_tokenizer
+
     out = tmp_path / "exp"
-    proc = run_cli("export", world / "run", "--out", out, "--dtype", "bfloat16", check=True)
-    assert "word tokenizer" in proc.stderr
-    assert "AutoTokenizer does not read" in (out / "README.md").read_text()
+    run_cli("export", world / "run", "--out", out, "--dtype", "bfloat16", check=True)
     assert "bfloat16" in run_cli("info", out, check=True).stdout
+    ours, theirs = load_tokenizer(out), AutoTokenizer.from_pretrained(out)
+    assert ours.kind == "word"
+    text = "The king\u2019s men \u2014 all (of them) said: \u201cgo!\u201d; an unseenword<|endoftext|>Next"
+    ids = ours.encode(text)
+    assert theirs.encode(text) == ids and ours.unk_id in ids and ours.eos_id in ids
+    assert theirs.decode(ids) == ours.decode(ids)

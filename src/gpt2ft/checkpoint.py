@@ -371,8 +371,6 @@ def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dt
 def _complete_tokenizer_config(path: Path, context: int, template) -> None:
     """The context as model_max_length (tools size prompts from it) and the template as chat_template
     (apply_chat_template then gives exactly our tokens)."""
-    if not path.exists():  # a word-level tokenizer: transformers has no counterpart
-        return
     config = json.loads(path.read_text(encoding="utf-8"))
     config["model_max_length"] = context
     config["pad_token"] = config.get("eos_token")
@@ -381,7 +379,7 @@ def _complete_tokenizer_config(path: Path, context: int, template) -> None:
     atomic_write_json(path, config)
 
 
-def model_card(ref: str, model: GPT, meta: dict, template, tokenizer=None) -> str:
+def model_card(ref: str, model: GPT, meta: dict, template) -> str:
     """README.md of an exported folder: what it is, how it was made, its scores, how to load it."""
     cfg, lines = model.config, [f"# {Path(str(ref)).name or ref}", ""]
     lines += [f"A GPT-2 ({model.num_params() / 1e6:.1f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, "
@@ -392,12 +390,6 @@ def model_card(ref: str, model: GPT, meta: dict, template, tokenizer=None) -> st
     lines += [f"- **{k}**: `{v}`" for k, v in facts if v not in (None, "", {})]
     if scores := meta.get("scores") or meta.get("eval"):
         lines += ["", "## Evaluation", ""] + [f"- {k}: {v}" for k, v in scores.items()]
-    if getattr(tokenizer, "kind", "bpe") == "word":  # transformers has no reader for word_vocab.json
-        lines += ["", "## Use", "", "This model uses a gpt2ft word-level tokenizer (`word_vocab.json`), which "
-                  "transformers' AutoTokenizer does not read: load the weights with `AutoModelForCausalLM` and "
-                  'tokenize with `gpt2ft.tokenizer.load_tokenizer("PATH")`, or run `gpt2ft chat PATH` / '
-                  "`gpt2ft serve PATH`.", ""]
-        return "\n".join(lines)
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")']
     if template is not None:
@@ -483,8 +475,5 @@ def export(ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool =
         raise UserError(f"{ref} has no LoRA adapter to merge: drop --merge-lora")
     with output_dir(out, "gpt2ft export", **claim) as folder:
         write_model_files(folder, model, tokenizer, meta=None, dtype=DTYPES[dtype], template=loaded.template)
-        atomic_write_text(folder / "README.md", model_card(ref, model, loaded.meta, loaded.template, tokenizer))
-    if tokenizer.kind == "word":
-        print(f"note: {out} holds a gpt2ft word tokenizer (word_vocab.json), which transformers' AutoTokenizer "
-              "cannot read; its README.md says how to load it", file=sys.stderr)
+        atomic_write_text(folder / "README.md", model_card(ref, model, loaded.meta, loaded.template))
     return folder

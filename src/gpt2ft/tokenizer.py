@@ -19,7 +19,8 @@ from .fileio import atomic_write_text
 EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 WORD_VOCAB_FILE = "word_vocab.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", WORD_VOCAB_FILE)  # what save() writes
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", WORD_VOCAB_FILE,  # what save() writes
+                   "tokenizer.json")
 
 
 @lru_cache(maxsize=1)
@@ -133,7 +134,11 @@ class WordTokenizer(Tokenizer):
 
     kind = "word"
     UNK = "<UNK>"
-    _split = re.compile(r"<\|endoftext\|>|\w+(?:'\w+)*|[^\w\s]")
+    WORD = r"\w+(?:'\w+)*|[^\w\s]"  # a word (with its apostrophes) or one punctuation mark
+    _split = re.compile(r"<\|endoftext\|>|" + WORD)
+    TYPOGRAPHY = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": " -- ", "\u2013": "-"}
+    GLUED_AFTER = ".,;:!?)]}'"  # decode writes no space before these tokens ...
+    GLUED_BEFORE = "([{"  # ... nor after these
 
     def __init__(self, words: list[str], lowercase: bool = False):
         self.words, self.lowercase = words, lowercase
@@ -144,8 +149,8 @@ class WordTokenizer(Tokenizer):
     @staticmethod
     def clean(text: str, lowercase: bool = False) -> str:
         """Normalise quotes, dashes and whitespace so the vocabulary is not split by typography."""
-        text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-        text = text.replace("\u2014", " -- ").replace("\u2013", "-")
+        for typographic, plain in WordTokenizer.TYPOGRAPHY.items():
+            text = text.replace(typographic, plain)
         text = re.sub(r"\s+", " ", text).strip()
         return text.lower() if lowercase else text
 
@@ -172,13 +177,48 @@ class WordTokenizer(Tokenizer):
         out = ""
         for i in ids:
             w = self.words[int(i)]
-            glue = not out or re.fullmatch(r"[.,;:!?)\]}']", w) or out.endswith(("(", "[", "{"))
+            glue = not out or (len(w) == 1 and w in self.GLUED_AFTER) or out.endswith(tuple(self.GLUED_BEFORE))
             out += w if glue else " " + w
         return out
 
     def save(self, folder: Path) -> None:
-        atomic_write_text(Path(folder) / WORD_VOCAB_FILE,
+        """word_vocab.json (what gpt2ft reads back), and the same tokenizer as transformers' AutoTokenizer
+        reads it: tokenizer.json (the `tokenizers` library's format) with tokenizer_config.json."""
+        folder = Path(folder)
+        atomic_write_text(folder / WORD_VOCAB_FILE,
                           json.dumps({"kind": "word", "lowercase": self.lowercase, "words": self.words}))
+        atomic_write_text(folder / "tokenizer.json", json.dumps(self.tokenizers_json(), ensure_ascii=False))
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": self.UNK,
+            "clean_up_tokenization_spaces": False, "model_max_length": 1024}, indent=2))
+
+    def tokenizers_json(self) -> dict:
+        """This tokenizer in the `tokenizers` library's JSON: clean()'s replacements (and lowercasing) as
+        the normalizer, split()'s pattern after whitespace splitting as the pre-tokenizer, a WordLevel
+        vocabulary with <UNK>, and decode()'s spacing as a decoder chain (a space between tokens, none
+        before GLUED_AFTER marks nor after GLUED_BEFORE ones)."""
+        def replace(pattern: str, content: str) -> dict:
+            return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
+
+        normalizers = [replace(a, b) for a, b in self.TYPOGRAPHY.items()]
+        if self.lowercase:
+            normalizers.append({"type": "Lowercase"})
+        specials = [{"id": self.index[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                     "normalized": False, "special": True} for t in (EOT, self.UNK)]
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
+            "normalizer": {"type": "Sequence", "normalizers": normalizers},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "WhitespaceSplit"},
+                {"type": "Split", "pattern": {"Regex": self.WORD}, "behavior": "Isolated", "invert": False}]},
+            "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "WordPiece", "prefix": "\u0000\u0000", "cleanup": False},  # joins with spaces
+                {"type": "Fuse"},
+                *[replace(" " + mark, mark) for mark in self.GLUED_AFTER],
+                *[replace(mark + " ", mark) for mark in self.GLUED_BEFORE]]},
+            "model": {"type": "WordLevel", "vocab": self.index, "unk_token": self.UNK},
+        }
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps([self.lowercase, self.words]).encode()).hexdigest()[:16]
