@@ -709,6 +709,7 @@ def _inputs(tmp_path):
     (["tokenizer", "train", "{world}/text.txt", "--kind", "bpe", "--vocab-size", "300", "--lowercase", "--out",
       "{tmp}/t"], "--lowercase"),
     (["generate", "{run}", "--prompt", "the", "--temperature", "0", "--top-p", "0.5"], "--top-p"),
+    (["generate", "{run}", "--prompt", "the", "--regex", "[ab]+", "--stop", "a"], "--stop would cut"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--max-new-tokens", "500"], "no record can be scored"),
     (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--columns", "instruction=nonexist"],
      "nonexist"),

@@ -297,7 +297,14 @@ def test_sampling_endpoint_is_the_schema(server):
 
     r = httpx.get(server.url + "/v1/sampling", headers=AUTH)
     assert r.status_code == 200
-    assert r.json() == [json.loads(json.dumps(o.describe())) for o in OPTIONS.values() if o.api]
+    # the schema's options, with the defaults a request that leaves the field out gets (OpenAI's temperature
+    # 1; no max_tokens: what the context leaves), as the OpenAPI document states them
+    api_defaults = {"temperature": 1.0, "max_tokens": None}
+    want = [{**o.describe(), **({"default": api_defaults[o.api], "optional": o.optional or api_defaults[o.api] is None}
+                                if o.api in api_defaults else {})} for o in OPTIONS.values() if o.api]
+    assert r.json() == json.loads(json.dumps(want))
+    openapi = httpx.get(server.url + "/openapi.json", headers=AUTH).json()["components"]["schemas"]["ChatRequest"]
+    assert openapi["properties"]["temperature"]["default"] == 1.0
     assert {d["api"] for d in r.json()} >= {"temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"}
     assert_error(httpx.get(server.url + "/v1/sampling"), 401)
 
@@ -449,7 +456,8 @@ def test_wrong_or_missing_key_is_401(server):
 
 
 def test_unknown_model_and_route_are_404(server):
-    assert_error(server.post("/v1/chat/completions", {**CHAT, "model": "gpt-4"}), 404, "model", "model_not_found")
+    err = assert_error(server.post("/v1/chat/completions", {**CHAT, "model": "gpt-4"}), 404, "model", "model_not_found")
+    assert err["type"] == "invalid_request_error"  # OpenAI's type for an unknown model
     with pytest.raises(openai.NotFoundError):
         server.client().completions.create(model="nope", prompt="x", max_tokens=2)
     assert_error(httpx.get(server.url + "/v1/nothing", headers=AUTH), 404)

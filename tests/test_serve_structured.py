@@ -175,7 +175,7 @@ def test_greedy_schema_output_equals_in_process_generate(client, tiny_model):
     schema = SCHEMAS[0]
     r = chat(client, response_format=schema_format(schema), temperature=0)
     want = generate(tiny_model.model, tiny_model.tokenizer, "User: Answer in JSON\nAssistant:", max_new_tokens=40, temperature=0,
-                    stop=["\nUser:", "\nAssistant:"], grammar=GrammarSpec.json_schema(schema))
+                    template_stop=["\nUser:", "\nAssistant:"], grammar=GrammarSpec.json_schema(schema))
     assert r.choices[0].message.content == want
 
 
@@ -307,6 +307,83 @@ def test_tool_choice_errors(http):
     assert r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str)
 
 
+def test_two_tools_whose_schemas_have_defs_can_be_required(client):
+    """With several tools the schemas sit inside one anyOf: their own "#/$defs/..." references still resolve."""
+    nested = {"type": "function", "function": {"name": "place", "parameters": {
+        "$defs": {"pt": OBJ({"x": {"type": "integer"}, "y": {"type": "integer"}})},
+        **OBJ({"at": {"$ref": "#/$defs/pt"}})}}}
+    r = chat(client, tools=[nested, ADD], tool_choice="required", temperature=1.0, seed=4)
+    (call,) = r.choices[0].message.tool_calls
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in (nested, ADD)}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+@pytest.mark.parametrize("tools", [[WEATHER], [WEATHER, ADD]])
+def test_a_forced_call_cut_short_is_still_a_call_whole_and_streamed(client, tools):
+    """OpenAI's shape for a call that ran out of tokens: tool_calls with the arguments so far, finish_reason
+    "length", content null: never the JSON fragment as text; the stream sends the same."""
+    r = chat(client, tools=tools, tool_choice="required", max_tokens=4, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    if len(tools) == 1:
+        assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
+    chunks = list(chat(client, tools=tools, tool_choice="required", max_tokens=4, temperature=0, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert all(not c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_null_means_the_default_where_openai_allows_it(http):
+    for path, body in (("/v1/chat/completions", {"messages": USER, "n": None, "stream": None, "logprobs": None,
+                                                  "stream_options": None}),
+                       ("/v1/completions", {"prompt": "x", "echo": None, "n": None})):
+        r = http.post(path, json={"model": "tiny", "max_tokens": 2, **body})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 1
+
+
+def test_an_assistants_refusal_is_rendered_as_what_it_said(http):
+    def prompt_tokens(assistant):
+        body = {"model": "tiny", "max_tokens": 1, "messages": USER + [assistant, {"role": "user", "content": "ok"}]}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    said = prompt_tokens({"role": "assistant", "content": "I cannot help with that"})
+    assert prompt_tokens({"role": "assistant", "content": None, "refusal": "I cannot help with that"}) == said
+
+
+def test_logprobs_cover_the_returned_text_only(client):
+    """Tokens of a stop string cut from the text are not in its log-probabilities; the first prompt token of
+    an echo has none (null, as its token_logprobs entry)."""
+    free = client.completions.create(model="tiny", prompt="The", max_tokens=12, temperature=0, logprobs=0)
+    text = free.choices[0].text
+    assert "".join(free.choices[0].logprobs.tokens).startswith(text)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.completions.create(model="tiny", prompt="The", max_tokens=12, temperature=0, logprobs=0, stop=stop)
+    kept, lp = cut.choices[0].text, cut.choices[0].logprobs
+    assert cut.choices[0].finish_reason == "stop" and len(kept) < len(text)
+    assert all(offset < len(kept) for offset in lp.text_offset) and "".join(lp.tokens).startswith(kept)
+    echo = client.completions.create(model="tiny", prompt="The king", max_tokens=1, temperature=0, logprobs=1,
+                                     echo=True)
+    assert echo.choices[0].logprobs.token_logprobs[0] is None and echo.choices[0].logprobs.top_logprobs[0] is None
+
+
+def test_a_conversation_an_instruction_template_cannot_answer_is_400(tiny_model):
+    from gpt2ft.serve.prompts import chat_prompt
+    from gpt2ft.serve.responses import APIError
+    from gpt2ft.serve.schema import Message
+    from gpt2ft.templates import TEMPLATES
+
+    msgs = [Message(role="user", content="a"), Message(role="assistant", content="b")]
+    with pytest.raises(APIError, match="must end with a user"):
+        chat_prompt(TEMPLATES["alpaca"], msgs, tiny_model.tokenizer)
+    ids, _ = chat_prompt(TEMPLATES["chat"], msgs, tiny_model.tokenizer)  # a chat template opens the next reply
+    assert tiny_model.tokenizer.decode(ids).endswith(TEMPLATES["chat"].assistant)
+
+
 def test_template_renders_tool_turns_as_its_jinja_does():
     jinja2 = pytest.importorskip("jinja2")
     from gpt2ft.templates import TEMPLATES, Template
@@ -342,6 +419,42 @@ def test_template_renders_tool_turns_as_its_jinja_does():
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),                     # 0 only with echo
     ("/v1/completions", {"tools": [ADD]}, "tools"),
     ("/v1/completions", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    # what a constraint decides (the end of the output) is not also asked of stop / min_tokens / ignore_eos
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "stop": ":"}, "stop"),
+    ("/v1/chat/completions", {"guided_choice": ["yes", "no"], "min_tokens": 2}, "min_tokens"),
+    ("/v1/chat/completions", {"guided_choice": ["yes"], "ignore_eos": True}, "ignore_eos"),
+    ("/v1/completions", {"guided_regex": "[ab]+", "stop": "a"}, "stop"),
+    ("/v1/chat/completions", {"stop": ""}, "stop"),                            # an empty stop string
+    # the length limit: the two names of it must agree; errors name the one the client sent
+    ("/v1/chat/completions", {"max_completion_tokens": 2}, "max_tokens"),      # max_tokens 5 beside it
+    ("/v1/chat/completions", {"max_tokens": None, "max_completion_tokens": 5000}, "max_completion_tokens"),
+    # echo with max_tokens 0 generates nothing: what shapes generated text is refused, the rest checked
+    ("/v1/completions", {"echo": True, "max_tokens": 0, "guided_regex": "("}, "guided_regex"),
+    ("/v1/completions", {"echo": True, "max_tokens": 0, "logit_bias": {"5": 1}}, "logit_bias"),
+    ("/v1/completions", {"echo": True, "max_tokens": 0, "best_of": 3}, "best_of"),
+    ("/v1/completions", {"echo": True, "max_tokens": 0, "min_tokens": 5}, "min_tokens"),
+    ("/v1/completions", {"echo": True, "max_tokens": 0, "temperature": 3}, "temperature"),
+    # message fields the conversation cannot hold
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "refusal": "no"}]}, "messages.0.refusal"),
+    ("/v1/chat/completions", {"messages": USER + [{"role": "assistant", "content": None}]}, "messages.1.content"),
+    ("/v1/chat/completions", {"messages": USER + [{"role": "tool", "content": "r"}]}, "messages.1.tool_call_id"),
+    ("/v1/chat/completions", {"messages": USER + [{"role": "tool", "content": "r", "tool_call_id": "c1"}]},
+     "messages.1.tool_call_id"),                                               # answers no call made
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_call_id": "c1"}]},
+     "messages.0.tool_call_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0.tool_calls"),
+    # tools are checked whatever tool_choice is
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "blob"}}}],
+                              "tool_choice": "none"}, "tools[0].function.parameters"),
+    # values OpenAI's API does not take
+    ("/v1/chat/completions", {"service_tier": "ultra"}, "service_tier"),
+    ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x", "foo": 1}}, "prediction.foo"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "a b!"}}},
+     "response_format.json_schema.name"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+     "response_format.json_schema.schema"),                                    # no member tag in the path
+    ("/v1/chat/completions", {"response_format": {"type": "text", "x": 1}}, "response_format.x"),
 ])
 def test_unknown_and_unsupported_fields_are_400_naming_them(http, path, change, param):
     body = {"model": "tiny", "max_tokens": 5, **({"messages": USER} if "chat" in path else {"prompt": "x"}), **change}

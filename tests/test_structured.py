@@ -37,13 +37,13 @@ def test_generate_chat_and_the_api_agree_token_for_token_under_a_schema(ckpt, tm
     ids, stops = render(template, messages, tok)  # the chat's prompt tokens ...
     assert tok.encode(template.prompt(messages)) == ids  # ... are those of generate's templated prompt
     spec = GrammarSpec("json_schema", schema_file.read_text())
-    cfg = SamplingConfig(max_new_tokens=N, temperature=0.0, stop=stops, grammar=spec)
+    cfg = SamplingConfig(max_new_tokens=N, temperature=0.0, template_stop=stops, grammar=spec)
     engine_row = complete_batch(model, tok, [ids], cfg)[0]
     text = engine_row.text
     jsonschema.validate(json.loads(text), SCHEMA)
     assert engine_row.finish_reason == "stop" and len(engine_row.token_ids) > 5
 
-    assert generate(model, tok, template.prompt(messages), temperature=0.0, max_new_tokens=N, stop=stops,
+    assert generate(model, tok, template.prompt(messages), temperature=0.0, max_new_tokens=N, template_stop=stops,
                     grammar=spec) == text
     notes = []
     chat = Chat(model, tok, template, chat_settings(temperature=0, max_new_tokens=N), write=lambda _: None,

@@ -231,9 +231,12 @@ class Completion:
 
     @property
     def _stops(self) -> list[str]:
-        """The stop strings in force: none before min_tokens."""
+        """The stop strings in force: none before min_tokens, and none under a grammar (it ends the output
+        where it is complete; a template's stop string inside a JSON string would cut it)."""
         cfg = self.sampling
-        return cfg.stop + cfg.template_stop if len(self.token_ids) >= cfg.min_tokens else []
+        if cfg.grammar is not None or len(self.token_ids) < cfg.min_tokens:
+            return []
+        return cfg.stop + cfg.template_stop
 
     def _release(self, piece: str, final: bool = False) -> str:
         text = self._held + piece

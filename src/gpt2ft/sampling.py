@@ -118,7 +118,15 @@ class SamplingConfig:
         for f in fields(self):
             setattr(self, f.name, check(f.name, getattr(self, f.name)))
         if self.min_tokens > self.max_new_tokens:
-            raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+            raise OptionError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens "
+                              f"({self.max_new_tokens})")
+        if self.grammar is not None:  # the grammar decides where the output ends, and it must end there
+            for name, given, why in (("stop", self.stop, "would cut the output before the grammar completes it"),
+                                     ("min_tokens", self.min_tokens, "would hold off the end the grammar reaches"),
+                                     ("ignore_eos", self.ignore_eos, "would go on past the grammar's end")):
+                if given:
+                    raise OptionError(name, f"{name} {why}: drop it with constrained output (the grammar ends "
+                                      "the output where it is complete)")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingConfig":
@@ -201,6 +209,15 @@ def _options() -> dict[str, Option]:
     return out
 
 
+class OptionError(UserError):
+    """A sampling option's value refused (alone or beside another option): `option` names it, so that each
+    surface can say its own name for it (a flag, a request field)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 def check(name: str, value):
     """The value of option `name` if it is acceptable (normalised: top_k -1 -> 0, a stop string ->
     [it]); else a UserError naming the option, what it accepts and the value. The one check."""
@@ -211,7 +228,7 @@ def check(name: str, value):
     if rng is not None:
         ok_type = not isinstance(value, bool) and (isinstance(value, int) or (rng.kind is float and isinstance(value, float)))
         if not ok_type or not rng.contains(value):
-            raise UserError(f"{name} must be {opt.accepts}, not {value!r}")
+            raise OptionError(name, f"{name} must be {opt.accepts}, not {value!r}")
         value = rng.kind(value)
         return 0 if name == "top_k" and value == -1 else value
     if opt.kind is list:  # stop strings
@@ -219,8 +236,12 @@ def check(name: str, value):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value) \
                 or len(value) > MAX_STOP_STRINGS:
-            raise UserError(f"{name} must be a string or a list of at most {MAX_STOP_STRINGS} strings, not {value!r}")
-        return [s for s in value if s]
+            raise OptionError(name, f"{name} must be a string or a list of at most {MAX_STOP_STRINGS} strings, "
+                              f"not {value!r}")
+        if "" in value:  # it would match at once; dropping it unsaid would ignore what was asked
+            raise OptionError(name, f"{name}: an empty string is not a stop string (it would end every output at "
+                              "once): drop it")
+        return list(value)
     if opt.kind is dict:
         return _check_logit_bias(value)
     if opt.kind is GrammarSpec:

@@ -120,7 +120,8 @@ def grammar_spec(args):
 
 def sampling_config(args, template_stop: list[str] | None = None):
     """The SamplingConfig of a verb's sampling flags (add_sampling), and the model template's stop strings."""
-    from ..sampling import OPTIONS, SamplingConfig
+    from ..errors import UserError
+    from ..sampling import OPTIONS, OptionError, SamplingConfig
 
     values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
     if values.get("temperature") == 0:  # the API takes them quietly, as OpenAI's does; a flag is a mistake
@@ -129,7 +130,16 @@ def sampling_config(args, template_stop: list[str] | None = None):
     values["stop"], values["template_stop"] = list(values.get("stop") or []), list(template_stop or [])
     values["logit_bias"] = {k: v for entry in values.get("logit_bias") or [] for k, v in entry.items()}
     values["grammar"] = grammar_spec(args)
-    return SamplingConfig(**values)
+    try:
+        return SamplingConfig(**values)
+    except OptionError as e:  # the options by their flags
+        import re
+
+        message = str(e)
+        for name in {e.option, "max_new_tokens"}:
+            if OPTIONS[name].flag:
+                message = re.sub(rf"\b{name}\b", OPTIONS[name].flag, message)
+        raise UserError(message) from None
 
 
 def add_decoding(p: argparse.ArgumentParser) -> None:

@@ -64,10 +64,10 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
 
 def check_column_targets(columns: dict[str, str], fields: tuple[str, ...]) -> None:
     """Every --columns FIELD=HEADER names one of `fields` (a reversed pair is the usual slip: said so)."""
-    for header, field in columns.items():
-        if field not in fields:
-            swapped = f"; did you mean {header}={field}?" if header in fields else ""
-            raise UserError(f"--columns {field}={header}: {field!r} is not a field of this data (one of "
+    for header, target in columns.items():
+        if target not in fields:
+            swapped = f"; did you mean {header}={target}?" if header in fields else ""
+            raise UserError(f"--columns {target}={header}: {target!r} is not a field of this data (one of "
                             f"{', '.join(fields)}); write FIELD=HEADER, e.g. instruction=question{swapped}")
 
 

@@ -13,13 +13,12 @@ from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import Engine
-from ..sampling import OPTIONS
 from .config import ServeConfig, ServedModel
 from ..templates import pick_template
-from .prompts import chat_prompt, check_prompts, completion_prompts, prompt_logprobs
+from .prompts import chat_prompt, completion_prompts, prompt_logprobs
 from .responses import APIError, ChatFormat, TextFormat
 from .scheduler import Scheduler
-from .schema import ChatRequest, CompletionRequest, validation_message
+from .schema import ChatRequest, CompletionRequest, api_options, validation_message
 from .service import Service
 from .structured import constraint
 
@@ -131,7 +130,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
     @app.get("/v1/sampling")
     async def sampling_options():
         """The sampling options a request may set: name, type, bounds, default, help (the playground's inputs)."""
-        return [opt.describe() for opt in OPTIONS.values() if opt.api]
+        return api_options()
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
@@ -152,12 +151,12 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         served = service.lookup(req.model)
         tok = served.tokenizer
         prompts = completion_prompts(req.prompt, tok)
+        rule = constraint(req, "")
         if req.max_tokens == 0 and req.echo:  # score the prompt only: nothing is generated
-            service.refuse(req)
-            check_prompts(prompts, served.model.config)
+            service.check_scoring(req, served, prompts, rule)
             jobs, inbox = [], None
         else:
-            jobs, inbox = service.start(req, served, prompts, [], "prompt", constraint(req, ""))
+            jobs, inbox = service.start(req, served, prompts, [], "prompt", rule)
         try:
             echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
             echo_logprobs = [[] for _ in prompts]

@@ -18,6 +18,9 @@ def chat_prompt(template: Template | None, messages: list, tokenizer) -> tuple[l
     msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     if template.kind == "instruction" and not any(m["role"] == "user" for m in msgs):
         raise APIError(400, f"messages: the model's {template.name!r} template needs a user message", "messages")
+    if template.kind == "instruction" and msgs[-1]["role"] == "assistant":  # no header opens another reply
+        raise APIError(400, f"messages: the model's {template.name!r} template answers an instruction, so the "
+                       "conversation must end with a user (or tool) message, not an assistant one", "messages")
     return sft.prompt_ids(msgs, template, tokenizer), list(template.stop)
 
 

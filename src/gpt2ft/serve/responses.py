@@ -4,6 +4,7 @@ one finish look); the envelope, the usage (from the Completions, once) and the s
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from contextlib import aclosing
@@ -60,10 +61,22 @@ def text_logprobs(tokenizer, entries, offset: int) -> dict:
         text = tokenizer.decode([t])
         tokens.append(text)
         token_logprobs.append(lp)
-        top.append({tokenizer.decode([a]): alp for a, alp in alts})
+        top.append({tokenizer.decode([a]): alp for a, alp in alts} if lp is not None else None)  # 1st prompt token
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def within(tokenizer, entries, text: str) -> list:
+    """The log-probability entries of the tokens that begin inside `text` (a completion's returned text):
+    not those of a stop string cut from it, nor the EOS after it."""
+    end, offset, kept = len(text.encode("utf-8")), 0, []
+    for entry in entries:
+        if offset >= end:
+            break
+        kept.append(entry)
+        offset += len(tokenizer.decode_bytes([entry[0]]))
+    return kept
 
 
 # ----- a forced tool call (serve.structured) ----------------------------------------------------------
@@ -71,20 +84,34 @@ def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def tool_call(tools: tuple, text: str, id: str) -> dict | None:
-    """The call a forced tool call's output makes, in OpenAI's shape; None if it is not complete JSON
-    (the reply ran out of tokens)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
+def tool_call(tools: tuple, text: str, id: str, cut: bool = False) -> dict | None:
+    """The call a forced tool call's output makes, in OpenAI's shape. A reply cut short (`cut`: it ran out
+    of tokens) is still the call as far as it got, as OpenAI returns one (finish_reason "length"): its
+    arguments' JSON incomplete, with several tools its name too if the cut came before it ended. None if
+    the output is no call (the grammar engine gave up on it)."""
     if len(tools) == 1:
+        try:
+            json.loads(text)
+        except ValueError:
+            if not cut:
+                return None
         name, arguments = tools[0].name, text
-    elif isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
-        name, arguments = value["name"], json.dumps(value["arguments"])
     else:
-        return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
+            name, arguments = value["name"], json.dumps(value["arguments"])
+        elif cut:  # {"name": "...", "arguments": ... as far as it got (the grammar writes the name first)
+            start = PARTIAL_CALL.match(text)
+            name, arguments = (start["name"], text[start.end():]) if start else ("", "")
+        else:
+            return None
     return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+PARTIAL_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"(?P<name>[a-zA-Z0-9_-]*)"\s*(?:,\s*"arguments"\s*:\s*)?')
 
 
 # ----- one choice, per endpoint ---------------------------------------------------------------------
@@ -104,7 +131,13 @@ class ChatFormat:
         return chat_logprobs(self.tokenizer, entries) if self.logprobs else None
 
     def _call(self, index: int, c: Completion):
-        return tool_call(self.tools, c.text, self.ids.setdefault(index, call_id())) if self.tools else None
+        if not self.tools:
+            return None
+        return tool_call(self.tools, c.text, self.ids.setdefault(index, call_id()), c.finish_reason == "length")
+
+    @staticmethod
+    def _finish_reason(call, c: Completion) -> str:
+        return "tool_calls" if call is not None and c.finish_reason == "stop" else c.finish_reason
 
     def opening(self, index: int) -> dict | None:
         delta = {"role": "assistant", "content": None if self.tools else ""}
@@ -128,16 +161,16 @@ class ChatFormat:
         call, delta = self._call(index, c), {}
         if call is not None and len(self.tools) > 1:
             delta = {"tool_calls": [{"index": 0, **call}]}
-        return {"index": index, "delta": delta, "logprobs": None,
-                "finish_reason": "tool_calls" if call is not None else c.finish_reason}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": self._finish_reason(call, c)}
 
     def choice(self, index: int, c: Completion) -> dict:
         call = self._call(index, c)
         message = {"role": "assistant", "content": c.text if call is None else None, "refusal": None}
         if call is not None:
             message["tool_calls"] = [call]
-        return {"index": index, "message": message, "logprobs": self._logprobs(c.logprobs or []),
-                "finish_reason": "tool_calls" if call is not None else c.finish_reason}
+        return {"index": index, "message": message, "logprobs": self._logprobs(within(self.tokenizer, c.logprobs or [],
+                                                                                      c.text)),
+                "finish_reason": self._finish_reason(call, c)}
 
 
 class TextFormat:
@@ -172,8 +205,9 @@ class TextFormat:
 
     def choice(self, index: int, c: Completion) -> dict:
         p = index // self.n
+        generated = within(self.tokenizer, c.logprobs or [], c.text)
         return {"index": index, "text": self.echoes[p] + c.text, "finish_reason": c.finish_reason,
-                "logprobs": self._logprobs(self.echo_logprobs[p] + (c.logprobs or []), 0)}
+                "logprobs": self._logprobs(self.echo_logprobs[p] + generated, 0)}
 
 
 # ----- whole responses and streams --------------------------------------------------------------------

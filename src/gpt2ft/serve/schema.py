@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from ..errors import UserError
 from ..sampling import MAX_BIAS, MAX_LOGIT_BIASES, OPTIONS, Option, check
@@ -21,6 +21,20 @@ OPENAI_DEFAULTS = {"temperature": 1.0, "max_tokens": None}
 """Where the API's defaults are OpenAI's, not the CLI's (max_tokens None: what the context and
 --max-tokens allow)."""
 _SCHEMA_DEFAULT = object()
+
+
+def api_options() -> list[dict]:
+    """GET /v1/sampling: every option a request may set (Option.describe), with the default a chat request
+    gets when it leaves the field out (OpenAI's where they differ from the CLI's)."""
+    out = []
+    for opt in OPTIONS.values():
+        if opt.api:
+            d = opt.describe()
+            if opt.api in OPENAI_DEFAULTS:
+                d["default"] = OPENAI_DEFAULTS[opt.api]
+                d["optional"] = d["optional"] or d["default"] is None
+            out.append(d)
+    return out
 
 
 def _checked(name: str, zero_ok: bool = False):
@@ -77,6 +91,11 @@ def option_field(opt: Option, default=_SCHEMA_DEFAULT, zero_ok: bool = False):
     return Annotated[Optional[Annotated[kind, _checked(opt.name, zero_ok)]], info]
 
 
+def nullable(kind, default, **field):
+    """A field that OpenAI's API declares "or null": null means the default."""
+    return Annotated[kind, BeforeValidator(lambda v: default if v is None else v), Field(default, **field)]
+
+
 class _Request(BaseModel):
     # every field is honoured or refused: an unknown one is a 400 naming it (validation_message)
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid", strict=True, populate_by_name=True)
@@ -104,14 +123,15 @@ class Message(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls (rendered as their JSON)")
     tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
-    refusal: str | None = None
+    refusal: str | None = Field(None, description="an assistant's refusal (rendered as its content)")
 
     def text(self) -> str:
-        """The content as the template renders it; an assistant's tool calls as their JSON text."""
+        """The content as the template renders it (an assistant's refusal when it has no content); an
+        assistant's tool calls as their JSON text."""
         if isinstance(self.content, list):
             text = "".join(p.text for p in self.content)
         else:
-            text = self.content or ""
+            text = self.content if self.content is not None else self.refusal or ""  # a refusal is what it said
         calls = "\n".join(json.dumps({"name": c.function.name, "arguments": _json_or_text(c.function.arguments)})
                           for c in self.tool_calls or [])
         return "\n".join(t for t in (text, calls) if t)
@@ -124,8 +144,19 @@ def _json_or_text(arguments: str):
         return arguments
 
 
+class Prediction(_Request):
+    """OpenAI's predicted output (it only speeds up OpenAI's decoding)."""
+
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+
+_FLAG = nullable(bool, False)
+_N = nullable(int, 1, ge=1, description="choices per prompt (at most `gpt2ft serve --max-n`)")
+
+
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: _FLAG
 
 
 # ----- structured outputs: what the reply must match (serve.structured makes one grammar of them) ------
@@ -138,7 +169,7 @@ class JSONObjectFormat(_Request):
 
 
 class JSONSchema(_Request):
-    name: str = Field(max_length=64)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema (none: any object)")
     strict: bool | None = Field(None, description="accepted; the output always matches the schema")
@@ -154,7 +185,9 @@ ResponseFormat = Annotated[Union[TextResponseFormat, JSONObjectFormat, JSONSchem
 
 class FunctionDef(_Request):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
+    description: str | None = Field(None, description="accepted; not shown to the model (the prompt templates "
+                                                      "have no place for tool definitions): a forced call's "
+                                                      "arguments are constrained to `parameters`")
     parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON Schema (none: no arguments)")
     strict: bool | None = Field(None, description="accepted; the arguments always match the schema")
 
@@ -197,8 +230,8 @@ METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "prediction")
 
 class _Common(_Sampling):
     model: str
-    n: int = Field(1, ge=1, description="choices per prompt (at most `gpt2ft serve --max-n`)")
-    stream: bool = False
+    n: _N
+    stream: _FLAG
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     guided_json: Union[dict[str, Any], str, None] = Field(None, description="vLLM's: a JSON Schema the reply matches")
@@ -209,7 +242,7 @@ class _Common(_Sampling):
     user: str | None = Field(None, description=_IGNORED)
     metadata: dict[str, str] | None = Field(None, description=_IGNORED)
     store: bool | None = Field(None, description=_IGNORED)
-    service_tier: str | None = Field(None, description=_IGNORED)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(None, description=_IGNORED)
     FIELDS: ClassVar[dict[str, Option]] = SAMPLING_FIELDS
 
     def options(self) -> dict:
@@ -220,6 +253,16 @@ class _Common(_Sampling):
             out[opt.name] = value if value is not None else type(self).model_fields[api].get_default(
                 call_default_factory=True)
         return out
+
+    @property
+    def limit_field(self) -> str:
+        """The field the client set the length limit with (named in errors about it)."""
+        return "max_tokens"
+
+    def field_of(self, option: str) -> str:
+        """The request field that sets sampling option `option`."""
+        return self.limit_field if option == "max_new_tokens" else \
+            next((api for api, opt in self.FIELDS.items() if opt.name == option), option)
 
     @property
     def include_usage(self) -> bool:
@@ -234,17 +277,21 @@ class _Common(_Sampling):
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: _ChatMaxTokens
-    logprobs: bool = False
+    logprobs: _FLAG
     top_logprobs: _Logprobs
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
         None, description='"required" or a named function: the reply is a call with schema-valid arguments; '
                           '"none": text; "auto" needs a template with a tool-call format')
     parallel_tool_calls: bool | None = Field(None, description="accepted: a reply makes at most one call")
-    prediction: dict[str, Any] | None = Field(None, description=_IGNORED)
+    prediction: Prediction | None = Field(None, description=_IGNORED)
     FIELDS: ClassVar[dict[str, Option]] = {**{a: o for a, o in SAMPLING_FIELDS.items() if a != "logprobs"},
                                            "max_completion_tokens": OPTIONS["max_new_tokens"],
                                            "top_logprobs": OPTIONS["logprobs"]}
+
+    @property
+    def limit_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def options(self) -> dict:
         out = super().options()
@@ -259,7 +306,7 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         description='text or token ids, or a list of them; "" or [] starts from <|endoftext|>')
-    echo: bool = False
+    echo: _FLAG
     logprobs: _Logprobs
     max_tokens: _TextMaxTokens
     best_of: int | None = Field(None, ge=1, description="generate this many (>= n) and return the n with the "
@@ -271,12 +318,15 @@ class CompletionRequest(_Common):
 _UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of such lists",
            "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts"}
 _UNION_TAGS = {"str", "int", "float", "bool", "function-after"}
+_TAGGED = {"response_format": {"text", "json_object", "json_schema"}}
 _TYPES = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
           "string_type": "a string", "list_type": "a list", "model_type": "a JSON object",
           "model_attributes_type": "a JSON object"}
 
 
 def _shown(value) -> str:
+    if isinstance(value, bytes):  # a body that is not JSON: as the text it is
+        value = value.decode("utf-8", "replace")
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
@@ -288,6 +338,8 @@ def validation_message(err: dict, fields: dict[str, Option]) -> tuple[str, str |
     """(message, param) of pydantic's first error in a request; `fields` are the request's sampling fields."""
     # the body's path, without pydantic's names of the union members it tried ("str", "list[int]")
     loc = [str(x) for x in err.get("loc", ()) if x != "body" and str(x) not in _UNION_TAGS and "[" not in str(x)]
+    # a tagged union's member is named by its tag after the field (response_format.json_schema...): not a path
+    loc = [x for i, x in enumerate(loc) if not (i and x in _TAGGED.get(loc[i - 1], ()))]
     kind = err.get("type")
     if kind == "json_invalid":
         return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})", None

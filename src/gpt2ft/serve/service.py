@@ -11,8 +11,9 @@ from fastapi import Request
 
 from ..errors import UserError
 from ..generation import SamplingConfig, fits_context
-from ..sampling import OPTIONS
+from ..sampling import OptionError
 from .config import ServeConfig, ServedModel
+from .prompts import check_prompts
 from .responses import APIError, Reply, sse, unavailable
 from .scheduler import Busy, Done, Failed, Inbox, Job, Scheduler
 from .structured import Constraint
@@ -42,6 +43,30 @@ def best(completions: list, candidates: int, n: int) -> list:
     return out
 
 
+def check_message(i: int, m, calls: set[str]) -> None:
+    """A 400 naming the field of messages[i] that the conversation cannot hold; `calls` collects the tool
+    call ids of the assistant turns so far (a tool message answers one of them)."""
+    def refuse(field: str, why: str):
+        raise APIError(400, f"messages[{i}].{field} {why}", f"messages.{i}.{field}")
+
+    if m.name is not None:
+        refuse("name", "is not supported: the prompt templates have no place for a speaker's name (drop it, or "
+                       "put it in the content)")
+    for field in ("tool_calls", "refusal"):
+        if getattr(m, field) is not None and m.role != "assistant":
+            refuse(field, f"belongs to an assistant message, not a {m.role} one")
+    if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.refusal is not None)):
+        refuse("content", f"is required for a{'n' if m.role == 'assistant' else ''} {m.role} message (only an "
+                          "assistant's may be null, beside its tool_calls or refusal)")
+    calls.update(c.id for c in m.tool_calls or ())
+    if m.role != "tool" and m.tool_call_id is not None:
+        refuse("tool_call_id", f"belongs to a tool message, not a {m.role} one")
+    if m.role == "tool" and m.tool_call_id is None:
+        refuse("tool_call_id", "is required: the id of the assistant's tool call this result answers")
+    if m.role == "tool" and m.tool_call_id not in calls:
+        refuse("tool_call_id", f"is {m.tool_call_id!r}, which no earlier assistant message's tool_calls has")
+
+
 class Service:
     def __init__(self, models: dict[str, ServedModel], scheduler: Scheduler, config: ServeConfig):
         self.models, self.scheduler, self.config = models, scheduler, config
@@ -49,7 +74,7 @@ class Service:
     def lookup(self, name: str) -> ServedModel:
         if name not in self.models:
             raise APIError(404, f"model {name!r} is not served here; choose one of {sorted(self.models)} "
-                           "(GET /v1/models)", "model", "model_not_found", type="not_found_error")
+                           "(GET /v1/models)", "model", "model_not_found")  # OpenAI's type for it
         return self.models[name]
 
     def refuse(self, req) -> None:
@@ -67,15 +92,15 @@ class Service:
             raise APIError(400, f"best_of ({req.candidates}) must be at least n ({req.n})", "best_of")
         if req.candidates > req.n and req.stream:
             raise APIError(400, "best_of cannot be streamed: the best choices are known only at the end", "best_of")
+        both = (getattr(req, "max_completion_tokens", None), getattr(req, "max_tokens", None))
+        if None not in both and both[0] != both[1]:
+            raise APIError(400, f"max_completion_tokens ({both[0]}) and max_tokens ({both[1]}) disagree: send one "
+                           "(max_tokens is the older name of max_completion_tokens)", "max_tokens")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        calls: set[str] = set()  # the ids of the tool calls made so far in the conversation
         for i, message in enumerate(getattr(req, "messages", ())):
-            if message.name is not None:
-                raise APIError(400, f"messages[{i}].name is not supported: the prompt templates have no place for "
-                               "a speaker's name (drop it, or put it in the content)", f"messages.{i}.name")
-            if message.content is None and message.role != "assistant":
-                raise APIError(400, f"messages[{i}].content is required for a {message.role} message (only an "
-                               "assistant's may be null, beside its tool_calls)", f"messages.{i}.content")
+            check_message(i, message, calls)
         if getattr(req, "max_tokens", None) == 0 and not getattr(req, "echo", False):
             raise APIError(400, "max_tokens must be an integer >= 1, not 0 (0 only with echo: the prompt scored, "
                            "nothing generated)", "max_tokens")
@@ -86,10 +111,10 @@ class Service:
         options, the server's caps and defaults, the template's stop strings, the grammar."""
         self.refuse(req)
         options = req.options()
-        limit, cap = options.pop("max_new_tokens"), self.config.max_tokens
+        limit, cap, limit_field = options.pop("max_new_tokens"), self.config.max_tokens, req.limit_field
         if limit is not None and limit > cap:
-            raise APIError(400, f"max_tokens is {limit} but this server allows at most {cap} "
-                           "(gpt2ft serve --max-tokens)", "max_tokens")
+            raise APIError(400, f"{limit_field} is {limit} but this server allows at most {cap} "
+                           "(gpt2ft serve --max-tokens)", limit_field)
         if req.candidates > req.n and options["logprobs"] is None:
             options["logprobs"] = 0  # best_of ranks by them
         context = served.model.config.block_size
@@ -100,11 +125,15 @@ class Service:
             max_new = limit or max(1, min(cap, context - max(len(ids), 1)))
             if options["min_tokens"] > max_new:
                 raise APIError(400, f"min_tokens ({options['min_tokens']}) is more than the {max_new} tokens "
-                               "this reply may have (max_tokens, or what the context leaves)", "min_tokens")
+                               f"this reply may have ({req.limit_field}, or what the context leaves)", "min_tokens")
             for i in range(req.candidates):
                 seed = None if options["seed"] is None else (options["seed"] + i) % SEEDS  # n choices differ
-                configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
-                                                 "template_stop": stops, "grammar": grammar}))
+                try:
+                    configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
+                                                     "template_stop": stops, "grammar": grammar}))
+                except OptionError as e:  # options refused together (e.g. stop with a constraint)
+                    field = req.field_of(e.option)
+                    raise APIError(400, str(e).replace(e.option, field, 1), field) from None
         return configs
 
     def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str,
@@ -130,7 +159,7 @@ class Service:
         except UserError as e:  # the engine's checks of the prompt: context length, token ids
             context = served.model.config.block_size
             too_long = any(not fits_context(ids, cfg.max_new_tokens, context) for ids, cfg in specs)
-            message = str(e).replace("max_new_tokens", OPTIONS["max_new_tokens"].api)
+            message = str(e).replace("max_new_tokens", req.limit_field)
             field = "logit_bias" if message.startswith("logit_bias") else param  # else: the prompt's
             raise APIError(400, message, field, "context_length_exceeded" if too_long else None) from None
 
@@ -145,6 +174,19 @@ class Service:
         if req.candidates > req.n:
             return reply.whole(best(completions, req.candidates, req.n), completions)
         return reply.whole(completions)
+
+    def check_scoring(self, req, served: ServedModel, prompts: list[list[int]], rule: Constraint | None) -> None:
+        """echo with max_tokens 0 generates nothing: a field that shapes generated text would have nothing
+        to act on (a 400 naming it); the others are checked as a generating request's are."""
+        shaping = [("best_of", req.candidates > req.n), ("min_tokens", bool(req.min_tokens)),
+                   ("logit_bias", bool(req.logit_bias)), ("ignore_eos", bool(req.ignore_eos)),
+                   ("stop", bool(req.stop)), (rule.field if rule else "", rule is not None and rule.spec is not None)]
+        for field, given in shaping:
+            if given:
+                raise APIError(400, f"{field} shapes generated text, but echo with max_tokens 0 generates none "
+                               "(it scores the prompt): drop it, or ask for tokens with max_tokens", field)
+        self.sampling(req, served, prompts, [])  # every other field's checks
+        check_prompts(prompts, served.model.config)
 
     def scored(self, req, served: ServedModel, prompts: list[list[int]], fmt):
         """echo with max_tokens 0: each prompt (with its log-probabilities, in fmt), nothing generated."""

@@ -9,7 +9,7 @@ validate against the chosen tool's schema. A reply makes at most one call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import UserError
 from ..grammar import GrammarState, compile_grammar, new_bitmask
@@ -25,17 +25,21 @@ class Constraint:
     and for a forced tool call the functions it may call."""
 
     field: str
-    spec: GrammarSpec
+    spec: GrammarSpec | None  # None: nothing constrains the reply, but `checks` are still checked
     tools: tuple = ()
+    checks: tuple = ()  # (field, spec) of schemas the request gives that must be valid too (every tool's)
 
     def check(self, tokenizer, vocab_size: int) -> None:
-        """Compile the grammar now and compute its first mask, so a malformed (or too complex) schema,
+        """Compile the grammars now and compute a first mask, so a malformed (or too complex) schema,
         regex or grammar is a 400 naming its field, not a failure of the whole decoding batch."""
-        try:
-            compile_grammar(self.spec, tokenizer, vocab_size)
-            GrammarState(self.spec, tokenizer, vocab_size).fill_mask(new_bitmask(1, vocab_size), 0)
-        except UserError as e:
-            raise APIError(400, f"{self.field}: {e}", self.field) from None
+        for field, spec in ((self.field, self.spec), *self.checks):
+            if spec is None:
+                continue
+            try:
+                compile_grammar(spec, tokenizer, vocab_size)
+                GrammarState(spec, tokenizer, vocab_size).fill_mask(new_bitmask(1, vocab_size), 0)
+            except UserError as e:
+                raise APIError(400, f"{field}: {e}", field) from None
 
 
 def _spec(field: str, build, *args) -> tuple[str, GrammarSpec]:
@@ -79,11 +83,17 @@ def _requested(req) -> list[tuple[str, GrammarSpec]]:
 def constraint(req, template_name: str) -> Constraint | None:
     """The one constraint of a request (a 400 naming the fields when it has several), or None."""
     found = [Constraint(field, spec) for field, spec in _requested(req)]
-    if (tool := _tool_constraint(req, template_name)) is not None:
+    tool = _tool_constraint(req, template_name)
+    if tool is not None and tool.spec is not None:
         found.append(tool)
     if len(found) > 1:
-        names = " and ".join(c.field.split(".")[0] for c in found)
-        raise APIError(400, f"{names} each constrain the reply: send at most one of them", found[1].field)
+        fields = [c.field for c in found]
+        if len({f.split(".")[0] for f in fields}) == len(fields):  # the top-level names tell them apart
+            fields = [f.split(".")[0] for f in fields]
+        raise APIError(400, f"{' and '.join(fields)} each constrain the reply: send at most one of them",
+                       found[1].field)
+    if tool is not None and tool.spec is None:  # tool_choice "none": the tools are still checked
+        return replace(found[0], checks=tool.checks) if found else tool
     return found[0] if found else None
 
 
@@ -98,9 +108,11 @@ def _tool_constraint(req, template_name: str) -> Constraint | None:
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise APIError(400, f"tools: the function name {dup!r} is given twice", "tools")
+    checks = tuple(_spec(f"tools[{i}].function.parameters", GrammarSpec.json_schema, _parameters(t.function))
+                   for i, t in enumerate(tools))
     choice = choice or "auto"  # OpenAI's default with tools
     if choice == "none":
-        return None
+        return Constraint("tools", None, checks=checks)
     if choice == "auto":
         raise APIError(400, f"tool_choice \"auto\": the model's template ({template_name}) defines no tool-call "
                        "format, so a call cannot be told from text; send tool_choice \"required\", "
@@ -112,10 +124,28 @@ def _tool_constraint(req, template_name: str) -> Constraint | None:
             raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in "
                            f"tools ({', '.join(names)})", "tool_choice")
     if len(chosen) == 1:
-        return Constraint("tools", _spec("tools", GrammarSpec.json_schema, _parameters(chosen[0]))[1], tuple(chosen))
-    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": _parameters(f)},
-                         "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]}
-    return Constraint("tools", _spec("tools", GrammarSpec.json_schema, schema)[1], tuple(chosen))
+        return Constraint("tools", _spec("tools", GrammarSpec.json_schema, _parameters(chosen[0]))[1], tuple(chosen),
+                          checks)
+    branches = [{"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                 "properties": {"name": {"const": f.name},
+                                "arguments": _moved(_parameters(f), f"/anyOf/{i}/properties/arguments")}}
+                for i, f in enumerate(chosen)]
+    schema = {"anyOf": branches}
+    return Constraint("tools", _spec("tools", GrammarSpec.json_schema, schema)[1], tuple(chosen), checks)
+
+
+def _moved(schema, path: str):
+    """A schema placed at JSON pointer `path` of another: its own local references ("#/$defs/X", "#")
+    made to point where they now are."""
+    if isinstance(schema, list):
+        return [_moved(v, path) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _moved(v, path) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = "#" + path + ref[1:]
+    return out
 
 
 def _parameters(function) -> dict:
