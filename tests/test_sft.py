@@ -265,3 +265,66 @@ def test_text_perplexity_matches_transformers(hf_dir, hf_model, tmp_path):
         expected = math.exp(hf_model(ids, labels=ids).loss.item())  # one window: the text fits the context
     assert ids.shape[1] <= 65 and ppl == pytest.approx(expected, rel=1e-4), proc.stdout
 
+
+
+# ----- the formats users bring (a helper's first-try attack) ----------------------------------------------
+def test_sharegpt_prompt_completion_and_alpaca_with_system_and_history_are_read(tmp_path):
+    rows = [
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello"}]},
+        {"prompt": "What is 2+2?", "completion": "4"},
+        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]},
+        {"instruction": "What is 2+2?", "output": "4", "system": "You are a pirate", "history": [["Hi", "Arr"]]},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, _ = load_records(tmp_path / "d.jsonl")
+    assert [[(m["role"], m["content"]) for m in r.messages] for r in records] == [
+        [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")],
+        [("user", "What is 2+2?"), ("assistant", "4")],
+        [("user", "Hi"), ("assistant", "Yo")],
+        [("system", "You are a pirate"), ("user", "Hi"), ("assistant", "Arr"), ("user", "What is 2+2?"),
+         ("assistant", "4")]]
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]},
+     "'weight', which training cannot honour"),  # OpenAI's per-message weight: refused, not trained anyway
+    ({"instruction": "q", "output": "a", "response": "b"}, "which is the answer"),
+    ({"question": "q", "answer": "a"}, "from the fields 'question', 'answer'"),
+    ({"conversations": [{"from": "narrator", "value": "x"}]}, "conversations[0] needs \"from\""),
+])
+def test_a_record_whose_meaning_is_unclear_is_invalid_naming_why(tmp_path, row, reason):
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match="d.jsonl:1: ") as e:
+        load_records(tmp_path / "d.jsonl")
+    assert reason in str(e.value)
+
+
+def test_csv_rows_that_do_not_match_the_header_are_invalid_not_cut(tmp_path):
+    (tmp_path / "c.csv").write_text("instruction ,output\nWhat is 1,000 plus 1?,It is 1,001.\nName a color,Blue\n"
+                                    "Short row\n")
+    with pytest.raises(UserError) as e:
+        load_records(tmp_path / "c.csv")
+    assert "c.csv:2: 4 fields where the header (instruction, output) has 2" in str(e.value)
+    assert "c.csv:4: 1 fields" in str(e.value) and "double quotes" in str(e.value)
+    records, rejected = load_records(tmp_path / "c.csv", on_invalid="skip")  # the header's names are stripped
+    assert [r.messages[0]["content"] for r in records] == ["Name a color"] and len(rejected) == 2
+    rows = ["instruction,output", *[f"q{i},a{i}" for i in range(3000)], "caf\xe9,x"]
+    (tmp_path / "l.csv").write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(UserError, match=r"l\.csv:3002: invalid UTF-8.*re-encode"):
+        load_records(tmp_path / "l.csv")
+
+
+def test_columns_never_rename_over_a_field_the_record_has(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "Q", "answer": "GOOD", "output": "BAD"}\n')
+    with pytest.raises(UserError, match="renames 'answer' to 'output', which the record already has"):
+        load_records(tmp_path / "d.jsonl", columns={"answer": "output"})
+    with pytest.raises(UserError, match=r"its fields: answer, instruction, output"):
+        load_records(tmp_path / "d.jsonl", columns={"reply": "output"})
+
+
+def test_data_convert_says_what_it_left_out(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "", "output": "b"}\n')
+    proc = run_cli("data", "convert", tmp_path / "d.jsonl", "--on-invalid", "skip", "--out", tmp_path / "o.jsonl",
+                   check=True)
+    assert "left out 1 invalid record(s): " in proc.stderr and "d.jsonl:2: empty instruction" in proc.stderr

@@ -315,7 +315,9 @@ def add_instruction_data_args(p, skip: str) -> None:
     """--data, --format, --split, --columns, --template, --on-invalid; `skip` says what the verb does with
     the valid records under --on-invalid skip ("train on the rest", "score the rest")."""
     required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID"))
-    p.add_argument("--format", default="auto", help="auto|alpaca|instruction-response|messages|csv")
+    from ..data.formats import FORMATS
+
+    p.add_argument("--format", default="auto", help="|".join(FORMATS))
     add_columns_args(p)
     p.add_argument("--template", default=None,
                    help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat for "

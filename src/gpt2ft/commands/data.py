@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..argtypes import ranged
 from ..errors import UserError
+from ..data.formats import FORMATS
 from . import (add_columns_args, add_device, add_on_invalid, add_sampling, load_model, only_with, parse_columns,
                required, sampling_config)
 
@@ -29,7 +30,7 @@ def add_args(p):
         g.add_argument("--to", default="alpaca", choices=["alpaca", "messages", "instruction-response"],
                        help="output format"),
         g.add_argument("--from", dest="source", default="auto",
-                       help="auto|alpaca|instruction-response|messages|csv|lines"),
+                       help="|".join((*FORMATS, "lines"))),
         only_with(g.add_argument("--instruction", default=None,
                                  help="with --from lines: the instruction every line answers"), "source", "lines"),
     ):
@@ -69,7 +70,7 @@ def lines_to_rows(path: Path, instruction: str | None):
 
 
 def run(args):
-    from ..data.instructions import FORMATS, load_records, record_to_row, validate_rows
+    from ..data.instructions import load_records, record_to_row, validate_rows
     from ..fileio import check_writable, write_user_file
 
     inputs = {"the input": args.input, "--data": args.data, "--template": args.template}
@@ -79,10 +80,12 @@ def run(args):
     if args.source not in (*FORMATS, "lines"):
         raise UserError(f"--from must be one of {', '.join(FORMATS)}, lines; not {args.source!r}")
     if args.source == "lines":
-        records, _ = validate_rows(lines_to_rows(Path(args.input), args.instruction), "alpaca", args.on_invalid,
-                                   args.input)
+        records, rejected = validate_rows(lines_to_rows(Path(args.input), args.instruction), "alpaca",
+                                          args.on_invalid, args.input)
     else:
-        records, _ = load_records(args.input, args.source, args.split, parse_columns(args.columns), args.on_invalid)
+        records, rejected = load_records(args.input, args.source, args.split, parse_columns(args.columns),
+                                         args.on_invalid)
+    report_skipped(rejected)
     rows, left_out = [], []
     for record in records:
         try:
@@ -103,6 +106,16 @@ def run(args):
     return 0
 
 
+def report_skipped(rejected: list[dict]) -> None:
+    """--on-invalid skip: how many records were left out and why (the first few), on stderr."""
+    if rejected:
+        import sys
+
+        listed = "; ".join(f"{r['where']}: {r['reason']}" for r in rejected[:3])
+        more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
+        print(f"left out {len(rejected)} invalid record(s): {listed}{more}", file=sys.stderr)
+
+
 def run_pairs(args, inputs: dict) -> int:
     """data pairs MODEL --data SFT_FILE --out PREFS (see objectives_pref.on_policy_pairs)."""
     from ..data.instructions import load_records
@@ -112,7 +125,8 @@ def run_pairs(args, inputs: dict) -> int:
 
     if not args.data:
         raise UserError("data pairs needs --data: the instruction data whose answers become `chosen`")
-    records, _ = load_records(args.data, "auto", args.split, parse_columns(args.columns), args.on_invalid)
+    records, rejected = load_records(args.data, "auto", args.split, parse_columns(args.columns), args.on_invalid)
+    report_skipped(rejected)
     args.model = args.input
     loaded = load_model(args)
     model, tokenizer = loaded

@@ -15,9 +15,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..fileio import MAX_DATA_FILE, check_size
 from ..templates import ROLES, message_text
+from .formats import FORMATS, SHAREGPT_ROLES
 from .text import read_json, read_jsonl
 
-FORMATS = ("auto", "alpaca", "instruction-response", "messages", "csv")
 MAX_LISTED = 20
 DATA_LIMIT_HINT = "its records are held in memory: split it into smaller files, or use hf:DATASET_ID"
 
@@ -40,7 +40,8 @@ class Record:
 
 # ----- reading --------------------------------------------------------------------------------
 # the fields --columns can rename a file's names to: an instruction record's, a preference pair's
-RECORD_FIELDS = ("messages", "instruction", "input", "output", "response", "weight")
+RECORD_FIELDS = ("messages", "instruction", "input", "output", "response", "weight", "prompt", "completion",
+                 "conversations", "system", "history")
 PAIR_FIELDS = ("prompt", "instruction", "input", "chosen", "rejected")
 
 
@@ -56,10 +57,13 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train", columns
     for where, row in _rows(path, fmt, split):
         if columns and isinstance(row, dict):
             seen.update(row)
-            row = {columns.get(k, k): v for k, v in row.items()}
+            clash = [k for k in row if k in columns and columns[k] in row and columns[k] not in columns]
+            row = UserError(f"--columns renames {clash[0]!r} to {columns[clash[0]]!r}, which the record already has: "
+                            "one of the two would be lost") if clash else {columns.get(k, k): v for k, v in row.items()}
         yield where, row
     if columns and (unused := sorted(set(columns) - seen)):  # a typo would rename nothing, unsaid
-        raise UserError(f"--columns names {', '.join(map(repr, unused))}, which no record of {path} has")
+        raise UserError(f"--columns names {', '.join(map(repr, unused))}, which no record of {path} has (its "
+                        f"fields: {', '.join(sorted(seen)) or 'none'})")
 
 
 def check_column_targets(columns: dict[str, str], fields: tuple[str, ...]) -> None:
@@ -97,20 +101,36 @@ def _rows(path: str | Path, fmt: str, split: str):
 
 
 def _csv_rows(path: Path, delimiter: str):
+    """(file:line, row) of a CSV/TSV file with a header (names stripped of spaces and a BOM). A row with
+    more or fewer fields than the header is an invalid record (an unquoted comma would shift every field
+    after it), not a row cut to fit."""
     try:
         f = open(path, newline="", encoding="utf-8-sig")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+        reader = csv.reader(f, delimiter=delimiter)
         try:
-            reader.fieldnames  # read the header first, so the first row is line 2
+            header = [name.strip() for name in next(reader, [])]
             start = reader.line_num + 1
-            for row in reader:
-                yield f"{path}:{start}", {k: v for k, v in row.items() if k is not None}
+            for fields in reader:
+                if fields and len(fields) != len(header):
+                    quote = "commas" if delimiter == "," else "tabs"
+                    yield f"{path}:{start}", UserError(
+                        f"{len(fields)} fields where the header ({', '.join(header)}) has {len(header)}: put "
+                        f"double quotes around a field that contains {quote}")
+                elif fields:
+                    yield f"{path}:{start}", dict(zip(header, fields))
                 start = reader.line_num + 1
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{reader.line_num + 1}: invalid UTF-8 (byte {e.start})") from None
+        except UnicodeDecodeError:  # the reader decodes ahead of the row it is on: find the byte's own line
+            data = path.read_bytes()
+            try:
+                data.decode("utf-8-sig")
+                offset = 0
+            except UnicodeDecodeError as e:
+                offset = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+            line = data[:offset].count(b"\n") + 1
+            raise UserError(f"{path}:{line}: invalid UTF-8 (byte {offset}); re-encode the file as UTF-8") from None
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
@@ -132,11 +152,65 @@ def _hf_rows(dataset_id: str, split: str):
 def detect_format(row: dict) -> str:
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row and "response" in row:
+        raise UserError("both 'output' and 'response': which is the answer? Drop one, or rename one with --columns")
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "instruction" in row and "response" in row:
         return "instruction-response"
+    if "prompt" in row and "completion" in row:
+        return "prompt-completion"
     return "unknown"
+
+
+def _messages(value, name: str, roles=ROLES) -> list[dict]:
+    """A list of {"role", "content"} messages (any other key refused: it would be dropped unsaid)."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{name!r} must be a non-empty list")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+            raise UserError(f"{name}[{i}] needs a role in {roles} and a string content")
+        if extra := sorted(set(m) - {"role", "content"} - ({"weight"} if m.get("weight") == 1 else set())):
+            raise UserError(f"{name}[{i}] has {', '.join(map(repr, extra))}, which training cannot honour (a "
+                            "per-message weight included: give the record's weight instead, or drop the field)")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _conversation(messages: list[dict], where: str, row: dict, weight: float) -> "Record":
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise UserError("the last message must be a non-empty assistant reply")
+    if not any(m["role"] == "user" for m in messages):
+        raise UserError("messages need at least one user turn")
+    return Record(messages, weight, where, row)
+
+
+def _sharegpt(turns) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise UserError("'conversations' must be a non-empty list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+            raise UserError(f"conversations[{i}] needs \"from\" in ({', '.join(SHAREGPT_ROLES)}) and a string "
+                            "\"value\"")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return out
+
+
+def _alpaca_context(row: dict) -> list[dict]:
+    """An Alpaca record's optional `system` prompt and `history` ([[instruction, response], ...], earlier
+    turns: LLaMA-Factory's fields) as the messages before its instruction."""
+    system, history = row.get("system") or "", row.get("history") or []
+    if not isinstance(system, str):
+        raise UserError("'system' must be a string")
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 and
+                                                all(isinstance(x, str) for x in h) for h in history):
+        raise UserError("'history' must be a list of [instruction, response] pairs of strings")
+    turns = [{"role": "system", "content": system}] if system else []
+    for instruction, response in history:
+        turns += [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+    return turns
 
 
 def normalize(row, fmt: str, where: str, empty_instruction: bool = False) -> Record:
@@ -155,17 +229,18 @@ def normalize(row, fmt: str, where: str, empty_instruction: bool = False) -> Rec
     if not weight > 0 or weight != weight or weight == float("inf"):
         raise UserError(f"weight must be a positive number, not {weight}")
     if kind == "messages":
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise UserError("'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise UserError(f"messages[{i}] needs a role in {ROLES} and a string content")
-        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-            raise UserError("the last message must be a non-empty assistant reply")
-        if not any(m["role"] == "user" for m in messages):
-            raise UserError("messages need at least one user turn")
-        return Record([dict(role=m["role"], content=m["content"]) for m in messages], weight, where, row)
+        return _conversation(_messages(row.get("messages"), "messages"), where, row, weight)
+    if kind == "sharegpt":
+        return _conversation(_sharegpt(row.get("conversations")), where, row, weight)
+    if kind == "prompt-completion":  # TRL's: strings, or conversational (message lists)
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not prompt.strip() and not empty_instruction:
+                raise UserError("empty prompt")
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        else:
+            messages = _messages(prompt, "prompt") + _messages(completion, "completion", ("assistant",))
+        return _conversation(messages, where, row, weight)
     if kind in ("alpaca", "instruction-response"):
         response_key = "output" if kind == "alpaca" else "response"
         instruction, response = row.get("instruction"), row.get(response_key)
@@ -178,9 +253,11 @@ def normalize(row, fmt: str, where: str, empty_instruction: bool = False) -> Rec
         if not response.strip():
             raise UserError(f"empty {response_key}")
         user = {"role": "user", "content": instruction, **({"input": extra} if extra else {})}
-        return Record([user, {"role": "assistant", "content": response}], weight, where, row)
-    raise UserError("cannot tell the format: expected 'messages', 'instruction'+'output' (Alpaca) or "
-                    "'instruction'+'response' fields (or name the fields with --columns)")
+        return Record(_alpaca_context(row) + [user, {"role": "assistant", "content": response}], weight, where, row)
+    raise UserError(f"cannot tell the format from the fields {', '.join(map(repr, row)) or '(none)'}: expected "
+                    "'messages', 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), 'instruction'+'response' "
+                    "or 'prompt'+'completion'; name yours with --columns, e.g. --columns instruction=question,"
+                    "output=answer")
 
 
 def load_records(path: str | Path, fmt: str = "auto", split: str = "train", columns: dict[str, str] | None = None,
