@@ -790,3 +790,19 @@ def test_an_export_says_what_it_holds(world, tmp_path):
     ids = ours.encode(text)
     assert theirs.encode(text) == ids and ours.unk_id in ids and ours.eos_id in ids
     assert theirs.decode(ids) == ours.decode(ids)
+
+
+def test_an_sft_evaluation_never_ends_the_run_over_long_validation_prompts(world, tmp_path):
+    """Every validation prompt longer than the model's context: the run trains, evaluates its loss and saves
+    (the generation scores are skipped with a note naming --eval-examples); it used to exit 2 at the first
+    evaluation with nothing saved, naming a flag sft does not have."""
+    long = " ".join(WORDS * 4)
+    rows = [{"instruction": long, "output": "the king"} for _ in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("sft", world / "run", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "r", "--max-steps", "2",
+                   "--eval-every", "1", "--val-fraction", "0.5", "--max-length", "24", "--batch-size", "2", check=True)
+    assert "generation scores skipped" in proc.stderr and "--eval-examples 0" in proc.stderr
+    assert proc.stderr.count("generation scores skipped") == 1  # said once, not at every evaluation
+    from gpt2ft.checkpoint import load
+
+    assert load(tmp_path / "r", device="cpu").meta["step"] == 2  # the trained model, saved

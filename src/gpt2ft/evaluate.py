@@ -2,6 +2,8 @@
 ratio, keywords), the perplexity of the reference responses, and plain-text perplexity."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 
 import torch
 
@@ -75,18 +77,24 @@ def reference_perplexity(model, tokenizer, records: list[Record], template, batc
 
 
 def evaluate_records(model, tokenizer, records: list[Record], template, sampling: SamplingConfig,
-                     keywords: list[str] | None = None, batch_size: int = 8) -> tuple[list[dict], dict]:
-    """Generate for every record (batched) and score against its reference response."""
+                     keywords: list[str] | None = None, batch_size: int = 8, shrink: bool = False,
+                     flag: str = "--max-new-tokens") -> tuple[list[dict], dict]:
+    """Generate for every record (batched) and score against its reference response. A prompt that leaves
+    no room for sampling.max_new_tokens is skipped; with `shrink` (evaluations during training) it gets
+    what its own context leaves instead, and only a prompt that fills the context is skipped. No record
+    left is an error naming `flag` (a report of nothing would read as scores)."""
     was_training = model.training
     model.eval()
     prompts = [template.prompt(r.messages[:-1]) for r in records]  # all but the final reply
     ids = [prompt_ids(r.messages[:-1], template, tokenizer) for r in records]  # exactly as SFT tokenised them
-    kept = [i for i, p in enumerate(ids) if fits_context(p, sampling.max_new_tokens, model.config.block_size)]
-    if records and not kept:  # a report of nothing would read as scores (and replace a real one)
+    context, wanted = model.config.block_size, sampling.max_new_tokens
+    kept = [i for i, p in enumerate(ids) if fits_context(p, 1 if shrink else wanted, context)]
+    if records and not kept:
         raise UserError(f"no record can be scored: none of the {len(records)} prompts leaves room for "
-                        f"--max-new-tokens {sampling.max_new_tokens} in the model's context of "
-                        f"{model.config.block_size} tokens; lower --max-new-tokens")
-    outputs = generate_batch(model, tokenizer, [ids[i] for i in kept], sampling, batch_size)
+                        f"{flag} {1 if shrink else wanted} in the model's context of {context} tokens"
+                        f"{'' if shrink else f'; lower {flag}'}")
+    configs = [replace(sampling, max_new_tokens=min(wanted, context - max(len(ids[i]), 1))) for i in kept]
+    outputs = generate_batch(model, tokenizer, [ids[i] for i in kept], configs, batch_size)
     references = [records[i].response for i in kept]
     per_example, summary = score(outputs, references, keywords)
     summary["skipped_too_long"] = len(records) - len(kept)

@@ -432,19 +432,21 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt: str | list[int], cfg: Sampl
     return Stream(engine, engine.add(_ids(tokenizer, prompt), _sampling(cfg, sampling)))
 
 
-def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg: SamplingConfig,
-                   batch_size: int = 8, compile: bool = False) -> list[Completion]:
-    """Complete many prompts, up to batch_size at a time (a finished row's slot goes to the next
-    prompt at once); the Completions carry text, finish_reason, stop_reason, usage and logprobs."""
+def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]],
+                   cfg: SamplingConfig | list[SamplingConfig], batch_size: int = 8, compile: bool = False) -> list[Completion]:
+    """Complete many prompts (with one SamplingConfig, or one each), up to batch_size at a time (a finished
+    row's slot goes to the next prompt at once); the Completions carry text, finish_reason, stop_reason,
+    usage and logprobs."""
     engine = Engine(model, tokenizer, max_batch=max(1, min(batch_size, len(prompts))), compile=compile)
-    completions = [engine.add(_ids(tokenizer, p), cfg) for p in prompts]
+    configs = cfg if isinstance(cfg, list) else [cfg] * len(prompts)
+    completions = [engine.add(_ids(tokenizer, p), c) for p, c in zip(prompts, configs)]
     while engine.has_work:
         engine.step()
     return completions
 
 
-def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg: SamplingConfig,
-                   batch_size: int = 8) -> list[str]:
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]],
+                   cfg: SamplingConfig | list[SamplingConfig], batch_size: int = 8) -> list[str]:
     """The completions' texts, each cut at EOS, a stop string or max_new_tokens."""
     return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size)]
 

@@ -99,7 +99,7 @@ class InstructionTuning(MaskedLM):
                  eval_examples: int = 32, eval_max_new_tokens: int = 64, keywords: list[str] | None = None):
         from .data.sft import InstructionDataset, build_examples
 
-        self.template, self.keywords, self.samples = template, keywords or [], []
+        self.template, self.keywords, self.samples, self.warned = template, keywords or [], [], False
         self.val_records = val_records[:eval_examples]
         self.eval_max_new_tokens = eval_max_new_tokens
         train_examples, weights, counts = build_examples(train_records, template, tokenizer, max_length,
@@ -125,17 +125,25 @@ class InstructionTuning(MaskedLM):
         return self.samples
 
     def evaluate(self, model, tokenizer, step: int) -> dict:
-        from .data.sft import prompt_ids
+        import sys
+
         from .evaluate import evaluate_records
         from .generation import SamplingConfig
 
         if not self.val_records:
             return {}
-        # a small context: fewer new tokens rather than no record scored (alpaca's prompt alone can fill half)
-        longest = max(len(prompt_ids(r.messages[:-1], self.template, tokenizer)) for r in self.val_records)
-        room = max(1, min(self.eval_max_new_tokens, model.config.block_size - longest))
-        sampling = SamplingConfig(max_new_tokens=room, temperature=0.0, template_stop=list(self.template.stop))
-        rows, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling, self.keywords)
+        # each prompt gets what its context leaves (up to --eval-max-new-tokens): a long one cuts its own reply,
+        # not every record's; an evaluation never ends a run, so none that fits is a note, not an error
+        sampling = SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=0.0,
+                                  template_stop=list(self.template.stop))
+        try:
+            rows, summary = evaluate_records(model, tokenizer, self.val_records, self.template, sampling,
+                                             self.keywords, shrink=True, flag="--eval-max-new-tokens")
+        except UserError as e:
+            if not self.warned:
+                print(f"note: generation scores skipped: {e} (--eval-examples 0 turns them off)", file=sys.stderr)
+                self.warned = True
+            return {}
         asked = {r.where: [m["content"] for m in r.messages[:-1] if m["role"] == "user"][-1]  # not the template
                  for r in self.val_records}
         self.samples = [{"prompt": asked.get(r["where"], r["prompt"]), "output": r["output"],
