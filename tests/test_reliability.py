@@ -726,6 +726,12 @@ def _inputs(tmp_path):
     (["pretrain", "--data", "{world}/data", "--out", "{tmp}/r", "--max-steps", "1", "--patience", "2",
       "--eval-every", "0"], "--patience"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--seed", "3"], "--seed"),  # eval is greedy by default
+    (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--sample-tokens", "5"], "--sample-tokens"),
+    (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--factor", "2"], "--factor"),
+    (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--eval-examples", "0", "--keyword", "x"],
+     "--keyword"),
+    (["dpo", "{run}", "--data", "{tmp}/prefs.jsonl", "--out", "{tmp}/s", "--eval-samples", "0", "--sample-tokens",
+      "5"], "--sample-tokens"),
 ])
 def test_an_option_that_would_do_nothing_is_refused(world, tmp_path, args, needle):
     _inputs(tmp_path)
@@ -790,6 +796,21 @@ def test_an_export_says_what_it_holds(world, tmp_path):
     ids = ours.encode(text)
     assert theirs.encode(text) == ids and ours.unk_id in ids and ours.eos_id in ids
     assert theirs.decode(ids) == ours.decode(ids)
+
+
+def test_sft_and_dpo_answer_the_sample_prompts(world, tmp_path):
+    """--sample-prompt: a user message answered at each evaluation (through the template), --sample-tokens
+    long; it was silently dropped by sft and dpo."""
+    (tmp_path / "sft.jsonl").write_text('{"instruction": "the king", "output": "the queen"}\n' * 6)
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "night", "chosen": "day", "rejected": "war"}\n' * 6)
+    for verb, data in (("sft", "sft.jsonl"), ("dpo", "prefs.jsonl")):
+        run_cli(verb, world / "run", "--data", tmp_path / data, "--out", tmp_path / verb, "--max-steps", "1",
+                "--eval-every", "1", "--val-fraction", "0.5", "--sample-prompt", "the king", "--sample-tokens", "3",
+                "--template", "instruction-response",
+                check=True)
+        samples = [json.loads(line) for line in (tmp_path / verb / "samples.jsonl").read_text().splitlines()]
+        asked = [s for row in samples for s in row.get("samples", [row]) if "the king" in s.get("prompt", "")]
+        assert asked, samples
 
 
 def test_an_sft_evaluation_never_ends_the_run_over_long_validation_prompts(world, tmp_path):

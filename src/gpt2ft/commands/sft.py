@@ -13,7 +13,8 @@ as in training.
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import add_common, add_instruction_data_args, add_lora, add_training, parse_columns, recipe_config
+from . import (add_common, add_instruction_data_args, add_lora, add_training, parse_columns, recipe_config,
+               refuse_given)
 
 
 def add_args(p):
@@ -42,5 +43,12 @@ def add_args(p):
 def run(args):
     from ..recipes import SFTConfig, sft
 
+    if not args.sample_prompt:
+        refuse_given(args, {"sample_tokens"}, "without --sample-prompt (the evaluation's replies to validation "
+                     "records are --eval-max-new-tokens long)")
+    if not args.oversample_keyword:
+        refuse_given(args, {"factor"}, "without --oversample-keyword")
+    if args.eval_examples == 0:
+        refuse_given(args, {"keyword", "eval_max_new_tokens"}, "with --eval-examples 0 (nothing is generated)")
     sft(recipe_config(SFTConfig, args, columns=parse_columns(args.columns))).train()
     return 0

@@ -164,3 +164,8 @@ def save_rejected_and_splits(run: RunFolder, rows, rejected: list[dict], what: s
     for name, part in zip(("train", "val", "test"), splits):
         atomic_write_text(run_dir / "splits" / f"{name}.jsonl", "".join(json.dumps(r.raw) + "\n" for r in part))
     return splits
+
+
+def user_prompts(template, prompts: list[str] | None) -> list[str]:
+    """--sample-prompt of an instruction-tuned run: each a user message, as the template renders it for a reply."""
+    return [template.prompt([{"role": "user", "content": p}]) for p in prompts or []]

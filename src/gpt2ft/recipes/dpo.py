@@ -12,6 +12,7 @@ from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
 from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first, recipe,
+                     user_prompts,
                      save_rejected_and_splits)
 
 REFERENCE_CACHE = Path("reference_logps") / "logps.pt"  # in the run folder
@@ -35,6 +36,7 @@ class DPOConfig:
     val_fraction: float = 0.10
     test_fraction: float = 0.05
     eval_samples: int = 3
+    sample_prompt: list[str] | None = None  # user messages answered at each evaluation (through the template)
 
     def __post_init__(self):
         loss = self.preference.loss
@@ -103,6 +105,7 @@ def dpo(cfg: DPOConfig) -> Plan:
     pref = cfg.preference
     objective = PreferenceOptimization(train_examples, val_examples, tokenizer, template, max_len, pref, reference,
                                        sample_prompts=cfg.eval_samples)
+    objective.sample_prompts += user_prompts(template, cfg.sample_prompt)
     print(objective.report)
     precomputed = isinstance(reference, Precomputed)
     if precomputed:  # before any step, so the policy is still the starting model; then no reference is held

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe,
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe, user_prompts,
                      save_rejected_and_splits)
 
 
@@ -31,6 +31,7 @@ class SFTConfig:
     eval_examples: int = 32
     eval_max_new_tokens: int = 64
     keyword: list[str] | None = None
+    sample_prompt: list[str] | None = None  # user messages answered at each evaluation (through the template)
 
 
 @recipe
@@ -58,6 +59,7 @@ def sft(cfg: SFTConfig) -> Plan:
                                   train_on_prompt=cfg.train_on_prompt, packing=cfg.packing,
                                   oversample=(cfg.oversample_keyword, cfg.factor), eval_examples=cfg.eval_examples,
                                   eval_max_new_tokens=cfg.eval_max_new_tokens, keywords=cfg.keyword or [])
+    objective.sample_prompts = user_prompts(template, cfg.sample_prompt)
     print(objective.report)
     run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(cfg.data)}
