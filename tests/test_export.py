@@ -42,3 +42,11 @@ def test_exported_folder_renders_our_tokens_and_knows_its_context(tiny_model, tm
     assert generation["eos_token_id"] == generation["pad_token_id"] == tok.eos_id
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "apply_chat_template" in card and "context 64" in card and f"`{name}`" in card
+    # gpt2ft loading the export again keeps the template it was tuned with (chat, serve, eval, sft, dpo pick it)
+    from gpt2ft.checkpoint import load
+
+    assert load(tmp_path / "hf").template == template
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    del config["gpt2ft_template"]  # a folder that only has the Jinja: one of our built-in templates' is known
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load(tmp_path / "hf").template == template

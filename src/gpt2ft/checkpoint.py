@@ -315,6 +315,8 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     folder = resolve(ref_or_path, verify)
     meta = read_meta(folder)
+    if "template" not in meta and (template := exported_template(folder)) is not None:
+        meta = {**meta, "template": template}  # an exported folder keeps the template it was tuned with
     if (folder / ADAPTER_CONFIG).exists() and not (folder / "config.json").exists():
         base = load(_adapter_base(folder, meta), verify=verify)  # an adapter-only folder: base + adapter
         model = base.model
@@ -368,6 +370,25 @@ def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dt
         atomic_write_json(folder / META_FILE, meta)
 
 
+TEMPLATE_KEY = "gpt2ft_template"  # tokenizer_config.json's copy of the template (transformers ignores it)
+
+
+def exported_template(folder: Path) -> dict | None:
+    """The prompt template an exported folder's tokenizer_config.json records (ours, or a chat_template that
+    is exactly one of gpt2ft's built-in templates'), for a folder without gpt2ft.json."""
+    from .templates import TEMPLATES
+
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # the tokenizer's own reader names what is wrong with it
+    if isinstance(config.get(TEMPLATE_KEY), dict):
+        return config[TEMPLATE_KEY]
+    jinja = config.get("chat_template")
+    return next((t.to_dict() for t in TEMPLATES.values() if jinja and t.to_jinja() == jinja), None)
+
+
 def _complete_tokenizer_config(path: Path, context: int, template) -> None:
     """The context as model_max_length (tools size prompts from it) and the template as chat_template
     (apply_chat_template then gives exactly our tokens)."""
@@ -376,6 +397,7 @@ def _complete_tokenizer_config(path: Path, context: int, template) -> None:
     config["pad_token"] = config.get("eos_token")
     if template is not None:
         config["chat_template"] = template.to_jinja()
+        config[TEMPLATE_KEY] = template.to_dict()  # read back by load(): a Jinja template is not parsed
     atomic_write_json(path, config)
 
 
