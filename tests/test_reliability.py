@@ -728,6 +728,8 @@ def _inputs(tmp_path):
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--seed", "3"], "--seed"),  # eval is greedy by default
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--sample-tokens", "5"], "--sample-tokens"),
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--factor", "2"], "--factor"),
+    (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--lora", "{tmp}", "--lora-r", "16"],
+     "keeps its own settings"),  # continuing an adapter
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--eval-examples", "0", "--keyword", "x"],
      "--keyword"),
     (["dpo", "{run}", "--data", "{tmp}/prefs.jsonl", "--out", "{tmp}/s", "--eval-samples", "0", "--sample-tokens",

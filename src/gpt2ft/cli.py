@@ -210,6 +210,10 @@ def _check_only_with(args, given: set[str]) -> None:
                 if not other.option_strings:  # a positional: the action word of a verb (`data pairs`)
                     raise UserError(f"{action.option_strings[0]} takes effect only in `gpt2ft {args.verb} {value}`: "
                                     f"drop {action.option_strings[0]}")
+                if value is True and have not in (None, False):  # e.g. --lora-r beside --lora ADAPTER_DIR
+                    raise UserError(f"{action.option_strings[0]} takes effect only with a bare {other.option_strings[0]} "
+                                    f"(a new one); {other.option_strings[0]} {have} keeps its own settings: drop "
+                                    f"{action.option_strings[0]}")
                 need = other.option_strings[0] + ("" if value is None else f" {value}")
                 raise UserError(f"{action.option_strings[0]} takes effect only with {need}: add {need} or drop "
                                 f"{action.option_strings[0]}")

@@ -307,7 +307,7 @@ def add_lora(p: argparse.ArgumentParser) -> None:
             g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input"),
             g.add_argument("--lora-targets", default="c_attn,c_proj",
                            help="comma-separated module names (PEFT rule: name or suffix), e.g. c_attn,c_proj,mlp.c_fc")):
-        only_with(action, "lora")
+        only_with(action, "lora", True)  # a new adapter's settings: a continued one keeps its own
 
 
 # ----- instruction data flags (sft, eval, data) ------------------------------------------------------
