@@ -829,3 +829,15 @@ def test_an_sft_evaluation_never_ends_the_run_over_long_validation_prompts(world
     from gpt2ft.checkpoint import load
 
     assert load(tmp_path / "r", device="cpu").meta["step"] == 2  # the trained model, saved
+
+
+def test_prepare_reads_text_files_in_any_case_and_refuses_records(world, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.TXT").write_text(" ".join(WORDS * 20))
+    (docs / "b.pdf").write_text("not text")
+    proc = run_cli("prepare", docs, "--tokenizer", world / "tok", "--out", tmp_path / "d", check=True)
+    assert "tokenizing 1 file(s)" in proc.stderr and "passed over 1 file(s)" in proc.stderr
+    (tmp_path / "t.json").write_text('[{"text": "the king"}]')
+    refused(tmp_path, "prepare", tmp_path / "t.json", "--tokenizer", world / "tok", "--out", tmp_path / "d2",
+            needles=("t.json", "holds records, not text", ".jsonl"))

@@ -28,7 +28,7 @@ def run(args):
     from ..fileio import output_dir
     from ..tokenizer import load_tokenizer
 
-    if not any(f.suffix == ".jsonl" for f in find_text_files(args.text)):
+    if not any(f.suffix.lower() == ".jsonl" for f in find_text_files(args.text, note=False)):
         refuse_given(args, {"text_field"}, "without .jsonl inputs (it names the field of a JSON Lines record)")
     tokenizer = load_tokenizer(args.tokenizer)
     inputs = {"--tokenizer": args.tokenizer, **{f"TEXT {t}": t for t in args.text}}

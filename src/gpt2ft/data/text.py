@@ -19,11 +19,25 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 PREPARED_FILES = ("train.bin", "val.bin", "meta.json")  # what prepare writes into its folder
 
 
-def find_text_files(inputs: list[str | Path]) -> list[Path]:
+STRUCTURED_SUFFIXES = (".json", ".csv", ".tsv")  # records, not text: their syntax would be trained on
+
+
+def find_text_files(inputs: list[str | Path], note: bool = True) -> list[Path]:
+    """The text files to tokenise: those given, and in a folder those with a TEXT_SUFFIXES suffix (any case;
+    how many others were passed over is said). A JSON or CSV file is refused: its syntax is not text."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += [p for p in found if p.suffix.lower() in TEXT_SUFFIXES]
+            passed = len(found) - len([p for p in found if p.suffix.lower() in TEXT_SUFFIXES])
+            if passed and note:
+                print(f"note: {item}: passed over {passed} file(s) that are not {', '.join(TEXT_SUFFIXES)}",
+                      file=sys.stderr)
+        elif item.is_file() and item.suffix.lower() in STRUCTURED_SUFFIXES:
+            raise UserError(f"{item}: a {item.suffix} file holds records, not text (its syntax would be trained on): "
+                            "write one JSON object per line with a text field to a .jsonl file (--text-field names "
+                            "it), or give the plain text as .txt")
         elif item.is_file():
             files.append(item)
         else:
@@ -78,7 +92,7 @@ def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0
     larger than RAM stream through. A text file is one document (never validation here: `prepare`
     holds out the last tokens of each file). A .jsonl file has one document per line (in
     `text_field`); every 1/val_fraction-th is validation."""
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         every = round(1 / val_fraction) if val_fraction > 0 else 0
         index = 0
         for where, record in read_jsonl(path):
@@ -189,7 +203,7 @@ def _tokenize_files(files: list[Path], tmp: dict[str, Path], tokenizer: Tokenize
                     digest.update(arr.tobytes())
                     counts[split] += len(arr)
                     bar.update(len(text.encode("utf-8")))
-                if path.suffix != ".jsonl":  # hold out the file's last tokens
+                if path.suffix.lower() != ".jsonl":  # hold out the file's last tokens
                     n_val = int((counts["train"] - file_start) * val_fraction)
                     _move_tail(train_f, val_f, n_val * itemsize)
                     counts["train"] -= n_val
