@@ -813,6 +813,8 @@ def test_sft_and_dpo_answer_the_sample_prompts(world, tmp_path):
         samples = [json.loads(line) for line in (tmp_path / verb / "samples.jsonl").read_text().splitlines()]
         asked = [s for row in samples for s in row.get("samples", [row]) if "the king" in s.get("prompt", "")]
         assert asked, samples
+    evaluations = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in evaluations) and not any("val_ppl" in r for r in evaluations)  # no NLL
 
 
 def test_an_sft_evaluation_never_ends_the_run_over_long_validation_prompts(world, tmp_path):
@@ -826,6 +828,8 @@ def test_an_sft_evaluation_never_ends_the_run_over_long_validation_prompts(world
                    "--eval-every", "1", "--val-fraction", "0.5", "--max-length", "24", "--batch-size", "2", check=True)
     assert "generation scores skipped" in proc.stderr and "--eval-examples 0" in proc.stderr
     assert proc.stderr.count("generation scores skipped") == 1  # said once, not at every evaluation
+    assert "prompts fill --max-length 24" in proc.stdout  # what truncation did to them, said loudly
+    assert "template: alpaca (picked from the data" in proc.stdout
     from gpt2ft.checkpoint import load
 
     assert load(tmp_path / "r", device="cpu").meta["step"] == 2  # the trained model, saved

@@ -140,3 +140,11 @@ def test_rows_name_their_lines_csv_header_is_line_1(tmp_path):
     jl.write_text('{"a": 1}\n\nnot json\n')
     rows = list(read_rows(jl))
     assert rows[0] == (f"{jl}:1", {"a": 1}) and rows[1][0] == f"{jl}:3" and isinstance(rows[1][1], UserError)
+
+
+def test_a_template_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    text = 'prompt: "Q: {instruction}\\nA:"\nstop: ["Q:"]\n'
+    (tmp_path / "plain.yaml").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.yaml").write_text(text, encoding="utf-8-sig")
+    plain, bom = get_template(str(tmp_path / "plain.yaml")), get_template(str(tmp_path / "bom.yaml"))
+    assert bom.prompt([{"role": "user", "content": "x"}]) == plain.prompt([{"role": "user", "content": "x"}]) == "Q: x\nA:"

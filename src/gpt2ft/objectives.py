@@ -18,6 +18,16 @@ from .errors import UserError
 from .losses import IGNORE, masked_lm_loss_sum
 
 
+def prompt_cut_warning(cut: int, total: int, max_length: int) -> str:
+    """A line for the data report when prompts filled the sequence length: each such example keeps only its
+    prompt's last tokens and one answer token, which trains little and reads the answer out of context."""
+    if not cut:
+        return ""
+    return (f"\nwarning: {cut} of {total} examples' prompts fill --max-length {max_length}: each keeps only its "
+            "prompt's last tokens and 1 answer token (the start of the prompt and the template's header are cut); "
+            "raise --max-length (up to the model's context) or shorten those inputs")
+
+
 class Objective:
     name = "lm"  # the run's kind: pretrain, finetune, sft, dpo
     unit = "tokens"  # what count() counts
@@ -28,6 +38,7 @@ class Objective:
     sample_prompts: list[str] = []  # generated from at each evaluation
     best_metric = "val_loss"  # the evaluation record's key that picks best/ and drives --patience
     best_mode = "min"  # or "max"
+    loss_is_nll = True  # the loss is a mean negative log-likelihood, so exp(loss) is a perplexity
 
     def setup(self, model, strategy) -> None:
         """Called once the model is on its device (strategy: train.strategy's, with .device, .dtype and
@@ -117,6 +128,7 @@ class InstructionTuning(MaskedLM):
                        f"{' packed into ' + str(len(self.train)) + ' rows' if packing else ''}; "
                        f"{counts['response truncated']} responses and {counts['prompt truncated']} prompts "
                        f"truncated to {max_length} tokens, {counts['no supervised token']} dropped")
+        self.report += prompt_cut_warning(counts["prompt truncated"], len(train_records) + len(val_records), max_length)
 
     def tokens(self, batch: dict) -> int:
         return batch["n_tokens"]

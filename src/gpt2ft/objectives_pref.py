@@ -22,7 +22,7 @@ import torch
 from .data.preferences import PreferenceDataset, fingerprint, load_pairs, tokenize_pairs
 from .errors import UserError
 from .losses import PairLogps, preference_loss, sequence_logps, unwrap
-from .objectives import Objective
+from .objectives import Objective, prompt_cut_warning
 from .preference_losses import OPTION_DEFAULTS, PREFERENCE_LOSSES, PreferenceLoss, losses_using
 from .templates import pick_template
 
@@ -266,6 +266,7 @@ class PreferenceOptimization(Objective):
     name = "dpo"
     best_metric = "val_loss"
     best_mode = "min"
+    loss_is_nll = False  # a preference loss: exp() of it is no perplexity
 
     def __init__(self, train_examples, val_examples, tokenizer, template, max_length: int,
                  config: PreferenceConfig, reference: Reference | None = None, sample_prompts: int = 3):
@@ -285,6 +286,8 @@ class PreferenceOptimization(Objective):
         self.sample_prompts = [template.prompt(layout.prompt(p)) for p in self.val_pairs[:sample_prompts]]
         self.report = layout.report(len(train), len(val), {k: train_counts[k] + val_counts[k] for k in train_counts},
                                     max_length)
+        self.report += prompt_cut_warning(train_counts["prompt truncated"] + val_counts["prompt truncated"],
+                                          len(train_examples) + len(val_examples), max_length)
 
     def setup(self, model, strategy) -> None:
         self.reference.setup(strategy.place_frozen)

@@ -229,7 +229,7 @@ def get_template(name_or_path: str) -> Template:
     if not path.is_file():
         raise UserError(f"--template {name_or_path!r}: not one of {', '.join(TEMPLATES)} nor a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is no part of the template
         if path.suffix in (".yaml", ".yml"):
             import yaml
 

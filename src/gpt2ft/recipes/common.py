@@ -169,3 +169,10 @@ def save_rejected_and_splits(run: RunFolder, rows, rejected: list[dict], what: s
 def user_prompts(template, prompts: list[str] | None) -> list[str]:
     """--sample-prompt of an instruction-tuned run: each a user message, as the template renders it for a reply."""
     return [template.prompt([{"role": "user", "content": p}]) for p in prompts or []]
+
+
+def say_template(template, asked: str | None, saved) -> None:
+    """Print the prompt template a run trains with, and why it is that one."""
+    why = ("--template" if asked else "the model's own" if saved is not None else
+           "picked from the data: chat for multi-turn or system-prompted records, else alpaca")
+    print(f"template: {template.name} ({why}; --template NAME|FILE picks another)")

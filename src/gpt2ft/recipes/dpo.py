@@ -12,8 +12,7 @@ from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
 from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, main_first, recipe,
-                     user_prompts,
-                     save_rejected_and_splits)
+                     save_rejected_and_splits, say_template, user_prompts)
 
 REFERENCE_CACHE = Path("reference_logps") / "logps.pt"  # in the run folder
 
@@ -100,6 +99,7 @@ def dpo(cfg: DPOConfig) -> Plan:
     loaded = load_for_training(cfg.start, cfg.train.dropout)
     model, tokenizer = loaded
     template = pick_template(cfg.template, loaded.template, [layout.conversation(e) for e in examples])
+    say_template(template, cfg.template, loaded.template)
     max_len = sequence_length(cfg.train, model.config.block_size)
     reference = build_reference(cfg, loaded)
     pref = cfg.preference

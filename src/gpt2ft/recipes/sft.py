@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from ..templates import pick_template
 from ..train import TrainConfig, sequence_length
 from ..train.run_folder import open_run
-from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe, user_prompts,
-                     save_rejected_and_splits)
+from .common import (Plan, Start, begin, check_start, data_resume_keys, load_for_training, recipe,
+                     save_rejected_and_splits, say_template, user_prompts)
 
 
 @dataclass
@@ -54,6 +54,7 @@ def sft(cfg: SFTConfig) -> Plan:
     loaded = load_for_training(cfg.start, cfg.train.dropout)
     model, tokenizer = loaded
     template = pick_template(cfg.template, loaded.template, [r.messages for r in records])
+    say_template(template, cfg.template, loaded.template)
     max_len = sequence_length(cfg.train, model.config.block_size)
     objective = InstructionTuning(train_records, val_records, tokenizer, template, max_len,
                                   train_on_prompt=cfg.train_on_prompt, packing=cfg.packing,

@@ -217,7 +217,7 @@ class Step:
                 metrics[k] = metrics.get(k, 0.0) + float(v)
         self.model.train()
         val_loss = loss / max(units, 1)
-        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss),
+        return {"val_loss": val_loss, **({"val_ppl": perplexity(val_loss)} if self.objective.loss_is_nll else {}),
                 **{f"val_{k}": v / max(units, 1) for k, v in metrics.items()}}
 
 

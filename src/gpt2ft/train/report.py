@@ -5,7 +5,6 @@ likelihood against the reference; at the end a summary (best validation loss and
 scores, where the checkpoints are) and loss.png. The loop calls RunReport at three points."""
 from __future__ import annotations
 
-import math
 import re
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ def scores_text(record: dict) -> str:
     """'val_loss 2.310 (ppl 10.07) · bleu 12.1 · rougeL 0.331 ...' of an evaluation record."""
     parts = []
     if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f} (ppl {record.get('val_ppl', math.nan):.4g})")
+        ppl = f" (ppl {record['val_ppl']:.4g})" if "val_ppl" in record else ""
+        parts.append(f"val_loss {record['val_loss']:.4f}{ppl}")
     for key, value in record.items():
         if key.startswith("val_") and key != "val_loss" and key not in QUIET and isinstance(value, float):
             parts.append(f"{key.removeprefix('val_')} {value:.4g}")
