@@ -835,6 +835,17 @@ def test_an_sft_evaluation_never_ends_the_run_over_long_validation_prompts(world
     assert load(tmp_path / "r", device="cpu").meta["step"] == 2  # the trained model, saved
 
 
+def test_finetune_reads_the_text_field_it_is_told_and_a_failed_one_leaves_no_folder(world, tmp_path):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"content": " ".join(WORDS * 3)}) + "\n" for _ in range(8)))
+    refused(tmp_path, "finetune", world / "run", "--data", tmp_path / "c.jsonl", "--out", tmp_path / "r",
+            "--max-steps", "1", needles=("c.jsonl:1", "--text-field"))
+    assert not (tmp_path / "r").exists()  # its half-prepared data/ and lock went with it
+    run_cli("finetune", world / "run", "--data", tmp_path / "c.jsonl", "--text-field", "content", "--out",
+            tmp_path / "r", "--max-steps", "1", check=True)
+    refused(tmp_path, "finetune", world / "run", "--data", world / "data", "--text-field", "content", "--out",
+            tmp_path / "r2", "--max-steps", "1", needles=("--text-field has no effect",))
+
+
 def test_prepare_reads_text_files_in_any_case_and_refuses_records(world, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -331,6 +331,11 @@ def add_on_invalid(p, rows: str, skip: str) -> None:
                         "ones and their reasons are reported)")
 
 
+def add_text_field(p) -> None:
+    """--text-field: the field of a .jsonl record that holds its text (prepare, finetune on text)."""
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+
+
 def add_columns_args(p) -> None:
     p.add_argument("--split", default="train", help="split of an hf: dataset (default: train)")
     p.add_argument("--columns", default=None, metavar="MAP",

@@ -7,7 +7,7 @@ A text file or folder given to --data is prepared on the fly with the model's to
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import add_common, add_lora, add_training, recipe_config, required
+from . import add_common, add_lora, add_text_field, add_training, recipe_config, required
 
 
 def add_args(p):
@@ -15,6 +15,7 @@ def add_args(p):
     required(p.add_argument("--data", help="prepared data folder, or text file(s)/folder to prepare now"))
     p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
                    help="held-out share when preparing text, in [0, 1)")
+    add_text_field(p)
     add_training(p, "finetune")
     add_lora(p)
 

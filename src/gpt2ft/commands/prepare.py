@@ -7,7 +7,7 @@ memmaps and meta.json, streaming, so a corpus larger than memory works. Document
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import refuse_given, required
+from . import add_text_field, refuse_given, required
 
 
 def add_args(p):
@@ -17,7 +17,7 @@ def add_args(p):
                    help="tokenizer folder (from `gpt2ft tokenizer train` or a checkpoint); default GPT-2 BPE")
     p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
                    help="share of the tokens held out for validation, in [0, 1)")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    add_text_field(p)
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder that prepare did not make (never over a train.bin, val.bin "
                         "or meta.json of yours, nor into a TEXT or --tokenizer folder)")

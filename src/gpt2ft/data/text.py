@@ -99,7 +99,8 @@ def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0
             if isinstance(record, UserError):
                 raise UserError(f"{where}: {record}")
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UserError(f"{where}: expected an object with a string field {text_field!r}")
+                raise UserError(f"{where}: expected an object with a string field {text_field!r} (--text-field "
+                                "names the field that holds the text)")
             yield record[text_field], True, bool(every) and index % every == every - 1
             index += 1
         return

@@ -64,6 +64,7 @@ class FinetuneConfig:
     start: Start
     data: str  # prepared data folder, or text file(s)/folder to prepare with the model's tokenizer
     val_fraction: float = 0.1  # held-out share when preparing text
+    text_field: str = "text"  # the field of a .jsonl record that holds its text, when preparing
     sample_prompt: list[str] | None = None
 
 
@@ -73,9 +74,11 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     from ..objectives import LanguageModeling
     from ..runtime import seed_everything
 
-    if (Path(cfg.data) / "meta.json").exists() and cfg.val_fraction != FinetuneConfig.val_fraction:
-        raise UserError(f"--val-fraction has no effect: {cfg.data} is prepared data, split when it was prepared "
-                        "(pass the text instead, or prepare it again with --val-fraction)")
+    for name in ("val_fraction", "text_field"):
+        if (Path(cfg.data) / "meta.json").exists() and getattr(cfg, name) != getattr(FinetuneConfig, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} has no effect: {cfg.data} is prepared data, made when it was prepared (pass "
+                            f"the text instead, or prepare it again with {flag})")
     strategy = begin(cfg.train, {**cfg.start.inputs(), "the --data it trains from": cfg.data})
     check_start(cfg.start)
     run = open_run(cfg.train.out, "finetune", cfg.train.resume, cfg.train.overwrite)
@@ -85,7 +88,8 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     data = Path(cfg.data)
     if not (data / "meta.json").exists():
         data = run.path / "data"
-        main_first(strategy, lambda: prepare([cfg.data], data, tokenizer, cfg.val_fraction) if run.main else None)
+        main_first(strategy, lambda: prepare([cfg.data], data, tokenizer, cfg.val_fraction,
+                                                            text_field=cfg.text_field) if run.main else None)
 
     meta = read_meta(data)
     if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():

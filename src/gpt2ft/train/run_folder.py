@@ -203,9 +203,10 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
 
 
 _CREATED: list[RunFolder] = []  # the run folders this process created, until they hold more than the marker
-# What a new run folder holds before its model loads (the data's splits and rejected rows): a refusal there
+# What a new run folder holds before its model loads (the data's splits, rejected rows, finetune's prepared
+# text): a refusal there
 # (a bad model, adapter or reference) still leaves nothing behind.
-BEFORE_TRAINING = {OUTPUT_MARKER, LOCK_FILE, "splits", "rejected.jsonl"}
+BEFORE_TRAINING = {OUTPUT_MARKER, LOCK_FILE, "splits", "rejected.jsonl", "data"}
 
 
 def remove_unused() -> None:
