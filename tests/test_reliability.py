@@ -856,3 +856,10 @@ def test_prepare_reads_text_files_in_any_case_and_refuses_records(world, tmp_pat
     (tmp_path / "t.json").write_text('[{"text": "the king"}]')
     refused(tmp_path, "prepare", tmp_path / "t.json", "--tokenizer", world / "tok", "--out", tmp_path / "d2",
             needles=("t.json", "holds records, not text", ".jsonl"))
+
+
+def test_eval_shows_its_progress(world, tmp_path):
+    _inputs(tmp_path)
+    proc = run_cli("eval", world / "run", "--data", tmp_path / "sft.jsonl", "--out", tmp_path / "e",
+                   "--template", "instruction-response", "--max-new-tokens", "2", check=True)
+    assert "eval: 100%" in proc.stderr and "2/2" in proc.stderr

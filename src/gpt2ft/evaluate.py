@@ -78,7 +78,7 @@ def reference_perplexity(model, tokenizer, records: list[Record], template, batc
 
 def evaluate_records(model, tokenizer, records: list[Record], template, sampling: SamplingConfig,
                      keywords: list[str] | None = None, batch_size: int = 8, shrink: bool = False,
-                     flag: str = "--max-new-tokens") -> tuple[list[dict], dict]:
+                     flag: str = "--max-new-tokens", progress: str | None = None) -> tuple[list[dict], dict]:
     """Generate for every record (batched) and score against its reference response. A prompt that leaves
     no room for sampling.max_new_tokens is skipped; with `shrink` (evaluations during training) it gets
     what its own context leaves instead, and only a prompt that fills the context is skipped. No record
@@ -94,7 +94,7 @@ def evaluate_records(model, tokenizer, records: list[Record], template, sampling
                         f"{flag} {1 if shrink else wanted} in the model's context of {context} tokens"
                         f"{'' if shrink else f'; lower {flag}'}")
     configs = [replace(sampling, max_new_tokens=min(wanted, context - max(len(ids[i]), 1))) for i in kept]
-    outputs = generate_batch(model, tokenizer, [ids[i] for i in kept], configs, batch_size)
+    outputs = generate_batch(model, tokenizer, [ids[i] for i in kept], configs, batch_size, progress)
     references = [records[i].response for i in kept]
     per_example, summary = score(outputs, references, keywords)
     summary["skipped_too_long"] = len(records) - len(kept)

@@ -16,7 +16,7 @@ from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_f
 from .errors import UserError
 from .grammar import RowMasks, compile_grammar
 from .model import GPT, KVCache
-from .runtime import check_compiler, one_row_rounds_as_several
+from .runtime import check_compiler, one_row_rounds_as_several, progress_bar
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -433,32 +433,34 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt: str | list[int], cfg: Sampl
 
 
 def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]],
-                   cfg: SamplingConfig | list[SamplingConfig], batch_size: int = 8, compile: bool = False) -> list[Completion]:
-    """Complete many prompts (with one SamplingConfig, or one each), up to batch_size at a time (a finished
-    row's slot goes to the next prompt at once); the Completions carry text, finish_reason, stop_reason,
-    usage and logprobs."""
+                   cfg: SamplingConfig | list[SamplingConfig], batch_size: int = 8, compile: bool = False,
+                   progress: str | None = None) -> list[Completion]:
+    """Complete many prompts (one SamplingConfig, or one each), up to batch_size at a time (a finished row's
+    slot goes to the next prompt at once); Completions carry text, finish_reason, stop_reason, usage and
+    logprobs. `progress`: a bar of that name counts the finished prompts (on stderr)."""
     engine = Engine(model, tokenizer, max_batch=max(1, min(batch_size, len(prompts))), compile=compile)
     configs = cfg if isinstance(cfg, list) else [cfg] * len(prompts)
     completions = [engine.add(_ids(tokenizer, p), c) for p, c in zip(prompts, configs)]
-    while engine.has_work:
-        engine.step()
+    with progress_bar(total=len(prompts), desc=progress, unit="prompt", disable=progress is None, mininterval=1) as bar:
+        while engine.has_work:
+            engine.step()
+            bar.update(sum(c.finished for c in completions) - bar.n)
     return completions
 
 
-def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]],
-                   cfg: SamplingConfig | list[SamplingConfig], batch_size: int = 8) -> list[str]:
-    """The completions' texts, each cut at EOS, a stop string or max_new_tokens."""
-    return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size)]
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg, batch_size: int = 8,
+                   progress: str | None = None) -> list[str]:
+    """The completions' texts (complete_batch's), each cut at EOS, a stop string or max_new_tokens."""
+    return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size, progress=progress)]
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: SamplingConfig | None = None,
              **sampling) -> str | list[str]:
     """The completion of a prompt (or a list of completions for a list of prompts); prompts are text
     or token ids. Sampling: a SamplingConfig or its fields as keywords."""
-    cfg = _sampling(cfg, sampling)
-    if isinstance(prompt, str):
-        return generate_batch(model, tokenizer, [prompt], cfg)[0]
-    return generate_batch(model, tokenizer, list(prompt), cfg)
+    one = isinstance(prompt, str)
+    outputs = generate_batch(model, tokenizer, [prompt] if one else list(prompt), _sampling(cfg, sampling))
+    return outputs[0] if one else outputs
 
 
 class Session:

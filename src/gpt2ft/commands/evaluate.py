@@ -87,7 +87,8 @@ def _evaluate(args, data: Path, out: Path | None):
     model, tokenizer = loaded
     template = pick_template(args.template, loaded.template, [r.messages[:-1] for r in records])
     sampling = sampling_config(args, list(template.stop))
-    rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size)
+    rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size,
+                                     progress="eval")
     summary.update(model=loaded.ref, data=str(data) if str(data).startswith("hf:") else str(data.resolve()),
                    rejected=len(rejected), template=template.name)
     return _report(summary, out, "responses.jsonl", rows)
