@@ -24,7 +24,7 @@ from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_te
                      fsync_dir, load_safetensors, output_dir, read_json, same_path)
 from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, load_adapter_state, peft_config
 from .model import GPT
-from .templates import as_template
+from .templates import TEMPLATE_KEY, as_template, exported_template
 from .tf_checkpoint import is_tf_gpt2_folder, read_tf_gpt2, tf_tokenizer
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
@@ -368,25 +368,6 @@ def write_model_files(folder: Path, model: GPT, tokenizer, meta: dict | None, dt
                                template or as_template((meta or {}).get("template")))
     if meta is not None:
         atomic_write_json(folder / META_FILE, meta)
-
-
-TEMPLATE_KEY = "gpt2ft_template"  # tokenizer_config.json's copy of the template (transformers ignores it)
-
-
-def exported_template(folder: Path) -> dict | None:
-    """The prompt template an exported folder's tokenizer_config.json records (ours, or a chat_template that
-    is exactly one of gpt2ft's built-in templates'), for a folder without gpt2ft.json."""
-    from .templates import TEMPLATES
-
-    path = folder / "tokenizer_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None  # the tokenizer's own reader names what is wrong with it
-    if isinstance(config.get(TEMPLATE_KEY), dict):
-        return config[TEMPLATE_KEY]
-    jinja = config.get("chat_template")
-    return next((t.to_dict() for t in TEMPLATES.values() if jinja and t.to_jinja() == jinja), None)
 
 
 def _complete_tokenizer_config(path: Path, context: int, template) -> None:

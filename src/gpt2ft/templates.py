@@ -278,3 +278,21 @@ def prompt_for_generation(meta: dict | None, prompt: str, raw: bool = False) -> 
     if raw or template is None:
         return prompt, []
     return template.prompt([{"role": "user", "content": prompt}]), list(template.stop)
+
+
+TEMPLATE_KEY = "gpt2ft_template"  # tokenizer_config.json's copy of the template (transformers ignores it)
+
+
+def exported_template(folder: Path) -> dict | None:
+    """The prompt template an exported folder's tokenizer_config.json records (ours, or a chat_template that
+    is exactly one of gpt2ft's built-in templates'), for a folder without gpt2ft.json."""
+    try:  # a bad file: the tokenizer's own reader names what is wrong with it
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if isinstance(config.get(TEMPLATE_KEY), dict):
+        return config[TEMPLATE_KEY]
+    jinja = config.get("chat_template")
+    return next((t.to_dict() for t in TEMPLATES.values() if jinja and t.to_jinja() == jinja), None)
