@@ -181,3 +181,12 @@ def test_lora_with_activation_checkpointing_gives_the_same_gradients(hf_dir):
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k
+
+
+def test_eval_with_an_adapter_records_it(lora_run, hf_dir, tmp_path):
+    """summary.json names the --lora adapter it was evaluated with, not just the base model."""
+    root, run = lora_run
+    adapter = run_checkpoints(run)[0]
+    run_cli("eval", hf_dir, "--lora", adapter, "--data", root / "text.txt", "--out", tmp_path / "e", check=True)
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["adapter"] == str(adapter) and "perplexity" in summary

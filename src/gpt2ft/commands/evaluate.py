@@ -73,7 +73,8 @@ def _evaluate(args, data: Path, out: Path | None):
             raise UserError(f"{data}: a folder given to --data must be an SFT or DPO run with splits/test.jsonl")
         data = data / "splits" / "test.jsonl"
         if data.stat().st_size == 0:
-            raise UserError(f"{data} is empty (the run used --test-fraction 0); pass a data file")
+            raise UserError(f"{data} is empty (the run held out no test records: --test-fraction 0, or too few "
+                            "records for one); pass a data file")
     source = args.data if str(args.data).startswith("hf:") else data
     if is_preference_data(source):
         refuse_given(args, generation | {"format"}, f"on preference data ({data}: pairs are scored, not generated)")
@@ -89,8 +90,8 @@ def _evaluate(args, data: Path, out: Path | None):
     sampling = sampling_config(args, list(template.stop))
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size,
                                      progress="eval")
-    summary.update(model=loaded.ref, data=str(data) if str(data).startswith("hf:") else str(data.resolve()),
-                   rejected=len(rejected), template=template.name)
+    where = str(data) if str(data).startswith("hf:") else str(data.resolve())
+    summary.update(**_evaluated(args, loaded.ref), data=where, rejected=len(rejected), template=template.name)
     return _report(summary, out, "responses.jsonl", rows)
 
 
@@ -104,11 +105,11 @@ def run_text(args, data: Path, out: Path | None) -> int:
     text = "".join(line for _, line in read_lines(data))
     if not text.strip():
         raise UserError(f"{data} is empty: there is no text to score")
-    model, tokenizer = load_model(args)
-    ppl, n = text_perplexity(model, tokenizer, text)
+    loaded = load_model(args)
+    ppl, n = text_perplexity(*loaded, text)
     if n == 0:
         raise UserError(f"{data} is a single token: perplexity needs at least two")
-    summary = {"perplexity": ppl, "tokens": n, "data": str(data.resolve())}
+    summary = {"perplexity": ppl, "tokens": n, **_evaluated(args, loaded.ref), "data": str(data.resolve())}
     return _report(summary, out)
 
 
@@ -121,8 +122,13 @@ def run_preferences(args, source, out: Path | None) -> int:
     pairs = pairs[: args.max_examples] if args.max_examples else pairs
     loaded = load_model(args)
     rows, summary = evaluate_preferences(loaded, pairs, args.template, args.reference, args.beta, args.batch_size)
-    summary.update(model=loaded.ref, data=str(source), rejected=len(rejected))
+    summary.update(**_evaluated(args, loaded.ref), data=str(source), rejected=len(rejected))
     return _report(summary, out, "pairs.jsonl", rows)
+
+
+def _evaluated(args, ref: str) -> dict:
+    """What was evaluated, for summary.json: the model, and the --lora adapter on it when one was given."""
+    return {"model": ref, **({"adapter": str(args.lora)} if getattr(args, "lora", None) else {})}
 
 
 def _report(summary: dict, out: Path | None, rows_file: str | None = None, rows: list | None = None) -> int:

@@ -75,8 +75,9 @@ def read_jsonl(path: Path):
             continue
         try:
             yield f"{path}:{n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{n}", UserError(f"invalid JSON ({e.msg})")
+        except json.JSONDecodeError as e:  # a JSON array in a .jsonl file fails on its first line: say so
+            array = "; the file looks like one JSON array: name it .json" if n == 1 and line.lstrip()[:1] == "[" else ""
+            yield f"{path}:{n}", UserError(f"invalid JSON ({e.msg}){array}")
 
 
 def read_json(path: Path):
@@ -84,7 +85,8 @@ def read_json(path: Path):
     try:
         return json.loads("".join(line for _, line in read_lines(path)))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        lines = "; one JSON record per line? Then name the file .jsonl" if e.msg == "Extra data" else ""
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}){lines}") from None
 
 
 def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0.0, chunk_chars: int = 1 << 20):
