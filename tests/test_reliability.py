@@ -728,6 +728,8 @@ def _inputs(tmp_path):
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--seed", "3"], "--seed"),  # eval is greedy by default
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--sample-tokens", "5"], "--sample-tokens"),
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--factor", "2"], "--factor"),
+    (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--val-fraction", "0", "--patience", "2",
+      "--max-steps", "2"], "no validation data"),
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--lora", "{tmp}", "--lora-r", "16"],
      "keeps its own settings"),  # continuing an adapter
     (["sft", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/s", "--eval-examples", "0", "--keyword", "x"],

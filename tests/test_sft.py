@@ -328,3 +328,19 @@ def test_data_convert_says_what_it_left_out(tmp_path):
     proc = run_cli("data", "convert", tmp_path / "d.jsonl", "--on-invalid", "skip", "--out", tmp_path / "o.jsonl",
                    check=True)
     assert "left out 1 invalid record(s): " in proc.stderr and "d.jsonl:2: empty instruction" in proc.stderr
+
+
+def test_oversample_keyword_matches_the_conversation_text_only(tiny_model, tmp_path):
+    from gpt2ft.data.sft import build_examples
+    from gpt2ft.templates import TEMPLATES
+
+    rows = [{"instruction": "Qué es un café?", "output": "Una bebida."}] * 3 + \
+        [{"instruction": "What is tea?", "output": "A drink."}] * 3
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, _ = load_records(tmp_path / "d.jsonl")
+    tok = tiny_model.tokenizer
+    _, weights, _ = build_examples(records, TEMPLATES["alpaca"], tok, 64, oversample=("café", 3.0))
+    assert weights == [3.0] * 3 + [1.0] * 3  # found in the text, not in JSON's escaped copy of it
+    for keyword in ("output", "zebra"):  # a field name (in every record's JSON), a word in none
+        with pytest.raises(UserError, match="changes nothing"):
+            build_examples(records, TEMPLATES["alpaca"], tok, 64, oversample=(keyword, 3.0))

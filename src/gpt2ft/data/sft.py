@@ -2,13 +2,13 @@
 per-record weights, and batches (dynamic padding or packing). SFT, DPO and eval share these."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from ..losses import IGNORE
-from ..templates import Template
+from ..templates import Template, message_text
 
 TRUNCATION_COUNTS = ("response truncated", "prompt truncated", "no supervised token")
 
@@ -58,7 +58,7 @@ def build_examples(records, template: Template, tokenizer, max_len: int, train_o
     """Tokenise and fit every record; weight = the record's weight, times `factor` when its raw row
     contains `keyword` (case-insensitive). Returns (examples, weights, counts of what was cut)."""
     keyword, factor = oversample
-    examples, weights = [], []
+    examples, weights, hits = [], [], 0
     counts = dict.fromkeys(TRUNCATION_COUNTS, 0)
     for r in records:
         ex, what = fit_to_length(tokenize_messages(r.messages, template, tokenizer, train_on_prompt), max_len)
@@ -67,8 +67,15 @@ def build_examples(records, template: Template, tokenizer, max_len: int, train_o
         if ex is None:
             continue
         examples.append(ex)
-        hit = keyword and keyword.lower() in json.dumps(r.raw).lower()
+        # the conversation's own text: not the field names, nor JSON's escapes of non-ASCII letters
+        hit = bool(keyword) and keyword.lower() in "\n".join(message_text(m) for m in r.messages).lower()
+        hits += hit
         weights.append(r.weight * (factor if hit else 1.0))
+    if keyword and examples and hits in (0, len(examples)):
+        raise UserError(f"--oversample-keyword {keyword!r} is in {'none' if not hits else 'every one'} of the "
+                        f"{len(examples)} training records, so it changes nothing: pick a word only some contain")
+    if keyword:
+        print(f"--oversample-keyword {keyword!r}: {hits} of {len(examples)} training records, weighted x{factor:g}")
     return examples, weights, counts
 
 

@@ -59,6 +59,9 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         last_saved, state = resumed[0], _restore(resumed[1], model, optimizer, scaler, strategy)
         say(f"resumed from {last_saved} at step {state.step}")
     total = total_steps(cfg, len(objective.train), strategy.world)
+    if cfg.patience and (objective.val is None or len(objective.val) == 0) and objective.best_metric.startswith("val"):
+        raise UserError(f"--patience {cfg.patience} stops on {objective.best_metric}, but this run has no validation "
+                        "data (--val-fraction 0, or too few records for one): hold some out or drop --patience")
     if run.main:
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))

@@ -39,6 +39,9 @@ def _clip(text: str, n: int = 90) -> str:
     return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
+NO_SCORES = "no validation data"
+
+
 def scores_text(record: dict) -> str:
     """'val_loss 2.310 (ppl 10.07) · bleu 12.1 · rougeL 0.331 ...' of an evaluation record."""
     parts = []
@@ -49,7 +52,7 @@ def scores_text(record: dict) -> str:
         if key.startswith("val_") and key != "val_loss" and key not in QUIET and isinstance(value, float):
             parts.append(f"{key.removeprefix('val_')} {value:.4g}")
     parts += [f"{k} {record[k]:.4g}" for k in SCORES if isinstance(record.get(k), (int, float))]
-    return " · ".join(parts) or "no validation data"
+    return " · ".join(parts) or NO_SCORES
 
 
 class RunReport:
@@ -57,10 +60,14 @@ class RunReport:
 
     def __init__(self, run, objective, cfg, total: int, log):
         self.run, self.objective, self.cfg, self.total, self.log = run, objective, cfg, total, log
-        self.started, self.warned = time.time(), set()
+        self.started, self.warned, self.said_no_scores = time.time(), set(), False
 
     def evaluation(self, step: int, record: dict, samples: list[dict]) -> None:
-        self.log.log(f"step {step}/{self.total}: {scores_text(record)}")
+        scores = scores_text(record)
+        if scores == NO_SCORES and not samples and self.said_no_scores:
+            return  # said once, not at every evaluation
+        self.said_no_scores = self.said_no_scores or scores == NO_SCORES
+        self.log.log(f"step {step}/{self.total}: {scores}")
         if samples:
             s = samples[0]
             shown = f"  sample: {_clip(s.get('prompt', ''), 60)} -> {_clip(s.get('output', ''))}"
