@@ -26,7 +26,7 @@ DEVICE = os.environ.get("GPT2FT_TEST_DEVICE", "cpu")
 NPROC = int(os.environ.get("GPT2FT_TEST_NPROC", "2"))  # 1, 2 or 4: the global batch of 4 is kept
 STEPS = ["--max-steps", "5", "--log-every", "1", "--eval-every", "0", "--warmup-steps", "1", "--lr", "1e-3",
          "--dropout", "0", "--device", DEVICE, "--dtype", "float32", "--no-progress", "--eval-batches", "1",
-         "--sample-tokens", "2"]
+         "--sample-tokens", "2", "--sample-prompt", "the"]
 # the same global batch of 4: one process x 4; two x 2; two x 1 x 2 accumulated
 LAYOUTS = {"single": ["--batch-size", "4"], "ddp": ["--strategy", "ddp", "--batch-size", str(4 // NPROC)],
            "fsdp": ["--strategy", "fsdp", "--batch-size", "1", "--grad-accum", str(4 // NPROC)]}

@@ -123,3 +123,17 @@ def test_batch_lays_out_chosen_then_rejected_and_scores_each_like_alone(tiny_mod
     ds.reference = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
     b = ds.batch([1])
     assert b["ref_chosen"].tolist() == [-3.0] and b["ref_rejected"].tolist() == [-4.0]
+
+
+def test_hh_rlhf_transcripts_share_their_prompt(tmp_path):
+    """Anthropic's HH-RLHF rows: two whole transcripts; the turns they share are the prompt."""
+    from gpt2ft.data.preferences import load_pairs
+
+    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: What is 2+2?\n\nAssistant: 4",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: What is 2+2?\n\nAssistant: five"}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"chosen": "good", "rejected": "bad"}) + "\n")
+    pairs, rejected = load_pairs(tmp_path / "hh.jsonl", on_invalid="skip")
+    (pair,) = pairs
+    assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"] and pair.prompt[-1]["content"] == "What is 2+2?"
+    assert (pair.chosen, pair.rejected) == ("4", "five")
+    assert "no prompt beside it" in rejected[0]["reason"]

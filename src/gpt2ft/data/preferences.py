@@ -7,11 +7,13 @@ Accepted rows:
   {"instruction": "...", "input": "...", "chosen": "...", "rejected": "..."}        (input optional)
   {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}  (TRL conversational)
   {"chosen": [messages], "rejected": [messages]}    (TRL implicit prompt: the shared leading messages)
+  {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}     (Anthropic HH-RLHF transcripts)
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +54,19 @@ def _answer(value, name: str) -> str:
     return messages[-1]["content"]
 
 
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")  # Anthropic's HH-RLHF transcripts
+
+
+def _transcript(text: str, name: str) -> list[dict]:
+    """An HH-RLHF string ("\n\nHuman: ...\n\nAssistant: ...") as messages."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise UserError(f"{name!r} is a string with no prompt beside it: give a 'prompt' field, or whole "
+                        "conversations (message lists, or HH-RLHF's \"\\n\\nHuman: ... \\n\\nAssistant: ...\")")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said} for who, said in zip(parts[1::2], parts[2::2])]
+
+
 def normalize_pair(row, where: str) -> PreferencePair:
     """One raw row -> PreferencePair; UserError(reason) if malformed, LeftOut(reason) if it prefers nothing."""
     if isinstance(row, Exception):
@@ -74,8 +89,9 @@ def normalize_pair(row, where: str) -> PreferencePair:
         else:
             messages = _messages(prompt, "prompt")
         chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
-    elif isinstance(chosen, list) and isinstance(rejected, list):  # implicit prompt: the shared leading turns
-        c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    elif isinstance(chosen, (str, list)) and type(chosen) is type(rejected):  # implicit prompt: the shared turns
+        c, r = (_transcript(chosen, "chosen"), _transcript(rejected, "rejected")) if isinstance(chosen, str) else \
+            (_messages(chosen, "chosen"), _messages(rejected, "rejected"))
         if len(c) < 2 or len(c) != len(r) or c[:-1] != r[:-1]:
             raise UserError("'chosen' and 'rejected' conversations must share every turn but the last")
         messages, chosen, rejected = c[:-1], _answer(c, "chosen"), _answer(r, "rejected")
