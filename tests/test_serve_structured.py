@@ -366,6 +366,9 @@ def test_logprobs_cover_the_returned_text_only(client):
     kept, lp = cut.choices[0].text, cut.choices[0].logprobs
     assert cut.choices[0].finish_reason == "stop" and len(kept) < len(text)
     assert all(offset < len(kept) for offset in lp.text_offset) and "".join(lp.tokens).startswith(kept)
+    streamed = list(client.completions.create(model="tiny", prompt="The", max_tokens=12, temperature=0, logprobs=0,
+                                              stop=stop, stream=True))  # the stream sends the same tokens
+    assert [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
     echo = client.completions.create(model="tiny", prompt="The king", max_tokens=1, temperature=0, logprobs=1,
                                      echo=True)
     assert echo.choices[0].logprobs.token_logprobs[0] is None and echo.choices[0].logprobs.top_logprobs[0] is None

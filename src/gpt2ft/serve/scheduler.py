@@ -83,6 +83,8 @@ class Job:
     completion: Completion
     inbox: Inbox
     sent_logprobs: int = 0
+    sent_bytes: int = 0  # UTF-8 bytes of the text sent so far
+    next_token_at: int = 0  # where the next unsent token's text starts, in those bytes
 
 
 class Scheduler:
@@ -175,14 +177,22 @@ class Scheduler:
                 with self.cond:
                     outbox: list[tuple[Job, Event]] = []
                     for completion, piece in events:
-                        self._deliver(completion, piece, outbox)
+                        self._deliver(completion, piece, outbox, getattr(engine, "tokenizer", None))
                 self._send(outbox)
 
-    def _deliver(self, completion: Completion, piece: str, outbox: list[tuple[Job, Event]]) -> None:
+    def _deliver(self, completion: Completion, piece: str, outbox: list[tuple[Job, Event]], tokenizer=None) -> None:
         job = self.jobs.get(id(completion))
         if job is None:  # cancelled
             return
-        new_logprobs = (completion.logprobs or [])[job.sent_logprobs:]
+        # the log-probabilities of the tokens whose text begins in what has been sent: text held back (it may
+        # be a stop string) holds back its tokens', and those of a cut stop string or the EOS never go
+        job.sent_bytes += len(piece.encode("utf-8"))
+        new_logprobs = []
+        for entry in (completion.logprobs or [])[job.sent_logprobs:]:
+            if tokenizer is not None and job.next_token_at >= job.sent_bytes:
+                break
+            new_logprobs.append(entry)
+            job.next_token_at += len(tokenizer.decode_bytes([entry[0]])) if tokenizer is not None else 0
         job.sent_logprobs += len(new_logprobs)
         if piece or new_logprobs:
             outbox.append((job, Piece(job.index, piece, new_logprobs)))
