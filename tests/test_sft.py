@@ -288,7 +288,11 @@ def test_sharegpt_prompt_completion_and_alpaca_with_system_and_history_are_read(
 
 @pytest.mark.parametrize("row, reason", [
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]},
-     "'weight', which training cannot honour"),  # OpenAI's per-message weight: refused, not trained anyway
+     "nothing to train on"),  # OpenAI's per-message weight: 0 on every reply
+    ({"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]},
+     "on an assistant message"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.5}]},
+     "weight is 0 or 1"),
     ({"instruction": "q", "output": "a", "response": "b"}, "which is the answer"),
     ({"question": "q", "answer": "a"}, "from the fields 'question', 'answer'"),
     ({"conversations": [{"from": "narrator", "value": "x"}]}, "conversations[0] needs \"from\""),
@@ -298,6 +302,25 @@ def test_a_record_whose_meaning_is_unclear_is_invalid_naming_why(tmp_path, row, 
     with pytest.raises(UserError, match="d.jsonl:1: ") as e:
         load_records(tmp_path / "d.jsonl")
     assert reason in str(e.value)
+
+
+def test_a_reply_with_weight_0_is_context_not_trained_on(tiny_model, tmp_path):
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 stays in the conversation (its
+    tokens and EOS as ever) but the loss skips it; the same record without weights trains on both replies."""
+    from gpt2ft.templates import TEMPLATES
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    weighted = [*turns[:1], {**turns[1], "weight": 0}, *turns[2:]]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": weighted}) + "\n")
+    (plain, zero), _ = load_records(tmp_path / "d.jsonl")
+    tok = tiny_model.tokenizer
+    a, b = (tokenize_messages(r.messages, TEMPLATES["chat"], tok) for r in (plain, zero))
+    assert a.ids == b.ids  # the same tokens: the reply is still there
+    first = tok.encode("Hello there") + [tok.eos_id]
+    assert sum(a.supervised) - sum(b.supervised) == len(first)  # ... but not trained on
+    run_cli("data", "convert", tmp_path / "d.jsonl", "--to", "messages", "--out", tmp_path / "o.jsonl", check=True)
+    assert json.loads((tmp_path / "o.jsonl").read_text().splitlines()[1])["messages"][1]["weight"] == 0
 
 
 def test_csv_rows_that_do_not_match_the_header_are_invalid_not_cut(tmp_path):

@@ -28,9 +28,10 @@ ROLES = ("system", "user", "assistant")  # of training data
 RENDER_ROLES = (*ROLES, "tool")  # also a tool's result (the server's role "tool" messages)
 
 
-class Segment(NamedTuple):  # unpacks as (text, trained)
+class Segment(NamedTuple):
     text: str
-    trained: bool  # an assistant reply: the loss trains on it (and on the EOS after it)
+    trained: bool  # an assistant reply: tokenised on its own, an EOS after it, the loss on both ...
+    weight: float = 1.0  # ... unless its message has OpenAI's "weight": 0 (the reply stays in the context)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Template:
         if self.kind == "chat":
             for m in messages:
                 if m["role"] == "assistant":
-                    parts += [Segment(self.assistant, False), Segment(m["content"], True)]
+                    parts += [Segment(self.assistant, False), Segment(m["content"], True, m.get("weight", 1.0))]
                 else:
                     parts.append(Segment(_fill(self._format(m["role"]), content=message_text(m)), False))
             if add_generation_prompt:
@@ -84,7 +85,7 @@ class Template:
                 if m["role"] in ("user", "tool"):
                     parts.append(Segment(self.format_instruction(m["content"], m.get("input") or ""), False))
                 elif m["role"] == "assistant":
-                    parts.append(Segment(m["content"], True))
+                    parts.append(Segment(m["content"], True, m.get("weight", 1.0)))
         return _merge(parts)
 
     def _format(self, role: str) -> str:

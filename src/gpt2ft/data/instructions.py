@@ -166,21 +166,28 @@ def detect_format(row: dict) -> str:
 
 
 def _messages(value, name: str, roles=ROLES) -> list[dict]:
-    """A list of {"role", "content"} messages (any other key refused: it would be dropped unsaid)."""
+    """A list of {"role", "content"} messages, an assistant's with OpenAI's optional "weight" (0: the reply
+    is context, not trained on; 1: trained); any other key is refused (it would be dropped unsaid)."""
     if not isinstance(value, list) or not value:
         raise UserError(f"{name!r} must be a non-empty list")
+    out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
             raise UserError(f"{name}[{i}] needs a role in {roles} and a string content")
-        if extra := sorted(set(m) - {"role", "content"} - ({"weight"} if m.get("weight") == 1 else set())):
-            raise UserError(f"{name}[{i}] has {', '.join(map(repr, extra))}, which training cannot honour (a "
-                            "per-message weight included: give the record's weight instead, or drop the field)")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            raise UserError(f"{name}[{i}]: a message's weight is 0 or 1 on an assistant message (OpenAI's), not "
+                            f"{m['weight']!r} on a {m['role']} one")
+        if extra := sorted(set(m) - {"role", "content", "weight"}):
+            raise UserError(f"{name}[{i}] has {', '.join(map(repr, extra))}, which training cannot honour: drop it")
+        out.append({"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if "weight" in m else {})})
+    return out
 
 
 def _conversation(messages: list[dict], where: str, row: dict, weight: float) -> "Record":
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         raise UserError("the last message must be a non-empty assistant reply")
+    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+        raise UserError("every assistant message has weight 0: nothing to train on")
     if not any(m["role"] == "user" for m in messages):
         raise UserError("messages need at least one user turn")
     return Record(messages, weight, where, row)
@@ -331,7 +338,8 @@ def record_to_row(record: Record, fmt: str = "messages") -> dict:
     """A record as a row of `fmt`: messages (the canonical format of splits), alpaca, or
     instruction-response (an Alpaca input is joined to the instruction)."""
     if fmt == "messages":
-        row = {"messages": [{"role": m["role"], "content": message_text(m)} for m in record.messages]}
+        row = {"messages": [{"role": m["role"], "content": message_text(m),
+                             **({"weight": m["weight"]} if "weight" in m else {})} for m in record.messages]}
     else:
         if [m["role"] for m in record.messages] != ["user", "assistant"]:  # the others would be dropped unsaid
             raise UserError(f"{record.where}: a conversation of {len(record.messages)} messages "

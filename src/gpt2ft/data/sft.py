@@ -29,7 +29,7 @@ def tokenize_messages(messages: list[dict], template: Template, tokenizer, train
     for seg in segments:
         piece = tokenizer.encode(seg.text) + ([tokenizer.eos_id] if seg.trained else [])
         ids += piece
-        sup += [seg.trained or train_on_prompt] * len(piece)
+        sup += [(seg.trained and seg.weight != 0) or train_on_prompt] * len(piece)
     return TokenizedExample(ids, sup)
 
 
