@@ -697,6 +697,8 @@ def _inputs(tmp_path):
     (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--split", "test"], "--split"),
     (["data", "convert", "{tmp}/multi.jsonl", "--out", "{tmp}/o.jsonl"], "--to messages"),
     (["data", "convert", "{tmp}/lines.txt", "--from", "lines", "--out", "{tmp}/o.jsonl"], "lines.txt:1"),
+    (["data", "convert", "{tmp}/lines.txt", "--from", "lines", "--columns", "instruction=q", "--out", "{tmp}/o.jsonl"],
+     "--columns"),
     (["data", "pairs", "{run}", "--data", "{tmp}/sft.jsonl", "--out", "{tmp}/p.jsonl", "--to", "messages"], "--to"),
     (["compare", "{run}", "{run}", "--prompt", "x", "--raw", "--template", "chat"], "--raw"),
     (["finetune", "{run}", "--data", "{world}/data", "--val-fraction", "0.5", "--out", "{tmp}/f", "--max-steps", "1"],

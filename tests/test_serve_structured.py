@@ -458,6 +458,7 @@ def test_template_renders_tool_turns_as_its_jinja_does():
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
      "response_format.json_schema.schema"),                                    # no member tag in the path
     ("/v1/chat/completions", {"response_format": {"type": "text", "x": 1}}, "response_format.x"),
+    ("/v1/chat/completions", {"tools": [ADD], "tool_choice": {"type": "function"}}, "tool_choice"),
 ])
 def test_unknown_and_unsupported_fields_are_400_naming_them(http, path, change, param):
     body = {"model": "tiny", "max_tokens": 5, **({"messages": USER} if "chat" in path else {"prompt": "x"}), **change}

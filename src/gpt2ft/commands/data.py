@@ -16,7 +16,7 @@ from ..argtypes import ranged
 from ..errors import UserError
 from ..data.formats import FORMATS
 from . import (add_columns_args, add_device, add_on_invalid, add_sampling, load_model, only_with, parse_columns,
-               required, sampling_config)
+               refuse_given, required, sampling_config)
 
 
 def add_args(p):
@@ -80,6 +80,7 @@ def run(args):
     if args.source not in (*FORMATS, "lines"):
         raise UserError(f"--from must be one of {', '.join(FORMATS)}, lines; not {args.source!r}")
     if args.source == "lines":
+        refuse_given(args, {"columns", "split"}, "with --from lines (a line has no fields, a file no splits)")
         records, rejected = validate_rows(lines_to_rows(Path(args.input), args.instruction), "alpaca",
                                           args.on_invalid, args.input)
     else:

@@ -357,6 +357,10 @@ def validation_message(err: dict, fields: dict[str, Option]) -> tuple[str, str |
                     "application/json"), None
         return (f"the request body must be a JSON object (Content-Type: application/json), not "
                 f"{_shown(body)}"), None
+    if loc[0] == "tool_choice":  # a union of strings and an object: pydantic reports one member's complaint
+        given = _shown(err.get("input")) if len(loc) == 1 else "that"
+        return (f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": {{"name": '
+                f'NAME}}}}, not {given}'), "tool_choice"
     if loc[0] in fields and kind != "extra_forbidden":
         opt = fields[loc[0]]
         return f"{loc[0]} must be {api_accepts(opt)}, not {_shown(err.get('input'))}", loc[0]
