@@ -622,3 +622,20 @@ def test_an_empty_reply_is_marked_not_a_blank_line(tiny_model):
     chat.settings.logit_bias = {}
     out.clear()
     assert chat.say("and now?").text.strip() and EMPTY_MARK not in "".join(out)
+
+
+def test_save_leaves_out_a_last_reply_that_says_nothing(tiny_model, user_dir):
+    """A blank last reply (a model that answered with newlines) is not saved: sft refuses such a record."""
+    chat, _, notes = in_process(tiny_model)
+    chat.messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                     {"role": "user", "content": "And?"}, {"role": "assistant", "content": "\n\n\n"}]
+    chat.handle(f"/save {user_dir / 'c.jsonl'}")
+    saved = json.loads((user_dir / "c.jsonl").read_text())["messages"]
+    assert [m["content"] for m in saved] == ["Hi", "Hello"], notes
+    from gpt2ft.data.instructions import load_records
+
+    records, _ = load_records(user_dir / "c.jsonl")  # what sft reads
+    assert records[0].response == "Hello"
+    chat.messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]
+    chat.handle(f"/save {user_dir / 'd.jsonl'}")
+    assert not (user_dir / "d.jsonl").exists() and "no reply with text" in notes[-1]

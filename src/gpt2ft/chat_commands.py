@@ -187,11 +187,11 @@ class Commands:
             self.note("/save needs a file name, e.g. /save chat.json")
             return
         convo = self.conversation()
+        while convo and (convo[-1]["role"] != "assistant" or not convo[-1]["content"].strip()):
+            convo.pop()  # sft trains on records that end with a reply that says something
         if not any(m["role"] == "assistant" for m in convo):
-            self.note("nothing to save yet: no reply in the conversation")
+            self.note("nothing to save yet: no reply with text in the conversation")
             return
-        while convo[-1]["role"] != "assistant":  # sft trains on records that end with a reply
-            convo.pop()
         row = {"messages": convo}
         path = Path(arg).expanduser()
         text = json.dumps(row, ensure_ascii=False) + "\n" if path.suffix == ".jsonl" else \
