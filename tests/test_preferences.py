@@ -131,9 +131,11 @@ def test_hh_rlhf_transcripts_share_their_prompt(tmp_path):
 
     row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: What is 2+2?\n\nAssistant: 4",
            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: What is 2+2?\n\nAssistant: five"}
-    (tmp_path / "hh.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"chosen": "good", "rejected": "bad"}) + "\n")
+    unprompted = {"chosen": "good", "rejected": "bad"}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(unprompted) + "\n")
     pairs, rejected = load_pairs(tmp_path / "hh.jsonl", on_invalid="skip")
     (pair,) = pairs
-    assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"] and pair.prompt[-1]["content"] == "What is 2+2?"
+    assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"]
+    assert pair.prompt[-1]["content"] == "What is 2+2?"
     assert (pair.chosen, pair.rejected) == ("4", "five")
     assert "no prompt beside it" in rejected[0]["reason"]

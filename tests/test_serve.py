@@ -604,13 +604,13 @@ def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         err = assert_error(r, 503, code="timeout")
         assert "--timeout" in err["message"] and r.headers["Retry-After"] == "1"
-        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True, "n": 2,
-                                                 "stream_options": {"include_usage": True}})
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True,
+                                                 "n": 2, "stream_options": {"include_usage": True}})
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
         events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
         # every choice ends and the usage comes before the error event
-        assert sorted(e["choices"][0]["index"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"]) \
-            == [0, 1]
+        ended = [e["choices"][0]["index"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]
+        assert sorted(ended) == [0, 1]
         assert events[-2]["usage"]["prompt_tokens"] == 1 and events[-1]["error"]["code"] == "timeout"
         app.state.scheduler.stop()
         r = client.post("/v1/chat/completions", json=CHAT)

@@ -211,9 +211,9 @@ def _check_only_with(args, given: set[str]) -> None:
                     raise UserError(f"{action.option_strings[0]} takes effect only in `gpt2ft {args.verb} {value}`: "
                                     f"drop {action.option_strings[0]}")
                 if value is True and have not in (None, False):  # e.g. --lora-r beside --lora ADAPTER_DIR
-                    raise UserError(f"{action.option_strings[0]} takes effect only with a bare {other.option_strings[0]} "
-                                    f"(a new one); {other.option_strings[0]} {have} keeps its own settings: drop "
-                                    f"{action.option_strings[0]}")
+                    flag, other_flag = action.option_strings[0], other.option_strings[0]
+                    raise UserError(f"{flag} takes effect only with a bare {other_flag} (a new one); {other_flag} "
+                                    f"{have} keeps its own settings: drop {flag}")
                 need = other.option_strings[0] + ("" if value is None else f" {value}")
                 raise UserError(f"{action.option_strings[0]} takes effect only with {need}: add {need} or drop "
                                 f"{action.option_strings[0]}")

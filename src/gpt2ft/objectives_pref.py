@@ -438,7 +438,8 @@ def on_policy_pairs(model, tokenizer, records, template, sampling, batch_size: i
     limit = model.config.block_size - sampling.max_new_tokens
     kept = [i for i, p in enumerate(prompts) if 0 < len(tokenizer.encode(p)) <= limit]
     with evaluating(model):
-        outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, batch_size, progress="pairs")
+        outputs = generate_batch(model, tokenizer, [prompts[i] for i in kept], sampling, batch_size,
+                                 progress="pairs")
     rows, same = [], 0
     for i, output in zip(kept, outputs):
         output = output.strip()

@@ -23,7 +23,8 @@ class MetricsLog:
         self.file = open(run.metrics, "a", encoding="utf-8")
         self.writer = _tensorboard(run)
         if progress:
-            self.bar = progress_bar(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+            self.bar = progress_bar(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                                    mininterval=1.0)
 
     def log(self, msg: str) -> None:
         if self.enabled:
