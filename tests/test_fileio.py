@@ -267,6 +267,33 @@ def test_what_an_earlier_run_of_the_verb_left_and_this_one_did_not_write_is_remo
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "merges.txt", "notes.txt", "vocab.json"]
 
 
+def test_a_file_of_the_verbs_names_that_it_did_not_write_is_the_users(tmp_path):
+    """The marker records what the verb wrote: a file of its names put there or edited since is the user's,
+    so a rerun refuses without --overwrite (it deleted an added tokenizer.json and replaced an edited
+    README.md), and with --overwrite replaces only what it writes again."""
+    names = ("model.safetensors", "README.md", "tokenizer.json")
+    verb = "gpt2ft export"
+
+    def export(**kw):
+        with output_dir(tmp_path / "exp", verb, files=names, **kw) as out:
+            for name in names[:2]:
+                atomic_write(out / name, lambda f: f.write(b"ours"))
+        return out
+
+    out = export()
+    (out / "tokenizer.json").write_text("mine")
+    with pytest.raises(UserError, match="tokenizer.json was put there since gpt2ft export wrote"):
+        export()
+    (out / "tokenizer.json").unlink()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(UserError, match="README.md was changed since"):
+        export()
+    assert (out / "README.md").read_text() == "my notes"
+    (out / "tokenizer.json").write_text("mine")
+    export(overwrite=True)  # replaces README.md (it writes it again), keeps the tokenizer.json it does not write
+    assert (out / "README.md").read_text() == "ours" and (out / "tokenizer.json").read_text() == "mine"
+
+
 def test_a_place_nothing_can_be_created_in_is_refused_before_any_work(tmp_path):
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs Linux's /proc")

@@ -432,7 +432,15 @@ def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: 
     path = Path(folder).expanduser()
     existed, ours = path.exists(), path.is_dir() and made_by(path) == verb
     before = {p.name for p in path.iterdir()} if path.is_dir() else set()
-    earlier = {name: _identity(path / name) for name in files if ours and (path / name).is_file()}
+    identities = {name: _identity(path / name) for name in files if (path / name).is_file()}
+    wrote = _wrote(path) if ours else None  # None: a marker of an older gpt2ft, which recorded no files
+    # a file of the verb's names that it did not write, or that was changed since: the user's
+    theirs = [n for n in identities if ours and wrote is not None and wrote.get(n) != list(identities[n])]
+    if theirs and not overwrite:
+        name = theirs[0]
+        raise UserError(f"{path / name} was {'changed' if name in wrote else 'put there'} since {verb} wrote {path}; "
+                        f"{flag} replaces it (move it away first to keep it)")
+    earlier = {name: identity for name, identity in identities.items() if ours and name not in theirs}
     path = claim_output_dir(folder, verb, overwrite=overwrite, flag=flag, files=files, inputs=inputs)
     try:
         yield path
@@ -445,6 +453,18 @@ def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: 
     for name, identity in earlier.items():
         if _identity(path / name) == identity:
             (path / name).unlink()
+    written = {name: list(_identity(path / name)) for name in files
+               if (path / name).is_file() and _identity(path / name) != identities.get(name)}
+    atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb, "wrote": written})  # what the next run may replace
+
+
+def _wrote(folder: Path) -> dict | None:
+    """The files (name -> identity) the last run of the folder's verb wrote, from its marker."""
+    try:
+        wrote = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8")).get("wrote")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return wrote if isinstance(wrote, dict) else None
 
 
 def _identity(path: Path) -> tuple | None:
