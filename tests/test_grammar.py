@@ -136,3 +136,16 @@ def test_closing_keeps_room_for_what_a_schema_still_needs(tiny_model):
             row = complete_batch(model, tok, [tok.encode("Reply in JSON:")], cfg)[0]
             assert row.finish_reason == "stop", row.text
             jsonschema.validate(json.loads(row.text), schema, format_checker=jsonschema.FormatChecker())
+
+
+def test_a_string_closing_token_leaves_no_string_open():
+    """GPT-2's single token `":"","` closes a string and opens another: counted as closing, a row near its
+    budget took it again and again and the JSON never ended (`{"":"","":"",...`)."""
+    from gpt2ft.grammar import closing_tiers
+    from gpt2ft.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    tiers = closing_tiers(tok, 50257)
+    (reopening,) = tok.encode('":"","')
+    (closing,) = tok.encode('"}')
+    assert tiers[1, closing] and not tiers[1, reopening]

@@ -289,7 +289,8 @@ class JsonText:
 
 
 # Near the end of a row's budget, in this order: EOS; a token that closes a string (starts with '"',
-# then only closing characters); closing brackets alone; separators (to reach the next required key).
+# then only closing characters, and leaves no string open); closing brackets alone; separators (to reach
+# the next required key).
 CLOSING_TIERS = ((b'"', b'"}],: '), (b"}]", b"}] "), (b",:", b'",:}] '))
 
 
@@ -301,7 +302,9 @@ def closing_tiers(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     for i in range(vocab_size):
         text = token_bytes(tokenizer, i)
         for t, (first, rest) in enumerate(CLOSING_TIERS, start=1):
-            if text and text[0] in first and all(b in rest for b in text[1:]):
+            # a string-closing token must end outside a string: an even count of quotes (`":"","`) reopens one
+            if text and text[0] in first and all(b in rest for b in text[1:]) and \
+                    (first != b'"' or text.count(b'"') % 2 == 1):
                 tiers[t, i] = True
     return tiers
 
