@@ -171,3 +171,18 @@ def test_write_error_during_save_names_the_path_and_keeps_older_checkpoints(tiny
     monkeypatch.undo()
     assert not (tmp_path / "next").exists() and not list(tmp_path.glob(".tmp-*"))
     assert (good / "model.safetensors").read_bytes() == before and verify_checkpoint(good) is None
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"scale_attn_weights": False}, "scale_attn_weights"),  # loaded with scaled attention before: wrong logits
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ({"activation_function": "relu"}, "activation_function"),
+    ({"n_inner": 100}, "n_inner"),
+    ({"tie_word_embeddings": False}, "untied"),
+    ({"model_type": "gpt_neo"}, "model_type"),
+])
+def test_a_gpt2_variant_this_model_does_not_implement_is_refused(change, key):
+    from gpt2ft.config import GPTConfig
+
+    with pytest.raises(UserError, match=key):
+        GPTConfig.from_hf({"model_type": "gpt2", "n_embd": 32, **change}, source="x/config.json")

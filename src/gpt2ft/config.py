@@ -75,6 +75,9 @@ class GPTConfig:
             raise UserError(f"{source}: n_inner={hf['n_inner']} is not supported (only 4*n_embd)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise UserError(f"{source}: scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+        if hf.get("scale_attn_weights", True) is not True:  # attention scaled by 1/sqrt(head size), as GPT-2's
+            raise UserError(f"{source}: scale_attn_weights={hf['scale_attn_weights']!r} is not supported (GPT-2 "
+                            "scales attention by 1/sqrt(head size))")
         if hf.get("tie_word_embeddings", True) is False:
             raise UserError(f"{source}: untied lm_head is not supported (GPT-2 ties it to wte)")
         eos = hf.get("eos_token_id", 50256)
