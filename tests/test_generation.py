@@ -292,3 +292,16 @@ def test_extreme_sampling_values_stay_finite():
     assert sample_next(logits, SamplingConfig(temperature=1.0, top_p=1e-45), g).tolist() == [0]
     with pytest.raises(UserError, match="repetition_penalty"):
         SamplingConfig(repetition_penalty=5e-324)
+
+
+def test_generate_takes_one_prompt_as_token_ids(tiny_model):
+    """A flat list of ints is one prompt of token ids (as the docstring says), not a list of prompts."""
+    from gpt2ft.generation import generate
+
+    model, tok = tiny_model
+    ids = tok.encode("Hello world")
+    assert generate(model, tok, ids, max_new_tokens=4, temperature=0) == \
+        generate(model, tok, "Hello world", max_new_tokens=4, temperature=0)
+    assert generate(model, tok, [ids, "Hello world"], max_new_tokens=4, temperature=0)[0] == \
+        generate(model, tok, "Hello world", max_new_tokens=4, temperature=0)
+

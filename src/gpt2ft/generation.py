@@ -458,7 +458,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: Sam
              **sampling) -> str | list[str]:
     """The completion of a prompt (or a list of completions for a list of prompts); prompts are text
     or token ids. Sampling: a SamplingConfig or its fields as keywords."""
-    one = isinstance(prompt, str)
+    one = isinstance(prompt, str) or bool(prompt) and all(isinstance(t, int) for t in prompt)  # text or token ids
     outputs = generate_batch(model, tokenizer, [prompt] if one else list(prompt), _sampling(cfg, sampling))
     return outputs[0] if one else outputs
 

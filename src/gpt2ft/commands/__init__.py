@@ -105,15 +105,16 @@ def grammar_spec(args):
     from ..fileio import read_user_text
     from ..sampling import GrammarSpec
 
-    if getattr(args, "json_schema", None):
+    # `is not None`: an empty --regex '' is an error of GrammarSpec's, not the flag left out
+    if getattr(args, "json_schema", None) is not None:
         return GrammarSpec("json_schema", read_user_text(args.json_schema, "JSON schema", 2**20))
     if getattr(args, "json", False):
         return GrammarSpec("json")
-    if getattr(args, "regex", None):
+    if getattr(args, "regex", None) is not None:
         return GrammarSpec("regex", args.regex)
-    if getattr(args, "choice", None):
+    if getattr(args, "choice", None) is not None:
         return GrammarSpec.choice(args.choice)
-    if getattr(args, "grammar", None):
+    if getattr(args, "grammar", None) is not None:
         return GrammarSpec("gbnf", read_user_text(args.grammar, "grammar", 2**20))  # llguidance reads Lark too
     return None
 
@@ -160,7 +161,8 @@ def add_decoding(p: argparse.ArgumentParser) -> None:
                         "(greedy output unchanged, sampling keeps MODEL's distribution; rows with penalties, a "
                         "grammar or logprobs decode without drafts); ngram: drafts copied from earlier text "
                         "(prompt lookup, no second model)")
-    g.add_argument("--draft-k", type=ranged(int, 1, 8), default=4, help="tokens drafted per step at first (adapts)")
+    only_with(g.add_argument("--draft-k", type=ranged(int, 1, 8), default=4,
+                             help="tokens drafted per step at first (adapts)"), "draft")
 
 
 def decoding_options(args, loaded) -> dict:

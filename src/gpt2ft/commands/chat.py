@@ -63,6 +63,10 @@ def run(args):
     model, tokenizer = loaded
     if args.quantize:
         quantize_loaded(model, args.quantize)
+    if settings.grammar is not None:  # a malformed one is an error now, not at every turn
+        from ..grammar import compile_grammar
+
+        compile_grammar(settings.grammar, tokenizer, model.config.vocab_size)
     kind = loaded.meta.get("objective") or ("pretrained (Hugging Face)" if not loaded.meta else "unknown")
     chat = Chat(model, tokenizer, template, settings, system=args.system, note=note, transcript=transcript,
                 verbose=args.verbose, engine_options=decoding_options(args, loaded), model_info={"source": str(loaded.source), "reason": reason, "lora": args.lora,
