@@ -128,8 +128,10 @@ def test_export_format_gguf_through_the_cli(hf_dir, tmp_path):
     out = tmp_path / "new" / "tiny.gguf"  # its folder is made, as for every output file
     run_cli("export", hf_dir, "--format", "gguf", "--outtype", "f32", "--out", out, check=True)
     assert AutoModelForCausalLM.from_pretrained(out.parent, gguf_file="tiny.gguf", n_positions=64) is not None
-    modelfile = (out.parent / "Modelfile").read_text()
+    modelfile = out.with_suffix(".Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny.gguf") and "PARAMETER stop" in modelfile
+    run_cli("export", hf_dir, "--format", "gguf", "--out", out.with_name("other.gguf"), check=True)  # same folder
+    assert out.with_name("other.Modelfile").read_text().startswith("FROM ./other.gguf")
     mine = tmp_path / "mine.gguf"
     mine.write_bytes(b"my own file")
     proc = run_cli("export", hf_dir, "--format", "gguf", "--out", mine, "--overwrite")

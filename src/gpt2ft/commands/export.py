@@ -3,7 +3,7 @@ transformers.AutoModelForCausalLM.from_pretrained loads as is; or, with --format
 for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
 
     gpt2ft export runs/demo/sft --out exported/ --dtype bfloat16
-    gpt2ft export runs/demo/sft --format gguf --outtype q8_0 --out sft.gguf   # then: ollama create sft -f Modelfile
+    gpt2ft export runs/demo/sft --format gguf --outtype q8_0 --out sft.gguf   # then: ollama create sft -f sft.Modelfile
 """
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def export_gguf(args) -> int:
     out = Path(args.out).expanduser()
     if out.suffix != ".gguf":
         raise UserError(f"--out {out}: with --format gguf, name the file to write, ending in .gguf")
-    modelfile = out.with_name("Modelfile")
+    modelfile = out.with_suffix(".Modelfile")  # one per GGUF file: several can share a folder
     guard = dict(overwrite=args.overwrite, inputs=(args.model,))
-    for path in (out, modelfile):  # before the model loads
-        check_writable(path, what="--out", **guard)
+    for path, what in ((out, "--out"), (modelfile, f"the Modelfile beside --out {out.name}")):  # before loading
+        check_writable(path, what=what, **guard)
     loaded = load(args.model, device="cpu", dtype="float32", verify=args.verify)
     check_writable(out, what="--out", overwrite=args.overwrite, inputs=(args.model, loaded.source))
     if loaded.model.lora_config is not None:
@@ -67,6 +67,7 @@ def export_gguf(args) -> int:
     from ..chat import CHAT_DEFAULTS  # Ollama's default sampling: gpt2ft chat's
 
     sampling = {k: CHAT_DEFAULTS[k] for k in ("temperature", "top_k", "top_p")}
-    write_user_file(modelfile, modelfile_text(out.name, loaded.template, **sampling), what="--out", **guard)
+    write_user_file(modelfile, modelfile_text(out.name, loaded.template, **sampling),
+                    what=f"the Modelfile beside --out {out.name}", **guard)
     print(f"exported {args.model} to {out} ({args.outtype}) and {modelfile} (ollama create NAME -f {modelfile})")
     return 0
