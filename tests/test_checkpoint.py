@@ -186,3 +186,16 @@ def test_a_gpt2_variant_this_model_does_not_implement_is_refused(change, key):
 
     with pytest.raises(UserError, match=key):
         GPTConfig.from_hf({"model_type": "gpt2", "n_embd": 32, **change}, source="x/config.json")
+
+
+def test_a_path_that_is_no_model_folder_says_what_it_is(tmp_path):
+    """A trailing slash makes a missing path local (not a Hub id); a file is not a model folder; a dtype a
+    model does not compute in is refused in words, not by torch."""
+    from gpt2ft.checkpoint import resolve
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for ref, needle in ((f"{tmp_path.name}_missing/", "no such model folder"), (tmp_path / "m.gguf", "is a file")):
+        with pytest.raises(UserError, match=needle):
+            resolve(ref)
+    with pytest.raises(UserError, match="float32, bfloat16 or float16"):
+        load(tmp_path, dtype=torch.int8)

@@ -305,3 +305,11 @@ def test_generate_takes_one_prompt_as_token_ids(tiny_model):
     assert generate(model, tok, [ids, "Hello world"], max_new_tokens=4, temperature=0)[0] == \
         generate(model, tok, "Hello world", max_new_tokens=4, temperature=0)
 
+
+
+def test_sampling_options_may_come_as_a_dict(tiny_model):
+    from gpt2ft.generation import generate
+
+    model, tok = tiny_model
+    assert generate(model, tok, "Hi", {"max_new_tokens": 3, "temperature": 0}) == \
+        generate(model, tok, "Hi", max_new_tokens=3, temperature=0)

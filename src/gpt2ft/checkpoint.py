@@ -186,7 +186,9 @@ def resolve(ref: str | os.PathLike, verify: bool = True) -> Path:
         raise UserError(f"{path}: not a model folder (no config.json, nor OpenAI's hparams.json + model.ckpt) "
                         "nor a gpt2ft run folder")
     ref = str(ref)
-    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
+    if path.exists():  # a file (a .gguf, a .safetensors): a model is a folder
+        raise UserError(f"{ref}: is a file; give the folder that holds the model (its config.json)")
+    if ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
         raise UserError(f"{ref}: no such model folder")
     return _hub_snapshot(ref)
 
@@ -313,6 +315,8 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"dtype {dtype} is not one a model computes in: float32, bfloat16 or float16")
     folder = resolve(ref_or_path, verify)
     meta = read_meta(folder)
     if "template" not in meta and (template := exported_template(folder)) is not None:

@@ -418,7 +418,7 @@ class Stream:
 def _sampling(cfg: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
     if cfg is not None and kwargs:
         raise TypeError("pass either a SamplingConfig or sampling keywords, not both")
-    return cfg if cfg is not None else SamplingConfig.from_kwargs(**kwargs)
+    return SamplingConfig.from_kwargs(**cfg) if isinstance(cfg, dict) else cfg or SamplingConfig.from_kwargs(**kwargs)
 
 
 def _ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
