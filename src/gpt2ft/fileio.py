@@ -453,8 +453,8 @@ def output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, flag: 
     for name, identity in earlier.items():
         if _identity(path / name) == identity:
             (path / name).unlink()
-    written = {name: list(_identity(path / name)) for name in files
-               if (path / name).is_file() and _identity(path / name) != identities.get(name)}
+    now = {name: _identity(path / name) for name in files if (path / name).is_file()}
+    written = {name: list(identity) for name, identity in now.items() if identity != identities.get(name)}
     atomic_write_json(path / OUTPUT_MARKER, {"made_by": verb, "wrote": written})  # what the next run may replace
 
 

@@ -112,9 +112,9 @@ def report_skipped(rejected: list[dict]) -> None:
     if rejected:
         import sys
 
-        listed = "; ".join(f"{r['where']}: {r['reason']}" for r in rejected[:3])
-        more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
-        print(f"left out {len(rejected)} invalid record(s): {listed}{more}", file=sys.stderr)
+        from ..data.instructions import listed_reasons
+
+        print(f"left out {len(rejected)} invalid record(s): {listed_reasons(rejected, 3)}", file=sys.stderr)
 
 
 def run_pairs(args, inputs: dict) -> int:

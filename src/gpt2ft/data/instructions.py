@@ -304,16 +304,19 @@ def collect_valid(rows, normalise, on_invalid: str, path, noun: str) -> tuple[li
     if invalid and on_invalid == "error":
         raise invalid_rows_error(invalid, noun)
     if not good:
-        reasons = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3])
-        raise UserError(f"{path}: no valid {noun}s" + (f" ({reasons})" if reasons else ""))
+        raise UserError(f"{path}: no valid {noun}s" + (f" ({listed_reasons(bad, 3)})" if bad else ""))
     return good, bad
+
+
+def listed_reasons(bad: list[dict], cap: int = MAX_LISTED) -> str:
+    """`file:line: reason; ...` of the first `cap` rows left out, and how many more there are."""
+    listed = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:cap])
+    return listed + (f" (and {len(bad) - cap} more)" if len(bad) > cap else "")
 
 
 def invalid_rows_error(bad: list[dict], noun: str) -> UserError:
     """One error listing `file:line: reason` for each bad row (capped), and the way out."""
-    listed = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:MAX_LISTED])
-    more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
-    return UserError(f"{len(bad)} invalid {noun}(s): {listed}{more}. Fix them, or pass --on-invalid skip "
+    return UserError(f"{len(bad)} invalid {noun}(s): {listed_reasons(bad)}. Fix them, or pass --on-invalid skip "
                      "to go on with the valid ones")
 
 

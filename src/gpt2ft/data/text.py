@@ -29,8 +29,9 @@ def find_text_files(inputs: list[str | Path], note: bool = True) -> list[Path]:
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
-            files += [p for p in found if p.suffix.lower() in TEXT_SUFFIXES]
-            passed = len(found) - len([p for p in found if p.suffix.lower() in TEXT_SUFFIXES])
+            texts = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES]
+            files += texts
+            passed = len(found) - len(texts)
             if passed and note:
                 print(f"note: {item}: passed over {passed} file(s) that are not {', '.join(TEXT_SUFFIXES)}",
                       file=sys.stderr)

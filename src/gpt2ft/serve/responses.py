@@ -12,7 +12,7 @@ from contextlib import aclosing
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generation import Completion
-from .scheduler import Piece
+from .scheduler import Piece, begun_within
 
 
 class APIError(Exception):
@@ -68,15 +68,8 @@ def text_logprobs(tokenizer, entries, offset: int) -> dict:
 
 
 def within(tokenizer, entries, text: str) -> list:
-    """The log-probability entries of the tokens that begin inside `text` (a completion's returned text):
-    not those of a stop string cut from it, nor the EOS after it."""
-    end, offset, kept = len(text.encode("utf-8")), 0, []
-    for entry in entries:
-        if offset >= end:
-            break
-        kept.append(entry)
-        offset += len(tokenizer.decode_bytes([entry[0]]))
-    return kept
+    """The log-probability entries of the tokens that begin inside `text`, a completion's returned text."""
+    return begun_within(tokenizer, entries, 0, len(text.encode("utf-8")))[0]
 
 
 # ----- a forced tool call (serve.structured) ----------------------------------------------------------

@@ -87,6 +87,19 @@ class Job:
     next_token_at: int = 0  # where the next unsent token's text starts, in those bytes
 
 
+def begun_within(tokenizer, entries: list, start: int, end: int) -> tuple[list, int]:
+    """Of log-probability entries whose first token's text starts at byte `start` of a completion's text,
+    those whose token begins before byte `end` (none of a stop string cut from the text, nor the EOS after
+    it); and where the next token's text starts."""
+    kept = []
+    for entry in entries:
+        if start >= end:
+            break
+        kept.append(entry)
+        start += len(tokenizer.decode_bytes([entry[0]]))
+    return kept, start
+
+
 class Scheduler:
     """Admits completions while at most max_queue of them wait for one of a model's max_batch decode
     slots, and steps the engines in a thread."""
@@ -184,15 +197,11 @@ class Scheduler:
         job = self.jobs.get(id(completion))
         if job is None:  # cancelled
             return
-        # the log-probabilities of the tokens whose text begins in what has been sent: text held back (it may
-        # be a stop string) holds back its tokens', and those of a cut stop string or the EOS never go
+        # text held back (it may be a stop string) holds back its tokens' log-probabilities
         job.sent_bytes += len(piece.encode("utf-8"))
-        new_logprobs = []
-        for entry in (completion.logprobs or [])[job.sent_logprobs:]:
-            if tokenizer is not None and job.next_token_at >= job.sent_bytes:
-                break
-            new_logprobs.append(entry)
-            job.next_token_at += len(tokenizer.decode_bytes([entry[0]])) if tokenizer is not None else 0
+        new_logprobs = (completion.logprobs or [])[job.sent_logprobs:]
+        if tokenizer is not None:
+            new_logprobs, job.next_token_at = begun_within(tokenizer, new_logprobs, job.next_token_at, job.sent_bytes)
         job.sent_logprobs += len(new_logprobs)
         if piece or new_logprobs:
             outbox.append((job, Piece(job.index, piece, new_logprobs)))
