@@ -97,6 +97,9 @@ def test_generate_and_info_from_a_folder(hf_dir):
     assert "parameters" in info and "n_layer=2" in info
     top = run_cli("generate", hf_dir, "--prompt", "Hello", "--top-next", "3", check=True).stdout
     assert len(top.strip().splitlines()) == 3
+    for flag in (["--temperature", "0.5"], ["--json"], ["--draft", "ngram"], ["--stop", "x"]):  # nothing is sampled
+        refused = run_cli("generate", hf_dir, "--prompt", "Hello", "--top-next", "3", *flag)
+        assert_clean_error(refused, f"{flag[0]} has no effect with --top-next")
 
 
 def test_yaml_config_fills_flags_and_flags_override(hf_dir, tmp_path):
@@ -116,6 +119,12 @@ def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--max-new-tokens", "500"),
                        "context of 64")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")
+    from gpt2ft.checkpoint import load
+    from gpt2ft.errors import UserError
+
+    for keywords, said in (({"device": "cuda"}, "device cuda: no CUDA"), ({"dtype": "fp8"}, "dtype must be")):
+        with pytest.raises(UserError, match=f"^{said}"):  # the Python API names its keywords, not the flags
+            load(hf_dir, **keywords)
     assert_clean_error(run_cli("eval", hf_dir, "--data", tmp_path / "missing.txt"), "missing.txt",
                        "No such file")
 

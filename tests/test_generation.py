@@ -51,6 +51,10 @@ def test_static_cache_path_equals_dynamic(tiny_model, monkeypatch):
     import gpt2ft.generation as g
     monkeypatch.setattr(g, "compiled_decode", lambda device: g._decode_static)  # the compiled step, run eagerly
     assert _ours(model, prompts, 12, compile=True) == expected
+    tok = gpt2_tokenizer()  # every entry point takes compile=, as Engine does
+    texts = [tok.decode(e) for e in expected]
+    assert g.generate(model, tok, prompts, compile=True, max_new_tokens=12, **GREEDY) == texts
+    assert "".join(g.stream(model, tok, prompts[0], compile=True, max_new_tokens=12, **GREEDY)) == texts[0]
 
 
 def test_compiled_step_compiles_once_for_every_cache_length_and_row_and_equals_eager(tiny_model, monkeypatch):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import assert_clean_error, run_cli
 from gpt2ft.checkpoint import export, load, run_checkpoints
 from gpt2ft.lora import LoRAConfig, apply_lora, disable_adapters, merge_lora
+from gpt2ft.errors import UserError
 
 TEXT = ("Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace from day to day. " * 40 + "\n\n") * 3
 
@@ -149,6 +150,11 @@ def test_lora_on_a_model_that_already_has_adapters_names_the_real_reason(lora_ru
         proc = run_cli(verb, run, "--data", data, "--lora", "--out", tmp_path / verb, "--device", "cpu")
         assert_clean_error(proc, "already carries a LoRA adapter", "drop --lora", f"gpt2ft export {run} --merge-lora")
         assert "--lora-targets" not in proc.stderr and not (tmp_path / verb).exists()
+    proc = run_cli("generate", run, "--lora", run, "--prompt", "Tomorrow?", "--device", "cpu")  # a second adapter
+    assert_clean_error(proc, f"--lora {run}: ", "already carries a LoRA adapter", "--merge-lora")
+    assert "--lora-targets" not in proc.stderr
+    with pytest.raises(UserError, match=f"^lora {run}: .* already carries"):  # the API names its keyword
+        load(run, lora=str(run))
 
 
 def test_sft_with_lora(hf_dir, tmp_path):

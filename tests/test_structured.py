@@ -91,3 +91,19 @@ def test_a_batch_of_masks_computed_ahead_and_the_numpy_unpacking_match_the_direc
                 assert torch.equal(masked[i], logits[i].masked_fill(~allowed, float("-inf")))
             token = int(masked[i].argmax())
             b.accept(token), d.accept(token)
+
+
+def test_an_output_cut_before_it_matches_is_an_error_not_a_quiet_success(ckpt):
+    """A budget too small for the constraint: generate prints what it has, names the flag that would fix it
+    and exits non-zero; chat says so beside the reply."""
+    choice = "the quick brown fox jumps over the lazy dog"
+    cut = run_cli("generate", ckpt, "--prompt", MESSAGE, "--choice", choice, "--temperature", "0",
+                  "--max-new-tokens", "2")
+    assert cut.returncode == 2 and choice.startswith(cut.stdout.strip()) and cut.stdout.strip() != choice
+    assert "--max-new-tokens 2 before it matched --choice" in cut.stderr and "Traceback" not in cut.stderr
+    whole = run_cli("generate", ckpt, "--prompt", MESSAGE, "--choice", choice, "--temperature", "0",
+                    "--max-new-tokens", "40", check=True)
+    assert whole.stdout == choice + "\n"
+    chat = run_cli("chat", ckpt, "--choice", choice, "--temperature", "0", "--max-new-tokens", "2",
+                   input=f"{MESSAGE}\n", check=True)
+    assert "reached its 2 tokens before its structured output was complete" in chat.stderr

@@ -342,6 +342,9 @@ class Chat(Commands):
         self.write((CUT_MARK if finish == "cut" else EMPTY_MARK if not text.strip() else "") + "\n")
         reply = Reply(text, finish or stream.finish_reason, len(prompt_ids), stream.completion_tokens,
                       stream.completion.cached_tokens, ttft, seconds, list(stream.completion.token_ids))
+        if finish != "cut" and stream.completion.unmatched:
+            self.note(f"(the reply reached its {max_new} tokens before its structured output was complete: "
+                      "/tokens N raises the limit)")
         if self.verbose:
             ttft_text = f"{reply.ttft:.3f} s" if reply.ttft is not None else "-"
             c = stream.completion

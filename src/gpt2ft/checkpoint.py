@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
-from .errors import UserError
+from .errors import OptionError, UserError
 from .fileio import (atomic_save_safetensors, atomic_write_json, atomic_write_text, check_output_dir, file_digest,
                      fsync_dir, load_safetensors, output_dir, read_json, same_path)
 from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, load_adapter_state, peft_config
@@ -342,6 +342,9 @@ def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dty
         raise UserError(f"{folder}: the model has {model.config.vocab_size} embeddings but its tokenizer only "
                         f"{tokenizer.vocab_size} ids, so generated ids could not be decoded; the folder mixes "
                         "files of two models")
+    if lora and model.lora_config is not None:  # the adapter's layers are wrapped already
+        raise OptionError("lora", lambda n: f"{n('lora')} {lora}: {folder} already carries a LoRA adapter and one "
+                          "model takes one: merge it first (gpt2ft export --merge-lora) or pass its base model")
     if lora:
         attach_adapter(model, resolve(lora, verify))
     model.to(device=device, dtype=dtype)
@@ -460,7 +463,7 @@ def export(ref: str, out: str | Path, dtype: str = "float32", merge_lora: bool =
     from .runtime import DTYPES
 
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        raise OptionError("dtype", lambda n: f"{n('dtype')} must be float32, bfloat16 or float16, not {dtype!r}")
     def refuse_source(src: Path) -> None:
         if same_path(src, out):
             raise UserError(f"--out {out} is the model being exported (or inside it); choose another folder")

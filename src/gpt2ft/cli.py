@@ -6,7 +6,7 @@ import importlib
 import signal
 import sys
 
-from .errors import UserError
+from .errors import OptionError, UserError
 
 # verb: (module in gpt2ft.commands, one-line help). Each module has add_args(parser) and run(args).
 VERBS = {
@@ -219,16 +219,24 @@ def _check_only_with(args, given: set[str]) -> None:
                                 f"{action.option_strings[0]}")
 
 
+def flag_namer(parser: argparse.ArgumentParser):
+    """Option name (a keyword of the Python API, the flag's dest) -> the verb's flag for it (the name where the
+    verb has none)."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    return lambda name: flags.get(name, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    verb = "gpt2ft"
+    verb, args = "gpt2ft", None
     try:
         args = parse(argv)
         verb = f"gpt2ft {args.verb}"
         result = args._run(args)
         return int(result or 0)
     except UserError as e:
-        print(f"{getattr(e, 'prog', verb)}: error: {e}", file=sys.stderr)
+        message = e.say(flag_namer(args._parser)) if isinstance(e, OptionError) and args else str(e)
+        print(f"{getattr(e, 'prog', verb)}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{verb}: interrupted", file=sys.stderr)

@@ -282,6 +282,11 @@ class Completion:
         return self._grammar is not None and self.grammar_error is None
 
     @property
+    def unmatched(self) -> bool:
+        """Under a grammar, ended before its output was complete (its budget ran out, or it was cancelled)."""
+        return self._grammar is not None and self.finished and not self._grammar.finished
+
+    @property
     def plain(self) -> bool:
         """No per-row logits processing at all: sampling alone picks its token."""
         return self._seen is None and self._counts is None and self._bias is None and self._grammar is None \

@@ -13,7 +13,7 @@ import torch
 
 from .completion import (Completion, TextDecoder, TokenLogprob, apply_presence_frequency_penalty,
                          apply_repetition_penalty, next_tokens, sample_next, top_k_filter, top_p_filter)
-from .errors import UserError
+from .errors import OptionError, UserError
 from .grammar import RowMasks, compile_grammar
 from .model import GPT, KVCache
 from .runtime import check_compiler, one_row_rounds_as_several, progress_bar
@@ -332,8 +332,8 @@ class Engine:
             if isinstance(e, (KeyboardInterrupt, UserError)):
                 raise
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise UserError(f"--compile: torch.compile failed on this machine ({first.strip()[:200]}); "
-                            f"drop --compile") from None
+            raise OptionError("compile", lambda n: f"{n('compile')}: torch.compile failed on this machine "
+                                                   f"({first.strip()[:200]}); drop {n('compile')}") from None
         _WARM.add(id(self.model))
         self.compile_seconds = time.perf_counter() - start
         self.log(f"compiled the decode step in {self.compile_seconds:.1f} s (once per process)")
@@ -449,17 +449,17 @@ def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[in
 
 
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str | list[int]], cfg, batch_size: int = 8,
-                   progress: str | None = None) -> list[str]:
+                   progress: str | None = None, compile: bool = False) -> list[str]:
     """The completions' texts (complete_batch's), each cut at EOS, a stop string or max_new_tokens."""
-    return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size, progress=progress)]
+    return [c.text for c in complete_batch(model, tokenizer, prompts, cfg, batch_size, compile, progress)]
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: SamplingConfig | None = None,
-             **sampling) -> str | list[str]:
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: SamplingConfig | None = None, *,
+             compile: bool = False, **sampling) -> str | list[str]:
     """The completion of a prompt (or a list of completions for a list of prompts); prompts are text
-    or token ids. Sampling: a SamplingConfig or its fields as keywords."""
+    or token ids. Sampling: a SamplingConfig or its fields as keywords; compile: as Engine's."""
     one = isinstance(prompt, str) or bool(prompt) and all(isinstance(t, int) for t in prompt)  # text or token ids
-    outputs = generate_batch(model, tokenizer, [prompt] if one else list(prompt), _sampling(cfg, sampling))
+    outputs = generate_batch(model, tokenizer, [prompt] if one else list(prompt), _sampling(cfg, sampling), 8, None, compile)
     return outputs[0] if one else outputs
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import OptionError, UserError
 from .model import GPT
 
 METHODS = ("int8",)
@@ -70,7 +70,7 @@ def quantize_model(model: GPT, method: str = "int8") -> GPT:
     """Swap every nn.Linear (the tied lm_head and token embedding included) for its int8 version, in
     place; activations stay in the model's dtype. LoRA adapters must be merged first."""
     if method not in METHODS:
-        raise UserError(f"--quantize must be one of {', '.join(METHODS)}, not {method!r}")
+        raise OptionError("quantize", lambda n: f"{n('quantize')} must be one of {', '.join(METHODS)}, not {method!r}")
     if model.lora_config is not None:
         raise UserError("--quantize needs plain weights: merge the LoRA adapter first (gpt2ft export --merge-lora)")
     dtype = model.lm_head.weight.dtype

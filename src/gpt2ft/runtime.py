@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import OptionError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -22,11 +22,11 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+        raise OptionError("device", lambda n: f"{n('device')} {name}: no CUDA GPU is visible; use cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+        raise OptionError("device", lambda n: f"{n('device')} mps: Apple MPS is not available here; use cpu or auto")
     if name != "cpu" and not name.startswith(("cuda", "mps")):
-        raise UserError(f"--device must be auto, cpu, cuda or mps, not {name!r}")
+        raise OptionError("device", lambda n: f"{n('device')} must be auto, cpu, cuda or mps, not {name!r}")
     return torch.device(name)
 
 
@@ -37,7 +37,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+        raise OptionError("dtype", lambda n: f"{n('dtype')} must be auto, float32, bfloat16 or float16, not {name!r}")
     return DTYPES[name]
 
 
@@ -87,17 +87,20 @@ def check_compiler(device: torch.device) -> None:
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
-            raise UserError("--compile on a GPU needs Triton (pip install triton), or drop --compile")
+            raise OptionError("compile", lambda n: f"{n('compile')} on a GPU needs Triton (pip install triton), or "
+                                                   f"drop {n('compile')}")
     elif device.type == "cpu":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
 
             get_cpp_compiler()
         except Exception as e:  # noqa: BLE001 - inductor raises its own kinds
-            raise UserError(f"--compile needs a C++ compiler on this CPU (torch's inductor: "
-                            f"{' '.join(str(e).split())[:200]}); install g++ or drop --compile") from None
+            why = ' '.join(str(e).split())[:200]
+            raise OptionError("compile", lambda n: f"{n('compile')} needs a C++ compiler on this CPU (torch's "
+                                                   f"inductor: {why}); install g++ or drop {n('compile')}") from None
     else:
-        raise UserError(f"--compile runs on a CPU or a CUDA GPU, not {device.type}; drop --compile")
+        raise OptionError("compile", lambda n: f"{n('compile')} runs on a CPU or a CUDA GPU, not {device.type}; "
+                                               f"drop {n('compile')}")
 
 
 _ONE_ROW_AS_SEVERAL: dict[tuple, bool] = {}

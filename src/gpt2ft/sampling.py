@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 
 from .argtypes import Range
-from .errors import UserError
+from .errors import OptionError, UserError
 
 MAX_STOP_STRINGS = 16  # the user's (`stop`); a model template's own are `template_stop`
 MAX_BIAS = 100.0
@@ -118,15 +118,15 @@ class SamplingConfig:
         for f in fields(self):
             setattr(self, f.name, check(f.name, getattr(self, f.name)))
         if self.min_tokens > self.max_new_tokens:
-            raise OptionError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens "
-                              f"({self.max_new_tokens})")
+            raise OptionError("min_tokens", lambda n: f"{n('min_tokens')} ({self.min_tokens}) must not exceed "
+                                                     f"{n('max_new_tokens')} ({self.max_new_tokens})")
         if self.grammar is not None:  # the grammar decides where the output ends, and it must end there
             for name, given, why in (("stop", self.stop, "would cut the output before the grammar completes it"),
                                      ("min_tokens", self.min_tokens, "would hold off the end the grammar reaches"),
                                      ("ignore_eos", self.ignore_eos, "would go on past the grammar's end")):
                 if given:
-                    raise OptionError(name, f"{name} {why}: drop it with constrained output (the grammar ends "
-                                      "the output where it is complete)")
+                    raise OptionError(name, lambda n, name=name, why=why: f"{n(name)} {why}: drop it with "
+                                      "constrained output (the grammar ends the output where it is complete)")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingConfig":
@@ -209,15 +209,6 @@ def _options() -> dict[str, Option]:
     return out
 
 
-class OptionError(UserError):
-    """A sampling option's value refused (alone or beside another option): `option` names it, so that each
-    surface can say its own name for it (a flag, a request field)."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(message)
-        self.option = option
-
-
 def check(name: str, value):
     """The value of option `name` if it is acceptable (normalised: top_k -1 -> 0, a stop string ->
     [it]); else a UserError naming the option, what it accepts and the value. The one check."""
@@ -228,7 +219,7 @@ def check(name: str, value):
     if rng is not None:
         ok_type = not isinstance(value, bool) and (isinstance(value, int) or (rng.kind is float and isinstance(value, float)))
         if not ok_type or not rng.contains(value):
-            raise OptionError(name, f"{name} must be {opt.accepts}, not {value!r}")
+            raise OptionError(name, lambda n: f"{n(name)} must be {opt.accepts}, not {value!r}")
         value = rng.kind(value)
         return 0 if name == "top_k" and value == -1 else value
     if opt.kind is list:  # stop strings
@@ -236,11 +227,11 @@ def check(name: str, value):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value) \
                 or len(value) > MAX_STOP_STRINGS:
-            raise OptionError(name, f"{name} must be a string or a list of at most {MAX_STOP_STRINGS} strings, "
-                              f"not {value!r}")
+            raise OptionError(name, lambda n: f"{n(name)} must be a string or a list of at most {MAX_STOP_STRINGS} "
+                                              f"strings, not {value!r}")
         if "" in value:  # it would match at once; dropping it unsaid would ignore what was asked
-            raise OptionError(name, f"{name}: an empty string is not a stop string (it would end every output at "
-                              "once): drop it")
+            raise OptionError(name, lambda n: f"{n(name)}: an empty string is not a stop string (it would end "
+                                              "every output at once): drop it")
         return list(value)
     if opt.kind is dict:
         return _check_logit_bias(value)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .completion import Completion, top_k_filter, top_p_filter
-from .errors import UserError
+from .errors import OptionError, UserError
 from .generation import Engine, _apart, _common_prefix
 from .model import GPT
 from .sampling import SamplingConfig
@@ -62,7 +62,8 @@ def speculation_blocker(cfg: SamplingConfig) -> str | None:
 def check_speculative(cfg: SamplingConfig) -> None:
     """--draft on a verb that decodes one row: a setting it cannot honour is the user's to change."""
     if blocker := speculation_blocker(cfg):
-        raise UserError(f"--draft does not combine with {blocker}: leave it at its default or drop --draft")
+        raise OptionError("draft", lambda n: f"{n('draft')} does not combine with {n(blocker)}: leave it at its default "
+                                             f"or drop {n('draft')}")
 
 
 class NgramDraft:
@@ -207,12 +208,13 @@ class SpeculativeEngine(Engine):
         super().__init__(model, tokenizer, max_batch, log=log)
         if isinstance(draft, GPT):
             if draft.config.vocab_size != model.config.vocab_size:
-                raise UserError("--draft must have the target's tokenizer (its vocabulary differs)")
+                raise OptionError("draft", lambda n: f"{n('draft')} must have the target's tokenizer (its vocabulary "
+                                                     "differs)")
             self.drafter = ModelDraft(draft, max_batch, min(draft.config.block_size, model.config.block_size))
         elif draft == "ngram":
             self.drafter = NgramDraft()
         else:
-            raise UserError(f"--draft must be a model or 'ngram', not {draft!r}")
+            raise OptionError("draft", lambda n: f"{n('draft')} must be a model or 'ngram', not {draft!r}")
         self.draft_k = draft_k
         self._k = [draft_k] * max_batch  # each slot's current k
         self._steps = 0

@@ -33,6 +33,13 @@ def refuse_given(args, dests, where: str) -> None:
             raise UserError(f"{action.option_strings[0]} has no effect {where}: drop it")
 
 
+def group_dests(parser: argparse.ArgumentParser, *titles: str) -> set[str]:
+    """The dests of the options in the argument groups with these titles (e.g. add_sampling's "sampling"; a
+    title's words in parentheses left out)."""
+    return {a.dest for g in parser._action_groups if (g.title or "").split(" (")[0] in titles
+            for a in g._group_actions}
+
+
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
     """MODEL positional, --lora ADAPTER_DIR, --no-verify, --device, --dtype (--config is on every verb)."""
     if model:
@@ -121,8 +128,7 @@ def grammar_spec(args):
 
 def sampling_config(args, template_stop: list[str] | None = None):
     """The SamplingConfig of a verb's sampling flags (add_sampling), and the model template's stop strings."""
-    from ..errors import UserError
-    from ..sampling import OPTIONS, OptionError, SamplingConfig
+    from ..sampling import OPTIONS, SamplingConfig
 
     values = {name: getattr(args, name) for name, opt in OPTIONS.items() if opt.flag and hasattr(args, name)}
     if values.get("temperature") == 0:  # the API takes them quietly, as OpenAI's does; a flag is a mistake
@@ -131,16 +137,7 @@ def sampling_config(args, template_stop: list[str] | None = None):
     values["stop"], values["template_stop"] = list(values.get("stop") or []), list(template_stop or [])
     values["logit_bias"] = {k: v for entry in values.get("logit_bias") or [] for k, v in entry.items()}
     values["grammar"] = grammar_spec(args)
-    try:
-        return SamplingConfig(**values)
-    except OptionError as e:  # the options by their flags
-        import re
-
-        message = str(e)
-        for name in {e.option, "max_new_tokens"}:
-            if OPTIONS[name].flag:
-                message = re.sub(rf"\b{name}\b", OPTIONS[name].flag, message)
-        raise UserError(message) from None
+    return SamplingConfig(**values)  # an OptionError names the options by their flags (cli.main)
 
 
 def add_decoding(p: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ import sys
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import (add_common, add_decoding, add_grammar, add_sampling, decoding_options, load_model, required,
-               sampling_config)
+from . import (add_common, add_decoding, add_grammar, add_sampling, decoding_options, group_dests, load_model,
+               refuse_given, required, sampling_config)
 
 
 def add_args(p):
@@ -38,6 +38,8 @@ def run(args):
     model, tokenizer = loaded
     text, stops = prompt_for_generation(loaded.meta, prompt, raw=args.raw)
     if args.top_next:
+        refuse_given(args, group_dests(args._parser, "sampling", "structured output", "decoding speed") - {"quantize"},
+                     "with --top-next (it lists the model's own next-token probabilities: nothing is sampled)")
         vocab = model.config.vocab_size
         if args.top_next > vocab:
             raise UserError(f"--top-next {args.top_next} exceeds the vocabulary of {vocab} tokens; use 1 .. {vocab}")
@@ -53,6 +55,10 @@ def run(args):
         if args.stream:
             print(piece, end="", flush=True)
     print() if args.stream else print(completion.text)
+    if completion.completion.unmatched:
+        flag = {"gbnf": "--grammar"}.get(cfg.grammar.kind, "--" + cfg.grammar.kind.replace("_", "-"))
+        raise UserError(f"the output reached --max-new-tokens {cfg.max_new_tokens} before it matched {flag}: "
+                        "raise --max-new-tokens")
     if args.draft:
         c = completion.completion
         rate = c.accepted_drafts / c.drafted if c.drafted else 0.0

@@ -132,8 +132,7 @@ class Service:
                     configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
                                                      "template_stop": stops, "grammar": grammar}))
                 except OptionError as e:  # options refused together (e.g. stop with a constraint)
-                    field = req.field_of(e.option)
-                    raise APIError(400, str(e).replace(e.option, field, 1), field) from None
+                    raise APIError(400, e.say(req.field_of), req.field_of(e.option)) from None
         return configs
 
     def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str,
