@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_clean_error, run_cli, snapshot
+from gpt2ft.checkpoint import run_checkpoints
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--batch-size", "2",
         "--device", "cpu", "--no-progress", "--warmup-steps", "1", "--eval-batches", "1"]
@@ -82,6 +83,41 @@ def test_a_finished_run_is_not_restarted_without_resume(world):
 def test_overwrite_never_deletes_the_model_a_run_trains_from(world):
     refused(world, "finetune", world / "run", "--data", world / "data", "--out", world / "run", "--overwrite",
             "--max-steps", "2", "--device", "cpu", needles=("trains from",))
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_trains(world, tmp_path):
+    """--overwrite with a mistake found only once the model loads keeps the old run whole; a file of the user's
+    inside the run's folders is never deleted with it; a good --overwrite leaves only the new run."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(world / "run", out, symlinks=True)
+    pretrain = ["pretrain", "--data", world / "data", "--out", out, *TINY, "--max-steps", "2", "--overwrite"]
+    refused(tmp_path, *pretrain, "--max-length", "999", needles=("--max-length 999",))  # past the context of 32
+    (out / "checkpoints" / "README.txt").write_text("my notes on step 2\n")
+    refused(tmp_path, *pretrain, needles=("README.txt", "move it out"))
+    (out / "checkpoints" / "README.txt").unlink()
+    old = snapshot(out)
+    run_cli(*pretrain, check=True)
+    assert run_checkpoints(out)[0].name == "step-00000002"  # the 4-step run's checkpoints are gone
+    assert not (out / ".replaced-run").exists() and snapshot(out) != old
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2
+
+
+def test_a_run_set_aside_by_an_overwrite_killed_before_training_comes_back(world, tmp_path):
+    """kill -9 between --overwrite setting the old run aside and the new run's first step: the next command
+    in that folder finds the old run in its place."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(world / "run", out, symlinks=True)
+    (out / ".replaced-run").mkdir()
+    for name in ("checkpoints", "latest", "best", "metrics.jsonl", "config.yaml"):
+        os.replace(out / name, out / ".replaced-run" / name)
+    proc = run_cli("pretrain", "--data", world / "data", "--out", out, *TINY, "--max-steps", "5", "--resume", "auto",
+                   check=True)
+    assert "at step 4" in proc.stderr and not (out / ".replaced-run").exists()
 
 
 @pytest.mark.parametrize("out", ["run/best", "user", "data"])

@@ -271,3 +271,20 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts_cleanly(corpus, tmp_
             assert verify_checkpoint(ckpt) is None
         if presses == 1:
             assert run_checkpoints(run)[0].name == f"step-{max(m['step'] for m in _metrics(run)):08d}"
+
+
+def test_early_stopping_ends_the_run_and_resuming_it_trains_no_further(corpus, tmp_path):
+    """--patience 2 with a learning rate too small to move a float32 weight: the validation loss never
+    improves after the first, so the run stops two evaluations later; --resume auto then adds nothing
+    (as for a run that reached --max-steps), and a larger --patience trains on."""
+    run = tmp_path / "run"
+    flags = ["--lr", "1e-12", "--eval-every", "2", "--patience", "2"]
+    proc = run_cli(*_train_args(corpus, run, steps=20, save_every=0, extra=flags), check=True)
+    assert "early stopping" in proc.stderr
+    stopped = run_checkpoints(run)[0]
+    assert stopped.name == "step-00000006"  # best at step 2; steps 4 and 6 do not improve on it
+    again = run_cli(*_train_args(corpus, run, steps=20, save_every=0, extra=[*flags, "--resume", "auto"]), check=True)
+    assert "stopped early at step 6" in again.stderr and run_checkpoints(run)[0] == stopped
+    more = [*flags[:-1], "4", "--resume", "auto"]
+    run_cli(*_train_args(corpus, run, steps=20, save_every=0, extra=more), check=True)
+    assert run_checkpoints(run)[0].name == "step-00000010"  # two more evaluations without a better one

@@ -62,7 +62,12 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     if cfg.patience and (objective.val is None or len(objective.val) == 0) and objective.best_metric.startswith("val"):
         raise UserError(f"--patience {cfg.patience} stops on {objective.best_metric}, but this run has no validation "
                         "data (--val-fraction 0, or too few records for one): hold some out or drop --patience")
+    if resumed and cfg.patience and state.evals_since_best >= cfg.patience:  # it ended there: resuming adds nothing
+        say(f"the run stopped early at step {state.step} ({objective.best_metric} did not improve in {cfg.patience} "
+            "evaluations): nothing left to train; a larger --patience trains on")
+        total = state.step
     if run.main:
+        run.drop_replaced()  # every check passed: the run --overwrite replaces goes now
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
         run.write_config(_config_yaml(cfg, {**meta, "derived": derived}))

@@ -26,13 +26,20 @@ import torch
 from ..checkpoint import (CHECKPOINTS_DIR, TRAIN_STATE_FILE, commit_checkpoint, restore_checkpoint_weights,
                           run_checkpoints, verify_checkpoint, write_checkpoint_files)
 from ..errors import UserError
-from ..fileio import (OUTPUT_MARKER, RUN_VERBS, atomic_torch_save, atomic_write_json, atomic_write_text, made_by,
-                      make_dir)
+from ..fileio import (OUTPUT_MARKER, RUN_VERBS, WRITTEN_LEDGER, atomic_torch_save, atomic_write_json,
+                      atomic_write_text, made_by, make_dir)
 
 LOCK_FILE = ".lock"
 # What a run owns (deleted by --overwrite); anything else in the folder is the user's and stays.
 RUN_FILES = ("checkpoints", "latest", "best", "metrics.jsonl", "samples.jsonl", "config.yaml", "splits",
              "rejected.jsonl", "data", "reference_logps", "loss.png", "loss.pdf", "tensorboard")
+# What a run writes inside its folders among RUN_FILES (glob patterns); anything else there is the user's.
+RUN_FOLDER_FILES = {"checkpoints": ("step-*", ".tmp-*"), "splits": ("train.jsonl", "val.jsonl", "test.jsonl", ".tmp-*"),
+                    "data": ("train.bin", "val.bin", "meta.json", OUTPUT_MARKER, WRITTEN_LEDGER, ".tmp-*"),
+                    "reference_logps": ("logps.pt", ".tmp-*"), "tensorboard": ("events.out.tfevents.*",)}
+# --overwrite moves the replaced run's files here and deletes them only once the new run starts training: a
+# command that fails before (a bad flag found once the model loads, a Ctrl-C) puts them back.
+REPLACED = ".replaced-run"
 
 
 class RunFolder:
@@ -66,6 +73,13 @@ class RunFolder:
         """Logs of an earlier start that never saved a checkpoint are not this run's."""
         for p in (self.metrics, self.samples):
             p.unlink(missing_ok=True)
+
+    def drop_replaced(self) -> None:
+        """The new run starts training: the run --overwrite replaced is deleted now."""
+        if (self.path / REPLACED).exists():
+            trash = self.path / f".tmp-{REPLACED}"  # renamed first: a kill mid-delete leaves only a temp folder
+            os.replace(self.path / REPLACED, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def remove_leftovers(self) -> None:
         """Temp files and folders of a save that was killed (kill -9) before it committed."""
@@ -147,8 +161,8 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
 
     - absent or empty: created and marked;
     - another process trains there: refused (the lock);
-    - holds a run with checkpoints: refused unless --resume (same verb) or --overwrite (deletes the run's
-      own files, listed in RUN_FILES; nothing else);
+    - holds a run with checkpoints: refused unless --resume (same verb) or --overwrite (the run's own files,
+      RUN_FILES, are set aside and deleted once the new run starts training: drop_replaced; nothing else);
     - not empty and not made by gpt2ft: refused unless --overwrite (then nothing there is deleted).
     That `out` is no input of the run (MODEL, --data, ...) the recipe has checked before.
     Only the main process (RANK 0) claims; the others use the folder it claimed.
@@ -178,11 +192,10 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
     created = not path.exists()
     if contents:
         lock = _lock(path)  # before looking closer: a run in progress is refused as such
+        _put_back(path)  # an earlier --overwrite killed before its run trained: the run it replaced is back
         checkpoints = run_checkpoints(path)
         if overwrite:
-            clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
-            for name in clashing:
-                _remove(path / name)
+            _set_aside(path, lock)
         elif owner != verb:
             os.close(lock)
             raise UserError(f"--out {path} was made by `{owner}`; choose a new folder for `{verb}` "
@@ -195,6 +208,8 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
         make_dir(path)
         lock = _lock(path)
     folder = RunFolder(path, main, lock)
+    if (path / REPLACED).exists():
+        _REPLACING.append(folder)
     if created:
         _CREATED.append(folder)
     if owner != verb:
@@ -202,6 +217,7 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
     return folder
 
 
+_REPLACING: list[RunFolder] = []  # run folders whose --overwrite set a run aside, until training starts
 _CREATED: list[RunFolder] = []  # the run folders this process created, until they hold more than the marker
 # What a new run folder holds before its model loads (the data's splits, rejected rows, finetune's prepared
 # text): a refusal there
@@ -210,8 +226,11 @@ BEFORE_TRAINING = {OUTPUT_MARKER, LOCK_FILE, "splits", "rejected.jsonl", "data"}
 
 
 def remove_unused() -> None:
-    """Remove the run folders this process created that hold nothing but BEFORE_TRAINING: a verb or
-    a recipe that fails before training leaves nothing (called when a recipe fails and at exit)."""
+    """Remove the run folders this process created that hold nothing but BEFORE_TRAINING, and put back a run
+    that --overwrite set aside: a verb or a recipe that fails before training leaves what was there
+    (called when a recipe fails, when a run ends and at exit)."""
+    while _REPLACING:
+        _put_back(_REPLACING.pop().path)
     while _CREATED:
         folder = _CREATED.pop()
         try:
@@ -223,6 +242,38 @@ def remove_unused() -> None:
 
 
 atexit.register(remove_unused)
+
+
+def _set_aside(path: Path, lock: int) -> None:
+    """--overwrite: move the run's own files (RUN_FILES) into REPLACED; refused while one of its folders holds
+    a file the run did not write (--overwrite never deletes what is the user's)."""
+    import fnmatch
+
+    for name, patterns in RUN_FOLDER_FILES.items():
+        if (path / name).is_dir() and not (path / name).is_symlink():
+            theirs = sorted(p.name for p in (path / name).iterdir()
+                            if not any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns))
+            if theirs:
+                os.close(lock)
+                raise UserError(f"--out {path / name} holds {', '.join(theirs[:3])}, which no run wrote, and "
+                                "--overwrite would delete it with the run: move it out of the folder first")
+    (path / REPLACED).mkdir()
+    for name in RUN_FILES:
+        if (path / name).exists() or (path / name).is_symlink():
+            os.replace(path / name, path / REPLACED / name)
+
+
+def _put_back(path: Path) -> None:
+    """The run set aside in REPLACED back in its place (whatever the new run wrote before it trained goes)."""
+    replaced = path / REPLACED
+    if not replaced.exists():
+        return
+    for name in RUN_FILES:
+        if (path / name).exists() or (path / name).is_symlink():
+            _remove(path / name)
+    for item in replaced.iterdir():
+        os.replace(item, path / item.name)
+    replaced.rmdir()
 
 
 def _remove(p: Path) -> None:
