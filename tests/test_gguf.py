@@ -126,7 +126,8 @@ def test_export_format_gguf_through_the_cli(hf_dir, tmp_path):
     from conftest import assert_clean_error, run_cli
 
     out = tmp_path / "new" / "tiny.gguf"  # its folder is made, as for every output file
-    run_cli("export", hf_dir, "--format", "gguf", "--outtype", "f32", "--out", out, check=True)
+    said = run_cli("export", hf_dir, "--format", "gguf", "--outtype", "f32", "--out", out, check=True).stdout
+    assert 'gguf_file="tiny.gguf", n_positions=64' in said  # the call that loads it, printed
     assert AutoModelForCausalLM.from_pretrained(out.parent, gguf_file="tiny.gguf", n_positions=64) is not None
     modelfile = out.with_suffix(".Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny.gguf") and "PARAMETER stop" in modelfile
@@ -137,3 +138,98 @@ def test_export_format_gguf_through_the_cli(hf_dir, tmp_path):
     proc = run_cli("export", hf_dir, "--format", "gguf", "--out", mine, "--overwrite")
     assert_clean_error(proc, "mine.gguf")
     assert mine.read_bytes() == b"my own file"
+
+
+def go_template(source: str, data: dict) -> str:
+    """Go's text/template for the subset an Ollama TEMPLATE uses (range, if / else if / end, eq, or, fields;
+    `{{-` and `-}}` trim the white space beside them), written from Go's documentation: the test's oracle."""
+    import re
+
+    items = []  # ("text", s) and ("act", body)
+    pos = 0
+    for m in re.finditer(r"\{\{(- )?(.*?)( -)?\}\}", source, re.S):
+        text = source[pos:m.start()]
+        if m.group(1):
+            text = text.rstrip(" \t\r\n")
+        if items and items[-1][0] == "trim":
+            items.pop()
+            text = text.lstrip(" \t\r\n")
+        items += [("text", text), ("act", m.group(2).strip())] + ([("trim", "")] if m.group(3) else [])
+        pos = m.end()
+    tail = source[pos:]
+    if items and items[-1][0] == "trim":
+        items.pop()
+        tail = tail.lstrip(" \t\r\n")
+    items.append(("text", tail))
+
+    def value(expr, dot):
+        args = re.findall(r'\((?:[^()]|\([^()]*\))*\)|"[^"]*"|\S+', expr)
+        if args[0] == "eq":
+            return value(args[1], dot) == value(args[2], dot)
+        if args[0] == "or":
+            return any(value(a, dot) for a in args[1:])
+        if args[0].startswith("("):
+            return value(args[0][1:-1], dot)
+        if args[0].startswith('"'):
+            return args[0][1:-1]
+        if args[0] == "false":
+            return False
+        return dot.get(args[0][1:], "")
+
+    def block(i):  # -> (nodes, index after the closing action, that action)
+        nodes = []
+        while i < len(items):
+            kind, body = items[i]
+            i += 1
+            if kind == "text":
+                nodes.append(("text", body))
+            elif body == "end" or body.startswith("else"):
+                return nodes, i, body
+            elif body.startswith(("if ", "range ")):
+                branches, word, closing = [], body, None
+                while True:
+                    inner, i, closing = block(i)
+                    branches.append((word, inner))
+                    if closing == "end":
+                        break
+                    word = "if " + closing[len("else if "):] if closing.startswith("else if") else "if true"
+                nodes.append(("control", branches))
+            else:
+                nodes.append(("value", body))
+        return nodes, i, None
+
+    def run(nodes, dot):
+        out = ""
+        for kind, node in nodes:
+            if kind == "text":
+                out += node
+            elif kind == "value":
+                out += str(value(node, dot))
+            else:
+                word, inner = node[0]
+                if word.startswith("range "):
+                    out += "".join(run(inner, item) for item in value(word[6:], dot))
+                    continue
+                for word, inner in node:
+                    if word == "if true" or value(word[3:], dot):
+                        out += run(inner, dot)
+                        break
+        return out
+
+    return run(block(0)[0], data)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_the_modelfile_template_renders_the_training_prompt(name):
+    """Ollama renders the Modelfile's TEMPLATE into the text gpt2ft trains on and prompts with: each turn's
+    own newlines kept, <|endoftext|> after each reply, the reply's header at the end."""
+    from gpt2ft.gguf_file import _ollama_template
+
+    template = TEMPLATES[name]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Macbeth?"},
+                {"role": "assistant", "content": "A tragedy."}, {"role": "user", "content": "Who wrote it?"}]
+    expected = "".join(s.text + ("<|endoftext|>" if s.trained else "")
+                       for s in template.render(messages, add_generation_prompt=True))
+    system = "".join(m["content"] for m in messages if m["role"] == "system")
+    data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    assert go_template(_ollama_template(template), data) == expected  # Ollama keeps system messages in .Messages

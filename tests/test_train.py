@@ -288,3 +288,24 @@ def test_early_stopping_ends_the_run_and_resuming_it_trains_no_further(corpus, t
     more = [*flags[:-1], "4", "--resume", "auto"]
     run_cli(*_train_args(corpus, run, steps=20, save_every=0, extra=more), check=True)
     assert run_checkpoints(run)[0].name == "step-00000010"  # two more evaluations without a better one
+
+
+def test_an_adapter_keeps_the_base_checkpoint_it_trained_on_while_the_base_run_trains_on(corpus, tmp_path):
+    """A LoRA run started from a run folder records that run's checkpoint (not the folder, whose newest
+    checkpoint moves on): continuing the base run leaves the adapter's model unchanged; once that checkpoint
+    is gone the adapter says so."""
+    import shutil
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    run_cli(*_train_args(corpus, base, steps=2, save_every=2), check=True)
+    run_cli("finetune", base, "--data", corpus / "macbeth.txt", "--out", tuned, "--lora", "--max-steps", "1",
+            "--max-length", "32", "--device", "cpu", "--no-progress", "--eval-every", "0", check=True)
+    recorded = json.loads((run_checkpoints(tuned)[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded) == (base / "checkpoints" / "step-00000002").resolve()
+    x = torch.tensor([[1, 2, 3, 4]])
+    before = load(tuned).model(x)
+    run_cli(*_train_args(corpus, base, steps=4, save_every=2, extra=["--resume", "auto"]), check=True)
+    assert run_checkpoints(base)[0].name == "step-00000004"
+    assert torch.equal(load(tuned).model(x), before)
+    shutil.rmtree(recorded)
+    assert_clean_error(run_cli("generate", tuned, "--prompt", "the"), "base model", "is gone", "--lora")

@@ -275,7 +275,12 @@ def _adapter_base(folder: Path, meta: dict) -> str:
         raise UserError(f"{folder}: adapter folder does not name its base model; pass the base as MODEL "
                         f"and --lora {folder}")
     beside = folder / base
-    return str(beside) if not Path(base).is_absolute() and beside.exists() else base
+    if not Path(base).is_absolute() and beside.exists():
+        return str(beside)
+    if Path(base).is_absolute() and not Path(base).exists():
+        raise UserError(f"{folder}: its base model {base} is gone (a checkpoint rotated away or moved?); pass the "
+                        f"base as MODEL and --lora {folder}")
+    return base
 
 
 def has_tokenizer_files(folder: Path) -> bool:
@@ -304,8 +309,11 @@ class LoadedModel:
 
     @property
     def base_ref(self) -> str:
-        """What a run trained from this model records as its base: a LoRA model's own base, else this model."""
-        return self.meta["base_model"] if self.meta.get("lora") else self.ref
+        """What a run trained from this model records as its base: a LoRA model's own base, else this model: a
+        local one as the very checkpoint folder it loaded (a run folder's newest checkpoint changes as it trains)."""
+        if self.meta.get("lora"):
+            return self.meta["base_model"]
+        return os.path.realpath(self.source) if Path(self.ref).exists() else self.ref
 
 
 def load(ref_or_path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",

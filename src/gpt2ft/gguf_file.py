@@ -135,13 +135,15 @@ def _quote(text: str) -> str:
 
 
 def _ollama_template(t: Template) -> str:
-    """Ollama's Go template over .Messages (or .System/.Prompt), the same text as Template.render."""
+    """Ollama's Go template over .Messages (and .System), the same text as Template.render, with <|endoftext|>
+    after each reply. No `{{-`: it would trim the newlines that end a turn's text."""
     if t.kind == "chat":
-        sys_, user = (fmt.replace("{content}", "{{ .Content }}") for fmt in (t.system, t.user))
-        return ("{{- range .Messages }}{{- if eq .Role \"system\" }}" + sys_
-                + "{{- else if eq .Role \"user\" }}" + user
-                + "{{- else if eq .Role \"assistant\" }}" + t.assistant + "{{ .Content }}" + EOT
-                + "{{- end }}{{- end }}" + t.assistant)
-    prompt = t.prompt_no_input.replace("{input}", "").replace("{instruction}", "{{ .Content }}")
-    return ("{{- if .System }}{{ .System }}\n\n{{ end }}{{- range .Messages }}{{- if eq .Role \"user\" }}" + prompt
-            + "{{- else if eq .Role \"assistant\" }}{{ .Content }}" + EOT + "{{- end }}{{- end }}")
+        turns = {role: t._format(role).replace("{content}", "{{ .Content }}") for role in ("system", "user", "tool")}
+        body = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{text}'
+                       for i, (role, text) in enumerate(turns.items()))
+        return ("{{ range .Messages }}" + body + '{{ else if eq .Role "assistant" }}' + t.assistant
+                + "{{ .Content }}" + EOT + "{{ end }}{{ end }}" + t.assistant)
+    prompt = t.format_instruction("{{ .Content }}")
+    return ("{{ if .System }}{{ .System }}\n\n{{ end }}{{ range .Messages }}"
+            '{{ if or (eq .Role "user") (eq .Role "tool") }}' + prompt
+            + '{{ else if eq .Role "assistant" }}{{ .Content }}' + EOT + "{{ end }}{{ end }}")

@@ -70,4 +70,7 @@ def export_gguf(args) -> int:
     write_user_file(modelfile, modelfile_text(out.name, loaded.template, **sampling),
                     what=f"the Modelfile beside --out {out.name}", **guard)
     print(f"exported {args.model} to {out} ({args.outtype}) and {modelfile} (ollama create NAME -f {modelfile})")
+    if (context := loaded.model.config.block_size) != 1024:  # llama.cpp reads it; transformers 5 takes 1024
+        print(f"note: transformers reads this file's context ({context}) as GPT-2's 1024 unless told: "
+              f"AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=\"{out.name}\", n_positions={context})")
     return 0
