@@ -592,7 +592,7 @@ def test_json_command_constrains_every_reply_until_off_and_bad_files_change_noth
     before = chat.settings.grammar
     for name, needle in [("broken.json", "broken.json:1: malformed JSON schema (Expecting value)"),
                          ("list.json", "a JSON schema is an object such as"),
-                         ("unknown.json", "unknown.json: malformed json schema:"),
+                         ("unknown.json", "unknown.json: malformed JSON schema:"),
                          ("binary.json", "not a JSON schema (binary data)"),
                          ("big.json", "over the limit of 256 bytes for a JSON schema"), ("missing.json", "cannot read"),
                          ("", "is a folder, not a JSON schema")]:

@@ -119,6 +119,7 @@ def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--max-new-tokens", "500"),
                        "context of 64")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")
+    assert_clean_error(run_cli("generate", hf_dir, "--prompt", "A", "--prompt", "B"), "--prompt", "given twice")
     from gpt2ft.checkpoint import load
     from gpt2ft.errors import UserError
 

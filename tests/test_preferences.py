@@ -58,7 +58,9 @@ def test_bad_pairs_are_listed_by_line_and_can_be_skipped(tmp_path):
     msg = str(e.value)
     assert msg.startswith("4 invalid pair(s)") and "p.jsonl:2: missing field 'rejected'" in msg
     assert "p.jsonl:3: invalid JSON" in msg and "p.jsonl:4: empty prompt" in msg and "p.jsonl:7:" in msg
-    assert ":5:" not in msg  # identical / empty answers are dropped, not errors
+    invalid, _, left_out = msg.partition("left out in any case")  # identical / empty answers: dropped, not errors
+    assert ":5:" not in invalid and invalid.endswith("(and 2 ")
+    assert "p.jsonl:5: chosen and rejected are identical" in left_out and "p.jsonl:6: empty rejected" in left_out
     pairs, bad = load_pairs(data, on_invalid="skip")
     assert [p.where.split(":")[-1] for p in pairs] == ["1"]
     reasons = {b["where"].split(":")[-1]: b["reason"] for b in bad}

@@ -750,7 +750,7 @@ def _inputs(tmp_path):
     (["generate", "{run}", "--prompt", "the", "--regex", "[ab]+", "--stop", "a"], "--stop would cut"),
     (["generate", "{run}", "--prompt", "the", "--regex", ""], "needs its text"),  # was: unconstrained output
     (["generate", "{run}", "--prompt", "the", "--draft-k", "3"], "--draft-k"),
-    (["chat", "{run}", "--regex", "("], "malformed regex"),  # at start-up, not at every turn
+    (["chat", "{run}", "--regex", "("], "malformed regular expression"),  # at start-up, not at every turn
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--max-new-tokens", "500"], "no record can be scored"),
     (["data", "convert", "{tmp}/sft.jsonl", "--out", "{tmp}/o.jsonl", "--columns", "instruction=nonexist"],
      "nonexist"),

@@ -90,3 +90,16 @@ def _number_text(kind, v) -> str:
 def ranged(kind, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False):
     """A converter to `kind` (int or float) that accepts lo <= v <= hi (< with *_open; None: unbounded)."""
     return Range(kind, lo, hi, lo_open, hi_open).converter()
+
+
+class Once(argparse._StoreAction):
+    """A flag that takes one value: given twice on one command line it is an error, not the last one silently
+    kept (e.g. `generate --prompt A --prompt B` would drop A)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_once", {})
+        if self.dest in seen:
+            raise argparse.ArgumentError(self, f"given twice ({seen[self.dest]!r}, then {values!r}): it takes one "
+                                               "value (one per command)")
+        seen[self.dest] = values
+        setattr(namespace, self.dest, values)

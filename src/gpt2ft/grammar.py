@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .sampling import GrammarSpec
+from .sampling import GRAMMAR_KINDS, GrammarSpec
 from .tokenizer import Tokenizer
 
 JSON_KINDS = ("json", "json_schema")  # the grammar kinds whose output is JSON text
@@ -42,7 +42,7 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
                 "start: " + " | ".join(json.dumps(o) for o in json.loads(spec.source)))
         return llguidance.grammar_from(spec.kind, spec.source)
     except (ValueError, TypeError) as e:
-        raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {_one_line(e)}") from None
+        raise UserError(f"malformed {GRAMMAR_KINDS[spec.kind]}: {_one_line(e)}") from None
     except RecursionError:
         raise UserError(f"the {spec.kind.replace('_', ' ')} is nested too deeply to compile; flatten it "
                         "(e.g. with $defs and $ref)") from None
@@ -115,7 +115,7 @@ def _compiled(tokenizer: Tokenizer, vocab_size: int, spec: GrammarSpec) -> tuple
     grammar = llguidance_grammar(spec)
     lltok = _lltokenizer(tokenizer, vocab_size)
     if error := llguidance.LLMatcher.validate_grammar(grammar, lltok):
-        raise UserError(f"malformed {spec.kind.replace('_', ' ')}: {_one_line(error)}")
+        raise UserError(f"malformed {GRAMMAR_KINDS[spec.kind]}: {_one_line(error)}")
     return lltok, grammar
 
 

@@ -15,7 +15,8 @@ from .errors import OptionError, UserError
 MAX_STOP_STRINGS = 16  # the user's (`stop`); a model template's own are `template_stop`
 MAX_BIAS = 100.0
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
-GRAMMAR_KINDS = ("json_schema", "json", "regex", "choice", "lark", "gbnf")
+GRAMMAR_KINDS = {"json_schema": "JSON schema", "json": "JSON", "regex": "regular expression", "choice": "choice",
+                 "lark": "Lark grammar", "gbnf": "grammar (Lark or GBNF)"}  # kind -> how messages name it
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class GrammarSpec:
         if self.kind not in GRAMMAR_KINDS:
             raise UserError(f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, not {self.kind!r}")
         if not isinstance(self.source, str) or (self.kind != "json" and not self.source):
-            raise UserError(f"a {self.kind.replace('_', ' ')} grammar needs its text")
+            raise UserError(f"a {GRAMMAR_KINDS[self.kind]} needs its text")
 
     @classmethod
     def json_schema(cls, schema) -> "GrammarSpec":

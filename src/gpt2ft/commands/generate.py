@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ..argtypes import ranged
+from ..argtypes import Once, ranged
 from ..errors import UserError
 from . import (add_common, add_decoding, add_grammar, add_sampling, decoding_options, group_dests, load_model,
                refuse_given, required, sampling_config)
@@ -15,7 +15,7 @@ from . import (add_common, add_decoding, add_grammar, add_sampling, decoding_opt
 
 def add_args(p):
     add_common(p)
-    required(p.add_argument("--prompt", help="the text to continue ('-' reads standard input); "
+    required(p.add_argument("--prompt", action=Once, help="the text to continue ('-' reads standard input); "
                                             '--prompt "" generates unconditionally (from <|endoftext|>) '
                                             "unless the checkpoint's template frames it"))
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the checkpoint's template")

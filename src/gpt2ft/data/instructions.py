@@ -302,7 +302,7 @@ def collect_valid(rows, normalise, on_invalid: str, path, noun: str) -> tuple[li
                         "dropped": isinstance(e, LeftOut)})
     invalid = [b for b in bad if not b["dropped"]]
     if invalid and on_invalid == "error":
-        raise invalid_rows_error(invalid, noun)
+        raise invalid_rows_error(invalid, noun, [b for b in bad if b["dropped"]])
     if not good:
         raise UserError(f"{path}: no valid {noun}s" + (f" ({listed_reasons(bad, 3)})" if bad else ""))
     return good, bad
@@ -314,10 +314,12 @@ def listed_reasons(bad: list[dict], cap: int = MAX_LISTED) -> str:
     return listed + (f" (and {len(bad) - cap} more)" if len(bad) > cap else "")
 
 
-def invalid_rows_error(bad: list[dict], noun: str) -> UserError:
-    """One error listing `file:line: reason` for each bad row (capped), and the way out."""
-    return UserError(f"{len(bad)} invalid {noun}(s): {listed_reasons(bad)}. Fix them, or pass --on-invalid skip "
-                     "to go on with the valid ones")
+def invalid_rows_error(bad: list[dict], noun: str, left_out: list[dict] = ()) -> UserError:
+    """One error listing `file:line: reason` for each bad row (capped), and the way out; the rows that will be
+    left out whatever --on-invalid says are named too, so one pass over the file finds everything."""
+    also = f" (and {len(left_out)} left out in any case: {listed_reasons(left_out, 3)})" if left_out else ""
+    return UserError(f"{len(bad)} invalid {noun}(s): {listed_reasons(bad)}{also}. Fix them, or pass --on-invalid "
+                     "skip to go on with the valid ones")
 
 
 def split_records(records: list[Record], val_fraction: float, test_fraction: float, seed: int):
