@@ -135,6 +135,12 @@ def test_lora_resume_is_exact(lora_run, hf_dir, tmp_path):
     for ckpt in run_checkpoints(tmp_path / "half"):
         if ckpt.name != "step-00000003":
             shutil.rmtree(ckpt)
+    resume = [*common, "--out", tmp_path / "half", "--resume", "auto"]
+    changed = run_cli(*resume, "--lora-alpha", "64")  # another adapter scale: not the run it continues
+    assert_clean_error(changed, "the run changed since its checkpoint", "'alpha': 16.0", "'alpha': 64.0")
+    lora_flags = {i for i, a in enumerate(resume) if a in ("--lora-r", "--lora-dropout")}
+    without = [a for i, a in enumerate(resume) if a != "--lora" and i not in lora_flags and i - 1 not in lora_flags]
+    assert_clean_error(run_cli(*without), "lora: {", "-> None")  # a LoRA run resumed as a full one
     proc = run_cli(*common, "--out", tmp_path / "half", "--resume", "auto", check=True)
     assert "resumed from" in proc.stderr and "step 3" in proc.stderr
     a = load_file(run_checkpoints(tmp_path / "full")[0] / "adapter_model.safetensors")

@@ -307,5 +307,8 @@ def test_an_adapter_keeps_the_base_checkpoint_it_trained_on_while_the_base_run_t
     run_cli(*_train_args(corpus, base, steps=4, save_every=2, extra=["--resume", "auto"]), check=True)
     assert run_checkpoints(base)[0].name == "step-00000004"
     assert torch.equal(load(tuned).model(x), before)
+    resumed = run_cli("finetune", base, "--data", corpus / "macbeth.txt", "--out", tuned, "--lora", "--max-steps", "2",
+                      "--max-length", "32", "--device", "cpu", "--no-progress", "--eval-every", "0", "--resume", "auto")
+    assert_clean_error(resumed, "the run changed since its checkpoint", "start:", "step-00000002", "step-00000004")
     shutil.rmtree(recorded)
     assert_clean_error(run_cli("generate", tuned, "--prompt", "the"), "base model", "is gone", "--lora")

@@ -141,10 +141,16 @@ def set_dropout(model, p: float) -> None:
             m.dropout = p
 
 
-def data_resume_keys(tokenizer, data_fingerprint: str, max_length: int, model_config) -> dict:
-    """What must not change between a checkpoint and its resume."""
+def data_resume_keys(tokenizer, data_fingerprint: str, max_length: int, model, start: str | None = None,
+                     **recipe) -> dict:
+    """What must not change between a checkpoint and its resume: the data and its tokens, the model's shape, the
+    checkpoint it started from (a run folder given as MODEL moves on as that run trains), its LoRA settings,
+    and the recipe's own settings that change the loss (`recipe`)."""
+    from dataclasses import asdict
+
+    lora = asdict(model.lora_config) if model.lora_config is not None else None
     return {"tokenizer": tokenizer.fingerprint(), "data": data_fingerprint, "max_length": max_length,
-            "model": model_config.to_dict()}
+            "model": model.config.to_dict(), "start": start, "lora": lora, **recipe}
 
 
 def save_rejected_and_splits(run: RunFolder, rows, rejected: list[dict], what: str, val_fraction: float,

@@ -114,6 +114,6 @@ def dpo(cfg: DPOConfig) -> Plan:
     run_meta = {"objective": "dpo", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(cfg.data), "loss": pref.loss, "beta": pref.beta, "reference": reference.name,
                 "reference_model": reference.model_ref, "precomputed_reference": precomputed}
-    keys = {**data_resume_keys(tokenizer, objective.fingerprint, max_len, model.config),
+    keys = {**data_resume_keys(tokenizer, objective.fingerprint, max_len, model, loaded.base_ref),
             "preference": {"loss": pref.loss, **pref.loss_kwargs()}, "reference": reference.name}
     return Plan(model, tokenizer, objective, cfg.train, run_meta, keys, run, strategy, template)

@@ -53,7 +53,7 @@ def pretrain(cfg: PretrainConfig) -> Plan:
     run_meta = {"objective": "pretrain", "model_config": cfg.model_config,
                 "data": os.path.abspath(cfg.data)}  # absolute: the run is read from other directories
     return Plan(model, tokenizer, objective, cfg.train, run_meta,
-                data_resume_keys(tokenizer, meta["fingerprint"], length, config), run, strategy)
+                data_resume_keys(tokenizer, meta["fingerprint"], length, model), run, strategy)
 
 
 @dataclass
@@ -99,4 +99,4 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     objective = LanguageModeling.from_prepared(data, meta, length, tokenizer, cfg.sample_prompt, "finetune")
     run_meta = {"objective": "finetune", "base_model": loaded.base_ref, "data": str(data.resolve())}
     return Plan(model, tokenizer, objective, cfg.train, run_meta,
-                data_resume_keys(tokenizer, meta["fingerprint"], length, model.config), run, strategy)
+                data_resume_keys(tokenizer, meta["fingerprint"], length, model, loaded.base_ref), run, strategy)

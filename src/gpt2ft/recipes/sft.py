@@ -65,5 +65,6 @@ def sft(cfg: SFTConfig) -> Plan:
     run_meta = {"objective": "sft", "base_model": loaded.base_ref, "template": template.to_dict(),
                 "data": str(cfg.data)}
     return Plan(model, tokenizer, objective, cfg.train, run_meta,
-                data_resume_keys(tokenizer, objective.fingerprint, max_len, model.config), run, strategy,
+                data_resume_keys(tokenizer, objective.fingerprint, max_len, model, loaded.base_ref,
+                                 train_on_prompt=cfg.train_on_prompt, packing=cfg.packing), run, strategy,
                 template)

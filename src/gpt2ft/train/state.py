@@ -65,8 +65,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def check_resume_keys(saved: dict, current: dict, force: bool) -> None:
-    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k)]
+    # a key the checkpoint lacks was not recorded by the gpt2ft that wrote it: nothing to compare
+    diffs = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in sorted(saved) if saved[k] != current.get(k)]
     if diffs and not force:
         raise UserError("the run changed since its checkpoint (" + "; ".join(diffs) +
                         "); pass --force-resume to resume anyway, or use a new --out")
