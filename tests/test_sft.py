@@ -210,8 +210,9 @@ def test_sft_with_splits_skip_invalid_packing_and_oversampling(tiny_sft_setup, t
     assert (run / "loss.png").exists() and (run / "loss.pdf").exists()
     packed = tmp_path / "packed"
     proc = run_cli("sft", root / "base", "--data", data, "--out", packed, "--packing", "--max-steps", "2",
-                   "--device", "cpu", "--no-progress", check=True)
+                   "--batch-size", "64", "--device", "cpu", "--no-progress", check=True)
     assert "packed into" in proc.stdout
+    assert "sequences are more than the" in proc.stderr and "each step repeats some of them" in proc.stderr
 
 
 def test_oversampling_weights_feed_the_sampler():

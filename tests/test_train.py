@@ -288,6 +288,9 @@ def test_early_stopping_ends_the_run_and_resuming_it_trains_no_further(corpus, t
     more = [*flags[:-1], "4", "--resume", "auto"]
     run_cli(*_train_args(corpus, run, steps=20, save_every=0, extra=more), check=True)
     assert run_checkpoints(run)[0].name == "step-00000010"  # two more evaluations without a better one
+    past = run_cli(*_train_args(corpus, run, steps=8, save_every=0, extra=["--resume", "auto"]), check=True)
+    assert "at step 10 already, past its 8 steps: nothing left to train" in past.stderr
+    assert run_checkpoints(run)[0].name == "step-00000010"
 
 
 def test_an_adapter_keeps_the_base_checkpoint_it_trained_on_while_the_base_run_trains_on(corpus, tmp_path):

@@ -30,13 +30,13 @@ class VerbDefaults:
     min_epochs: float
     max_epochs: float
     why: str  # why this length, for --help
-    lora_factor: float = 10.0
+    lora_factor: float | None = 10.0  # None: the verb trains no LoRA adapter
     max_lr: float = 3e-3
 
 
 DEFAULTS = {
     "pretrain": VerbDefaults(6e-4, 2e-3, 0, 1.0, 1.0, "one pass over the data; GPT-2 small and GPT-3 small "
-                                                     "pretrained at 6e-4, the quickstart at 2e-3"),
+                                                     "pretrained at 6e-4, the quickstart at 2e-3", None),
     "finetune": VerbDefaults(5e-5, 3e-4, 2000, 1.0, 10.0, "a small text is seen often enough to take on its style"),
     "sft": VerbDefaults(1e-4, 1e-3, 4000, 3.0, 50.0, "a few dozen records need many passes to learn the answer "
                                                     "format and where an answer ends"),
@@ -56,9 +56,13 @@ def _width_lr(d: VerbDefaults, width: int) -> float:
     return d.lr * (WIDTH / width) ** exponent
 
 
+def _factor(d: VerbDefaults, lora: bool) -> float:
+    return d.lora_factor if lora and d.lora_factor else 1.0
+
+
 def auto_lr(verb: str, width: int, lora: bool) -> float:
     d = defaults_for(verb)
-    return min(_width_lr(d, width) * (d.lora_factor if lora else 1.0), d.max_lr)
+    return min(_width_lr(d, width) * _factor(d, lora), d.max_lr)
 
 
 def auto_epochs(verb: str, n_train: int) -> float:
@@ -108,10 +112,9 @@ def _lr_reason(verb: str, width: int, lora: bool) -> str:
     else:
         text = (f"{verb}'s rate at width {width}, between {d.lr:g} at {WIDTH} and {d.lr_quickstart:g} at "
                 f"{QUICKSTART} (log-linear in width)")
-    if lora:
+    if _factor(d, lora) != 1.0:
         text += f", x {d.lora_factor:g} for LoRA"
-    return text + (f", capped at {d.max_lr:g}" if _width_lr(d, width) * (d.lora_factor if lora else 1) > d.max_lr
-                   else "")
+    return text + (f", capped at {d.max_lr:g}" if _width_lr(d, width) * _factor(d, lora) > d.max_lr else "")
 
 
 def help_texts(verb: str) -> dict[str, str]:
@@ -122,8 +125,8 @@ def help_texts(verb: str) -> dict[str, str]:
     return {
         "epochs": f"passes over the training data when --max-steps is -1, > 0 ({epochs})",
         "lr": (f"peak learning rate, > 0 (unset: {d.lr:g} for GPT-2's width {WIDTH}, {d.lr_quickstart:g} for the "
-               f"quickstart model's {QUICKSTART}, log-linear in width between and beyond, x {d.lora_factor:g} with "
-               f"--lora, at most {d.max_lr:g})"),
+               f"quickstart model's {QUICKSTART}, log-linear in width between and beyond, "
+               + (f"x {d.lora_factor:g} with --lora, " if d.lora_factor else "") + f"at most {d.max_lr:g})"),
         "warmup_steps": (f"linear warmup steps, >= 0 (unset: {WARMUP_FRACTION:g} x the run's steps; at most a "
                          "tenth of them)"),
         "eval_every": (f"evaluate every N steps, >= 0 (0: only at the end; unset: about {EVALUATIONS} "

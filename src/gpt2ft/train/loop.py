@@ -62,6 +62,9 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     if cfg.patience and (objective.val is None or len(objective.val) == 0) and objective.best_metric.startswith("val"):
         raise UserError(f"--patience {cfg.patience} stops on {objective.best_metric}, but this run has no validation "
                         "data (--val-fraction 0, or too few records for one): hold some out or drop --patience")
+    if resumed and state.step >= total:
+        say(f"the run is at step {state.step} already, past its {total} steps: nothing left to train; a larger "
+            "--max-steps (or --epochs) trains on")
     if resumed and cfg.patience and state.evals_since_best >= cfg.patience:  # it ended there: resuming adds nothing
         say(f"the run stopped early at step {state.step} ({objective.best_metric} did not improve in {cfg.patience} "
             "evaluations): nothing left to train; a larger --patience trains on")
@@ -76,6 +79,10 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
                   f"({len(objective.train)} training examples) on {strategy.device}, "
                   f"{str(strategy.dtype).removeprefix('torch.')}{_processes(strategy)}")
         print_err("config: " + json.dumps(asdict(cfg), default=str))
+        if global_batch > len(objective.train):  # each step then holds some examples twice and others once
+            print_err(f"warning: a step's {global_batch} sequences are more than the {len(objective.train)} training "
+                      f"examples, so each step repeats some of them; a --batch-size (x --grad-accum) of at most "
+                      f"{len(objective.train)} sees each once per epoch")
     step = Step(model, wrapped, objective, optimizer, scaler, cfg, strategy)
     log = MetricsLog(run, total, state.step, cfg.progress)
     report = RunReport(run, objective, cfg, total, log)  # the console: scores, a sample, warnings, the summary
