@@ -120,6 +120,12 @@ def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):
                        "context of 64")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "Hi", "--device", "cuda"), "--device cuda")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "A", "--prompt", "B"), "--prompt", "given twice")
+    import shutil
+
+    half = shutil.copytree(hf_dir, tmp_path / "half")  # a BPE tokenizer missing one of its two files
+    (half / "vocab.json").unlink()
+    (half / "tokenizer.json").unlink(missing_ok=True)
+    assert_clean_error(run_cli("info", half), "has merges.txt but no vocab.json")
     from gpt2ft.checkpoint import load
     from gpt2ft.errors import UserError
 

@@ -725,6 +725,7 @@ def _inputs(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["eval", "{run}", "--data", "{world}/text.txt", "--temperature", "0.9"], "--temperature"),
     (["eval", "{run}", "--data", "{world}/text.txt", "--keyword", "king"], "--keyword"),
+    (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--keyword", " "], "an empty keyword"),
     (["eval", "{run}", "--data", "{tmp}/prefs.jsonl", "--top-p", "0.5"], "--top-p"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--beta", "0.1"], "--beta"),
     (["eval", "{run}", "--data", "{tmp}/sft.jsonl", "--template", "{tmp}/tpl.yaml"], "stopp"),

@@ -284,7 +284,7 @@ def _adapter_base(folder: Path, meta: dict) -> str:
 
 
 def has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("vocab.json", "tokenizer.json", "word_vocab.json"))
+    return any((folder / f).exists() for f in ("vocab.json", "merges.txt", "tokenizer.json", "word_vocab.json"))
 
 
 # ----- loading --------------------------------------------------------------------------------

@@ -280,6 +280,10 @@ def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
             if model.get("type") != "BPE":
                 raise UserError(f"{folder / 'tokenizer.json'}: only byte-level BPE tokenizers are supported")
             return BPETokenizer(model["vocab"], _json_merges(model), name=folder.name)
+        for have, lacks in (("vocab.json", "merges.txt"), ("merges.txt", "vocab.json")):
+            if (folder / have).exists():
+                raise UserError(f"{folder}: has {have} but no {lacks}; a BPE tokenizer needs both (copy the missing "
+                                "file from where the model came from)")
         raise UserError(f"tokenizer folder {folder} holds no tokenizer (word_vocab.json, vocab.json + merges.txt, "
                         "or tokenizer.json): train one with `gpt2ft tokenizer train`, or drop --tokenizer for GPT-2's")
     return gpt2_tokenizer()

@@ -40,6 +40,18 @@ def group_dests(parser: argparse.ArgumentParser, *titles: str) -> set[str]:
             for a in g._group_actions}
 
 
+def add_keyword(p) -> None:
+    """--keyword for the verbs that score generated answers (eval, sft's evaluations), declared once."""
+    def word(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("an empty keyword is in every output: give a word")
+        return text
+
+    p.add_argument("--keyword", action="append", default=None, type=word, metavar="WORD",
+                   help="a word every answer should contain, case-insensitive (repeatable: an answer counts when "
+                        "it holds all of them; keyword_rate is the share that does)")
+
+
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
     """MODEL positional, --lora ADAPTER_DIR, --no-verify, --device, --dtype (--config is on every verb)."""
     if model:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..argtypes import ranged
 from ..errors import UserError
-from . import (add_common, add_instruction_data_args, add_sampling, load_model, parse_columns, refuse_given,
-               sampling_config)
+from . import (add_common, add_instruction_data_args, add_keyword, add_sampling, load_model, parse_columns,
+               refuse_given, sampling_config)
 
 
 def add_args(p):
@@ -29,7 +29,7 @@ def add_args(p):
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that eval did not make (never one holding a responses.jsonl, "
                         "summary.json or pairs.jsonl of yours, nor one that is or holds the MODEL or --data)")
-    p.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
+    add_keyword(p)
     p.add_argument("--batch-size", type=ranged(int, 1), default=8, help="prompts generated together, >= 1")
     p.add_argument("--max-examples", type=ranged(int, 1), default=None,
                    help="evaluate only the first N records, >= 1 (default: all)")

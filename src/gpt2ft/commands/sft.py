@@ -13,7 +13,7 @@ as in training.
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import (add_common, add_instruction_data_args, add_lora, add_training, parse_columns, recipe_config,
+from . import (add_common, add_instruction_data_args, add_keyword, add_lora, add_training, parse_columns, recipe_config,
                refuse_given)
 
 
@@ -35,7 +35,7 @@ def add_args(p):
                    help="validation records generated at each evaluation, >= 0")
     g.add_argument("--eval-max-new-tokens", type=ranged(int, 1), default=64,
                    help="tokens generated per evaluated record, >= 1")
-    g.add_argument("--keyword", action="append", default=None, help="keyword whose presence is scored (repeatable)")
+    add_keyword(g)
     add_training(p, "sft")
     add_lora(p)
 
