@@ -108,7 +108,7 @@ def test_rendering_keeps_earlier_turns_as_a_prefix(tiny_model):
                                "### Instruction:\nBye\n\n### Response:\n")
 
 
-def test_history_overflow_drops_the_oldest_turns_and_says_so_once(tiny_model):
+def test_history_overflow_drops_the_oldest_turns_and_says_so_once(tiny_model, tmp_path):
     chat, out, notes = in_process(tiny_model, system="Be kind.")
     replies = []
     for i in range(6):
@@ -121,6 +121,20 @@ def test_history_overflow_drops_the_oldest_turns_and_says_so_once(tiny_model):
     assert chat.messages[-2]["content"] == "message number 5"
     chat.handle("/memory")
     assert "dropped to fit the context" in notes[-1] and "message number 0" in notes[-1]
+    chat.messages[-1]["cut"] = True  # as a Ctrl-C leaves the last reply
+    chat.handle(f"/save {tmp_path / 'all.json'}")  # every turn, the dropped ones too; the cut reply is not trained
+    saved = json.loads((tmp_path / "all.json").read_text())[0]["messages"]
+    assert [m["content"] for m in saved[1::2]] == [f"message number {i}" for i in range(5)]
+    assert saved[0]["role"] == "system" and saved[-1]["role"] == "assistant" and "weight" not in saved[-1]
+    chat.say("one more")
+    chat.messages[-3]["cut"] = True  # a cut reply inside the conversation stays as context, weight 0
+    chat.handle(f"/save {tmp_path / 'all.json'}")
+    saved = json.loads((tmp_path / "all.json").read_text())[0]["messages"]
+    assert saved[-3] == {"role": "assistant", "content": chat.messages[-3]["content"], "weight": 0}
+    from gpt2ft.data.instructions import load_records
+
+    records, _ = load_records(tmp_path / "all.json")  # sft reads it: the weight-0 reply is context only
+    assert len(records) == 1
     before = list(chat.messages)
     assert chat.say("word " * 80) is None  # alone it does not fit: one message, nothing changes
     assert "send a shorter one" in notes[-1] and chat.messages == before
@@ -159,8 +173,8 @@ def test_every_command_through_piped_stdin(chat_ckpt, user_dir):
                    "frequency_penalty 0.0, seed 7, stop ['zzz']",
                    "no system prompt", "(system prompt set)", "nothing to undo", "/multi needs a number of steps",
                    "(plan in 2 steps)", "(step 2 of 2:", "the last answer was replaced", "kind       sft",
-                   "template   chat", "/save needs a file name", f"saved 3 messages to {saved}", "(conversation cleared",
-                   "0 turns", "missing.json: cannot read conversation (No such file or directory); nothing changed", "loaded 3 messages", "/help",
+                   "template   chat", "/save needs a file name", f"saved 9 messages to {saved}", "(conversation cleared",
+                   "0 turns", "missing.json: cannot read conversation (No such file or directory); nothing changed", "loaded 9 messages", "/help",
                    "no longer fits the model's context of 64 tokens"]:
         assert needle in err, needle
     assert err.count("nothing changed") == 11 and "Traceback" not in err
@@ -170,10 +184,11 @@ def test_every_command_through_piped_stdin(chat_ckpt, user_dir):
     from gpt2ft.data.instructions import load_records
 
     records, _ = load_records(saved)
-    assert [m["role"] for m in records[0].messages] == ["system", "user", "assistant"]  # the rest was dropped
-    assert records[0].messages[0]["content"] == "Answer briefly."
-    assert records[0].messages[1]["content"] == "Do step 2 of the plan: step 2 of the task"
-    assert "summary: user: Do step 2 of the plan" in err.split("loaded 3 messages")[1]
+    roles = [m["role"] for m in records[0].messages]  # every turn since "again", those dropped from the context too
+    assert roles == ["system"] + ["user", "assistant"] * 4 and records[0].messages[0]["content"] == "Answer briefly."
+    assert records[0].messages[1]["content"] == "again"
+    assert records[0].messages[-2]["content"] == "Do step 2 of the plan: step 2 of the task"
+    assert "summary: user: again" in err.split("loaded 9 messages")[1]
     rows = [json.loads(line) for line in transcript.read_text().splitlines()]
     replies = [r for r in rows if r["role"] == "assistant"]
     assert len(replies) == 8 and rows[0] == {**rows[0], "role": "user", "content": "hello"}

@@ -308,6 +308,9 @@ def test_binary_inputs(world, tmp_path):
     nul.write_bytes(b"the king\nthe\x00queen\n")
     refused(tmp_path, "compare", world / "run", world / "run", "--prompts", blob, needles=("blob.txt:",))
     refused(tmp_path, "compare", world / "run", world / "run", "--prompts", nul, needles=("nul.txt:2", "binary"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    refused(tmp_path, "compare", world / "run", world / "run", "--prompts", tmp_path / "blank.txt",
+            needles=("blank.txt: no prompts in it",))
     refused(tmp_path, "prepare", nul, "--tokenizer", world / "tok", "--out", tmp_path / "p", needles=("nul.txt:2",))
     refused(tmp_path, "eval", world / "run", "--data", blob, needles=("blob.txt",))
     refused(tmp_path, "data", "convert", blob, "--from", "lines", "--instruction", "x", "--out", tmp_path / "o.jsonl",

@@ -217,9 +217,9 @@ class Chat(Commands):
     verbose: bool = False
     model_info: dict = field(default_factory=dict)
     engine_options: dict = field(default_factory=dict)  # generation.Engine's speed options (compile, draft)
-    messages: list[dict] = field(default_factory=list)  # user/assistant turns (the system prompt is apart)
+    # user/assistant turns (the system prompt is apart); a reply stopped with Ctrl-C carries "cut": True
+    messages: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)  # turns that no longer fit the context
-    cut: set = field(default_factory=set)  # indices of replies stopped with Ctrl-C
     last_reply: Reply | None = None
 
     def __post_init__(self):
@@ -267,9 +267,8 @@ class Chat(Commands):
         prompt_ids, stops, max_new = fitted
         reply = self.last_reply = self.generate(prompt_ids, stops, max_new)
         if keep:
-            self.messages.append({"role": "assistant", "content": reply.text})
-            if reply.finish_reason == "cut":
-                self.cut.add(len(self.messages) - 1)
+            self.messages.append({"role": "assistant", "content": reply.text,
+                                  **({"cut": True} if reply.finish_reason == "cut" else {})})
         return reply
 
     def fit(self, extra: list[dict]):
@@ -317,7 +316,6 @@ class Chat(Commands):
         """Move the n oldest turns to `dropped` (they no longer fit the context)."""
         self.dropped += self.messages[:n]
         del self.messages[:n]
-        self.cut = {i - n for i in self.cut if i >= n}
         if not self._told_dropping:
             self._told_dropping = True
             self.note(f"(the conversation no longer fits the model's context of {self.context} tokens: "

@@ -121,10 +121,10 @@ class Commands:
         return True
 
     def state(self) -> tuple:
-        return ([dict(m) for m in self.messages], list(self.dropped), set(self.cut), self.system)
+        return ([dict(m) for m in self.messages], list(self.dropped), self.system)
 
     def restore(self, state: tuple) -> None:
-        self.messages, self.dropped, self.cut, self.system = state
+        self.messages, self.dropped, self.system = state
 
     def set_option(self, command: str, arg: str) -> None:
         """/temp 0.5: the value checked by the schema (Option.parse_text); /tokens also against the context."""
@@ -149,7 +149,7 @@ class Commands:
         self.note(describe_settings(self.settings))
 
     def cmd_reset(self, arg: str) -> None:
-        self.messages, self.dropped, self.cut = [], [], set()
+        self.messages, self.dropped = [], []
         self.note("(conversation cleared" + (", system prompt kept)" if self.system else ")"))
 
     def cmd_system(self, arg: str) -> None:
@@ -164,7 +164,6 @@ class Commands:
             self.note("nothing to undo")
             return
         while self.messages:  # back to before the last user message
-            self.cut.discard(len(self.messages) - 1)
             if self.messages.pop()["role"] == "user":
                 break
         self.note(f"(removed the last exchange; {len(self.messages)} messages left)")
@@ -174,7 +173,6 @@ class Commands:
             self.note("nothing to retry: send a message first")
             return
         if self.messages[-1]["role"] == "assistant":
-            self.cut.discard(len(self.messages) - 1)
             self.messages.pop()
         self.respond()
 
@@ -186,9 +184,12 @@ class Commands:
         if not arg:
             self.note("/save needs a file name, e.g. /save chat.json")
             return
-        convo = self.conversation()
-        while convo and (convo[-1]["role"] != "assistant" or not convo[-1]["content"].strip()):
-            convo.pop()  # sft trains on records that end with a reply that says something
+        # every turn, those dropped from the context too; a cut reply stays as context but is not trained on
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        convo = head + [{"role": m["role"], "content": m["content"], **({"weight": 0} if m.get("cut") else {})}
+                        for m in self.dropped + self.messages]
+        while convo and (convo[-1]["role"] != "assistant" or not convo[-1]["content"].strip() or "weight" in convo[-1]):
+            convo.pop()  # sft trains on records that end with a whole reply that says something
         if not any(m["role"] == "assistant" for m in convo):
             self.note("nothing to save yet: no reply with text in the conversation")
             return
@@ -215,7 +216,7 @@ class Commands:
         systems = [m["content"] for m in messages if m["role"] == "system"]
         self.system = "\n\n".join(systems) if systems else self.system
         self.messages = [m for m in messages if m["role"] != "system"]
-        self.dropped, self.cut = [], set()
+        self.dropped = []
         self.note(f"(loaded {len(messages)} messages from {arg})")
 
     def cmd_json(self, arg: str) -> None:
@@ -261,8 +262,8 @@ class Commands:
         else:
             lines.append("nothing dropped")
         if self.messages:
-            lines.append("summary: " + " | ".join(_gist(m, 6) + (" (cut)" if i in self.cut else "")
-                                                 for i, m in enumerate(self.messages)))
+            lines.append("summary: " + " | ".join(_gist(m, 6) + (" (cut)" if m.get("cut") else "")
+                                                 for m in self.messages))
         self.note("\n".join(lines))
 
     def cmd_refine(self, arg: str) -> None:
@@ -272,8 +273,7 @@ class Commands:
         ask = "Improve your last answer" + (f": {arg}" if arg else ": make it clearer, more accurate and complete")
         reply = self.respond(extra=[{"role": "user", "content": ask}], keep=False)
         if reply is not None and reply.text.strip():
-            self.messages[-1]["content"] = reply.text
-            self.cut.discard(len(self.messages) - 1)
+            self.messages[-1] = {"role": "assistant", "content": reply.text}  # whole: no longer cut
             self.note("(the last answer was replaced)")
 
     def cmd_multi(self, arg: str) -> None:

@@ -304,8 +304,10 @@ class Engine:
         compiled = isinstance(rows, slice) and (whole or (self.compile and not apart))
         if self.compile and not compiled and not self._said_eager:  # --compile is never silently a no-op
             self._said_eager = True
-            self.log("--compile: some steps run eager decoding (a row alone, a seeded row, or rows left in high "
-                     "slots: eager's exact path, as fast there); the compiled step serves the others")
+            self.log("--compile: " + ("one row decodes with eager's exact path here (as fast), so --compile changes "
+                     "nothing for one row (generate, chat); it serves batches (serve, eval)" if self.max_batch == 1 else
+                     "some steps run eager decoding (a row alone, a seeded row, or rows left in high slots: eager's "
+                     "exact path, as fast there); the compiled step serves the others"))
         if compiled:
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:
@@ -394,25 +396,12 @@ class Stream:
         finally:
             self.engine.cancel(c)  # a no-op when it ended by itself
 
-    @property
-    def text(self) -> str:
-        return self.completion.text
+    SHARED = ("text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens")  # the Completion's
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.completion.finish_reason
-
-    @property
-    def stop_reason(self) -> str | int | None:
-        return self.completion.stop_reason
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.completion.prompt_tokens
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.completion.completion_tokens
+    def __getattr__(self, name: str):
+        if name in Stream.SHARED:
+            return getattr(self.completion, name)
+        raise AttributeError(f"'Stream' object has no attribute {name!r}")
 
 
 def _sampling(cfg: SamplingConfig | None, kwargs: dict) -> SamplingConfig:

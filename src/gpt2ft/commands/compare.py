@@ -76,6 +76,8 @@ def read_prompts(args) -> list[str]:
             raise UserError(f"--prompts {args.prompts}: {what}")
         check_size(args.prompts, "prompts file", MAX_USER_FILE)
         prompts += [line.strip("\n") for _, line in read_lines(Path(args.prompts)) if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts}: no prompts in it (one per line; blank lines are skipped)")
     if not prompts:
         raise UserError('give --prompt TEXT (repeatable) or --prompts FILE (--prompt "" for unconditional text)')
     return prompts
