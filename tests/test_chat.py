@@ -539,6 +539,8 @@ def test_a_long_loaded_conversation_costs_a_few_renders(tiny_model, user_dir, mo
     assert path.stat().st_size < 2**20
     chat, _, notes = in_process(tiny_model)
     chat.handle(f"/load {path}")
+    chat.handle("/memory")  # loaded, not yet fitted: it says what the next message will drop
+    assert "more than the context holds: the oldest turns are dropped at the next message" in notes[-1]
     calls = []
     render = chat_module.render
     monkeypatch.setattr(chat_module, "render", lambda *a: calls.append(len(a[1])) or render(*a))

@@ -253,7 +253,9 @@ class Commands:
         ids, _ = self.render(self.conversation())
         turns = sum(m["role"] == "user" for m in self.messages)
         lines = [f"{turns} turns ({len(self.messages)} messages), {len(ids)} of {self.context} context tokens used "
-                 f"(+ up to {self.settings.max_new_tokens} for the next reply)",
+                 f"(+ up to {self.settings.max_new_tokens} for the next reply)"
+                 + ("; more than the context holds: the oldest turns are dropped at the next message"
+                    if len(ids) + self.settings.max_new_tokens > self.context else ""),
                  f"system prompt: {self.system!r}" if self.system else "no system prompt"]
         if self.dropped:
             ends = self.dropped[:1] + self.dropped[1:][-1:]
