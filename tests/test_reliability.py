@@ -106,18 +106,24 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_trains(world, tmp_path):
 
 
 def test_a_run_set_aside_by_an_overwrite_killed_before_training_comes_back(world, tmp_path):
-    """kill -9 between --overwrite setting the old run aside and the new run's first step: the next command
-    in that folder finds the old run in its place."""
+    """kill -9 between --overwrite setting the old run aside and the new run's first step, or while a failed
+    one put it back: the next command in that folder finds the old run in its place, and nothing of the new
+    run's."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(world / "run", out, symlinks=True)
     (out / ".replaced-run").mkdir()
-    for name in ("checkpoints", "latest", "best", "metrics.jsonl", "config.yaml"):
+    names = ["checkpoints", "latest", "best", "metrics.jsonl", "config.yaml"]
+    (out / ".replaced-run" / ".names.json").write_text(json.dumps(names))
+    for name in names[:3]:  # killed while the old run moved back: two of its files are in place already
         os.replace(out / name, out / ".replaced-run" / name)
+    (out / "splits").mkdir()  # and the new run had written its own splits
     proc = run_cli("pretrain", "--data", world / "data", "--out", out, *TINY, "--max-steps", "5", "--resume", "auto",
                    check=True)
-    assert "at step 4" in proc.stderr and not (out / ".replaced-run").exists()
+    assert "at step 4" in proc.stderr and not (out / ".replaced-run").exists() and not (out / "splits").exists()
+    steps = {json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {2, 4, 5} <= steps  # the old run's log, already back before the kill, kept and continued
 
 
 @pytest.mark.parametrize("out", ["run/best", "user", "data"])

@@ -40,6 +40,7 @@ RUN_FOLDER_FILES = {"checkpoints": ("step-*", ".tmp-*"), "splits": ("train.jsonl
 # --overwrite moves the replaced run's files here and deletes them only once the new run starts training: a
 # command that fails before (a bad flag found once the model loads, a Ctrl-C) puts them back.
 REPLACED = ".replaced-run"
+REPLACED_NAMES = ".names.json"  # in REPLACED: the RUN_FILES it holds
 
 
 class RunFolder:
@@ -182,7 +183,7 @@ def open_run(out: str | Path | None, kind: str, resume: str | None = None, overw
         raise UserError(f"--out {path} was made by `{owner}`; choose another folder (not even --overwrite lets "
                         "a run replace another verb's folder)")
     if contents and owner is None:  # refused before the lock, so no lock file is left in a user's folder
-        clashing = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+        clashing = _run_files(path)
         if overwrite and clashing:  # --overwrite never deletes what gpt2ft did not write
             raise UserError(f"--out {path} was not made by gpt2ft but holds {', '.join(clashing)}, which a "
                             "run would replace; move them away or choose another --out")
@@ -257,23 +258,35 @@ def _set_aside(path: Path, lock: int) -> None:
                 os.close(lock)
                 raise UserError(f"--out {path / name} holds {', '.join(theirs[:3])}, which no run wrote, and "
                                 "--overwrite would delete it with the run: move it out of the folder first")
+    names = _run_files(path)
     (path / REPLACED).mkdir()
-    for name in RUN_FILES:
-        if (path / name).exists() or (path / name).is_symlink():
-            os.replace(path / name, path / REPLACED / name)
+    atomic_write_json(path / REPLACED / REPLACED_NAMES, names)  # what to put back, whatever moved already
+    for name in names:
+        os.replace(path / name, path / REPLACED / name)
 
 
 def _put_back(path: Path) -> None:
-    """The run set aside in REPLACED back in its place (whatever the new run wrote before it trained goes)."""
+    """The run set aside in REPLACED back in its place; whatever the new run wrote before it trained goes.
+    Safe to repeat after a kill at any point: each file moves back once, as REPLACED_NAMES lists them."""
     replaced = path / REPLACED
     if not replaced.exists():
         return
-    for name in RUN_FILES:
-        if (path / name).exists() or (path / name).is_symlink():
-            _remove(path / name)
-    for item in replaced.iterdir():
-        os.replace(item, path / item.name)
-    replaced.rmdir()
+    try:
+        names, listed = json.loads((replaced / REPLACED_NAMES).read_text()), True
+    except (OSError, ValueError):  # killed before the list was written: nothing moved, no new run wrote
+        names, listed = [p.name for p in replaced.iterdir()], False
+    for name in _run_files(path):
+        if (listed and name not in names) or (replaced / name).exists() or (replaced / name).is_symlink():
+            _remove(path / name)  # the new run's (a file of the old run's that is back already stays)
+    for name in names:
+        if (replaced / name).exists() or (replaced / name).is_symlink():
+            os.replace(replaced / name, path / name)
+    shutil.rmtree(replaced)
+
+
+def _run_files(path: Path) -> list[str]:
+    """The RUN_FILES present in `path` (a dangling `latest` link counts)."""
+    return [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
 
 
 def _remove(p: Path) -> None:
