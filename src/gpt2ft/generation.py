@@ -448,7 +448,8 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str | list[str], cfg: Sam
     """The completion of a prompt (or a list of completions for a list of prompts); prompts are text
     or token ids. Sampling: a SamplingConfig or its fields as keywords; compile: as Engine's."""
     one = isinstance(prompt, str) or bool(prompt) and all(isinstance(t, int) for t in prompt)  # text or token ids
-    outputs = generate_batch(model, tokenizer, [prompt] if one else list(prompt), _sampling(cfg, sampling), 8, None, compile)
+    prompts = [prompt] if one else list(prompt)
+    outputs = generate_batch(model, tokenizer, prompts, _sampling(cfg, sampling), compile=compile)
     return outputs[0] if one else outputs
 
 

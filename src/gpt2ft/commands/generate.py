@@ -55,8 +55,10 @@ def run(args):
         if args.stream:
             print(piece, end="", flush=True)
     print() if args.stream else print(completion.text)
-    if completion.completion.unmatched:
-        flag = {"gbnf": "--grammar"}.get(cfg.grammar.kind, "--" + cfg.grammar.kind.replace("_", "-"))
+    if completion.completion.unmatched:  # name the structured-output flag given (add_grammar's: one at most)
+        constraints = group_dests(args._parser, "structured output")
+        flag = next(a.option_strings[0] for a in args._parser._actions
+                    if a.dest in constraints and getattr(args, a.dest) not in (None, False))
         raise UserError(f"the output reached --max-new-tokens {cfg.max_new_tokens} before it matched {flag}: "
                         "raise --max-new-tokens")
     if args.draft:
