@@ -172,8 +172,6 @@ def go_template(source: str, data: dict) -> str:
             return value(args[0][1:-1], dot)
         if args[0].startswith('"'):
             return args[0][1:-1]
-        if args[0] == "false":
-            return False
         return dot.get(args[0][1:], "")
 
     def block(i):  # -> (nodes, index after the closing action, that action)
