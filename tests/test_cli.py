@@ -55,7 +55,8 @@ def test_help_shows_each_default_once_and_marks_required_options(verb):
     for action in parser._actions:
         help_text = " ".join(parser._get_formatter()._expand_help(action).split()) if action.help else ""
         if getattr(action, "metadata_required", False):  # required: no [brackets] in usage, "(required)" in help
-            assert help_text.endswith("(required)") and f"[{action.option_strings[0]} " not in usage
+            name = action.option_strings[0] if action.option_strings else action.metavar  # MODEL
+            assert help_text.endswith("(required)") and f"[{name} " not in usage and f"[{name}]" not in usage and name in usage
         elif isinstance(action.default, (int, float, str)) and action.default not in (True, False, "==SUPPRESS==") and \
                 action.option_strings and "default" not in (action.help or ""):
             assert help_text.endswith(f"(default: {action.default})"), (action.dest, help_text)

@@ -215,6 +215,35 @@ def test_sft_with_splits_skip_invalid_packing_and_oversampling(tiny_sft_setup, t
     assert "sequences are more than the" in proc.stderr and "each step repeats some of them" in proc.stderr
 
 
+def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path):
+    """config.yaml records the command as given: `gpt2ft sft --config RUN/config.yaml --out NEW` trains the
+    same weights bit for bit (lists, switches, --columns and a LoRA adapter included); another verb, a
+    config.yaml without the options and a command without MODEL are one-line errors."""
+    import yaml
+
+    root, data = tiny_sft_setup
+    first, again = tmp_path / "first", tmp_path / "again"
+    run_cli("sft", root / "base", "--data", data, "--out", first, "--max-steps", "2", "--batch-size", "4",
+            "--lora", "--lora-r", "4", "--packing", "--sample-prompt", "Hi", "--sample-prompt", "Yo",
+            "--eval-examples", "1", "--columns", "output=output", "--device", "cpu", "--no-progress", check=True)
+    written = yaml.safe_load((first / "config.yaml").read_text())
+    assert written["command"] == "sft" and written["options"]["sample_prompt"] == ["Hi", "Yo"]
+    assert written["options"]["model"] == str(root / "base") and "resume" not in written["options"]
+    assert_clean_error(run_cli("sft", "--config", first / "config.yaml"), "already holds a run")
+    run_cli("sft", "--config", first / "config.yaml", "--out", again, check=True)
+    assert (first / "latest" / "adapter_model.safetensors").read_bytes() == \
+        (again / "latest" / "adapter_model.safetensors").read_bytes()
+    rerun = yaml.safe_load((again / "config.yaml").read_text())
+    assert rerun["options"] == {**written["options"], "out": str(again)}
+    assert_clean_error(run_cli("dpo", "--config", first / "config.yaml", "--out", tmp_path / "d"),
+                       "the options of a `gpt2ft sft` run, not `gpt2ft dpo`")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"train": written["train"], "run": written["run"]}))
+    assert_clean_error(run_cli("sft", "--config", old), "without the options it was given")
+    assert_clean_error(run_cli("sft", "--data", data, "--out", tmp_path / "x"), "MODEL is required")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "x").exists()
+
+
 def test_oversampling_weights_feed_the_sampler():
     from gpt2ft.train.state import order_for_epoch
 

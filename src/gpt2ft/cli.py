@@ -56,6 +56,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         shown = _default_text(action)
         return text if shown is None else f"{text} (default: {shown.replace('%', '%%')})"
 
+    def _format_args(self, action, default_metavar):
+        if getattr(action, "metadata_required", False) and action.nargs == "?" and not action.option_strings:
+            return self._metavar_formatter(action, default_metavar)(1)[0]  # MODEL, not [MODEL]
+        return super()._format_args(action, default_metavar)
+
     def _format_usage(self, usage, actions, groups, prefix):
         marked = [a for a in actions if getattr(a, "metadata_required", False) and not a.required]
         for a in marked:  # shown without [brackets]
@@ -79,7 +84,9 @@ def _default_text(action) -> str | None:
     return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
 
 
-def _load_yaml(path: str) -> dict:
+def _load_yaml(path: str, verb: str) -> dict:
+    """--config's options: a flat mapping of option: value, or a run's config.yaml (its `options:`, the
+    command as given, which must be this verb's)."""
     import yaml
 
     try:
@@ -93,6 +100,15 @@ def _load_yaml(path: str) -> dict:
         raise UserError(f"--config {path}: not UTF-8 text (is it a YAML file?)") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
+    if "train" in data and "run" in data:  # a run folder's config.yaml (train.loop._config_yaml)
+        if not isinstance(data.get("options"), dict):
+            raise UserError(f"--config {path}: a run's config.yaml without the options it was given (written by an "
+                            "older gpt2ft or through the Python API): copy the ones you want into a flat YAML of "
+                            "option: value")
+        if data.get("command") != verb:
+            raise UserError(f"--config {path}: the options of a `gpt2ft {data.get('command')}` run, not `gpt2ft "
+                            f"{verb}`: run `gpt2ft {data.get('command')} --config {path}`")
+        data = data["options"]
     if bad := [k for k in data if not isinstance(k, str)]:
         raise UserError(f"--config {path}: option names must be text, not {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -130,12 +146,12 @@ def _yaml_value(parser: argparse.ArgumentParser, dest: str, value, config: str):
         return value
     if action.nargs == "?" and value is True and action.const is not None:  # `lora: true` is a bare --lora
         return action.const
+    if value is None:
+        return None
     many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
     if many and not isinstance(value, list):
         value = [value]
     items = value if many else [value]
-    if value is None:
-        return None
     kind = getattr(action.type, "kind", action.type) or str
     checked = []
     for item in items:
@@ -172,7 +188,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def _apply_config(parser, args, argv):
     config = getattr(args, "config", None)
     if config:
-        values = _load_yaml(config)
+        values = _load_yaml(config, args.verb)
         options = {a.dest for a in args._parser._actions} - {"help", "config"}
         unknown = sorted(set(values) - options)
         if unknown:
@@ -181,7 +197,8 @@ def _apply_config(parser, args, argv):
         args = parser.parse_args(argv)
     for action in args._parser._actions:  # required options may come from the YAML, so check here
         if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:
-            raise UserError(f"{'/'.join(action.option_strings)} is required (on the command line or in --config)")
+            name = "/".join(action.option_strings) or action.metavar
+            raise UserError(f"{name} is required (on the command line or in --config)")
     args._given = _given(args._parser, argv[argv.index(args.verb) + 1:]) | set(values if config else ())
     _check_only_with(args, args._given)
     return args

@@ -54,9 +54,9 @@ def add_keyword(p) -> None:
 
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
     """MODEL positional, --lora ADAPTER_DIR, --no-verify, --device, --dtype (--config is on every verb)."""
-    if model:
-        p.add_argument("model", metavar="MODEL",
-                       help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder")
+    if model:  # optional to argparse: --config may name it (cli._apply_config requires it)
+        required(p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                                help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder"))
     if model and adapter_flag:
         p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply this LoRA adapter on top of MODEL")
     if model:
@@ -292,6 +292,19 @@ def recipe_config(cls, args, **overrides):
         elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+# a run's control, not its recipe: a rerun through --config neither resumes nor deletes
+RUN_CONTROL = ("config", "resume", "force_resume", "overwrite")
+
+
+def train_plan(plan, args) -> int:
+    """Train a recipe's plan, recording the command as given (the verb and every option the flags or
+    --config set) in the run's config.yaml, which `gpt2ft VERB --config` then reads back."""
+    options = {dest: getattr(args, dest) for dest in sorted(args._given) if dest not in RUN_CONTROL}
+    plan.command = {"verb": args.verb, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    plan.train()
+    return 0
 
 
 def add_training(p: argparse.ArgumentParser, verb: str, **defaults) -> None:

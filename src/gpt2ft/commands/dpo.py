@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ..argtypes import ranged
 from . import (add_columns_args, add_common, add_lora, add_on_invalid, add_training, parse_columns, recipe_config,
-               refuse_given, required)
+               refuse_given, required, train_plan)
 
 
 def add_args(p):
@@ -78,5 +78,4 @@ def run(args):
 
     if not args.sample_prompt and args.eval_samples == 0:
         refuse_given(args, {"sample_tokens"}, "with --eval-samples 0 and no --sample-prompt (nothing is sampled)")
-    dpo(recipe_config(DPOConfig, args, columns=parse_columns(args.columns))).train()
-    return 0
+    return train_plan(dpo(recipe_config(DPOConfig, args, columns=parse_columns(args.columns))), args)

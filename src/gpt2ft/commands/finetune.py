@@ -7,7 +7,7 @@ A text file or folder given to --data is prepared on the fly with the model's to
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import add_common, add_lora, add_text_field, add_training, recipe_config, required
+from . import add_common, add_lora, add_text_field, add_training, recipe_config, train_plan, required
 
 
 def add_args(p):
@@ -23,5 +23,4 @@ def add_args(p):
 def run(args):
     from ..recipes import FinetuneConfig, finetune
 
-    finetune(recipe_config(FinetuneConfig, args)).train()
-    return 0
+    return train_plan(finetune(recipe_config(FinetuneConfig, args)), args)

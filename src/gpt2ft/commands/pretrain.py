@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..argtypes import ranged
 from ..config import preset_help
-from . import add_common, add_training, recipe_config, required
+from . import add_common, add_training, recipe_config, train_plan, required
 
 
 def add_args(p):
@@ -24,5 +24,4 @@ def add_args(p):
 def run(args):
     from ..recipes import PretrainConfig, pretrain
 
-    pretrain(recipe_config(PretrainConfig, args)).train()
-    return 0
+    return train_plan(pretrain(recipe_config(PretrainConfig, args)), args)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..argtypes import ranged
 from . import (add_common, add_instruction_data_args, add_keyword, add_lora, add_training, parse_columns, recipe_config,
-               refuse_given)
+               refuse_given, train_plan)
 
 
 def add_args(p):
@@ -50,5 +50,4 @@ def run(args):
         refuse_given(args, {"factor"}, "without --oversample-keyword")
     if args.eval_examples == 0:
         refuse_given(args, {"keyword", "eval_max_new_tokens"}, "with --eval-examples 0 (nothing is generated)")
-    sft(recipe_config(SFTConfig, args, columns=parse_columns(args.columns))).train()
-    return 0
+    return train_plan(sft(recipe_config(SFTConfig, args, columns=parse_columns(args.columns))), args)

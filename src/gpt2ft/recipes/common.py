@@ -48,11 +48,12 @@ class Plan:
     folder: RunFolder  # opened once, here
     strategy: Single  # made once, here: its device and dtype are the run's
     template: Any = None  # the prompt template (sft, dpo)
+    command: dict | None = None  # {"verb", "options"}: what config.yaml records for --config to read back (CLI)
 
     def train(self) -> Path | None:
         try:
             return train(self.model, self.tokenizer, self.objective, self.config, self.meta, self.resume_keys,
-                         self.folder, self.strategy)
+                         self.folder, self.strategy, self.command)
         finally:  # the lock goes with the run, not with the process (a Python caller may train again)
             remove_unused()
             self.folder.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -30,10 +31,11 @@ from .strategy import Single, make_strategy
 
 
 def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, resume_keys: dict,
-          run: RunFolder | None = None, strategy: Single | None = None) -> Path | None:
+          run: RunFolder | None = None, strategy: Single | None = None, command: dict | None = None) -> Path | None:
     """Train `model` on `objective`; checkpoints and logs go to the run folder cfg.out. A recipe hands over
     the run folder it opened and the strategy it made (the device and dtype, resolved once); without them,
-    train() makes both. Every process of a torchrun launch runs this. Returns the last checkpoint saved."""
+    train() makes both; `command` (the CLI's verb and options) goes into config.yaml, so that `--config` reruns
+it. Every process of a torchrun launch runs this. Returns the last checkpoint saved."""
     run = run or open_run(cfg.out, meta.get("objective") or objective.name, cfg.resume, cfg.overwrite)
     strategy = strategy or make_strategy(cfg)
     if len(objective.train) == 0:
@@ -73,7 +75,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         run.drop_replaced()  # every check passed: the run --overwrite replaces goes now
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
-        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}))
+        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, command))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
                   f"({len(objective.train)} training examples) on {strategy.device}, "
@@ -367,7 +369,15 @@ def print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _config_yaml(cfg: TrainConfig, meta: dict) -> str:
+def _config_yaml(cfg: TrainConfig, meta: dict, command: dict | None) -> str:
+    """The run's config.yaml: the command as given (`gpt2ft VERB --config config.yaml` reads its options back),
+    the resolved training options (derived ones filled in) and the run's metadata."""
     import yaml
 
-    return yaml.safe_dump({"train": asdict(cfg), "run": meta}, sort_keys=False)
+    head = ""
+    if command:
+        verb, path = command["verb"], Path(cfg.out) / "config.yaml"
+        head = (f"# gpt2ft {verb}: rerun with `gpt2ft {verb} --config {path} --out NEW_RUN` (flags override its "
+                f"options;\n# relative paths are from {json.dumps(os.getcwd())})\n")
+        command = {"command": verb, "options": command["options"]}
+    return head + yaml.safe_dump({**(command or {}), "train": asdict(cfg), "run": meta}, sort_keys=False)
