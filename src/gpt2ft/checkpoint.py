@@ -26,7 +26,7 @@ from .lora import LoRAConfig, adapter_state_dict, apply_lora, config_from_peft, 
 from .model import GPT
 from .templates import TEMPLATE_KEY, as_template, exported_template
 from .tf_checkpoint import is_tf_gpt2_folder, read_tf_gpt2, tf_tokenizer
-from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from .tokenizer import TOKENIZER_FILES, Tokenizer, has_tokenizer_files, load_tokenizer
 
 COMPLETE = "COMPLETE"
 META_FILE = "gpt2ft.json"
@@ -281,10 +281,6 @@ def _adapter_base(folder: Path, meta: dict) -> str:
         raise UserError(f"{folder}: its base model {base} is gone (a checkpoint rotated away or moved?); pass the "
                         f"base as MODEL and --lora {folder}")
     return base
-
-
-def has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("vocab.json", "merges.txt", "tokenizer.json", "word_vocab.json"))
 
 
 # ----- loading --------------------------------------------------------------------------------

@@ -19,8 +19,13 @@ from .fileio import atomic_write_text
 EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 WORD_VOCAB_FILE = "word_vocab.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", WORD_VOCAB_FILE,  # what save() writes
-                   "tokenizer.json")
+TOKENIZER_SOURCES = ("vocab.json", "merges.txt", "tokenizer.json", WORD_VOCAB_FILE)  # what load_tokenizer reads
+TOKENIZER_FILES = (*TOKENIZER_SOURCES, "tokenizer_config.json")  # what save() may write
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer of its own (else a checkpoint's is its base's, or GPT-2's)."""
+    return any((folder / f).exists() for f in TOKENIZER_SOURCES)
 
 
 @lru_cache(maxsize=1)

@@ -33,6 +33,10 @@ def refuse_given(args, dests, where: str) -> None:
             raise UserError(f"{action.option_strings[0]} has no effect {where}: drop it")
 
 
+# argument groups that verbs refer to as a whole (group_dests): add_sampling's, add_grammar's, add_decoding's
+SAMPLING, STRUCTURED_OUTPUT, DECODING_SPEED = "sampling", "structured output", "decoding speed"
+
+
 def group_dests(parser: argparse.ArgumentParser, *titles: str) -> set[str]:
     """The dests of the options in the argument groups with these titles (e.g. add_sampling's "sampling"; a
     title's words in parentheses left out)."""
@@ -81,7 +85,7 @@ def add_sampling(p: argparse.ArgumentParser, **defaults) -> None:
     range and help; `defaults` are this verb's own defaults (e.g. temperature=0.0 for eval)."""
     from ..sampling import OPTIONS
 
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group(SAMPLING)
     for opt in OPTIONS.values():
         if opt.flag is None:
             continue
@@ -111,7 +115,7 @@ def _option_type(opt):
 
 def add_grammar(p: argparse.ArgumentParser) -> None:
     """Constrained decoding (gpt2ft.grammar): at most one of --json-schema, --json, --regex, --choice, --grammar."""
-    g = p.add_argument_group("structured output (the output always matches)").add_mutually_exclusive_group()
+    g = p.add_argument_group(f"{STRUCTURED_OUTPUT} (the output always matches)").add_mutually_exclusive_group()
     g.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file the output must validate against")
     g.add_argument("--json", action="store_true", help="any JSON object")
     g.add_argument("--regex", metavar="RE", help="a regular expression the whole output must match")
@@ -157,7 +161,7 @@ def add_decoding(p: argparse.ArgumentParser) -> None:
     --draft and --draft-k, declared here once."""
     from ..argtypes import ranged
 
-    g = p.add_argument_group("decoding speed")
+    g = p.add_argument_group(DECODING_SPEED)
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (inductor's C++ kernels on a CPU, CUDA graphs on a GPU): "
                         "compiling takes a while once per process (the time is reported), then each step is "

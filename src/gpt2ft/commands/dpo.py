@@ -76,6 +76,8 @@ def add_args(p):
 def run(args):
     from ..recipes import DPOConfig, dpo
 
+    if args.val_fraction == 0:
+        refuse_given(args, {"eval_batches", "eval_samples"}, "with --val-fraction 0 (no validation pairs)")
     if not args.sample_prompt and args.eval_samples == 0:
         refuse_given(args, {"sample_tokens"}, "with --eval-samples 0 and no --sample-prompt (nothing is sampled)")
     return train_plan(dpo(recipe_config(DPOConfig, args, columns=parse_columns(args.columns))), args)

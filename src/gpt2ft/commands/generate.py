@@ -9,8 +9,8 @@ import sys
 
 from ..argtypes import Once, ranged
 from ..errors import UserError
-from . import (add_common, add_decoding, add_grammar, add_sampling, decoding_options, group_dests, load_model,
-               refuse_given, required, sampling_config)
+from . import (DECODING_SPEED, SAMPLING, STRUCTURED_OUTPUT, add_common, add_decoding, add_grammar, add_sampling,
+               decoding_options, group_dests, load_model, refuse_given, required, sampling_config)
 
 
 def add_args(p):
@@ -38,7 +38,7 @@ def run(args):
     model, tokenizer = loaded
     text, stops = prompt_for_generation(loaded.meta, prompt, raw=args.raw)
     if args.top_next:
-        refuse_given(args, group_dests(args._parser, "sampling", "structured output", "decoding speed") - {"quantize"},
+        refuse_given(args, group_dests(args._parser, SAMPLING, STRUCTURED_OUTPUT, DECODING_SPEED) - {"quantize"},
                      "with --top-next (it lists the model's own next-token probabilities: nothing is sampled)")
         vocab = model.config.vocab_size
         if args.top_next > vocab:
@@ -56,7 +56,7 @@ def run(args):
             print(piece, end="", flush=True)
     print() if args.stream else print(completion.text)
     if completion.completion.unmatched:  # name the structured-output flag given (add_grammar's: one at most)
-        constraints = group_dests(args._parser, "structured output")
+        constraints = group_dests(args._parser, STRUCTURED_OUTPUT)
         flag = next(a.option_strings[0] for a in args._parser._actions
                     if a.dest in constraints and getattr(args, a.dest) not in (None, False))
         raise UserError(f"the output reached --max-new-tokens {cfg.max_new_tokens} before it matched {flag}: "

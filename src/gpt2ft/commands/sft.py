@@ -48,6 +48,9 @@ def run(args):
                      "records are --eval-max-new-tokens long)")
     if not args.oversample_keyword:
         refuse_given(args, {"factor"}, "without --oversample-keyword")
+    if args.val_fraction == 0:
+        refuse_given(args, {"eval_batches", "eval_examples", "keyword", "eval_max_new_tokens"},
+                     "with --val-fraction 0 (no validation records to score)")
     if args.eval_examples == 0:
         refuse_given(args, {"keyword", "eval_max_new_tokens"}, "with --eval-examples 0 (nothing is generated)")
     return train_plan(sft(recipe_config(SFTConfig, args, columns=parse_columns(args.columns))), args)
