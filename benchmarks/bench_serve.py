@@ -107,6 +107,28 @@ async def run_clients(url: str, n: int, max_tokens: int, prompt_words: int) -> d
             "ttft_p50": statistics.median(r[3] or 0 for r in results)}
 
 
+def engine_alone(model_dir: Path, dtype: str, device: str, n: int, max_batch: int, max_tokens: int,
+                 prompt_words: int) -> float:
+    """Tokens/s of the same n greedy completions through the server's engine in this process (no HTTP, no
+    clients): what batching gives before any serving work; max_batch 1 serves them one at a time."""
+    from gpt2ft.checkpoint import load
+    from gpt2ft.generation import Engine, SamplingConfig
+
+    if model_dir not in _loaded:  # the dtype the server picks for the same --dtype
+        _loaded[model_dir] = load(model_dir, device, inference_dtype(dtype, torch.device(device))[0])
+    loaded = _loaded[model_dir]
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch)
+    start = time.perf_counter()
+    done = [engine.add(loaded.tokenizer.encode(prompt(i, prompt_words)),
+                       SamplingConfig(max_new_tokens=max_tokens, temperature=0)) for i in range(n)]
+    while engine.has_work:
+        engine.step()
+    return sum(c.usage["completion_tokens"] for c in done) / (time.perf_counter() - start)
+
+
+_loaded: dict = {}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -117,11 +139,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="the server's --dtype (auto: as gpt2ft picks it here)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (batched, then one at a time)")
+    p.add_argument("--engine-alone", action="store_true",
+                   help="also time the same completions through the engine in this process (no HTTP), in the same "
+                        "rounds: the ratio batching gives before any serving work")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]
     labels = {"batched": args.max_batch, "one at a time": 1}
     results = {label: {n: [] for n in args.clients} for label in labels}
+    alone = {batch: {n: [] for n in args.clients} for batch in labels.values()}  # --engine-alone: tokens/s
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp), args.preset)
         servers = {}
@@ -134,6 +160,9 @@ def main() -> None:
                     for label, server in servers.items():
                         results[label][n].append(asyncio.run(run_clients(server.url, n, args.max_tokens,
                                                                          args.prompt_words)))
+                    for batch in alone if args.engine_alone else ():
+                        alone[batch][n].append(engine_alone(model, args.dtype, args.device, n, batch,
+                                                            args.max_tokens, args.prompt_words))
         finally:
             for server in servers.values():
                 server.stop()
@@ -154,6 +183,10 @@ def main() -> None:
               f"{best['batched']:.1f} / {b['tok_s']:.1f} | {b['p50']:.2f} s / {b['p99']:.2f} s | "
               f"{best['batched'] / best['one at a time']:.2f}x / {b['tok_s'] / a['tok_s']:.2f}x | "
               f"{'yes' if same else 'NO'} |")
+    for n in args.clients if args.engine_alone else ():
+        one, many = (sorted(alone[batch][n]) for batch in (1, args.max_batch))
+        print(f"| {n}, the engine alone (no HTTP) | {one[-1]:.1f} / {one[len(one) // 2]:.1f} | | {many[-1]:.1f} / "
+              f"{many[len(many) // 2]:.1f} | | {many[-1] / one[-1]:.2f}x / {many[len(many) // 2] / one[len(one) // 2]:.2f}x | |")
 
 
 if __name__ == "__main__":
