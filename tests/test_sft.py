@@ -215,20 +215,30 @@ def test_sft_with_splits_skip_invalid_packing_and_oversampling(tiny_sft_setup, t
     assert "sequences are more than the" in proc.stderr and "each step repeats some of them" in proc.stderr
 
 
-def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path):
-    """config.yaml records the command as given: `gpt2ft sft --config RUN/config.yaml --out NEW` trains the
-    same weights bit for bit (lists, switches, --columns and a LoRA adapter included); another verb, a
-    config.yaml without the options and a command without MODEL are one-line errors."""
+def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, monkeypatch):
+    """config.yaml records the command as given, its paths absolute: `gpt2ft sft --config RUN/config.yaml
+    --out NEW` from another folder trains the same weights bit for bit (lists, switches, --columns and a
+    LoRA adapter included); another verb, a config.yaml without the options and a command without MODEL
+    are one-line errors."""
+    import shutil
+
     import yaml
 
     root, data = tiny_sft_setup
     first, again = tmp_path / "first", tmp_path / "again"
-    run_cli("sft", root / "base", "--data", data, "--out", first, "--max-steps", "2", "--batch-size", "4",
+    shutil.copy(data, tmp_path / "qa.jsonl")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)  # relative paths on the command line
+    run_cli("sft", root / "base", "--data", "qa.jsonl", "--out", "first", "--max-steps", "2", "--batch-size", "4",
             "--lora", "--lora-r", "4", "--packing", "--sample-prompt", "Hi", "--sample-prompt", "Yo",
-            "--eval-examples", "1", "--columns", "output=output", "--device", "cpu", "--no-progress", check=True)
+            "--eval-examples", "1", "--columns", "output=output", "--template", "alpaca", "--device", "cpu",
+            "--no-progress", check=True)
     written = yaml.safe_load((first / "config.yaml").read_text())
     assert written["command"] == "sft" and written["options"]["sample_prompt"] == ["Hi", "Yo"]
     assert written["options"]["model"] == str(root / "base") and "resume" not in written["options"]
+    assert written["options"]["data"] == str(tmp_path / "qa.jsonl") and written["options"]["out"] == str(first)
+    assert written["options"]["template"] == "alpaca"  # a built-in name, not a path
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert_clean_error(run_cli("sft", "--config", first / "config.yaml"), "already holds a run")
     run_cli("sft", "--config", first / "config.yaml", "--out", again, check=True)
     assert (first / "latest" / "adapter_model.safetensors").read_bytes() == \

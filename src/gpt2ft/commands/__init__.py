@@ -15,6 +15,14 @@ def required(action: argparse.Action) -> argparse.Action:
     return action
 
 
+def path_option(action: argparse.Action, keywords=()) -> argparse.Action:
+    """Mark an option whose value may name a file or folder (`keywords`: values that name none, e.g. a
+    built-in template): a run's config.yaml records such a value as an absolute path, never one relative
+    to the folder the command ran in."""
+    action.path_keywords = tuple(keywords)
+    return action
+
+
 def only_with(action: argparse.Action, dest: str, value=None) -> argparse.Action:
     """Mark an option that means something only beside another (`dest` set, or set to `value`; marked
     twice, it needs both): given without it, on the command line or in --config, it is an error rather
@@ -59,10 +67,12 @@ def add_keyword(p) -> None:
 def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: bool = True) -> None:
     """MODEL positional, --lora ADAPTER_DIR, --no-verify, --device, --dtype (--config is on every verb)."""
     if model:  # optional to argparse: --config may name it (cli._apply_config requires it)
-        required(p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                                help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder"))
+        path_option(required(p.add_argument(
+            "model", metavar="MODEL", nargs="?", default=None,
+            help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder")))
     if model and adapter_flag:
-        p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply this LoRA adapter on top of MODEL")
+        path_option(p.add_argument("--lora", metavar="ADAPTER_DIR", default=None,
+                                   help="apply this LoRA adapter on top of MODEL"))
     if model:
         add_no_verify(p)
     add_device(p)
@@ -257,7 +267,9 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, title: str, skip: tuple[
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         if f.metadata.get("required"):  # checked once --config is applied (cli._apply_config)
-            required(g.add_argument(flag, type=str, default=None, help=help_text))
+            action = required(g.add_argument(flag, type=str, default=None, help=help_text))
+            if f.metadata.get("path"):
+                path_option(action)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         if typing.get_origin(base) is list:
@@ -305,10 +317,25 @@ RUN_CONTROL = ("config", "resume", "force_resume", "overwrite")
 def train_plan(plan, args) -> int:
     """Train a recipe's plan, recording the command as given (the verb and every option the flags or
     --config set) in the run's config.yaml, which `gpt2ft VERB --config` then reads back."""
-    options = {dest: getattr(args, dest) for dest in sorted(args._given) if dest not in RUN_CONTROL}
-    plan.command = {"verb": args.verb, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    actions = {a.dest: a for a in args._parser._actions}
+    options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
+               if dest not in RUN_CONTROL}
+    plan.command = {"verb": args.verb, "options": options}
     plan.train()
     return 0
+
+
+def _recorded(action: argparse.Action, value):
+    """An option's value as config.yaml records it: lists as lists, paths (path_option) absolute."""
+    import os
+
+    if isinstance(value, (list, tuple)):
+        return [_recorded(action, v) for v in value]
+    keywords = getattr(action, "path_keywords", None)
+    if keywords is not None and isinstance(value, str) and value not in keywords and os.path.exists(
+            os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 def add_training(p: argparse.ArgumentParser, verb: str, **defaults) -> None:
@@ -327,8 +354,8 @@ def add_training(p: argparse.ArgumentParser, verb: str, **defaults) -> None:
 def add_lora(p: argparse.ArgumentParser) -> None:
     """Training verbs: --lora trains a new adapter (--lora DIR continues that one) instead of all weights."""
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora", nargs="?", const=True, default=None, metavar="ADAPTER_DIR",
-                   help="train a LoRA adapter only (optionally continuing the one in ADAPTER_DIR)")
+    path_option(g.add_argument("--lora", nargs="?", const=True, default=None, metavar="ADAPTER_DIR",
+                               help="train a LoRA adapter only (optionally continuing the one in ADAPTER_DIR)"))
     for action in (
             g.add_argument("--lora-r", type=int, default=8, help="adapter rank"),
             g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling numerator (scale = alpha / r)"),
@@ -342,15 +369,22 @@ def add_lora(p: argparse.ArgumentParser) -> None:
 def add_instruction_data_args(p, skip: str) -> None:
     """--data, --format, --split, --columns, --template, --on-invalid; `skip` says what the verb does with
     the valid records under --on-invalid skip ("train on the rest", "score the rest")."""
-    required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID"))
+    path_option(required(p.add_argument("--data", help="instruction data file (.json, .jsonl, .csv) or hf:DATASET_ID")))
     from ..data.formats import FORMATS
 
     p.add_argument("--format", default="auto", help="|".join(FORMATS))
     add_columns_args(p)
-    p.add_argument("--template", default=None,
-                   help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat for "
-                        "multi-turn data and alpaca otherwise)")
+    add_template(p, "data")
     add_on_invalid(p, "records", skip)
+
+
+def add_template(p, multi_turn: str) -> None:
+    """--template NAME|FILE (sft, dpo, eval, data); unset: templates.pick_template's choice."""
+    from ..templates import TEMPLATES
+
+    path_option(p.add_argument("--template", default=None,
+                               help=f"{'|'.join(TEMPLATES)}|FILE (default: the model's saved template, else chat for "
+                                    f"multi-turn {multi_turn} and alpaca otherwise)"), TEMPLATES)
 
 
 def add_on_invalid(p, rows: str, skip: str) -> None:

@@ -23,19 +23,17 @@ holding the policy only.
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import (add_columns_args, add_common, add_lora, add_on_invalid, add_training, parse_columns, recipe_config,
-               refuse_given, required, train_plan)
+from . import (add_columns_args, add_common, add_lora, add_on_invalid, add_template, add_training, parse_columns,
+               path_option, recipe_config, refuse_given, required, train_plan)
 
 
 def add_args(p):
     from ..preference_losses import PREFERENCE_LOSSES, losses_using
 
     add_common(p, adapter_flag=False)
-    required(p.add_argument("--data", help="preference data (.json, .jsonl, .csv) or hf:DATASET_ID"))
+    path_option(required(p.add_argument("--data", help="preference data (.json, .jsonl, .csv) or hf:DATASET_ID")))
     add_columns_args(p)
-    p.add_argument("--template", default=None,
-                   help="alpaca|instruction-response|chat|FILE (default: the model's saved template, else chat "
-                        "for multi-turn prompts and alpaca otherwise)")
+    add_template(p, "prompts")
     add_on_invalid(p, "pairs", "train on the rest")
     g = p.add_argument_group("preference optimisation")
     losses = PREFERENCE_LOSSES.values()
@@ -56,9 +54,9 @@ def add_args(p):
     g.add_argument("--lambda", dest="lam", type=float, default=None,
                    help=f"ORPO's odds-ratio weight, >= 0 (unset: 0.1; {only('lam')})")
     g.add_argument("--sft-weight", type=float, default=0.0, help="add this times the chosen answer's NLL (RPO)")
-    g.add_argument("--reference", default=None, metavar="copy|adapters-off|MODEL",
-                   help="the frozen reference (unset: copy; adapters-off with --lora; for the losses with a "
-                        "reference)")
+    path_option(g.add_argument("--reference", default=None, metavar="copy|adapters-off|MODEL",
+                               help="the frozen reference (unset: copy; adapters-off with --lora; for the losses "
+                                    "with a reference)"), ("copy", "adapters-off"))
     g.add_argument("--precompute-reference", action="store_true",
                    help="compute the reference log-probs once, cached in the run folder; train without a reference "
                         "model (for the losses with a reference)")

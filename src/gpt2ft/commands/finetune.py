@@ -7,12 +7,12 @@ A text file or folder given to --data is prepared on the fly with the model's to
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import add_common, add_lora, add_text_field, add_training, recipe_config, train_plan, required
+from . import add_common, add_lora, add_text_field, add_training, path_option, recipe_config, required, train_plan
 
 
 def add_args(p):
     add_common(p, adapter_flag=False)
-    required(p.add_argument("--data", help="prepared data folder, or text file(s)/folder to prepare now"))
+    path_option(required(p.add_argument("--data", help="prepared data folder, or text file(s)/folder to prepare now")))
     p.add_argument("--val-fraction", type=ranged(float, 0, 1, hi_open=True), default=0.1,
                    help="held-out share when preparing text, in [0, 1)")
     add_text_field(p)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..argtypes import ranged
 from ..config import preset_help
-from . import add_common, add_training, recipe_config, train_plan, required
+from . import add_common, add_training, path_option, recipe_config, required, train_plan
 
 
 def add_args(p):
@@ -15,8 +15,8 @@ def add_args(p):
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         p.add_argument("--" + name.replace("_", "-"), type=ranged(int, 1), default=None,
                        help=f"override the preset's {name} (>= 1)")
-    required(p.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json)"))
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the data's)")
+    path_option(required(p.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json)")))
+    path_option(p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the data's)"))
     add_common(p, model=False)
     add_training(p, "pretrain", dropout=0.0)
 

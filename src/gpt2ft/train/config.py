@@ -28,7 +28,7 @@ def _finite_at_least(n):
 class TrainConfig:
     """Options shared by every training verb (flags and YAML keys of the same names)."""
 
-    out: str | None = _f(None, "run folder: checkpoints, metrics.jsonl, config.yaml, loss.png", required=True)
+    out: str | None = _f(None, "run folder: checkpoints, metrics.jsonl, config.yaml, loss.png", required=True, path=True)
     max_steps: int = _f(-1, "optimizer steps, >= 1 (-1: derive from --epochs)", lambda v: v == -1 or v >= 1)
     epochs: float | None = _f(None, "passes over the training data when --max-steps is -1 (> 0; unset: from the "
                                     "data size, train.defaults)", lambda v: math.isfinite(v) and v > 0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -377,7 +376,7 @@ def _config_yaml(cfg: TrainConfig, meta: dict, command: dict | None) -> str:
     head = ""
     if command:
         verb, path = command["verb"], Path(cfg.out) / "config.yaml"
-        head = (f"# gpt2ft {verb}: rerun with `gpt2ft {verb} --config {path} --out NEW_RUN` (flags override its "
-                f"options;\n# relative paths are from {json.dumps(os.getcwd())})\n")
+        head = (f"# gpt2ft {verb}: rerun with `gpt2ft {verb} --config {path} --out NEW_RUN` (flags override "
+                "its options)\n")
         command = {"command": verb, "options": command["options"]}
     return head + yaml.safe_dump({**(command or {}), "train": asdict(cfg), "run": meta}, sort_keys=False)
