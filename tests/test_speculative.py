@@ -141,21 +141,26 @@ def test_rows_left_in_high_slots_verify_by_themselves_and_as_alone(tiny_model, m
         assert row.token_ids == complete_batch(model, tok, [p], cfg)[0].token_ids
 
 
-@pytest.mark.parametrize("draft_kind", ["other", "ngram"])
+@pytest.mark.parametrize("draft_kind", ["other", "same", "ngram"])
 def test_a_batch_with_drafts_gives_each_row_what_it_gives_alone(tiny_model, draft_kind):
     """Rows joining and leaving a speculative batch, rows that cannot speculate (logprobs) beside them: every
-    greedy row equals the target alone; a seeded sampled row equals itself decoded alone with the draft."""
+    greedy row equals the target alone; a seeded sampled row equals itself decoded alone with the draft (its
+    generator draws only its own drafts, however many the other rows draft: with the target as its own
+    draft the greedy rows' k grows past the sampled row's)."""
     from gpt2ft.speculative import SpeculativeEngine
 
     model, tok = tiny_model
     torch.manual_seed(1)
-    draft = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval() if draft_kind == "other" else "ngram"
+    draft = {"other": GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval(), "same": model,
+             "ngram": "ngram"}[draft_kind]
     greedy = SamplingConfig(max_new_tokens=14, temperature=0.0, ignore_eos=True)
     sampled = SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=100, seed=3, ignore_eos=True)
     scored = SamplingConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
     prompts = [tok.encode(t) for t in ("to be or not to be, to be or not", "The king", "Hello there", "a b a b a")]
     engine = SpeculativeEngine(model, tok, max_batch=3, draft=draft, draft_k=3)
-    rows = [engine.add(prompts[0], greedy), engine.add(prompts[1], sampled), engine.add(prompts[2], scored)]
+    first, third = engine.add(prompts[0], greedy), engine.add(prompts[2], scored)
+    engine.step()
+    rows = [first, engine.add(prompts[1], sampled), third]  # joins rows whose k has grown past its own
     for _ in range(3):
         engine.step()
     rows.append(engine.add(prompts[3], greedy))  # waits for a free slot, then joins

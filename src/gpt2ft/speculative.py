@@ -89,25 +89,19 @@ class NgramDraft:
         return []
 
 
-@torch.inference_mode()
-def _fastest_draft(model: GPT) -> GPT:
-    """The draft in whichever of its dtype and float32 decodes faster here, timed on a few steps: on a CPU a
-    small draft's bf16 matmuls cost more in oneDNN's per-call overhead than float32 ones in time (0.82 vs
-    0.58 ms a step for 2 x 256). Either is exact: only the target decides which tokens are kept."""
+SMALL_DRAFT_WIDTH = 768  # narrower bf16 drafts decode in float32 on a CPU (see _draft_in_its_dtype)
+
+
+def _draft_in_its_dtype(model: GPT) -> GPT:
+    """The draft as it decodes: on a CPU a bf16 draft narrower than GPT-2 small runs as a float32 copy, since
+    its small matmuls cost more in oneDNN's per-call overhead in bf16 than in float32 (0.82 vs 0.58 ms a step
+    for 2 x 256). A fixed rule, not a timing: a seeded sampled row's tokens depend on the draft's
+    distributions, so they must not change from one process to the next (greedy ones never do: only the
+    target decides which tokens are kept)."""
     weight = model.lm_head.weight
-    if weight.device.type != "cpu" or weight.dtype == torch.float32 or not isinstance(model.lm_head, torch.nn.Linear):
+    if weight.device.type != "cpu" or weight.dtype == torch.float32 or model.config.n_embd >= SMALL_DRAFT_WIDTH:
         return model
-    candidates = [model, copy.deepcopy(model).float()]
-    seconds = []
-    for m in candidates:
-        cache, token = m.new_cache(1, 8), torch.zeros(1, 1, dtype=torch.long)
-        runs = []
-        for step in range(4):
-            start = time.perf_counter()
-            m(token, input_pos=torch.tensor([[step]]), kv_caches=cache, logits_at="last")
-            runs.append(time.perf_counter() - start)
-        seconds.append(min(runs[1:]))  # the first call warms up
-    return candidates[seconds.index(min(seconds))]
+    return copy.deepcopy(model).float()
 
 
 class ModelDraft:
@@ -118,7 +112,7 @@ class ModelDraft:
     min_k = 0  # a row whose drafts are all rejected stops drafting, but for one token every PROBE_EVERY steps
 
     def __init__(self, model: GPT, max_batch: int, max_len: int):
-        self.model, self.max_len = _fastest_draft(model), max_len
+        self.model, self.max_len = _draft_in_its_dtype(model), max_len
         self.device = model.lm_head.weight.device
         self.cache = model.new_cache(max_batch, max_len)
         self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V each slot holds
@@ -129,21 +123,23 @@ class ModelDraft:
         rows = [r for r in rows if r[2] > 0 and len(r[1]) + r[2] <= self.max_len]
         if not rows:
             return {}
-        logits = self._catch_up(rows)
+        # a seeded row drafts as it would alone (its generator draws only its own k tokens; its forwards
+        # attend row by row and catch up alone), so that its tokens do not depend on the batch
+        apart = any(c.sampling.seed is not None for *_, c in rows)
+        logits = torch.cat([self._catch_up([row]) for row in rows]) if apart else self._catch_up(rows)
         out = {slot: ([], []) for slot, *_ in rows}
         for step in range(max(k for _, _, k, _ in rows)):
-            last = []
             for i, (slot, ids, k, c) in enumerate(rows):
                 q = _probs(logits[i:i + 1], c.sampling)[0]
                 t = int(q.argmax()) if c.sampling.temperature == 0 else \
                     int(torch.multinomial(q, 1, generator=c._generator))
-                if step < k:
-                    out[slot][0].append(t)
-                    out[slot][1].append(q)
-                last.append(t)
-            if step + 1 < max(k for _, _, k, _ in rows):
+                out[slot][0].append(t)
+                out[slot][1].append(q)
+            rows = [row for row in rows if row[2] > step + 1]  # the rows that draft another token
+            if rows:
+                last = [out[slot][0][-1] for slot, *_ in rows]
                 pos = [[len(self.cached[slot])] for slot, *_ in rows]
-                logits = self._forward([[t] for t in last], pos, [slot for slot, *_ in rows])
+                logits = self._forward([[t] for t in last], pos, [slot for slot, *_ in rows], apart=apart)
                 for (slot, *_), t in zip(rows, last):
                     self.cached[slot].append(t)
         return {slot: (tokens, torch.stack(qs)) for slot, (tokens, qs) in out.items()}
@@ -161,12 +157,12 @@ class ModelDraft:
         last = [len(ids) - s - 1 for (_, ids, _, _), s in zip(rows, starts)]
         return self._forward(tokens, positions, [slot for slot, *_ in rows], last)
 
-    def _forward(self, tokens, positions, slots, last=None) -> torch.Tensor:
+    def _forward(self, tokens, positions, slots, last=None, apart: bool = False) -> torch.Tensor:
         at = torch.zeros(len(tokens), len(tokens[0]), dtype=torch.bool)
         at[torch.arange(len(tokens)), torch.tensor(last or [0] * len(tokens))] = True
         return self.model(torch.tensor(tokens, device=self.device), input_pos=torch.tensor(positions, device=self.device),
                           kv_caches=self.cache, cache_rows=torch.tensor(slots, device=self.device),
-                          logits_at=at.to(self.device))
+                          logits_at=at.to(self.device), rows_apart=apart)
 
 
 def verify(proposal: list[int], q: torch.Tensor | None, p: torch.Tensor, cfg: SamplingConfig, gen) -> list[int]:
@@ -217,14 +213,14 @@ class SpeculativeEngine(Engine):
             raise OptionError("draft", lambda n: f"{n('draft')} must be a model or 'ngram', not {draft!r}")
         self.draft_k = draft_k
         self._k = [draft_k] * max_batch  # each slot's current k
-        self._steps = 0
+        self._idle = [0] * max_batch  # each slot's steps at k = 0 (it probes every PROBE_EVERY of them)
         self._verified = [False] * max_batch  # the slot's newest token came from verification: no pick needed
         self.target_forwards = 0
 
     def _prefill(self, joining) -> None:
         super()._prefill(joining)
         for slot, _ in joining:
-            self._verified[slot], self._k[slot] = False, self.draft_k
+            self._verified[slot], self._k[slot], self._idle[slot] = False, self.draft_k, 0
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Completion, str]]:
@@ -259,12 +255,14 @@ class SpeculativeEngine(Engine):
             if speculation_blocker(c.sampling) is not None:
                 continue
             ids = c.prompt_ids + c.token_ids
-            k = self._k[slot] or int(self._steps % PROBE_EVERY == slot % PROBE_EVERY)
+            k = self._k[slot]
+            if k == 0:  # the row's own count, so that when it probes does not depend on the batch
+                self._idle[slot] += 1
+                k = int(self._idle[slot] % PROBE_EVERY == 0)
             room = min(k, c.sampling.max_new_tokens - c.completion_tokens - 1, self._cache_len - len(ids))
             wanted.append((slot, ids, max(0, room), c))
         if isinstance(self.drafter, NgramDraft):
             return {slot: (self.drafter.propose(ids, room) if room else [], None) for slot, ids, room, _ in wanted}
-        self._steps += 1
         drafted = self.drafter.propose(wanted)
         return {slot: drafted.get(slot, ([], None)) for slot, *_ in wanted}
 
