@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -112,6 +113,31 @@ def test_yaml_config_fills_flags_and_flags_override(hf_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max-new-tokenz: 3\n")
     assert_clean_error(run_cli("generate", hf_dir, "--prompt", "x", "--config", bad), "max_new_tokenz")
+
+
+def test_config_files_are_read_strictly(hf_dir, tmp_path):
+    """A key given twice, bad YAML (with its line), --config twice, a folder, a run config cut to its command
+    and options (read) or with a section of its own (refused); `lora: false` is no LoRA."""
+    from gpt2ft.cli import parse
+    from gpt2ft.errors import UserError
+
+    def config(text: str):
+        (tmp_path / "c.yaml").write_text(text)
+        return ["finetune", str(hf_dir), "--data", "t.txt", "--out", str(tmp_path / "r"), "--config",
+                str(tmp_path / "c.yaml")]
+
+    for text, said in (("max-steps: 1\nmax-steps: 3\n", "line 2: not valid YAML (key 'max-steps' is given twice)"),
+                       ("max-steps: 1\nmax_steps: 3\n", "option max_steps is given twice"),
+                       ("a: [1, 2\n", "line 2: not valid YAML"),
+                       ("command: finetune\noptions: {}\nmine: 1\n", "unknown section(s) ['mine']"),
+                       ("train: {}\nrun: {}\n", "without the command and options it was given")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            parse(config(text))
+    assert parse(config("command: finetune\noptions: {max_steps: 4, lora: false}\n")).max_steps == 4
+    assert parse(config("lora: false\n")).lora is None and parse(config("lora: true\n")).lora is True
+    with pytest.raises(UserError, match="is a folder, not a YAML file"):
+        parse(["finetune", "--config", str(tmp_path)])
+    assert_clean_error(run_cli(*config("max-steps: 1\n"), "--config", tmp_path / "c.yaml"), "--config", "given twice")
 
 
 def test_user_mistakes_are_one_line_errors(hf_dir, tmp_path):

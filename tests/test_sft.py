@@ -245,16 +245,33 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
         (again / "latest" / "adapter_model.safetensors").read_bytes()
     rerun = yaml.safe_load((again / "config.yaml").read_text())
     assert rerun["options"] == {**written["options"], "out": str(again)}
+    resumed = run_cli("sft", "--config", again / "config.yaml", "--resume", "auto", "--max-steps", "3", check=True)
+    assert "resuming with options other than the run's: max_steps 2 -> 3" in resumed.stderr
+    after = yaml.safe_load((again / "config.yaml").read_text())  # still the command that started the run
+    assert after["options"] == rerun["options"] and after["resumes"] == [{"at_step": 2, "changed": {"max_steps": [2, 3]}}]
+    assert after["train"]["max_steps"] == 3
     assert_clean_error(run_cli("dpo", "--config", first / "config.yaml", "--out", tmp_path / "d"),
                        "the options of a `gpt2ft sft` run, not `gpt2ft dpo`")
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"train": written["train"], "run": written["run"]}))
-    assert_clean_error(run_cli("sft", "--config", old), "without the options it was given")
+    assert_clean_error(run_cli("sft", "--config", old), "without the command and options it was given")
     assert_clean_error(run_cli("sft", "--data", data, "--out", tmp_path / "x"), "MODEL is required")
     for flag in ("--eval-batches", "--eval-examples"):  # nothing to score without validation records
         assert_clean_error(run_cli("sft", root / "base", "--data", data, "--out", tmp_path / "x", "--val-fraction", "0",
                                    flag, "3"), f"{flag} has no effect with --val-fraction 0")
     assert not (tmp_path / "d").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_column_mapped_twice_or_named_twice_is_refused(tmp_path):
+    from gpt2ft.commands import parse_columns
+
+    with pytest.raises(UserError, match="'instruction' is mapped twice"):
+        parse_columns("instruction=Question,instruction=notes")
+    with pytest.raises(UserError, match="'Q' is mapped twice"):
+        parse_columns("instruction=Q,input=Q")
+    (tmp_path / "d.csv").write_text("q,q,a\nhi,there,yo\n")
+    with pytest.raises(UserError, match=r"d.csv:1: the header names column 'q' twice"):
+        load_records(tmp_path / "d.csv", "auto", "train", {}, "error")
 
 
 def test_oversampling_weights_feed_the_sampler():

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
+from .argtypes import Once
 from .errors import OptionError, UserError
 
 # verb: (module in gpt2ft.commands, one-line help). Each module has add_args(parser) and run(args).
@@ -89,29 +91,65 @@ def _load_yaml(path: str, verb: str) -> dict:
     command as given, which must be this verb's)."""
     import yaml
 
+    if os.path.isdir(path):
+        hint = f": a run's options are in {os.path.join(path, 'config.yaml')}" if os.path.isfile(
+            os.path.join(path, "config.yaml")) else ""
+        raise UserError(f"--config {path} is a folder, not a YAML file{hint}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_unique_key_loader()) or {}
     except OSError as e:
         raise UserError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise UserError(f"--config {path}: {where}not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") \
+            from None
     except UnicodeDecodeError:
         raise UserError(f"--config {path}: not UTF-8 text (is it a YAML file?)") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
-    if "train" in data and "run" in data:  # a run folder's config.yaml (train.loop._config_yaml)
-        if not isinstance(data.get("options"), dict):
-            raise UserError(f"--config {path}: a run's config.yaml without the options it was given (written by an "
-                            "older gpt2ft or through the Python API): copy the ones you want into a flat YAML of "
-                            "option: value")
-        if data.get("command") != verb:
-            raise UserError(f"--config {path}: the options of a `gpt2ft {data.get('command')}` run, not `gpt2ft "
-                            f"{verb}`: run `gpt2ft {data.get('command')} --config {path}`")
+    if "options" in data or ("train" in data and "run" in data):  # a run's config.yaml (train.loop._config_yaml)
+        if not isinstance(data.get("options"), dict) or "command" not in data:
+            raise UserError(f"--config {path}: a run's config.yaml without the command and options it was given "
+                            "(written by an older gpt2ft or through the Python API): copy the ones you want into a "
+                            "flat YAML of option: value")
+        if extra := sorted(set(data) - RUN_CONFIG_KEYS, key=str):
+            raise UserError(f"--config {path}: unknown section(s) {extra} in a run's config.yaml (it has "
+                            f"{', '.join(sorted(RUN_CONFIG_KEYS))}; only options: is read)")
+        if data["command"] != verb:
+            raise UserError(f"--config {path}: the options of a `gpt2ft {data['command']}` run, not `gpt2ft "
+                            f"{verb}`: run `gpt2ft {data['command']} --config {path}`")
         data = data["options"]
     if bad := [k for k in data if not isinstance(k, str)]:
         raise UserError(f"--config {path}: option names must be text, not {bad[0]!r}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    if len(values) < len(data):
+        twice = next(k for k in values if sum(n.replace("-", "_") == k for n in data) > 1)
+        raise UserError(f"--config {path}: option {twice} is given twice (as {twice} and {twice.replace('_', '-')})")
+    return values
+
+
+RUN_CONFIG_KEYS = {"command", "options", "resumes", "train", "run"}  # the sections train.loop._config_yaml writes
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML whose mappings refuse a key given twice (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=help_text, description=(mod.__doc__ or help_text).strip(),
                            formatter_class=HelpFormatter)
         mod.add_args(p)
-        p.add_argument("--config", metavar="FILE.yaml", default=None, help="read options from YAML; flags override it")
+        p.add_argument("--config", metavar="FILE.yaml", default=None, action=Once,
+                       help="read options from YAML (a flat option: value mapping, or a run's config.yaml); flags "
+                            "override it")
         p.set_defaults(_run=mod.run, _parser=p, _main=main)  # _main: for a verb that runs others (demo)
     return parser
 
@@ -144,8 +184,8 @@ def _yaml_value(parser: argparse.ArgumentParser, dest: str, value, config: str):
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, not {value!r} ({flag})")
         return value
-    if action.nargs == "?" and value is True and action.const is not None:  # `lora: true` is a bare --lora
-        return action.const
+    if action.nargs == "?" and isinstance(value, bool) and action.const is not None:  # `lora: true`: a bare --lora
+        return action.const if value else None  # `lora: false`: not given
     if value is None:
         return None
     many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)

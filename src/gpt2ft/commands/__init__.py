@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 
 
@@ -316,10 +317,15 @@ RUN_CONTROL = ("config", "resume", "force_resume", "overwrite")
 
 def train_plan(plan, args) -> int:
     """Train a recipe's plan, recording the command as given (the verb and every option the flags or
-    --config set) in the run's config.yaml, which `gpt2ft VERB --config` then reads back."""
+    --config set; paths absolute, a local MODEL as the checkpoint it resolved to) in the run's config.yaml,
+    which `gpt2ft VERB --config` then reads back."""
     actions = {a.dest: a for a in args._parser._actions}
     options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
                if dest not in RUN_CONTROL}
+    base, model = plan.meta.get("base_model"), options.get("model")  # a run folder: the checkpoint it resolved to
+    if isinstance(model, str) and isinstance(base, str) and os.path.isdir(model) and \
+            os.path.realpath(base).startswith(os.path.realpath(model) + os.sep):  # (not a LoRA model's own base)
+        options["model"] = base
     plan.command = {"verb": args.verb, "options": options}
     plan.train()
     return 0
@@ -327,8 +333,6 @@ def train_plan(plan, args) -> int:
 
 def _recorded(action: argparse.Action, value):
     """An option's value as config.yaml records it: lists as lists, paths (path_option) absolute."""
-    import os
-
     if isinstance(value, (list, tuple)):
         return [_recorded(action, v) for v in value]
     keywords = getattr(action, "path_keywords", None)
@@ -414,5 +418,8 @@ def parse_columns(text: str | None) -> dict[str, str]:
         if "=" not in pair:
             raise UserError(f"--columns expects FIELD=HEADER pairs, got {pair!r}")
         ours, theirs = (s.strip() for s in pair.split("=", 1))
+        if ours in mapping.values() or theirs in mapping:
+            twice = f"{ours!r} is mapped twice" if ours in mapping.values() else f"{theirs!r} is mapped twice"
+            raise UserError(f"--columns {text}: {twice}: map each field from one column")
         mapping[theirs] = ours
     return mapping

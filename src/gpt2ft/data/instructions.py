@@ -112,6 +112,9 @@ def _csv_rows(path: Path, delimiter: str):
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = [name.strip() for name in next(reader, [])]
+            if twice := sorted({name for name in header if header.count(name) > 1}):
+                raise UserError(f"{path}:1: the header names column {twice[0]!r} twice: give each column its own "
+                                "name (--columns maps them)")
             start = reader.line_num + 1
             for fields in reader:
                 if fields and len(fields) != len(header):

@@ -74,7 +74,12 @@ it. Every process of a torchrun launch runs this. Returns the last checkpoint sa
         run.drop_replaced()  # every check passed: the run --overwrite replaces goes now
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
-        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, command))
+        changed = _changed_options(resumed[1].get("config") or {}, cfg) if resumed else {}
+        if changed:  # the checkpoint's exact resume keys matched; these change how it trains on
+            say("note: resuming with options other than the run's: " + ", ".join(
+                f"{k} {old} -> {new}" for k, (old, new) in changed.items()) + f"; they apply from step {state.step}")
+        history = _resume_history(run, state.step, changed) if resumed else None
+        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, command, history))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
                   f"({len(objective.train)} training examples) on {strategy.device}, "
@@ -368,15 +373,43 @@ def print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _config_yaml(cfg: TrainConfig, meta: dict, command: dict | None) -> str:
-    """The run's config.yaml: the command as given (`gpt2ft VERB --config config.yaml` reads its options back),
-    the resolved training options (derived ones filled in) and the run's metadata."""
+NOT_TRAINING = ("out", "resume", "force_resume", "overwrite", "progress")  # options that change no step
+
+
+def _changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
+    """The resolved training options a resume changes from the checkpoint's: {name: (old, new)}."""
+    now = asdict(cfg)
+    return {k: (saved[k], now[k]) for k in now if k in saved and k not in NOT_TRAINING and saved[k] != now[k]}
+
+
+def _resume_history(run: RunFolder, step: int, changed: dict) -> dict:
+    """What a resumed run's config.yaml keeps of the one before: the command that started the run (a rerun
+    through --config is that run), and each resume with the options it changed."""
     import yaml
 
+    try:
+        before = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        before = {}
+    kept = {k: before[k] for k in ("command", "options") if k in before}
+    resumes = [*before.get("resumes", []), {"at_step": step, "changed": {k: list(v) for k, v in changed.items()}}]
+    return {**kept, "resumes": resumes}
+
+
+def _config_yaml(cfg: TrainConfig, meta: dict, command: dict | None, history: dict | None = None) -> str:
+    """The run's config.yaml: the command as given (`gpt2ft VERB --config config.yaml` reads its options
+    back; after a resume, the command that started the run, and each resume), the resolved training options
+    (derived ones filled in) and the run's metadata."""
+    import yaml
+
+    record = {"command": command["verb"], "options": command["options"]} if command else {}
+    if history and "options" in history:
+        record = history
+    elif history:
+        record = {**record, "resumes": history["resumes"]}
     head = ""
-    if command:
-        verb, path = command["verb"], Path(cfg.out) / "config.yaml"
+    if "command" in record:
+        verb, path = record["command"], Path(cfg.out) / "config.yaml"
         head = (f"# gpt2ft {verb}: rerun with `gpt2ft {verb} --config {path} --out NEW_RUN` (flags override "
-                "its options)\n")
-        command = {"command": verb, "options": command["options"]}
-    return head + yaml.safe_dump({**(command or {}), "train": asdict(cfg), "run": meta}, sort_keys=False)
+                "its options).\n# Only `options:` is read back; `train:` and `run:` record what the run resolved.\n")
+    return head + yaml.safe_dump({**record, "train": asdict(cfg), "run": meta}, sort_keys=False)
