@@ -185,6 +185,10 @@ def test_default_flags_answer_and_eval_reproduces_the_training_examples(default_
     assert len(seen) == 25 and sum(r["output"] == r["reference"] for r in seen) >= 0.8 * 25, proc.stdout  # defaults on 25 records: most recalled verbatim
     # held-out questions get answers, not empty replies (or the run said it could not)
     assert all(r["output"].strip() for r in rows if r["reference"] not in trained) or "warning: " in err
+    # the README's `gpt2ft eval RUN --data RUN` (its test split) on a model whose context is the default
+    # --max-new-tokens 128: each reply gets what its prompt leaves, said once
+    split = run_cli("eval", run, "--data", run, "--out", tmp_path / "split", "--device", "cpu", check=True)
+    assert "each reply gets what its prompt leaves" in split.stderr and (tmp_path / "split" / "summary.json").exists()
     # generate applies the saved template (the prompt is just the instruction)
     question, answer = next((q, a) for q, a in QA if a in trained)
     out = run_cli("generate", run, "--prompt", question, "--temperature", "0", "--max-new-tokens", "24",
@@ -260,6 +264,15 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
         assert_clean_error(run_cli("sft", root / "base", "--data", data, "--out", tmp_path / "x", "--val-fraction", "0",
                                    flag, "3"), f"{flag} has no effect with --val-fraction 0")
     assert not (tmp_path / "d").exists() and not (tmp_path / "x").exists()
+
+
+def test_fields_a_format_does_not_read_are_named(tmp_path, capsys):
+    rows = [{"instruction": "hi", "output": "yo", "sytem": "be brief"}, {"instruction": "a", "output": "b", "id": 1},
+            {"instruction": "c", "output": "d", "id": 2, "system": "s", "weight": 2},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "output": "y"}]
+    records, _ = load_records(_write_jsonl(tmp_path / "d.jsonl", rows))
+    assert len(records) == 4 and records[2].messages[0] == {"role": "system", "content": "s"}
+    assert "ignored: 'id' (2 records), 'output' (1 record), 'sytem' (1 record);" in capsys.readouterr().err
 
 
 def test_a_column_mapped_twice_or_named_twice_is_refused(tmp_path):

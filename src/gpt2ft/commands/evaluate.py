@@ -13,6 +13,7 @@ by likelihood (log p(chosen) > log p(rejected)).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..argtypes import ranged
@@ -88,8 +89,13 @@ def _evaluate(args, data: Path, out: Path | None):
     model, tokenizer = loaded
     template = pick_template(args.template, loaded.template, [r.messages[:-1] for r in records])
     sampling = sampling_config(args, list(template.stop))
+    # --max-new-tokens left at its default: a reply gets what its prompt leaves of a small model's context
+    shrink = "max_new_tokens" not in args._given and sampling.max_new_tokens >= model.config.block_size
+    if shrink:
+        print(f"note: the default --max-new-tokens {sampling.max_new_tokens} does not fit this model's context of "
+              f"{model.config.block_size} tokens: each reply gets what its prompt leaves of it", file=sys.stderr)
     rows, summary = evaluate_records(model, tokenizer, records, template, sampling, args.keyword, args.batch_size,
-                                     progress="eval")
+                                     shrink=shrink, progress="eval")
     where = str(data) if str(data).startswith("hf:") else str(data.resolve())
     summary.update(**_evaluated(args, loaded.ref), data=where, rejected=len(rejected), template=template.name)
     return _report(summary, out, "responses.jsonl", rows)

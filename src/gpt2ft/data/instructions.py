@@ -7,8 +7,10 @@ then an assistant turn.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,7 +278,28 @@ def load_records(path: str | Path, fmt: str = "auto", split: str = "train", colu
     for each bad record (capped); 'skip' returns the valid ones and the rejected ones with reasons."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    return validate_rows(read_rows(path, fmt, split, columns), fmt, on_invalid, path, empty_instruction)
+    records, rejected = validate_rows(read_rows(path, fmt, split, columns), fmt, on_invalid, path, empty_instruction)
+    if ignored := ignored_fields(records, fmt):  # a typo (`sytem`) or a second format's fields would go unsaid
+        print(f"note: {path}: fields that their records' format does not read are ignored: " + ", ".join(
+            f"{name!r} ({n} record{'s' * (n > 1)})" for name, n in ignored.items()) + "; rename one with --columns "
+            "if it holds the instruction, input, answer or system prompt", file=sys.stderr)
+    return records, rejected
+
+
+# the fields each format reads (and `weight`, read in every one)
+FORMAT_FIELDS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt-completion": ("prompt", "completion"),
+                 "alpaca": ("instruction", "input", "output", "system", "history"),
+                 "instruction-response": ("instruction", "input", "response", "system", "history")}
+
+
+def ignored_fields(records: list[Record], fmt: str = "auto") -> dict[str, int]:
+    """The fields of valid records that their format does not read, with how many records have each."""
+    counts: collections.Counter = collections.Counter()
+    for r in records:
+        if isinstance(r.raw, dict):
+            kind = detect_format(r.raw) if fmt in ("auto", "csv") else fmt
+            counts.update(k for k in r.raw if k not in (*FORMAT_FIELDS.get(kind, r.raw), "weight"))
+    return dict(sorted(counts.items()))
 
 
 def validate_rows(rows, fmt: str, on_invalid: str, path, empty_instruction: bool = False):
