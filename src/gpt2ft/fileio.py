@@ -384,10 +384,10 @@ def check_output_dir(folder: str | Path, verb: str, *, overwrite: bool = False, 
         if owner:  # each verb reads its own folders back (a tokenizer, prepared data): never mixed
             raise UserError(f"{folder} was made by `{owner}`; choose another folder (not even {flag} lets one "
                             "gpt2ft verb write into another's)")
-        if not overwrite:
-            raise UserError(f"{folder} is not empty and was not made by gpt2ft; choose a new folder, or pass {flag} "
-                            "to write into it anyway (files of the same names are replaced, others are left alone)")
         clashing = [name for name in files if (folder / name).exists() or (folder / name).is_symlink()]
+        if not overwrite and not clashing:
+            raise UserError(f"{folder} is not empty and was not made by gpt2ft; choose a new folder, or pass {flag} "
+                            "to write beside what is there (nothing of yours is replaced or deleted)")
         if clashing and owner is None:
             raise UserError(f"{folder} holds {', '.join(clashing)}, which `{verb}` would replace, and gpt2ft did "
                             f"not make the folder: {flag} never replaces a file of yours; move them away or choose "

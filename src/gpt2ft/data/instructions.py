@@ -336,6 +336,8 @@ def collect_valid(rows, normalise, on_invalid: str, path, noun: str) -> tuple[li
 
 def listed_reasons(bad: list[dict], cap: int = MAX_LISTED) -> str:
     """`file:line: reason; ...` of the first `cap` rows left out, and how many more there are."""
+    if len(bad) > 1 and len({b["reason"] for b in bad}) == 1:  # e.g. a header no format has: said once
+        return f"all {len(bad)}, from {bad[0]['where']}: {bad[0]['reason']}"
     listed = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:cap])
     return listed + (f" (and {len(bad) - cap} more)" if len(bad) > cap else "")
 

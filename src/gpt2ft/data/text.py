@@ -102,8 +102,12 @@ def iter_documents(path: Path, text_field: str = "text", val_fraction: float = 0
             if isinstance(record, UserError):
                 raise UserError(f"{where}: {record}")
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                shaped = isinstance(record, dict) and bool({"messages", "conversations", "instruction", "prompt",
+                                                             "chosen"} & set(record))
                 raise UserError(f"{where}: expected an object with a string field {text_field!r} (--text-field "
-                                "names the field that holds the text)")
+                                "names the field that holds the text)" + (
+                                    "; this looks like instruction, chat or preference data: `gpt2ft sft` (or `gpt2ft "
+                                    "dpo`) trains on that" if shaped else ""))
             yield record[text_field], True, bool(every) and index % every == every - 1
             index += 1
         return

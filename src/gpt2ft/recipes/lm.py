@@ -88,7 +88,8 @@ def finetune(cfg: FinetuneConfig) -> Plan:
     data = Path(cfg.data)
     if not (data / "meta.json").exists():
         data = run.path / "data"
-        main_first(strategy, lambda: prepare([cfg.data], data, tokenizer, cfg.val_fraction, text_field=cfg.text_field)
+        main_first(strategy, lambda: prepare([cfg.data], data, tokenizer, cfg.val_fraction, text_field=cfg.text_field,
+                                            progress=cfg.train.progress)
                    if run.main else None)
 
     meta = read_meta(data)

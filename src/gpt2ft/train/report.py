@@ -102,6 +102,9 @@ class RunReport:
         if kind == "empty":
             return (f"too little training for this data (this run: {length}, --lr {cfg.lr:.2g}); "
                     "try more --epochs or a higher --lr, and check that the responses are not empty")
+        if self.objective.name in ("lm", "pretrain", "finetune"):  # raw text: no answers to end
+            return (f"the model has not learned enough of the text yet (this run: {length}, --lr {cfg.lr:.2g}); "
+                    "try more training or more text, or generate with --repetition-penalty 1.3")
         return (f"the model has not learned where an answer ends (this run: {length}, --lr "
                 f"{cfg.lr:.2g}); try more --epochs or more examples, or generate with --repetition-penalty 1.3")
 
