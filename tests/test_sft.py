@@ -275,6 +275,14 @@ def test_fields_a_format_does_not_read_are_named(tmp_path, capsys):
     assert "ignored: 'id' (2 records), 'output' (1 record), 'sytem' (1 record);" in capsys.readouterr().err
 
 
+def test_a_reason_every_record_shares_is_said_once(tmp_path):
+    (tmp_path / "odd.csv").write_text(" Question ,Answer (text)\n" + "q,a\n" * 30)
+    with pytest.raises(UserError) as e:
+        load_records(tmp_path / "odd.csv")
+    assert f"all 30, from {tmp_path / 'odd.csv'}:2: cannot tell the format" in str(e.value)
+    assert str(e.value).count("cannot tell") == 1
+
+
 def test_a_column_mapped_twice_or_named_twice_is_refused(tmp_path):
     from gpt2ft.commands import parse_columns
 
