@@ -74,11 +74,7 @@ it. Every process of a torchrun launch runs this. Returns the last checkpoint sa
         run.drop_replaced()  # every check passed: the run --overwrite replaces goes now
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
-        changed = _changed_options(resumed[1].get("config") or {}, cfg) if resumed else {}
-        if changed:  # the checkpoint's exact resume keys matched; these change how it trains on
-            say("note: resuming with options other than the run's: " + ", ".join(
-                f"{k} {old} -> {new}" for k, (old, new) in changed.items()) + f"; they apply from step {state.step}")
-        history = _resume_history(run, state.step, changed) if resumed else None
+        history = _resume_history(run, state.step, resumed[1].get("config") or {}, cfg) if resumed else None
         run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, command, history))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
@@ -382,10 +378,16 @@ def _changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     return {k: (saved[k], now[k]) for k in now if k in saved and k not in NOT_TRAINING and saved[k] != now[k]}
 
 
-def _resume_history(run: RunFolder, step: int, changed: dict) -> dict:
+def _resume_history(run: RunFolder, step: int, saved: dict, cfg: TrainConfig) -> dict:
     """What a resumed run's config.yaml keeps of the one before: the command that started the run (a rerun
-    through --config is that run), and each resume with the options it changed."""
+    through --config is that run), and each resume with the options it changed from the checkpoint's
+    `saved` ones (said: the exact resume keys matched, but these change how it trains on)."""
     import yaml
+
+    changed = _changed_options(saved, cfg)
+    if changed:
+        print_err("note: resuming with options other than the run's: " + ", ".join(
+            f"{k} {old} -> {new}" for k, (old, new) in changed.items()) + f"; they apply from step {step}")
 
     try:
         before = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
