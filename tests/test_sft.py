@@ -260,6 +260,8 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
     old.write_text(yaml.safe_dump({"train": written["train"], "run": written["run"]}))
     assert_clean_error(run_cli("sft", "--config", old), "without the command and options it was given")
     assert_clean_error(run_cli("sft", "--data", data, "--out", tmp_path / "x"), "MODEL is required")
+    assert_clean_error(run_cli("sft", root / "base", "--data", data, "--out", tmp_path / "x", "--lora", "nope"),
+                       "--lora nope: no such adapter folder")
     for flag in ("--eval-batches", "--eval-examples"):  # nothing to score without validation records
         assert_clean_error(run_cli("sft", root / "base", "--data", data, "--out", tmp_path / "x", "--val-fraction", "0",
                                    flag, "3"), f"{flag} has no effect with --val-fraction 0")

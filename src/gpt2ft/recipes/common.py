@@ -103,6 +103,9 @@ def check_start(start: Start) -> None:
     """Refuse, before the run folder is claimed, --lora on a local MODEL that already carries an adapter."""
     from ..checkpoint import ADAPTER_CONFIG, read_meta, resolve
 
+    if isinstance(start.lora, str) and not Path(start.lora).expanduser().is_dir():
+        raise UserError(f"--lora {start.lora}: no such adapter folder; give the folder of the adapter to continue "
+                        "(it holds adapter_config.json), or --lora alone to train a new one")
     if start.lora and Path(start.model).expanduser().is_dir():
         folder = resolve(start.model, verify=False)
         if read_meta(folder).get("lora") or (folder / ADAPTER_CONFIG).exists():
