@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from gpt2ft.checkpoint import load
@@ -96,3 +97,39 @@ def test_explicit_causal_attention_equals_sdpa():
     low = model_module._explicit_causal_attention(*(t.bfloat16() for t in (q, k, v)), 0.0)
     assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
     assert model_module._explicit_is_faster(q.bfloat16()) and not model_module._explicit_is_faster(q.float())
+
+
+def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear():
+    """model.Linear's packed path (one oneDNN packing of the weight, kept while it is unchanged) gives
+    F.linear's exact logits, at decode and prefill shapes; grad-enabled calls take F.linear; a weight
+    changed in place (an optimizer step, load_state_dict) is packed again."""
+    import gpt2ft.model as model_module
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=64)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 50257, (8, 20))
+
+    def logits(packing: bool, x):
+        saved = model_module._PACKING[0]
+        model_module._PACKING[0] = packing
+        try:
+            with torch.inference_mode():
+                return model(x)
+        finally:
+            model_module._PACKING[0] = saved
+
+    if not model_module._PACKING[0]:
+        pytest.skip("this torch has no oneDNN")
+    for x in (ids, ids[:, :1], ids[:1, :1], ids[:3, :5]):
+        assert torch.equal(logits(True, x), logits(False, x))
+    fc = model.transformer.h[0].mlp.c_fc
+    assert fc in model_module._PACKED
+    with torch.no_grad():
+        fc.weight.mul_(2)  # in place: the next call packs the new weight
+    assert torch.equal(logits(True, ids), logits(False, ids))
+    del model_module._PACKED[fc]
+    model(ids).float().sum().backward()  # training: F.linear, nothing packed
+    assert fc not in model_module._PACKED and fc.weight.grad is not None
+    import copy
+
+    assert torch.equal(copy.deepcopy(model).eval()(ids[:1]), model(ids[:1]))  # the packed copies stay behind

@@ -7,6 +7,7 @@ HF weights is one loop that transposes the Conv1D weights (see checkpoint.py).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,37 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 from .losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum, supervised_mask
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose bf16 inference on a CPU multiplies a copy of the weight packed once for oneDNN's kernel:
+    F.linear packs it anew at every call, which at decode's few rows costs about as much as the product
+    (bitwise the same result; tests/test_model.py checks). Training (grad enabled), other dtypes and
+    devices, and torch.compile's graphs (inductor packs its own) take F.linear. The packed copy is kept
+    while the weight is unchanged (same storage, same version): one more copy of the weights in memory."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled() or not _PACKING[0] \
+                or torch.compiler.is_compiling() or w.is_inference():  # (no version counter to key the copy on)
+            return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version)
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            try:
+                with torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
+                    cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+            except (RuntimeError, AttributeError):  # a torch without oneDNN's bf16 linear: F.linear from now on
+                _PACKING[0] = False
+                return F.linear(x, w, self.bias)
+            _PACKED[self] = cached
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), cached[1], self.bias, "none", [], "")
+
+
+_PACKING = [torch.backends.mkldnn.is_available()]  # Linear's packed path; off once it fails
+# each Linear's (weight key, packed weight), beside the module so that deepcopy and pickling never meet oneDNN's
+# opaque tensor
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class KVCache(nn.Module):
@@ -94,8 +126,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None):
@@ -131,8 +163,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -163,7 +195,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
         self.lora_config = None  # a lora.LoRAConfig once apply_lora() wrapped layers
