@@ -51,6 +51,20 @@ def test_schema_regex_and_choice_hold_on_a_random_model(tiny_model, seed):
     assert done and text in ("yes", "no", "maybe so"), text
 
 
+def test_a_choice_of_thousands_and_of_regex_characters_holds(tiny_model):
+    """A choice is one lexeme (an alternation of the literals, each escaped), so thousands of options pass
+    the parser's 2000 items a row, and punctuation, newlines and non-ASCII text match only themselves."""
+    model, tok = tiny_model
+    odd = ["a/b", "x.y*z", "line\nbreak", "tab\there", "back\\slash", "[br]{c}|(d)", "日本", 'q"uote', "^$#&-~"]
+    many = [f"opt {i}" for i in range(2500)] + odd
+    for seed in range(4):
+        text, done = _decode(model, tok, GrammarSpec.choice(many), n=12, seed=seed)
+        assert done and text in many, text
+    for option in odd:
+        text, done = _decode(model, tok, GrammarSpec.choice([option]), n=12)
+        assert done and text == option, (text, option)
+
+
 def test_mask_forbids_what_the_grammar_does_not_allow(tiny_model):
     model, tok = tiny_model
     state, mask = GrammarState(GrammarSpec.choice(["yes"]), tok, model.config.vocab_size), new_bitmask(1, model.config.vocab_size)

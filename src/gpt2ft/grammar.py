@@ -26,6 +26,12 @@ JSON_KINDS = ("json", "json_schema")  # the grammar kinds whose output is JSON t
 COMPACT_JSON = {"whitespace_flexible": False}  # ", " and ": " between items: no runs of spaces or newlines
 
 
+def _regex_literal(text: str) -> str:
+    """`text` matched literally by a regex inside a Lark /.../ (Rust regex syntax: punctuation escaped)."""
+    special = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return "".join(special.get(c) or ("\\" + c if c in "\\.+*?()|[]{}^$#&-~/" else c) for c in text)
+
+
 def llguidance_grammar(spec: GrammarSpec) -> str:
     """The grammar in llguidance's own form (a UserError naming the problem if it is malformed). JSON
     is written with standard separators and no free whitespace (a small model would wander in it)."""
@@ -37,9 +43,10 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
             if isinstance(schema, dict):
                 schema = {"x-guidance": COMPACT_JSON, **strict_formats(schema)}
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
-        if spec.kind == "choice":  # a Lark rule of quoted literals: nothing else can follow
+        if spec.kind == "choice":  # one lexeme, an alternation of the literals: nothing else can follow (as
+            # a rule of quoted alternatives, more than the parser's 2000 items a row would fail mid-decoding)
             return llguidance.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(o) for o in json.loads(spec.source)))
+                "start: /" + "|".join(map(_regex_literal, json.loads(spec.source))) + "/")
         return llguidance.grammar_from(spec.kind, spec.source)
     except (ValueError, TypeError) as e:
         raise UserError(f"malformed {GRAMMAR_KINDS[spec.kind]}: {_one_line(e)}") from None
