@@ -618,6 +618,26 @@ def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
         assert r.headers["Retry-After"] == "1"
 
 
+def test_prompt_scoring_has_the_limits_of_generation(tiny_model):
+    """echo with max_tokens 0 (a forward per prompt, nothing generated) is bounded as generating is: at most
+    --max-batch + --max-queue prompts a request (400), and the --timeout (503)."""
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    def scoring(n: int) -> dict:
+        return {"model": "tiny", "prompt": ["One two three"] * n, "max_tokens": 0, "echo": True, "logprobs": 1}
+
+    model = [served_model("tiny", tiny_model.model, tiny_model.tokenizer)]
+    with TestClient(create_app(model, ServeConfig(max_batch=1, max_queue=1))) as client:
+        assert client.post("/v1/completions", json=scoring(2)).status_code == 200
+        assert "scores 3 prompts, more than the 2" in assert_error(client.post("/v1/completions", json=scoring(3)),
+                                                                    400, "prompt")["message"]
+    with TestClient(create_app(model, ServeConfig(timeout=1e-9))) as client:
+        assert "--timeout" in assert_error(client.post("/v1/completions", json=scoring(2)), 503,
+                                           code="timeout")["message"]
+
+
 def test_chat_with_the_checkpoints_template_equals_gpt2ft_generate(tiny_model, tmp_path):
     """A checkpoint saved with the alpaca template: the chat reply is `gpt2ft generate`'s (which applies
     the same template), and the server needs no key when none is given."""

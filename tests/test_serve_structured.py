@@ -413,6 +413,7 @@ def test_template_renders_tool_turns_as_its_jinja_does():
     ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),  # not in the vocabulary
     ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/chat/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"5": 1, "05": -1}}, "logit_bias"),  # one token, two spellings
     ("/v1/chat/completions", {"min_tokens": 9}, "min_tokens"),                # over max_tokens 5
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),

@@ -2,7 +2,6 @@
 routes (a route turns its request into prompts and a Format; the Service does the rest)."""
 from __future__ import annotations
 
-import asyncio
 import hmac
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -142,7 +141,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
         template = pick_template(None, served.template)
         rule = constraint(req, template.name)
         ids, stops = chat_prompt(served.template, req.messages, served.tokenizer)
-        jobs, inbox = service.start(req, served, [ids], stops, "messages", rule)
+        jobs, inbox = await service.start(req, served, [ids], stops, "messages", rule)
         fmt = ChatFormat(served.tokenizer, req.logprobs, rule.tools if rule else ())
         return await service.respond(req, request, served, jobs, inbox, fmt)
 
@@ -156,13 +155,13 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
             service.check_scoring(req, served, prompts, rule)
             jobs, inbox = [], None
         else:
-            jobs, inbox = service.start(req, served, prompts, [], "prompt", rule)
+            jobs, inbox = await service.start(req, served, prompts, [], "prompt", rule)
         try:
             echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
             echo_logprobs = [[] for _ in prompts]
-            if req.echo and req.logprobs is not None:  # one forward per prompt, off the event loop
-                echo_logprobs = [await asyncio.to_thread(prompt_logprobs, served.model, ids, req.logprobs)
-                                 for ids in prompts]
+            if req.echo and req.logprobs is not None:  # one forward per prompt, off the event loop, bounded
+                echo_logprobs = await service.score(request, prompts,
+                                                    lambda ids: prompt_logprobs(served.model, ids, req.logprobs))
         except BaseException:
             scheduler.cancel(jobs)
             raise

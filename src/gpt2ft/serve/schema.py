@@ -72,7 +72,7 @@ def _bounds(opt: Option) -> dict:
 
 
 _BIAS = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
-_TOKEN_ID = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # JSON's object keys are strings
+_TOKEN_ID = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]  # JSON object keys are strings; one spelling a token
 _KINDS = {list: Union[str, list[str]], dict: Annotated[dict[_TOKEN_ID, _BIAS], Field(max_length=MAX_LOGIT_BIASES)]}
 
 

@@ -70,6 +70,8 @@ def check_message(i: int, m, calls: set[str]) -> None:
 class Service:
     def __init__(self, models: dict[str, ServedModel], scheduler: Scheduler, config: ServeConfig):
         self.models, self.scheduler, self.config = models, scheduler, config
+        self.scoring_waiting = 0  # prompt-scoring requests queued behind the one scoring (one at a time)
+        self._scoring: asyncio.Lock | None = None  # made in the event loop, on first use
 
     def lookup(self, name: str) -> ServedModel:
         if name not in self.models:
@@ -135,18 +137,19 @@ class Service:
                     raise APIError(400, e.say(req.field_of), req.field_of(e.option)) from None
         return configs
 
-    def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str,
-              constraint: Constraint | None = None):
+    async def start(self, req, served: ServedModel, prompts: list[list[int]], stops: list[str], param: str,
+                    constraint: Constraint | None = None):
         """The request's jobs, queued (429/503 when there is no room), and the inbox of their events."""
-        if constraint is not None:
-            constraint.check(served.tokenizer, served.model.config.vocab_size)
+        if constraint is not None:  # compiling a large grammar takes a while: off the event loop
+            await asyncio.to_thread(constraint.check, served.tokenizer, served.model.config.vocab_size)
         configs = self.sampling(req, served, prompts, stops, constraint and constraint.spec)
         specs = [(ids, cfg) for ids, cfg in zip((p for p in prompts for _ in range(req.candidates)), configs)]
         if len(specs) > self.scheduler.capacity:
+            per_prompt = "best_of" if req.candidates > req.n else "n"
             raise APIError(400, f"this request asks for {len(specs)} completions ({len(prompts)} prompt(s) x "
                            f"{req.candidates}), more than the {self.scheduler.capacity} this server holds at once "
-                           "(gpt2ft serve --max-batch + --max-queue): send fewer prompts or a smaller n",
-                           param if len(prompts) > 1 else "n")
+                           f"(gpt2ft serve --max-batch + --max-queue): send fewer prompts or a smaller {per_prompt}",
+                           param if len(prompts) > 1 else per_prompt)
         inbox = Inbox()
         try:
             return self.scheduler.submit(served.name, specs, inbox), inbox
@@ -186,6 +189,37 @@ class Service:
                                "(it scores the prompt): drop it, or ask for tokens with max_tokens", field)
         self.sampling(req, served, prompts, [])  # every other field's checks
         check_prompts(prompts, served.model.config)
+
+    async def score(self, request: Request, prompts: list[list[int]], score_one) -> list:
+        """`score_one(ids)` for each prompt (a forward each, off the event loop), under the limits a generating
+        request has: at most the server's capacity of prompts, one scoring request at a time with at most
+        --max-queue waiting (else 429), the --timeout (503), and stopped when the client leaves."""
+        if len(prompts) > self.scheduler.capacity:
+            raise APIError(400, f"this request scores {len(prompts)} prompts, more than the {self.scheduler.capacity} "
+                           "this server holds at once (gpt2ft serve --max-batch + --max-queue): send fewer", "prompt")
+        if self._scoring is None:
+            self._scoring = asyncio.Lock()
+        if self._scoring.locked() and self.scoring_waiting >= self.config.max_queue:
+            raise APIError(429, f"the server is busy scoring ({self.scoring_waiting} waiting); retry shortly",
+                           code="rate_limit_exceeded", type="rate_limit_error", headers={"Retry-After": "1"})
+        deadline = time.monotonic() + self.config.timeout
+        self.scoring_waiting += 1
+        acquired = False
+        try:
+            async with self._scoring:
+                self.scoring_waiting, acquired = self.scoring_waiting - 1, True
+                out = []
+                for ids in prompts:
+                    if time.monotonic() > deadline:
+                        raise unavailable(f"the request took longer than the server's limit of "
+                                          f"{self.config.timeout:g} s (gpt2ft serve --timeout)", "timeout")
+                    if await request.is_disconnected():
+                        raise unavailable("the client left before its prompts were scored", "cancelled")
+                    out.append(await asyncio.to_thread(score_one, ids))
+                return out
+        finally:
+            if not acquired:  # refused or cancelled while waiting
+                self.scoring_waiting -= 1
 
     def scored(self, req, served: ServedModel, prompts: list[list[int]], fmt):
         """echo with max_tokens 0: each prompt (with its log-probabilities, in fmt), nothing generated."""
