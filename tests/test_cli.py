@@ -130,7 +130,9 @@ def test_config_files_are_read_strictly(hf_dir, tmp_path):
                        ("max-steps: 1\nmax_steps: 3\n", "option max_steps is given twice"),
                        ("a: [1, 2\n", "line 2: not valid YAML"),
                        ("command: finetune\noptions: {}\nmine: 1\n", "unknown section(s) ['mine']"),
-                       ("train: {}\nrun: {}\n", "without the command and options it was given")):
+                       ("train: {}\nrun: {}\n", "without the command and options it was given"),
+                       ("val-fraction: null\n", "val_fraction cannot be null"),
+                       ("command: null\noptions: {}\n", "command: must name the verb")):
         with pytest.raises(UserError, match=re.escape(said)):
             parse(config(text))
     assert parse(config("command: finetune\noptions: {max_steps: 4, lora: false}\n")).max_steps == 4

@@ -160,12 +160,24 @@ def test_data_pairs_keeps_answers_that_differ(sft_model, tmp_path):
     assert any(r["chosen"] == "Nothing like it." for r in rows)  # the model never says that
 
 
-def test_another_model_as_reference(sft_model, hf_dir, tmp_path):
+def test_another_model_as_reference(sft_model, hf_dir, tmp_path, monkeypatch):
+    """--reference MODEL, given relative: recorded as the checkpoint it loaded, so that the run resumes through
+    its own config.yaml from another folder (and MODEL, a run folder, is recorded as its checkpoint too)."""
+    import os
+
+    import yaml
+
     root, sft, prefs = sft_model
     run = tmp_path / "other"
-    run_cli("dpo", sft, "--data", prefs, "--out", run, "--reference", root / "base", "--precompute-reference",
+    monkeypatch.chdir(root)
+    run_cli("dpo", sft, "--data", prefs, "--out", run, "--reference", "base", "--precompute-reference",
             "--max-steps", "1", "--eval-every", "0", *CPU, check=True)
     meta = json.loads((run / "latest" / "gpt2ft.json").read_text())
-    assert meta["reference_model"] == str(root / "base") and meta["precomputed_reference"]
+    assert meta["reference_model"] == os.path.realpath(root / "base") and meta["precomputed_reference"]
+    options = yaml.safe_load((run / "config.yaml").read_text())["options"]
+    assert options["reference"] == os.path.realpath(root / "base")
+    assert options["model"] == os.path.realpath(sft / "latest")  # the run folder's checkpoint, not the folder
+    monkeypatch.chdir(tmp_path)
+    run_cli("dpo", "--config", run / "config.yaml", "--resume", "auto", "--max-steps", "2", check=True)
     assert_clean_error(run_cli("dpo", sft, "--data", prefs, "--out", tmp_path / "bad", "--reference", hf_dir, *CPU),
                        "its tokenizer differs")

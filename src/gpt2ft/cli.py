@@ -117,6 +117,8 @@ def _load_yaml(path: str, verb: str) -> dict:
         if extra := sorted(set(data) - RUN_CONFIG_KEYS, key=str):
             raise UserError(f"--config {path}: unknown section(s) {extra} in a run's config.yaml (it has "
                             f"{', '.join(sorted(RUN_CONFIG_KEYS))}; only options: is read)")
+        if not isinstance(data["command"], str):
+            raise UserError(f"--config {path}: command: must name the verb the options are for, e.g. command: {verb}")
         if data["command"] != verb:
             raise UserError(f"--config {path}: the options of a `gpt2ft {data['command']}` run, not `gpt2ft "
                             f"{verb}`: run `gpt2ft {data['command']} --config {path}`")
@@ -186,9 +188,12 @@ def _yaml_value(parser: argparse.ArgumentParser, dest: str, value, config: str):
         return value
     if action.nargs == "?" and isinstance(value, bool) and action.const is not None:  # `lora: true`: a bare --lora
         return action.const if value else None  # `lora: false`: not given
-    if value is None:
-        return None
     many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+    if value is None:  # null: the option unset, where unset means something (its default is None)
+        if action.default is not None and not many:
+            raise UserError(f"{where} cannot be null: give a value, or leave it out for its default "
+                            f"{action.default!r} ({flag})")
+        return None
     if many and not isinstance(value, list):
         value = [value]
     items = value if many else [value]

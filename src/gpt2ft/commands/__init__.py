@@ -322,13 +322,18 @@ def train_plan(plan, args) -> int:
     actions = {a.dest: a for a in args._parser._actions}
     options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
                if dest not in RUN_CONTROL}
-    base, model = plan.meta.get("base_model"), options.get("model")  # a run folder: the checkpoint it resolved to
-    if isinstance(model, str) and isinstance(base, str) and os.path.isdir(model) and \
-            os.path.realpath(base).startswith(os.path.realpath(model) + os.sep):  # (not a LoRA model's own base)
-        options["model"] = base
+    for option, resolved in (("model", "base_model"), ("reference", "reference_model")):
+        given, loaded = options.get(option), plan.meta.get(resolved)  # a run folder or RUN/latest: the checkpoint
+        if isinstance(given, str) and isinstance(loaded, str) and os.path.isdir(given) and \
+                _within(os.path.realpath(loaded), os.path.realpath(given)):  # (not a LoRA model's own base)
+            options[option] = os.path.realpath(loaded)
     plan.command = {"verb": args.verb, "options": options}
     plan.train()
     return 0
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def _recorded(action: argparse.Action, value):

@@ -7,7 +7,8 @@ A text file or folder given to --data is prepared on the fly with the model's to
 from __future__ import annotations
 
 from ..argtypes import ranged
-from . import add_common, add_lora, add_text_field, add_training, path_option, recipe_config, required, train_plan
+from . import (add_common, add_lora, add_text_field, add_training, path_option, recipe_config, refuse_given, required,
+               train_plan)
 
 
 def add_args(p):
@@ -23,4 +24,6 @@ def add_args(p):
 def run(args):
     from ..recipes import FinetuneConfig, finetune
 
+    if args.val_fraction == 0:
+        refuse_given(args, {"eval_batches"}, "with --val-fraction 0 (no validation text to score)")
     return train_plan(finetune(recipe_config(FinetuneConfig, args)), args)

@@ -63,7 +63,7 @@ def _other_model(cfg: DPOConfig, loaded) -> Reference:
     if other.tokenizer.fingerprint() != loaded.tokenizer.fingerprint():
         raise UserError(f"--reference {cfg.reference}: its tokenizer differs from MODEL's; log-probs would not "
                         "compare")
-    return OtherModel(other.model, cfg.reference)
+    return OtherModel(other.model, other.base_ref)  # a local one as the checkpoint it loaded (the resume key)
 
 
 REFERENCE_KINDS = {"copy": _copy, "adapters-off": _adapters_off}  # any other --reference is a MODEL

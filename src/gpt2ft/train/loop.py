@@ -393,8 +393,10 @@ def _resume_history(run: RunFolder, step: int, saved: dict, cfg: TrainConfig) ->
         before = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         before = {}
+    before = before if isinstance(before, dict) else {}  # a hand-edited file: what is not as written is dropped
     kept = {k: before[k] for k in ("command", "options") if k in before}
-    resumes = [*before.get("resumes", []), {"at_step": step, "changed": {k: list(v) for k, v in changed.items()}}]
+    earlier = before.get("resumes") if isinstance(before.get("resumes"), list) else []
+    resumes = [*earlier, {"at_step": step, "changed": {k: list(v) for k, v in changed.items()}}]
     return {**kept, "resumes": resumes}
 
 
@@ -411,7 +413,7 @@ def _config_yaml(cfg: TrainConfig, meta: dict, command: dict | None, history: di
         record = {**record, "resumes": history["resumes"]}
     head = ""
     if "command" in record:
-        verb, path = record["command"], Path(cfg.out) / "config.yaml"
+        verb, path = record["command"], Path(cfg.out).absolute() / "config.yaml"
         head = (f"# gpt2ft {verb}: rerun with `gpt2ft {verb} --config {path} --out NEW_RUN` (flags override "
                 "its options).\n# Only `options:` is read back; `train:` and `run:` record what the run resolved.\n")
     return head + yaml.safe_dump({**record, "train": asdict(cfg), "run": meta}, sort_keys=False)
