@@ -254,6 +254,10 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
     after = yaml.safe_load((again / "config.yaml").read_text())  # still the command that started the run
     assert after["options"] == rerun["options"] and after["resumes"] == [{"at_step": 2, "changed": {"max_steps": [2, 3]}}]
     assert after["train"]["max_steps"] == 3
+    moved = tmp_path / "moved"
+    shutil.move(again, moved)  # a run moved: its config resumes it where it is now, not afresh at the old place
+    proc = run_cli("sft", "--config", moved / "config.yaml", "--resume", "auto", "--max-steps", "4", check=True)
+    assert f"is at {moved} now" in proc.stderr and "resumed from" in proc.stderr and not again.exists()
     assert_clean_error(run_cli("dpo", "--config", first / "config.yaml", "--out", tmp_path / "d"),
                        "the options of a `gpt2ft sft` run, not `gpt2ft dpo`")
     old = tmp_path / "old.yaml"

@@ -122,7 +122,7 @@ def _load_yaml(path: str, verb: str) -> dict:
         if data["command"] != verb:
             raise UserError(f"--config {path}: the options of a `gpt2ft {data['command']}` run, not `gpt2ft "
                             f"{verb}`: run `gpt2ft {data['command']} --config {path}`")
-        data = data["options"]
+        data = _where_the_run_is(data["options"], path)
     if bad := [k for k in data if not isinstance(k, str)]:
         raise UserError(f"--config {path}: option names must be text, not {bad[0]!r}")
     values = {k.replace("-", "_"): v for k, v in data.items()}
@@ -130,6 +130,17 @@ def _load_yaml(path: str, verb: str) -> dict:
         twice = next(k for k in values if sum(n.replace("-", "_") == k for n in data) > 1)
         raise UserError(f"--config {path}: option {twice} is given twice (as {twice} and {twice.replace('_', '-')})")
     return values
+
+
+def _where_the_run_is(options: dict, path: str) -> dict:
+    """A run's options with `out` the folder its config.yaml is in, when the run has moved since (so that
+    --resume auto continues it there, not afresh at the old place); a rerun's --out flag overrides it."""
+    here, out = os.path.dirname(os.path.abspath(path)), options.get("out")
+    if isinstance(out, str) and os.path.isdir(os.path.join(here, "checkpoints")) and \
+            os.path.realpath(out) != os.path.realpath(here):
+        print(f"note: --config {path}: the run was at {out} and is at {here} now: --out {here}", file=sys.stderr)
+        return {**options, "out": here}
+    return options
 
 
 RUN_CONFIG_KEYS = {"command", "options", "resumes", "train", "run"}  # the sections train.loop._config_yaml writes
