@@ -638,6 +638,43 @@ def test_prompt_scoring_has_the_limits_of_generation(tiny_model):
                                            code="timeout")["message"]
 
 
+def test_text_offsets_index_the_returned_text_when_tokens_split_characters(tiny_model):
+    """An emoji and CJK characters take several byte-level tokens each: every token's text_offset is the
+    index in `text` of the character it begins in (each part of one character: that character's)."""
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    text = "a\U0001F600b\u65e5\u672cc"
+    with TestClient(create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig())) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": text, "echo": True, "max_tokens": 0,
+                                                 "logprobs": 0})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == text
+    tok = tiny_model.tokenizer
+    ids = tok.encode(text)
+    starts, at = [], 0  # the oracle: each token's first byte, as the index of the character holding it
+    for t in ids:
+        starts.append(len(tok.decode_bytes(ids)[:at].decode("utf-8", errors="ignore")))
+        at += len(tok.decode_bytes([t]))
+    assert len(ids) > len(text) and choice["logprobs"]["text_offset"] == starts
+    assert choice["logprobs"]["text_offset"][-1] == text.index("c")
+
+
+def test_a_key_given_twice_in_a_body_is_refused_not_resolved(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    body = b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "max_tokens": 3}'
+    with TestClient(create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig())) as client:
+        r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert "gives 'max_tokens' twice" in assert_error(r, 400, "max_tokens")["message"]
+        nested = b'{"model": "tiny", "messages": [{"role": "user", "content": "a", "content": "b"}]}'
+        r = client.post("/v1/chat/completions", content=nested, headers={"Content-Type": "application/json"})
+        assert_error(r, 400, "content")
+
+
 def test_chat_with_the_checkpoints_template_equals_gpt2ft_generate(tiny_model, tmp_path):
     """A checkpoint saved with the alpaca template: the chat reply is `gpt2ft generate`'s (which applies
     the same template), and the server needs no key when none is given."""

@@ -3,6 +3,7 @@ routes (a route turns its request into prompts and a Format; the Service does th
 from __future__ import annotations
 
 import hmac
+import json
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -57,6 +58,9 @@ class Guard:
             more = message.get("more_body", False)
             if len(body) > self.max_body:
                 return await too_big.response()(scope, receive, send)
+        if scope["path"] in REQUESTS and (twice := _key_given_twice(body)):
+            return await APIError(400, f"the request body gives {twice!r} twice in one object: give it once",
+                                  twice).response()(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -67,6 +71,23 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+def _key_given_twice(body: bytes) -> str | None:
+    """A key that some JSON object of the body holds twice (json.loads keeps the last one silently), or None
+    (also for a body that is not JSON: the request's own parsing says what is wrong with it)."""
+    twice = []
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        twice.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    return twice[0] if twice else None
 
 
 def _errors(app: FastAPI) -> None:

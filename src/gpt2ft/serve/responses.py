@@ -3,6 +3,7 @@ as server-sent events. The two endpoints differ only in their Format (how one ch
 one finish look); the envelope, the usage (from the Completions, once) and the stream are shared."""
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import time
@@ -56,14 +57,16 @@ def chat_logprobs(tokenizer, entries) -> dict:
 
 
 def text_logprobs(tokenizer, entries, offset: int) -> dict:
+    """The legacy completions' logprobs; text_offset: where each token's text begins in the returned text
+    (characters, from `offset`): a token holding part of a character (emoji, CJK) begins at that character."""
     tokens, token_logprobs, top, offsets = [], [], [], []
+    characters = codecs.getincrementaldecoder("utf-8")("replace")  # whole characters only, as they complete
     for t, lp, alts in entries:
-        text = tokenizer.decode([t])
-        tokens.append(text)
+        tokens.append(tokenizer.decode([t]))
         token_logprobs.append(lp)
         top.append({tokenizer.decode([a]): alp for a, alp in alts} if lp is not None else None)  # 1st prompt token
         offsets.append(offset)
-        offset += len(text)
+        offset += len(characters.decode(tokenizer.decode_bytes([t])))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
