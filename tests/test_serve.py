@@ -608,9 +608,9 @@ def test_timeout_and_shutdown_are_503_with_retry_after(tiny_model):
                                                  "n": 2, "stream_options": {"include_usage": True}})
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
         events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
-        # every choice ends and the usage comes before the error event
-        ended = [e["choices"][0]["index"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]
-        assert sorted(ended) == [0, 1]
+        # no choice ends with a finish_reason OpenAI does not have; the usage comes before the error event
+        ended = [e["choices"][0]["finish_reason"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]
+        assert ended == []
         assert events[-2]["usage"]["prompt_tokens"] == 1 and events[-1]["error"]["code"] == "timeout"
         app.state.scheduler.stop()
         r = client.post("/v1/chat/completions", json=CHAT)
@@ -659,6 +659,25 @@ def test_text_offsets_index_the_returned_text_when_tokens_split_characters(tiny_
         at += len(tok.decode_bytes([t]))
     assert len(ids) > len(text) and choice["logprobs"]["text_offset"] == starts
     assert choice["logprobs"]["text_offset"][-1] == text.index("c")
+
+
+def test_a_grammar_the_engine_gives_up_on_mid_decoding_is_an_error_not_a_reply(tiny_model):
+    """A Lark rule of 2500 alternatives compiles, then passes llguidance's 2000 items a row after the first
+    token: a 400 (code grammar_error) or, streamed, the error event; never a 200 whose text does not match
+    with a finish_reason OpenAI does not have."""
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    grammar = "start: " + " | ".join(f'"w{i}"' for i in range(2500))
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 5, "seed": 1, "guided_grammar": grammar}
+    with TestClient(create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig())) as client:
+        err = assert_error(client.post("/v1/completions", json=body), 400, code="grammar_error")
+        assert "simplify the schema or grammar" in err["message"]
+        r = client.post("/v1/completions", json={**body, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "grammar_error"
+        assert all(c["finish_reason"] is None for e in events for c in e.get("choices", []))
 
 
 def test_a_key_given_twice_in_a_body_is_refused_not_resolved(tiny_model):

@@ -240,15 +240,12 @@ class Reply:
             return chunk(self.fmt.finish(event.index, event.completion))
 
         yield [chunk(opening) for index in range(len(completions)) if (opening := self.fmt.opening(index)) is not None]
-        finished: set[int] = set()
         try:
             async with aclosing(events):  # closed with the stream, so a client that leaves cancels at once
                 async for batch in events:
-                    finished.update(e.index for e in batch if not isinstance(e, Piece))
                     yield [c for c in map(one, batch) if c is not None]
-        except APIError:  # a timeout or a failure mid-stream: every choice still ends, and the usage comes
-            ends = [self.fmt.finish(i, c) for i, c in enumerate(completions) if i not in finished]
-            yield [chunk({**end, "finish_reason": end["finish_reason"] or "cancelled"}) for end in ends]
+        except APIError:  # a timeout or a failure mid-stream: the usage, then the error event (the choices
+            # that did not end get no finish_reason: OpenAI's values would each say something untrue)
             if include_usage:
                 yield [{**self._envelope(self.fmt.chunk_object, []), "usage": usage(completions, self.n)}]
             raise  # then the error event (sse)

@@ -261,6 +261,10 @@ class Service:
                 for event in batch:
                     if isinstance(event, Failed):
                         raise unavailable(event.message)
+                    if isinstance(event, Done) and event.completion.finish_reason == "error":  # not OpenAI's
+                        raise APIError(400, "the structured output could not go on (the grammar engine: "
+                                       f"{event.completion.stop_reason}); simplify the schema or grammar",
+                                       code="grammar_error")
                     left -= isinstance(event, Done)
                 yield batch
         finally:
