@@ -469,7 +469,11 @@ def test_unknown_and_unsupported_fields_are_400_naming_them(http, path, change, 
 def test_metadata_fields_are_accepted(http):
     r = http.post("/v1/chat/completions", json={
         "model": "tiny", "messages": USER, "max_tokens": 3, "user": "u", "metadata": {"k": "v"}, "store": False,
-        "service_tier": "auto", "parallel_tool_calls": False, "prediction": {"type": "content", "content": "x"}})
+        "service_tier": "auto", "parallel_tool_calls": False, "prediction": {"type": "content", "content": "x"},
+        "safety_identifier": "s", "prompt_cache_key": "p"})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "safety_identifier": "s",
+                                           "prompt_cache_key": "p", "user": "u"})
     assert r.status_code == 200, r.text
     schema = http.get("/openapi.json").json()["components"]["schemas"]
     chat_fields = set(schema["ChatRequest"]["properties"])

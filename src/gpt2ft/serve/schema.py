@@ -223,9 +223,9 @@ _Logprobs = option_field(OPTIONS["logprobs"])
 _ChatMaxTokens = option_field(OPTIONS["max_new_tokens"], None)
 _TextMaxTokens = option_field(OPTIONS["max_new_tokens"], 16, zero_ok=True)  # OpenAI's default; 0: echo only
 _IGNORED = "accepted and ignored (metadata)"
-METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "prediction")
-"""Request fields accepted and ignored: they change nothing in the reply (OpenAI's pure metadata;
-`prediction` only speeds up OpenAI's decoding). Every other field is honoured or refused."""
+METADATA_FIELDS = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store", "service_tier")
+"""Request fields accepted and ignored: they change nothing in the reply (OpenAI's pure metadata; chat also
+takes `prediction`, which only speeds up OpenAI's decoding). Every other field is honoured or refused."""
 
 
 class _Common(_Sampling):
@@ -240,6 +240,8 @@ class _Common(_Sampling):
     guided_grammar: str | None = Field(None, description="vLLM's: a Lark (or GBNF, with ::=) grammar")
     structured_outputs: StructuredOutputs | None = None
     user: str | None = Field(None, description=_IGNORED)
+    safety_identifier: str | None = Field(None, description=_IGNORED)
+    prompt_cache_key: str | None = Field(None, description=_IGNORED)
     metadata: dict[str, str] | None = Field(None, description=_IGNORED)
     store: bool | None = Field(None, description=_IGNORED)
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(None, description=_IGNORED)
@@ -367,7 +369,7 @@ def validation_message(err: dict, fields: dict[str, Option]) -> tuple[str, str |
     param = ".".join(loc)
     if kind == "extra_forbidden":
         return (f"unrecognized field {param}: this server honours the fields its /openapi.json lists and refuses "
-                f"the others (it ignores only {', '.join(METADATA_FIELDS)})"), param
+                f"the others (it ignores only {', '.join(METADATA_FIELDS)}, and prediction on chat)"), param
     if kind == "missing":
         return f"{param}: a required field is missing", param
     if loc[-1] in _UNIONS:
