@@ -680,6 +680,21 @@ def test_a_grammar_the_engine_gives_up_on_mid_decoding_is_an_error_not_a_reply(t
         assert all(c["finish_reason"] is None for e in events for c in e.get("choices", []))
 
 
+def test_each_choice_has_its_own_seed_never_another_requests(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    def texts(seed: int, n: int) -> list[str]:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 8, "temperature": 1.0, "seed": seed, "n": n,
+                "ignore_eos": True}
+        return [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+
+    with TestClient(create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig())) as client:
+        two = texts(7, 2)
+        assert two[0] == texts(7, 1)[0] and two[1] != texts(8, 1)[0] and two[0] != two[1]
+
+
 def test_a_key_given_twice_in_a_body_is_refused_not_resolved(tiny_model):
     from fastapi.testclient import TestClient
 

@@ -4,6 +4,7 @@ each prompt; its UserError becomes a 400 naming the field), and the events they 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import NamedTuple
 
@@ -19,7 +20,15 @@ from .scheduler import Busy, Done, Failed, Inbox, Job, Scheduler
 from .structured import Constraint
 
 POLL = 0.2  # seconds between checks that the client of a non-streaming request is still there
-SEEDS = 2**64  # seeds are in [0, 2^64 - 1] (the sampling schema); choice i of a request uses seed + i
+SEEDS = 2**64  # seeds are in [0, 2^64 - 1] (the sampling schema)
+
+
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """Choice i's seed: the request's own for choice 0 (so n=1 equals `gpt2ft generate --seed`), for the others
+    one derived from (seed, i), so that choice 1 of seed 7 is not choice 0 of seed 8."""
+    if seed is None or i == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") % SEEDS
 
 
 class Scored(NamedTuple):
@@ -129,7 +138,7 @@ class Service:
                 raise APIError(400, f"min_tokens ({options['min_tokens']}) is more than the {max_new} tokens "
                                f"this reply may have ({req.limit_field}, or what the context leaves)", "min_tokens")
             for i in range(req.candidates):
-                seed = None if options["seed"] is None else (options["seed"] + i) % SEEDS  # n choices differ
+                seed = choice_seed(options["seed"], i)  # n choices differ
                 try:
                     configs.append(SamplingConfig(**{**options, "max_new_tokens": max_new, "seed": seed,
                                                      "template_stop": stops, "grammar": grammar}))
