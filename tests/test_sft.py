@@ -224,6 +224,7 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
     --out NEW` from another folder trains the same weights bit for bit (lists, switches, --columns and a
     LoRA adapter included); another verb, a config.yaml without the options and a command without MODEL
     are one-line errors."""
+    import os
     import shutil
 
     import yaml
@@ -254,6 +255,11 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
     after = yaml.safe_load((again / "config.yaml").read_text())  # still the command that started the run
     assert after["options"] == rerun["options"] and after["resumes"] == [{"at_step": 2, "changed": {"max_steps": [2, 3]}}]
     assert after["train"]["max_steps"] == 3
+    cont = tmp_path / "cont"  # --lora RUN continues its adapter: recorded as the checkpoint it resolved to
+    run_cli("sft", root / "base", "--data", data, "--out", cont, "--lora", first, "--max-steps", "1",
+            "--eval-examples", "0", "--device", "cpu", "--no-progress", check=True)
+    recorded = yaml.safe_load((cont / "config.yaml").read_text())["options"]["lora"]
+    assert recorded == os.path.realpath(first / "latest") and "checkpoints" in recorded
     moved = tmp_path / "moved"
     shutil.move(again, moved)  # a run moved: its config resumes it where it is now, not afresh at the old place
     proc = run_cli("sft", "--config", moved / "config.yaml", "--resume", "auto", "--max-steps", "4", check=True)

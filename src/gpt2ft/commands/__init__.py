@@ -317,23 +317,19 @@ RUN_CONTROL = ("config", "resume", "force_resume", "overwrite")
 
 def train_plan(plan, args) -> int:
     """Train a recipe's plan, recording the command as given (the verb and every option the flags or
-    --config set; paths absolute, a local MODEL as the checkpoint it resolved to) in the run's config.yaml,
-    which `gpt2ft VERB --config` then reads back."""
+    --config set; paths absolute; a local MODEL, --lora or --reference folder as the checkpoint it resolves
+    to) in the run's config.yaml, which `gpt2ft VERB --config` then reads back."""
     actions = {a.dest: a for a in args._parser._actions}
     options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
                if dest not in RUN_CONTROL}
-    for option, resolved in (("model", "base_model"), ("reference", "reference_model")):
-        given, loaded = options.get(option), plan.meta.get(resolved)  # a run folder or RUN/latest: the checkpoint
-        if isinstance(given, str) and isinstance(loaded, str) and os.path.isdir(given) and \
-                _within(os.path.realpath(loaded), os.path.realpath(given)):  # (not a LoRA model's own base)
-            options[option] = os.path.realpath(loaded)
+    from ..checkpoint import resolve
+
+    for option in ("model", "lora", "reference"):  # a run folder or RUN/latest: the checkpoint it resolves to now
+        if isinstance(given := options.get(option), str) and os.path.isdir(given):
+            options[option] = os.path.realpath(resolve(given, verify=False))
     plan.command = {"verb": args.verb, "options": options}
     plan.train()
     return 0
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder + os.sep)
 
 
 def _recorded(action: argparse.Action, value):
