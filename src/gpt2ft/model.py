@@ -36,14 +36,24 @@ class Linear(nn.Linear):
             try:
                 with torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
                     cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+                y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), cached[1], self.bias, "none", [], "")
             except (RuntimeError, AttributeError):  # a torch without oneDNN's bf16 linear: F.linear from now on
                 _PACKING[0] = False
                 return F.linear(x, w, self.bias)
             _PACKED[self] = cached
+            return y
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), cached[1], self.bias, "none", [], "")
 
 
-_PACKING = [torch.backends.mkldnn.is_available()]  # Linear's packed path; off once it fails
+def _packing_pays() -> bool:
+    """Where oneDNN multiplies bf16 in hardware (AMX or AVX512-BF16, the CPUs `--dtype auto` picks bf16 on);
+    elsewhere a bf16 model takes F.linear, as it always did."""
+    from .runtime import cpu_has_fast_bf16
+
+    return torch.backends.mkldnn.is_available() and cpu_has_fast_bf16()
+
+
+_PACKING = [_packing_pays()]  # Linear's packed path; off once it fails
 # each Linear's (weight key, packed weight), beside the module so that deepcopy and pickling never meet oneDNN's
 # opaque tensor
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
