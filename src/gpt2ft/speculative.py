@@ -7,7 +7,6 @@ followed the latest earlier occurrence of the last n tokens). Each row's k adapt
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
