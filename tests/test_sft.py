@@ -262,8 +262,10 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
     assert recorded == os.path.realpath(first / "latest") and "checkpoints" in recorded
     moved = tmp_path / "moved"
     shutil.move(again, moved)  # a run moved: its config resumes it where it is now, not afresh at the old place
-    proc = run_cli("sft", "--config", moved / "config.yaml", "--resume", "auto", "--max-steps", "4", check=True)
+    proc = run_cli("sft", "--config", moved / "config.yaml", "--resume", "auto", "--max-steps", "4",
+                   "--eval-examples", "2", check=True)
     assert f"is at {moved} now" in proc.stderr and "resumed from" in proc.stderr and not again.exists()
+    assert "max_steps 3 -> 4, eval_examples 1 -> 2;" in proc.stderr  # a recipe option, against the start's
     assert_clean_error(run_cli("dpo", "--config", first / "config.yaml", "--out", tmp_path / "d"),
                        "the options of a `gpt2ft sft` run, not `gpt2ft dpo`")
     old = tmp_path / "old.yaml"

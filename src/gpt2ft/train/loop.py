@@ -74,7 +74,7 @@ it. Every process of a torchrun launch runs this. Returns the last checkpoint sa
         run.drop_replaced()  # every check passed: the run --overwrite replaces goes now
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
-        history = _resume_history(run, state.step, resumed[1].get("config") or {}, cfg) if resumed else None
+        history = _resume_history(run, state.step, resumed[1].get("config") or {}, cfg, command) if resumed else None
         run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, command, history))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
@@ -378,22 +378,27 @@ def _changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     return {k: (saved[k], now[k]) for k in now if k in saved and k not in NOT_TRAINING and saved[k] != now[k]}
 
 
-def _resume_history(run: RunFolder, step: int, saved: dict, cfg: TrainConfig) -> dict:
+def _resume_history(run: RunFolder, step: int, saved: dict, cfg: TrainConfig, command: dict | None) -> dict:
     """What a resumed run's config.yaml keeps of the one before: the command that started the run (a rerun
-    through --config is that run), and each resume with the options it changed from the checkpoint's
-    `saved` ones (said: the exact resume keys matched, but these change how it trains on)."""
+    through --config is that run), and each resume with the options it changed: the training options
+    against the checkpoint's `saved` ones, the recipe's (--eval-examples, --sample-prompt, ...) against the
+    starting command's (said: the exact resume keys matched, but these change how it goes on)."""
     import yaml
-
-    changed = _changed_options(saved, cfg)
-    if changed:
-        print_err("note: resuming with options other than the run's: " + ", ".join(
-            f"{k} {old} -> {new}" for k, (old, new) in changed.items()) + f"; they apply from step {step}")
 
     try:
         before = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         before = {}
     before = before if isinstance(before, dict) else {}  # a hand-edited file: what is not as written is dropped
+    changed = _changed_options(saved, cfg)
+    then, now = before.get("options"), (command or {}).get("options")
+    if isinstance(then, dict) and isinstance(now, dict):  # options left out take their defaults
+        trained = set(asdict(cfg))
+        changed.update({k: (then.get(k, "default"), now.get(k, "default")) for k in sorted(set(then) | set(now))
+                        if k not in trained and then.get(k, "default") != now.get(k, "default")})
+    if changed:
+        print_err("note: resuming with options other than the run's: " + ", ".join(
+            f"{k} {old} -> {new}" for k, (old, new) in changed.items()) + f"; they apply from step {step}")
     kept = {k: before[k] for k in ("command", "options") if k in before}
     earlier = before.get("resumes") if isinstance(before.get("resumes"), list) else []
     resumes = [*earlier, {"at_step": step, "changed": {k: list(v) for k, v in changed.items()}}]
