@@ -36,6 +36,10 @@ def unavailable(message: str, code: str = "unavailable") -> APIError:
     return APIError(503, message, code=code, type="server_error", headers={"Retry-After": "1"})
 
 
+def rate_limited(message: str) -> APIError:
+    return APIError(429, message, code="rate_limit_exceeded", type="rate_limit_error", headers={"Retry-After": "1"})
+
+
 def usage(completions: list[Completion], n: int) -> dict:
     """Token counts of a request's completions, n choices per prompt (each prompt counted once)."""
     prompt = sum(c.prompt_tokens for c in completions[::n])

@@ -15,7 +15,7 @@ from ..generation import SamplingConfig, fits_context
 from ..sampling import OptionError
 from .config import ServeConfig, ServedModel
 from .prompts import check_prompts
-from .responses import APIError, Reply, sse, unavailable
+from .responses import APIError, Reply, rate_limited, sse, unavailable
 from .scheduler import Busy, Done, Failed, Inbox, Job, Scheduler
 from .structured import Constraint
 
@@ -74,6 +74,10 @@ def check_message(i: int, m, calls: set[str]) -> None:
         refuse("tool_call_id", "is required: the id of the assistant's tool call this result answers")
     if m.role == "tool" and m.tool_call_id not in calls:
         refuse("tool_call_id", f"is {m.tool_call_id!r}, which no earlier assistant message's tool_calls has")
+
+
+def client_left() -> APIError:
+    return APIError(499, "the client closed the connection", code="client_closed")
 
 
 class Service:
@@ -155,18 +159,14 @@ class Service:
         specs = [(ids, cfg) for ids, cfg in zip((p for p in prompts for _ in range(req.candidates)), configs)]
         if len(specs) > self.scheduler.capacity:
             per_prompt = "best_of" if req.candidates > req.n else "n"
-            raise APIError(400, f"this request asks for {len(specs)} completions ({len(prompts)} prompt(s) x "
-                           f"{req.candidates}), more than the {self.scheduler.capacity} this server holds at once "
-                           f"(gpt2ft serve --max-batch + --max-queue): send fewer prompts or a smaller {per_prompt}",
-                           param if len(prompts) > 1 else per_prompt)
+            raise self._over_capacity(f"asks for {len(specs)} completions ({len(prompts)} prompt(s) x "
+                                      f"{req.candidates})", f"fewer prompts or a smaller {per_prompt}",
+                                      param if len(prompts) > 1 else per_prompt)
         inbox = Inbox()
         try:
             return self.scheduler.submit(served.name, specs, inbox), inbox
         except Busy as e:
-            if e.status == 503:
-                raise unavailable(f"{e}; retry shortly") from None
-            raise APIError(429, f"{e}; retry shortly", code="rate_limit_exceeded", type="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise (unavailable if e.status == 503 else rate_limited)(f"{e}; retry shortly") from None
         except UserError as e:  # the engine's checks of the prompt: context length, token ids
             context = served.model.config.block_size
             too_long = any(not fits_context(ids, cfg.max_new_tokens, context) for ids, cfg in specs)
@@ -204,13 +204,11 @@ class Service:
         request has: at most the server's capacity of prompts, one scoring request at a time with at most
         --max-queue waiting (else 429), the --timeout (503), and stopped when the client leaves."""
         if len(prompts) > self.scheduler.capacity:
-            raise APIError(400, f"this request scores {len(prompts)} prompts, more than the {self.scheduler.capacity} "
-                           "this server holds at once (gpt2ft serve --max-batch + --max-queue): send fewer", "prompt")
+            raise self._over_capacity(f"scores {len(prompts)} prompts", "fewer", "prompt")
         if self._scoring is None:
             self._scoring = asyncio.Lock()
         if self._scoring.locked() and self.scoring_waiting >= self.config.max_queue:
-            raise APIError(429, f"the server is busy scoring ({self.scoring_waiting} waiting); retry shortly",
-                           code="rate_limit_exceeded", type="rate_limit_error", headers={"Retry-After": "1"})
+            raise rate_limited(f"the server is busy scoring ({self.scoring_waiting} waiting); retry shortly")
         deadline = time.monotonic() + self.config.timeout
         self.scoring_waiting += 1
         acquired = False
@@ -220,15 +218,23 @@ class Service:
                 out = []
                 for ids in prompts:
                     if time.monotonic() > deadline:
-                        raise unavailable(f"the request took longer than the server's limit of "
-                                          f"{self.config.timeout:g} s (gpt2ft serve --timeout)", "timeout")
+                        raise self._timed_out()
                     if await request.is_disconnected():
-                        raise unavailable("the client left before its prompts were scored", "cancelled")
+                        raise client_left()
                     out.append(await asyncio.to_thread(score_one, ids))
                 return out
         finally:
             if not acquired:  # refused or cancelled while waiting
                 self.scoring_waiting -= 1
+
+    def _over_capacity(self, asks: str, send: str, param: str) -> APIError:
+        """A request bigger than the server ever holds: a 400 (a 429 would be retried forever)."""
+        return APIError(400, f"this request {asks}, more than the {self.scheduler.capacity} this server holds at "
+                        f"once (gpt2ft serve --max-batch + --max-queue): send {send}", param)
+
+    def _timed_out(self) -> APIError:
+        return unavailable(f"the request took longer than the server's limit of {self.config.timeout:g} s "
+                           "(gpt2ft serve --timeout)", "timeout")
 
     def scored(self, req, served: ServedModel, prompts: list[list[int]], fmt):
         """echo with max_tokens 0: each prompt (with its log-probabilities, in fmt), nothing generated."""
@@ -246,8 +252,7 @@ class Service:
         """The jobs' Piece and Done events until all are done, in lists (all that arrived together: a
         stream writes them at once); cancels them on a timeout, on an error or when the client leaves (a
         stream notices at its next write; a plain request every POLL seconds)."""
-        timeout = self.config.timeout
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.config.timeout
         check = time.monotonic() + POLL
         left = len(jobs)
         try:
@@ -256,14 +261,13 @@ class Service:
                 if request is not None and now >= check:
                     check = now + POLL
                     if await request.is_disconnected():
-                        raise APIError(499, "the client closed the connection", code="client_closed")
+                        raise client_left()
                 try:
                     wait = min(deadline, check if request is not None else deadline) - now
                     batch = [await asyncio.wait_for(inbox.queue.get(), max(wait, 0.001))]
                 except asyncio.TimeoutError:
                     if time.monotonic() >= deadline:
-                        raise unavailable(f"the request took longer than the server's limit of {timeout:g} s "
-                                          "(gpt2ft serve --timeout)", "timeout") from None
+                        raise self._timed_out() from None
                     continue
                 while not inbox.queue.empty():
                     batch.append(inbox.queue.get_nowait())
