@@ -98,7 +98,8 @@ def _draft_in_its_dtype(model: GPT) -> GPT:
     distributions, so they must not change from one process to the next (greedy ones never do: only the
     target decides which tokens are kept)."""
     weight = model.lm_head.weight
-    if weight.device.type != "cpu" or weight.dtype == torch.float32 or model.config.n_embd >= SMALL_DRAFT_WIDTH:
+    if weight.device.type != "cpu" or weight.dtype == torch.float32 or model.config.n_embd >= SMALL_DRAFT_WIDTH \
+            or not isinstance(model.lm_head, torch.nn.Linear):  # a quantized draft (--quantize) stays as it is
         return model
     return copy.deepcopy(model).float()
 
