@@ -16,11 +16,12 @@ def required(action: argparse.Action) -> argparse.Action:
     return action
 
 
-def path_option(action: argparse.Action, keywords=()) -> argparse.Action:
+def path_option(action: argparse.Action, keywords=(), model: bool = False) -> argparse.Action:
     """Mark an option whose value may name a file or folder (`keywords`: values that name none, e.g. a
     built-in template): a run's config.yaml records such a value as an absolute path, never one relative
-    to the folder the command ran in."""
-    action.path_keywords = tuple(keywords)
+    to the folder the command ran in; `model`: a model folder, recorded as the checkpoint it resolves to
+    (a run folder or RUN/latest moves on as that run trains)."""
+    action.path_keywords, action.names_model = tuple(keywords), model
     return action
 
 
@@ -70,10 +71,10 @@ def add_common(p: argparse.ArgumentParser, model: bool = True, adapter_flag: boo
     if model:  # optional to argparse: --config may name it (cli._apply_config requires it)
         path_option(required(p.add_argument(
             "model", metavar="MODEL", nargs="?", default=None,
-            help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder")))
+            help="Hub id (gpt2, openai-community/gpt2), HF folder, gpt2ft checkpoint or run folder")), model=True)
     if model and adapter_flag:
         path_option(p.add_argument("--lora", metavar="ADAPTER_DIR", default=None,
-                                   help="apply this LoRA adapter on top of MODEL"))
+                                   help="apply this LoRA adapter on top of MODEL"), model=True)
     if model:
         add_no_verify(p)
     add_device(p)
@@ -322,11 +323,6 @@ def train_plan(plan, args) -> int:
     actions = {a.dest: a for a in args._parser._actions}
     options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
                if dest not in RUN_CONTROL}
-    from ..checkpoint import resolve
-
-    for option in ("model", "lora", "reference"):  # a run folder or RUN/latest: the checkpoint it resolves to now
-        if isinstance(given := options.get(option), str) and os.path.isdir(given):
-            options[option] = os.path.realpath(resolve(given, verify=False))
     plan.command = {"verb": args.verb, "options": options}
     plan.train()
     return 0
@@ -337,10 +333,14 @@ def _recorded(action: argparse.Action, value):
     if isinstance(value, (list, tuple)):
         return [_recorded(action, v) for v in value]
     keywords = getattr(action, "path_keywords", None)
-    if keywords is not None and isinstance(value, str) and value not in keywords and os.path.exists(
+    if keywords is None or not isinstance(value, str) or value in keywords or not os.path.exists(
             os.path.expanduser(value)):
-        return os.path.abspath(os.path.expanduser(value))
-    return value
+        return value
+    if action.names_model and os.path.isdir(os.path.expanduser(value)):
+        from ..checkpoint import resolve
+
+        return os.path.realpath(resolve(value, verify=False))
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def add_training(p: argparse.ArgumentParser, verb: str, **defaults) -> None:
@@ -360,7 +360,8 @@ def add_lora(p: argparse.ArgumentParser) -> None:
     """Training verbs: --lora trains a new adapter (--lora DIR continues that one) instead of all weights."""
     g = p.add_argument_group("LoRA")
     path_option(g.add_argument("--lora", nargs="?", const=True, default=None, metavar="ADAPTER_DIR",
-                               help="train a LoRA adapter only (optionally continuing the one in ADAPTER_DIR)"))
+                               help="train a LoRA adapter only (optionally continuing the one in ADAPTER_DIR)"),
+                model=True)
     for action in (
             g.add_argument("--lora-r", type=int, default=8, help="adapter rank"),
             g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling numerator (scale = alpha / r)"),

@@ -56,7 +56,7 @@ def add_args(p):
     g.add_argument("--sft-weight", type=float, default=0.0, help="add this times the chosen answer's NLL (RPO)")
     path_option(g.add_argument("--reference", default=None, metavar="copy|adapters-off|MODEL",
                                help="the frozen reference (unset: copy; adapters-off with --lora; for the losses "
-                                    "with a reference)"), ("copy", "adapters-off"))
+                                    "with a reference)"), ("copy", "adapters-off"), model=True)
     g.add_argument("--precompute-reference", action="store_true",
                    help="compute the reference log-probs once, cached in the run folder; train without a reference "
                         "model (for the losses with a reference)")
