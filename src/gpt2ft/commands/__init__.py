@@ -312,17 +312,15 @@ def recipe_config(cls, args, **overrides):
     return cls(**values)
 
 
-# a run's control, not its recipe: a rerun through --config neither resumes nor deletes
-RUN_CONTROL = ("config", "resume", "force_resume", "overwrite")
-
-
 def train_plan(plan, args) -> int:
     """Train a recipe's plan, recording the command as given (the verb and every option the flags or
     --config set; paths absolute; a local MODEL, --lora or --reference folder as the checkpoint it resolves
     to) in the run's config.yaml, which `gpt2ft VERB --config` then reads back."""
+    from ..train.config import RUN_CONTROL  # a rerun through --config neither resumes nor deletes
+
     actions = {a.dest: a for a in args._parser._actions}
     options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
-               if dest not in RUN_CONTROL}
+               if dest not in (*RUN_CONTROL, "config")}
     plan.command = {"verb": args.verb, "options": options}
     plan.train()
     return 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import UserError
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")  # how processes share the model (train/strategy.py)
+RUN_CONTROL = ("resume", "force_resume", "overwrite")  # what a command does to its run folder, not its recipe
 
 
 def _f(default, help: str, check=None, **kw):

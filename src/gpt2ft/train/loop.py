@@ -20,7 +20,7 @@ from ..generation import SamplingConfig, fits_context, generate_batch
 from ..losses import perplexity
 from ..objectives import Objective
 from ..runtime import freed_memory_kept
-from .config import TrainConfig, TrainState
+from .config import RUN_CONTROL, TrainConfig, TrainState
 from .defaults import describe, settle_run, total_steps
 from .metrics import MetricsLog
 from .report import RunReport
@@ -33,8 +33,8 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
           run: RunFolder | None = None, strategy: Single | None = None, command: dict | None = None) -> Path | None:
     """Train `model` on `objective`; checkpoints and logs go to the run folder cfg.out. A recipe hands over
     the run folder it opened and the strategy it made (the device and dtype, resolved once); without them,
-    train() makes both; `command` (the CLI's verb and options) goes into config.yaml, so that `--config` reruns
-it. Every process of a torchrun launch runs this. Returns the last checkpoint saved."""
+    train() makes both; `command` (the CLI's verb and options) goes into config.yaml, so that `--config`
+    reruns it. Every process of a torchrun launch runs this. Returns the last checkpoint saved."""
     run = run or open_run(cfg.out, meta.get("objective") or objective.name, cfg.resume, cfg.overwrite)
     strategy = strategy or make_strategy(cfg)
     if len(objective.train) == 0:
@@ -74,8 +74,8 @@ it. Every process of a torchrun launch runs this. Returns the last checkpoint sa
         run.drop_replaced()  # every check passed: the run --overwrite replaces goes now
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
-        history = _resume_history(run, state.step, resumed[1].get("config") or {}, cfg, command) if resumed else None
-        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, command, history))
+        run.write_config(_config_yaml(cfg, {**meta, "derived": derived}, _command_record(run, command, resumed,
+                                                                                         state.step, cfg)))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
                   f"({len(objective.train)} training examples) on {strategy.device}, "
@@ -369,7 +369,7 @@ def print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-NOT_TRAINING = ("out", "resume", "force_resume", "overwrite", "progress")  # options that change no step
+NOT_TRAINING = (*RUN_CONTROL, "out", "progress")  # options that change no step
 
 
 def _changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
@@ -378,20 +378,25 @@ def _changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     return {k: (saved[k], now[k]) for k in now if k in saved and k not in NOT_TRAINING and saved[k] != now[k]}
 
 
-def _resume_history(run: RunFolder, step: int, saved: dict, cfg: TrainConfig, command: dict | None) -> dict:
-    """What a resumed run's config.yaml keeps of the one before: the command that started the run (a rerun
-    through --config is that run), and each resume with the options it changed: the training options
-    against the checkpoint's `saved` ones, the recipe's (--eval-examples, --sample-prompt, ...) against the
-    starting command's (said: the exact resume keys matched, but these change how it goes on)."""
+def _command_record(run: RunFolder, command: dict | None, resumed, step: int, cfg: TrainConfig) -> dict:
+    """The command for config.yaml: this one's verb and options; after a resume, the command that started
+    the run, kept from the config.yaml before (a rerun through --config is that run; this one where there is
+    none), and each resume with the options it changed: the training options against the checkpoint's
+    saved ones, the recipe's (--eval-examples, --sample-prompt, ...) against the starting command's (said:
+    the exact resume keys matched, but these change how it goes on)."""
     import yaml
+
+    record = {"command": command["verb"], "options": command["options"]} if command else {}
+    if not resumed:
+        return record
 
     try:
         before = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         before = {}
     before = before if isinstance(before, dict) else {}  # a hand-edited file: what is not as written is dropped
-    changed = _changed_options(saved, cfg)
-    then, now = before.get("options"), (command or {}).get("options")
+    changed = _changed_options(resumed[1].get("config") or {}, cfg)
+    then, now = before.get("options"), record.get("options")
     if isinstance(then, dict) and isinstance(now, dict):  # options left out take their defaults
         trained = set(asdict(cfg))
         changed.update({k: (then.get(k, "default"), now.get(k, "default")) for k in sorted(set(then) | set(now))
@@ -399,23 +404,17 @@ def _resume_history(run: RunFolder, step: int, saved: dict, cfg: TrainConfig, co
     if changed:
         print_err("note: resuming with options other than the run's: " + ", ".join(
             f"{k} {old} -> {new}" for k, (old, new) in changed.items()) + f"; they apply from step {step}")
-    kept = {k: before[k] for k in ("command", "options") if k in before}
+    kept = {k: before[k] for k in ("command", "options") if k in before} if isinstance(then, dict) else record
     earlier = before.get("resumes") if isinstance(before.get("resumes"), list) else []
-    resumes = [*earlier, {"at_step": step, "changed": {k: list(v) for k, v in changed.items()}}]
-    return {**kept, "resumes": resumes}
+    return {**kept, "resumes": [*earlier, {"at_step": step, "changed": {k: list(v) for k, v in changed.items()}}]}
 
 
-def _config_yaml(cfg: TrainConfig, meta: dict, command: dict | None, history: dict | None = None) -> str:
-    """The run's config.yaml: the command as given (`gpt2ft VERB --config config.yaml` reads its options
+def _config_yaml(cfg: TrainConfig, meta: dict, record: dict) -> str:
+    """The run's config.yaml: the command `record` (`gpt2ft VERB --config config.yaml` reads its options
     back; after a resume, the command that started the run, and each resume), the resolved training options
     (derived ones filled in) and the run's metadata."""
     import yaml
 
-    record = {"command": command["verb"], "options": command["options"]} if command else {}
-    if history and "options" in history:
-        record = history
-    elif history:
-        record = {**record, "resumes": history["resumes"]}
     head = ""
     if "command" in record:
         verb, path = record["command"], Path(cfg.out).absolute() / "config.yaml"
