@@ -1,9 +1,11 @@
 """Int8 weight-only quantization at load time: every linear layer's weight becomes int8 with one scale
-per output channel (symmetric, absmax / 127), multiplied by the CPU's int8 weight kernel
-(`aten._weight_int8pack_mm`) with activations in the model's dtype (float32 ones rounded to bf16 for the
-kernel, which is vectorised for bf16 only). The token embedding and the
-tied lm_head share one int8 matrix, so the weights take half the memory of bf16. Nothing else in
-gpt2ft knows: a quantized model is a GPT whose modules were swapped (as in gpt-fast).
+per output channel (symmetric, absmax / 127). On a CPU, decoding's few rows are multiplied by gpt2ft's C
+kernel (native/int8_linear.c: float32 products of the activations with the int8 weights, bound by reading
+them: about twice bf16's speed at one row), or where it cannot be built by torch's
+(`aten._weight_int8pack_mm`, activations rounded to bf16); a prompt's many rows, and other devices, by
+the float kernels on weights dequantized on the fly.
+The token embedding and the tied lm_head share one int8 matrix, so the weights take half the memory of
+bf16. Nothing else in gpt2ft knows: a quantized model is a GPT whose modules were swapped (as in gpt-fast).
 """
 from __future__ import annotations
 
@@ -13,8 +15,14 @@ import torch.nn.functional as F
 
 from .errors import OptionError, UserError
 from .model import GPT
+from .native import int8_linear
+
 
 METHODS = ("int8",)
+# Rows up to which a CPU multiplies by the int8 weights themselves: decode steps and speculative verifies,
+# where reading the weights is the cost (a row gets the same result in any such batch). More rows (a
+# prompt's prefill) are bound by the multiplications: a dequantized copy and the float kernels are 3x faster.
+KERNEL_ROWS = 64
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +42,14 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 
+    def _float32(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales and bias in float32 for the C kernel, converted once (and again if they are replaced)."""
+        key = (self.scale.data_ptr(), self.scale.dtype, None if self.bias is None else self.bias.data_ptr())
+        if getattr(self, "_f32", (None,))[0] != key:
+            self._f32 = (key, self.scale.float().contiguous(),
+                         None if self.bias is None else self.bias.detach().float().contiguous())
+        return self._f32[1:]
+
     @property
     def weight(self) -> torch.Tensor:
         """The scales: what code that asks a layer for its device and compute dtype reads."""
@@ -42,15 +58,35 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu":  # the kernel is vectorised for bf16 rows (float32 ones run ~10x slower)
+        few = x2.device.type == "cpu" and len(x2) <= KERNEL_ROWS
+        if few and (kernel := int8_linear()) is not None:
+            rows = x2.float().contiguous()
+            if torch.compiler.is_compiling():  # the same kernel, as an op the compiled graph calls
+                bias = None if self.bias is None else self.bias.float()
+                y = torch.ops.gpt2ft.int8_linear(rows, self.weight_int8, self.scale.float(), bias)
+            else:
+                y = kernel(rows, self.weight_int8, *self._float32())
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if few:  # torch's kernel is vectorised for bf16 rows (float32 ones run ~10x slower)
             rows = x2.to(torch.bfloat16) if x2.dtype == torch.float32 else x2
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8,
                                                    self.scale.to(rows.dtype)).to(x.dtype)
-        else:  # other devices: dequantize on the fly
+        else:  # a prompt's many rows (bound by the multiplications), other devices: dequantized on the fly
             y = F.linear(x2, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+@torch.library.custom_op("gpt2ft::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The C kernel as an op torch.compile keeps whole, so that a compiled step multiplies as eager does."""
+    return int8_linear()(x, q, scale, bias)
+
+
+@_int8_linear_op.register_fake
+def _(x, q, scale, bias):
+    return x.new_empty(x.shape[0], q.shape[0])
 
 
 class Int8Embedding(nn.Module):
