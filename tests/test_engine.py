@@ -56,13 +56,21 @@ def test_per_row_cache_positions_equal_no_cache(tiny_model):
     assert (static - step).abs().max() < 1e-5
 
 
-def test_bf16_model_with_its_float32_cache_on_cpu_follows_no_cache(tiny_model):
-    """A bf16 model decodes with a float32 cache on a CPU (per-row slots written by index_put): the same
-    next-token logits as the bf16 model without a cache, up to bf16 rounding."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_bf16_model_with_its_cache_on_cpu_follows_no_cache(tiny_model, monkeypatch, kernel):
+    """A bf16 model decodes on a CPU with a bf16 cache read by gpt2ft's attention kernel, or where that kernel
+    is missing with a float32 cache and torch's (per-row slots written by index_put): the same next-token
+    logits as the bf16 model without a cache, up to bf16 rounding."""
     import copy
 
+    import gpt2ft.model as m
+
+    if kernel and m.decode_attention() is None:
+        pytest.skip("no C compiler here")
+    if not kernel:
+        monkeypatch.setattr(m, "decode_attention", lambda: None)
     cache, step, full = _decode_two_rows(copy.deepcopy(tiny_model.model).bfloat16())
-    assert cache[0].k.dtype == torch.float32 and step.dtype == torch.bfloat16
+    assert cache[0].k.dtype == (torch.bfloat16 if kernel else torch.float32) and step.dtype == torch.bfloat16
     for row in range(2):
         assert (step[row].float() - full[row].float()).abs().max() < 0.05 * full[row].float().abs().max()
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt2ft.checkpoint import load
 from gpt2ft.config import GPTConfig, preset
@@ -133,3 +134,37 @@ def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear(
     import copy
 
     assert torch.equal(copy.deepcopy(model).eval()(ids[:1]), model(ids[:1]))  # the packed copies stay behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_float64_and_each_query_is_computed_alone(dtype):
+    """native/decode_attention.c: each query over its own row's slots up to its position, against float64
+    SDPA; bitwise the same alone, among other rows and queries, over a longer cache, with one thread."""
+    from gpt2ft.native import decode_attention
+
+    kernel = decode_attention()
+    if kernel is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(0)
+    B, nh, T, hs, S = 3, 4, 3, 24, 40  # hs: a 16-wide chunk and a tail
+    q = torch.randn(B, nh, T, hs, generator=gen)
+    k, v = (torch.randn(B, nh, S + 8, hs, generator=gen).to(dtype)[:, :, :S] for _ in range(2))  # strided views
+    pos = torch.tensor([[4, 5, 6], [0, 1, 2], [37, 38, 39]])
+    out = kernel(q, k, v, pos)
+    for b in range(B):
+        for t in range(T):
+            n = int(pos[b, t]) + 1
+            ref = F.scaled_dot_product_attention(q[b, :, t:t + 1].double(), k[b, :, :n].double(), v[b, :, :n].double())
+            assert torch.allclose(out[b, :, t:t + 1].double(), ref, atol=1e-6)
+            alone = kernel(q[b:b + 1, :, t:t + 1].contiguous(), k[b:b + 1, :, :n], v[b:b + 1, :, :n], pos[b:b + 1, t:t + 1])
+            assert torch.equal(alone, out[b:b + 1, :, t:t + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernel(q, k, v, pos), out)
+    finally:
+        torch.set_num_threads(threads)
+    outside = kernel(q, k, v, torch.tensor([[4, 5, 40], [0, -1, 2], [37, 38, 39]]))  # never read past the slots
+    assert outside[0, :, 2].isnan().all() and outside[1, :, 1].isnan().all() and not outside[2].isnan().any()
+    with pytest.raises(ValueError, match="float32"):
+        kernel(q.to(torch.bfloat16), k, v, pos)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 from .losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum, supervised_mask
+from .native import decode_attention
 
 
 class Linear(nn.Linear):
@@ -59,6 +60,20 @@ _PACKING = [_packing_pays()]  # Linear's packed path; off once it fails
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_ROW_NUMBERS: dict = {}
+
+
+def _row_numbers(n: int, device) -> torch.Tensor:
+    """arange(n)[:, None], made once per size and device (each layer of each decode step indexes with it)."""
+    if torch.compiler.is_compiling():  # n may be symbolic there: a lookup by it would specialise the graph
+        return torch.arange(n, device=device)[:, None]
+    key = (n, str(device))
+    if key not in _ROW_NUMBERS:
+        with torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
+            _ROW_NUMBERS[key] = torch.arange(n, device=device)[:, None]
+    return _ROW_NUMBERS[key]
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer: (B, nh, max_len, hs) each."""
 
@@ -90,7 +105,7 @@ class KVCache(nn.Module):
             keys.index_copy_(2, input_pos, k)
             values.index_copy_(2, input_pos, v)
         else:  # row b's token t into slot input_pos[b, t] (index_put: scatter_ is slow for bf16 on CPUs)
-            b = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            b = _row_numbers(k.shape[0], k.device)  # (B, 1)
             keys[b, :, input_pos] = k.transpose(1, 2)  # (B, T, nh, hs)
             values[b, :, input_pos] = v.transpose(1, 2)
         if length is None:
@@ -130,6 +145,27 @@ def _attend_rows_apart(q, k, v, lengths: list[list[int]]) -> torch.Tensor:
                       for b, row in enumerate(lengths)])
 
 
+DECODE_QUERIES = 16  # queries a row up to which a CPU attends over the cache with gpt2ft's kernel
+
+
+def _cached_attention(q, k, v, query_pos):
+    """native/decode_attention.c: query (b, h, t) over cache slots 0 .. query_pos[b, t] of row b, in float32 from
+    the cache's dtype; under torch.compile as an op the graph keeps whole, so compiled and eager steps agree."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gpt2ft.decode_attention(q, k, v, query_pos)
+    return decode_attention()(q, k, v, query_pos)
+
+
+@torch.library.custom_op("gpt2ft::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return decode_attention()(q, k, v, pos)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, pos):
+    return torch.empty_like(q)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -140,7 +176,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None):
+    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None,
+                query_pos=None):
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -151,7 +188,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             longest = max(map(max, lengths)) if lengths else cache_len
             k, v = kv_cache.update(input_pos, k, v, longest, cache_rows)  # (B, nh, S, hs)
-            q = q.to(k.dtype)  # a CPU keeps a bf16 model's cache in float32 (see GPT.new_cache)
+            if query_pos is not None:  # a decode step on a CPU (see GPT._decode_positions)
+                y = _cached_attention(q.float().contiguous(), k, v, query_pos)
+                return self.resid_dropout(self.c_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, C)))
+            if q.device.type == "cpu":  # many queries: torch's kernel, in float32 (a CPU's bf16 one is slower)
+                q, k, v = q.float(), k.float(), v.float()
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):  # an additive mask: q's dtype
             attn_mask = attn_mask.to(q.dtype)
@@ -189,8 +230,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, input_pos, cache_len, cache_rows)
+    def forward(self, x, attn_mask=None, kv_cache=None, input_pos=None, cache_len=None, cache_rows=None,
+                query_pos=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, input_pos, cache_len, cache_rows, query_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -231,13 +273,13 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         """A KV cache (one KVCache per layer) for `batch` rows of up to `max_len` tokens, to pass as
         forward(kv_caches=...): a completion engine owns its own cache, apart from the model. Its dtype:
-        the model's on accelerators, float32 on a CPU."""
+        the model's, but float32 on a CPU without gpt2ft's decode attention kernel (torch's is faster there)."""
         if max_len > self.config.block_size:
             raise ValueError(f"cache length {max_len} exceeds the context {self.config.block_size}")
         p = self.lm_head.weight
         device = device or p.device
-        # on a CPU, float32: its fused attention at one query per row is several times faster than in bf16
-        dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else p.dtype)
+        cpu = torch.device(device).type == "cpu"
+        dtype = dtype or (torch.float32 if cpu and decode_attention() is None else p.dtype)
         hs = self.config.n_embd // self.config.n_head
         return [KVCache(batch, self.config.n_head, max_len, hs, dtype, device) for _ in range(self.config.n_layer)]
 
@@ -295,8 +337,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than the context {self.config.block_size}")
 
         max_len = kv_caches[0].k.shape[2] if use_cache else None
-        attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len, idx.device,
-                                                    rows_apart)
+        query_pos = self._decode_positions(B, T, attention_mask, input_pos, idx.device)
+        if query_pos is not None:  # the kernel's positions stand for the mask (and attend rows apart)
+            attn_mask, cache_len = None, None if static_cache else int(query_pos.max()) + 1
+        else:
+            attn_mask, cache_len = self._attention_mask(T, attention_mask, input_pos, static_cache, max_len,
+                                                        idx.device, rows_apart)
         if use_cache and attn_mask is not None:  # additive, once: SDPA would convert a bool mask in every layer
             attn_mask = torch.zeros(attn_mask.shape, dtype=kv_caches[0].k.dtype, device=idx.device) \
                 .masked_fill_(~attn_mask, float("-inf"))
@@ -311,7 +357,7 @@ class GPT(nn.Module):
             if self.gradient_checkpointing and self.training and not use_cache:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
-                x = block(x, attn_mask, cache, input_pos, cache_len, cache_rows)
+                x = block(x, attn_mask, cache, input_pos, cache_len, cache_rows, query_pos)
         x = self.transformer.ln_f(x)
         if targets is not None:
             return self._loss(x, targets, reduction)
@@ -334,6 +380,15 @@ class GPT(nn.Module):
             rows = mask.nonzero()[:, 0]  # the row each trained position belongs to
             return linear_cross_entropy_per_sequence(hidden, self.lm_head.weight, labels, rows, len(targets))
         raise ValueError(f"reduction must be 'sum' or 'per_sequence', not {reduction!r}")
+
+    @staticmethod
+    def _decode_positions(B, T, attention_mask, input_pos, device) -> torch.Tensor | None:
+        """(B, T) cache positions of the queries when a CPU attends over the cache with gpt2ft's kernel (each
+        query over the slots up to its own; a decode step or a verify: few queries, no padding mask), else None."""
+        if input_pos is None or attention_mask is not None or T > DECODE_QUERIES or device.type != "cpu" \
+                or decode_attention() is None:
+            return None
+        return (input_pos if input_pos.dim() == 2 else input_pos[None]).expand(B, T).contiguous()
 
     @staticmethod
     def _attention_mask(T, attention_mask, input_pos, static_cache, max_len, device, rows_apart=False):

@@ -1,0 +1,123 @@
+/* gpt2ft's attention for decoding on a CPU: each query (b, h, t) of q (B, nh, T, hs) over the keys and values
+ * of cache slots 0 .. pos[b, t] of row b, head h: out = softmax(q k^T * scale) v, in float32.
+ *
+ * A decode step has one query a row (a speculative verify a few), and its cost is reading the cache: this
+ * reads each row's slots once, in the cache's own dtype (float32, or bfloat16 at half the bytes), where
+ * torch's fused kernel at one query spends several times that. Each query is computed on its own, over its
+ * own slots, in one fixed order: its result does not depend on the other rows, the other queries, the
+ * cache's length or the thread count (a seeded row decodes alone as in a batch; a verify gives each drafted
+ * token the logits of decoding it alone). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 load_f32(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* 16 bfloat16 values as floats: a bf16 is the high half of a float's bits */
+static inline f32x16 load_bf16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif defined(__AVX2__)
+    __m128i lo = _mm_loadu_si128((const __m128i *)p), hi = _mm_loadu_si128((const __m128i *)(p + 8));
+    struct { __m256i lo, hi; } v = {_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16),
+                                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16)};
+#else
+    uint32_t v[16];
+    for (int i = 0; i < 16; i++) v[i] = (uint32_t)p[i] << 16;
+#endif
+    f32x16 out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+}
+
+static inline float one(const void *base, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)base)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline f32x16 chunk(const void *base, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)base + i) : load_f32((const float *)base + i);
+}
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+static inline float sum16(f32x16 s) {  /* halves added pairwise: a fixed order */
+    f32x8 a, b;
+    memcpy(&a, &s, sizeof a);
+    memcpy(&b, (char *)&s + sizeof a, sizeof b);
+    a += b;
+    f32x4 c, d;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (char *)&a + sizeof c, sizeof d);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* k and v: S slots, element strides sb (row), sh (head), sl (slot), the last dimension contiguous. A query
+ * whose position is not one of the S slots gets NaN (never a read outside them). */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const void *k, const void *v, int64_t sb, int64_t sh, int64_t sl, int64_t S, const int64_t *pos,
+        float *out, int64_t nh, int64_t T, int64_t hs, float scale, int64_t item, const int bf16) {
+    const int64_t whole = hs - hs % 16;
+    const int64_t b = item / (nh * T), h = item / T % nh, t = item % T;
+    const int64_t n = pos[b * T + t] + 1, base = b * sb + h * sh;
+    const float *qi = q + item * hs;
+    float *o = out + item * hs;
+    if (n < 1 || n > S) {
+        for (int64_t d = 0; d < hs; d++) o[d] = NAN;
+        return;
+    }
+    float local[1024];
+    float *scores = n <= 1024 ? local : malloc(n * sizeof(float));
+    if (!scores) {
+        for (int64_t d = 0; d < hs; d++) o[d] = NAN;
+        return;
+    }
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {  /* scores, in one pass over the keys */
+        const int64_t at = base + j * sl;
+        f32x16 acc = {0};
+        for (int64_t d = 0; d < whole; d += 16) acc += load_f32(qi + d) * chunk(k, at + d, bf16);
+        float s = sum16(acc);
+        for (int64_t d = whole; d < hs; d++) s += qi[d] * one(k, at + d, bf16);
+        scores[j] = s * scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int64_t j = 0; j < n; j++) scores[j] /= total;
+    for (int64_t d = 0; d < whole; d += 16) {  /* the weighted values, 16 of the head's dimensions at a time */
+        f32x16 acc = {0};
+        for (int64_t j = 0; j < n; j++) acc += scores[j] * chunk(v, base + j * sl + d, bf16);
+        memcpy(o + d, &acc, sizeof acc);
+    }
+    for (int64_t d = whole; d < hs; d++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n; j++) acc += scores[j] * one(v, base + j * sl + d, bf16);
+        o[d] = acc;
+    }
+    if (scores != local) free(scores);
+}
+
+void decode_attention(const float *q, const void *k, const void *v, int bf16, int64_t sb, int64_t sh, int64_t sl,
+                      int64_t S, const int64_t *pos, float *out, int64_t B, int64_t nh, int64_t T, int64_t hs, float scale,
+                      int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < B * nh * T; item++) {
+        if (bf16) attend(q, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 1);  /* each dtype its own loop */
+        else attend(q, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 0);
+    }
+}
