@@ -23,14 +23,22 @@ class Linear(nn.Linear):
     """nn.Linear whose bf16 inference on a CPU multiplies a copy of the weight packed once for oneDNN's kernel:
     F.linear packs it anew at every call, which at decode's few rows costs about as much as the product
     (bitwise the same result; tests/test_model.py checks). Training (grad enabled), other dtypes and
-    devices, and torch.compile's graphs (inductor packs its own) take F.linear. The packed copy is kept
-    while the weight is unchanged (same storage, same version): one more copy of the weights in memory."""
+    devices take F.linear; a compiled graph calls the same packed product as an op (gpt2ft::linear). The
+    packed copy is kept while the weight is unchanged (same storage, same version): one more copy of the
+    weights in memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled() or not _PACKING[0] \
-                or torch.compiler.is_compiling() or w.is_inference():  # (no version counter to key the copy on)
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled() or not _PACKING[0]:
             return F.linear(x, w, self.bias)
+        if torch.compiler.is_compiling():  # the same packed product, as an op the compiled graph calls
+            return torch.ops.gpt2ft.linear(x, w, self.bias)
+        if w.is_inference():  # (no version counter to key the copy on)
+            return F.linear(x, w, self.bias)
+        return self._packed_product(x)
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
         key = (w.data_ptr(), w._version)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
@@ -42,8 +50,24 @@ class Linear(nn.Linear):
                 _PACKING[0] = False
                 return F.linear(x, w, self.bias)
             _PACKED[self] = cached
+            _OWNERS[w.data_ptr()] = self
             return y
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), cached[1], self.bias, "none", [], "")
+
+
+@torch.library.custom_op("gpt2ft::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Linear's packed product for a compiled graph (inductor would repack the weight at every call): the
+    layer that owns this weight multiplies it, or F.linear, bitwise the same, where none is known."""
+    owner = _OWNERS.get(weight.data_ptr())
+    if owner is None or owner.weight.data_ptr() != weight.data_ptr() or weight.is_inference() or not _PACKING[0]:
+        return F.linear(x, weight, bias)
+    return owner._packed_product(x)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _packing_pays() -> bool:
@@ -58,6 +82,7 @@ _PACKING = [_packing_pays()]  # Linear's packed path; off once it fails
 # each Linear's (weight key, packed weight), beside the module so that deepcopy and pickling never meet oneDNN's
 # opaque tensor
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # a packed weight's data_ptr -> its Linear
 
 
 _ROW_NUMBERS: dict = {}
