@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+_HEADER = Path(__file__).with_name("vectors.h")  # what the kernels share
 _LOADED: dict[str, object] = {}  # kernel name -> its ctypes function, or None where it could not be built
 _INSTEAD = {"int8_linear": "int8 weights use torch's slower kernel here",
             "decode_attention": "decoding attends with torch's slower kernel here"}
@@ -41,7 +42,7 @@ def _cache_dir() -> Path:
 def _build(source: Path) -> Path:
     """The shared library of `source`, compiled once per source and CPU; written under a temporary name
     and renamed, so that processes building it together never load half a file."""
-    digest = hashlib.sha256(source.read_bytes() + _cpu_key().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + _HEADER.read_bytes() + _cpu_key().encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -53,10 +54,13 @@ def _build(source: Path) -> Path:
         built = Path(tmp) / target.name
         # -fopenmp: the OpenMP runtime torch itself loaded (libgomp.so.1), so the kernel shares its threads
         done = subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
-                               str(source), "-o", str(built)], capture_output=True, text=True)
+                               f"-I{_HEADER.parent}", str(source), "-o", str(built)], capture_output=True, text=True)
         if done.returncode:
             raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}")
         os.replace(built, target)
+    for old in target.parent.glob(f"{source.stem}-*.so"):  # other sources' or CPUs' builds (a loaded one stays
+        if old != target:                                   # mapped where it is in use)
+            old.unlink(missing_ok=True)
     return target
 
 

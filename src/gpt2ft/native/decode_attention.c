@@ -8,33 +8,9 @@
  * cache's length or the thread count (a seeded row decodes alone as in a batch; a verify gives each drafted
  * token the logits of decoding it alone). */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
-typedef float f32x16 __attribute__((vector_size(64)));
-
-static inline f32x16 load_f32(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
-
-/* 16 bfloat16 values as floats: a bf16 is the high half of a float's bits */
-static inline f32x16 load_bf16(const uint16_t *p) {
-#if defined(__AVX512F__)
-    __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
-#elif defined(__AVX2__)
-    __m128i lo = _mm_loadu_si128((const __m128i *)p), hi = _mm_loadu_si128((const __m128i *)(p + 8));
-    struct { __m256i lo, hi; } v = {_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16),
-                                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16)};
-#else
-    uint32_t v[16];
-    for (int i = 0; i < 16; i++) v[i] = (uint32_t)p[i] << 16;
-#endif
-    f32x16 out;
-    memcpy(&out, &v, sizeof out);
-    return out;
-}
+#include "vectors.h"
 
 static inline float one(const void *base, int64_t i, int bf16) {
     if (!bf16) return ((const float *)base)[i];
@@ -46,21 +22,6 @@ static inline float one(const void *base, int64_t i, int bf16) {
 
 static inline f32x16 chunk(const void *base, int64_t i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)base + i) : load_f32((const float *)base + i);
-}
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
-static inline float sum16(f32x16 s) {  /* halves added pairwise: a fixed order */
-    f32x8 a, b;
-    memcpy(&a, &s, sizeof a);
-    memcpy(&b, (char *)&s + sizeof a, sizeof b);
-    a += b;
-    f32x4 c, d;
-    memcpy(&c, &a, sizeof c);
-    memcpy(&d, (char *)&a + sizeof c, sizeof d);
-    c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 /* k and v: S slots, element strides sb (row), sh (head), sl (slot), the last dimension contiguous. A query

@@ -4,41 +4,13 @@
  * Decoding reads every weight once a step for a few rows, so the product is bound by memory: int8 weights
  * are half of bf16's bytes. torch's own int8 kernel (aten._weight_int8pack_mm) converts them too slowly to
  * gain that; this loop converts 16 weights to float at a time and keeps each weight row in L1 while up to
- * four rows of x are multiplied by it (two weight rows at a time). Each output is one dot product summed in one fixed order whatever
- * M is, so a row alone gets bitwise what it gets among others (speculative decoding's verify depends on it).
- * GCC's vector extensions: the compiler maps them to the CPU it is built on (-march=native: AVX512, AVX2). */
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-typedef float f32x16 __attribute__((vector_size(64)));
-
-static inline f32x16 load_x(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
-
-/* 16 int8 weights as floats: GCC's own conversion of a vector of int8 goes element by element */
-static inline f32x16 load_w(const int8_t *p) {
-#if defined(__AVX512F__)
-    __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#elif defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    struct { __m256 lo, hi; } v = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
-                                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
-#else
-    f32x16 v;
-    for (int i = 0; i < 16; i++) v[i] = (float)p[i];
-#endif
-    f32x16 out;
-    memcpy(&out, &v, sizeof out);
-    return out;
-}
+ * four rows of x are multiplied by it (two weight rows at a time). Each output is one dot product summed
+ * in one fixed order whatever M is, so a row alone gets bitwise what it gets among others (speculative
+ * decoding's verify depends on it). */
+#include "vectors.h"
 
 static inline float finish(f32x16 even, f32x16 odd, float rest, float scale, float bias) {
-    f32x16 s = even + odd;
-    float total = rest;
-    for (int i = 0; i < 16; i++) total += s[i];
-    return total * scale + bias;
+    return (sum16(even + odd) + rest) * scale + bias;
 }
 
 /* R rows of x (R <= 4, row stride K) against NW consecutive weight rows (NW <= 2): out[r * N + j] for
@@ -54,9 +26,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
     const int64_t whole = K - K % 32;
     for (int64_t k = 0; k < whole; k += 32) {
         f32x16 w0[2], w1[2];
-        for (int j = 0; j < NW; j++) { w0[j] = load_w(w + j * K + k); w1[j] = load_w(w + j * K + k + 16); }
+        for (int j = 0; j < NW; j++) { w0[j] = load_int8(w + j * K + k); w1[j] = load_int8(w + j * K + k + 16); }
         for (int r = 0; r < R; r++) {
-            f32x16 xe = load_x(x + r * K + k), xo = load_x(x + r * K + k + 16);
+            f32x16 xe = load_f32(x + r * K + k), xo = load_f32(x + r * K + k + 16);
             for (int j = 0; j < NW; j++) { even[r][j] += xe * w0[j]; odd[r][j] += xo * w1[j]; }
         }
     }
