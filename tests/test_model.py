@@ -147,24 +147,24 @@ def test_decode_attention_kernel_matches_float64_and_each_query_is_computed_alon
         pytest.skip("no C compiler here")
     gen = torch.Generator().manual_seed(0)
     B, nh, T, hs, S = 3, 4, 3, 24, 40  # hs: a 16-wide chunk and a tail
-    q = torch.randn(B, nh, T, hs, generator=gen)
+    q = torch.randn(B, T, nh, hs, generator=gen).to(dtype).transpose(1, 2)  # as the model's: a strided view
     k, v = (torch.randn(B, nh, S + 8, hs, generator=gen).to(dtype)[:, :, :S] for _ in range(2))  # strided views
     pos = torch.tensor([[4, 5, 6], [0, 1, 2], [37, 38, 39]])
-    out = kernel(q, k, v, pos)
+    out = kernel(q, k, v, pos).transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
     for b in range(B):
         for t in range(T):
             n = int(pos[b, t]) + 1
             ref = F.scaled_dot_product_attention(q[b, :, t:t + 1].double(), k[b, :, :n].double(), v[b, :, :n].double())
             assert torch.allclose(out[b, :, t:t + 1].double(), ref, atol=1e-6)
             alone = kernel(q[b:b + 1, :, t:t + 1].contiguous(), k[b:b + 1, :, :n], v[b:b + 1, :, :n], pos[b:b + 1, t:t + 1])
-            assert torch.equal(alone, out[b:b + 1, :, t:t + 1])
+            assert torch.equal(alone.transpose(1, 2), out[b:b + 1, :, t:t + 1])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(kernel(q, k, v, pos), out)
+        assert torch.equal(kernel(q, k, v, pos).transpose(1, 2), out)
     finally:
         torch.set_num_threads(threads)
     outside = kernel(q, k, v, torch.tensor([[4, 5, 40], [0, -1, 2], [37, 38, 39]]))  # never read past the slots
-    assert outside[0, :, 2].isnan().all() and outside[1, :, 1].isnan().all() and not outside[2].isnan().any()
+    assert outside[0, 2].isnan().all() and outside[1, 1].isnan().all() and not outside[2].isnan().any()
     with pytest.raises(ValueError, match="float32"):
-        kernel(q.to(torch.bfloat16), k, v, pos)
+        kernel(q.to(torch.float16), k, v, pos)

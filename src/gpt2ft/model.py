@@ -175,7 +175,8 @@ DECODE_QUERIES = 16  # queries a row up to which a CPU attends over the cache wi
 
 def _cached_attention(q, k, v, query_pos):
     """native/decode_attention.c: query (b, h, t) over cache slots 0 .. query_pos[b, t] of row b, in float32 from
-    the cache's dtype; under torch.compile as an op the graph keeps whole, so compiled and eager steps agree."""
+    q's and the cache's dtypes, as (B, T, nh, hs); under torch.compile as an op the graph keeps whole, so compiled
+    and eager steps agree."""
     if torch.compiler.is_compiling():
         return torch.ops.gpt2ft.decode_attention(q, k, v, query_pos)
     return decode_attention()(q, k, v, query_pos)
@@ -188,7 +189,8 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
 
 @_decode_attention_op.register_fake
 def _(q, k, v, pos):
-    return torch.empty_like(q)
+    B, nh, T, hs = q.shape
+    return q.new_empty(B, T, nh, hs, dtype=torch.float32)
 
 
 class CausalSelfAttention(nn.Module):
@@ -214,8 +216,8 @@ class CausalSelfAttention(nn.Module):
             longest = max(map(max, lengths)) if lengths else cache_len
             k, v = kv_cache.update(input_pos, k, v, longest, cache_rows)  # (B, nh, S, hs)
             if query_pos is not None:  # a decode step on a CPU (see GPT._decode_positions)
-                y = _cached_attention(q.float().contiguous(), k, v, query_pos)
-                return self.resid_dropout(self.c_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, C)))
+                y = _cached_attention(q, k, v, query_pos)  # (B, T, nh, hs) float32
+                return self.resid_dropout(self.c_proj(y.to(x.dtype).view(B, T, C)))
             if q.device.type == "cpu":  # many queries: torch's kernel, in float32 (a CPU's bf16 one is slower)
                 q, k, v = q.float(), k.float(), v.float()
         dropout_p = self.dropout if self.training else 0.0

@@ -110,25 +110,28 @@ def int8_linear():
 
 
 def decode_attention():
-    """The C decode attention as f(q (B, nh, T, hs) float32, k, v (B, nh, S, hs) float32 or bfloat16 (any
-    strides but the last), pos (B, T) int64) -> (B, nh, T, hs) float32: query (b, h, t) over slots
-    0 .. pos[b, t] of row b (a position outside the S slots gives NaN, never a read outside them). None where
-    it cannot be built here."""
-    fn = _function("decode_attention", [_P, _P, _P, ctypes.c_int, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I,
-                                        ctypes.c_float, ctypes.c_int])
+    """The C decode attention as f(q (B, nh, T, hs), k, v (B, nh, S, hs), pos (B, T) int64) -> (B, T, nh, hs)
+    float32: query (b, h, t) over slots 0 .. pos[b, t] of row b (a position outside the S slots gives NaN,
+    never a read outside them). q, k and v float32 or bfloat16, any strides but the last. None where it
+    cannot be built here."""
+    fn = _function("decode_attention", [_P, _P, ctypes.c_int, _P, _P, ctypes.c_int, _I, _I, _I, _I, _P, _P, _I, _I,
+                                        _I, _I, ctypes.c_float, ctypes.c_int])
     if fn is None:
         return None
+    floats = (torch.float32, torch.bfloat16)
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, nh, T, hs = q.shape
-        _check(q.dtype == torch.float32 and q.is_contiguous() and k.dtype == v.dtype
-               and k.dtype in (torch.float32, torch.bfloat16) and k.shape == v.shape and k.stride() == v.stride()
-               and k.shape[:2] == (B, nh) and k.shape[3] == hs and k.stride(3) == 1 and pos.dtype == torch.int64
-               and pos.shape == (B, T) and pos.is_contiguous() and q.device.type == k.device.type == "cpu",
-               "decode_attention: q (B, nh, T, hs) float32 contiguous, k and v alike (B, nh, S, hs) float32 or "
-               "bfloat16, pos (B, T) int64, on the CPU")
-        out = torch.empty_like(q)
-        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), *k.stride()[:3], k.shape[2],
-           pos.data_ptr(), out.data_ptr(), B, nh, T, hs, 1.0 / hs ** 0.5, torch.get_num_threads())
+        _check(q.dtype in floats and q.stride(3) == 1 and k.dtype == v.dtype and k.dtype in floats
+               and k.shape == v.shape and k.stride() == v.stride() and k.shape[:2] == (B, nh) and k.shape[3] == hs
+               and k.stride(3) == 1 and pos.dtype == torch.int64 and pos.shape == (B, T) and pos.is_contiguous()
+               and q.device.type == k.device.type == "cpu",
+               "decode_attention: q (B, nh, T, hs), k and v alike (B, nh, S, hs), float32 or bfloat16, the last "
+               "dimension contiguous; pos (B, T) int64; on the CPU")
+        out = torch.empty(B, T, nh, hs, dtype=torch.float32)
+        strides = (ctypes.c_int64 * 3)(*q.stride()[:3])
+        fn(q.data_ptr(), strides, int(q.dtype == torch.bfloat16), k.data_ptr(), v.data_ptr(),
+           int(k.dtype == torch.bfloat16), *k.stride()[:3], k.shape[2], pos.data_ptr(), out.data_ptr(), B, nh, T, hs,
+           1.0 / hs ** 0.5, torch.get_num_threads())
         return out
     return call

@@ -1,5 +1,6 @@
 /* gpt2ft's attention for decoding on a CPU: each query (b, h, t) of q (B, nh, T, hs) over the keys and values
- * of cache slots 0 .. pos[b, t] of row b, head h: out = softmax(q k^T * scale) v, in float32.
+ * of cache slots 0 .. pos[b, t] of row b, head h: out[b, t, h] = softmax(q k^T * scale) v, in float32, written
+ * as (B, T, nh, hs): the layout the output projection reads.
  *
  * A decode step has one query a row (a speculative verify a few), and its cost is reading the cache: this
  * reads each row's slots once, in the cache's own dtype (float32, or bfloat16 at half the bytes), where
@@ -24,16 +25,19 @@ static inline f32x16 chunk(const void *base, int64_t i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)base + i) : load_f32((const float *)base + i);
 }
 
-/* k and v: S slots, element strides sb (row), sh (head), sl (slot), the last dimension contiguous. A query
+/* q: element strides qs[0..2] (row, head, query), float32 or bfloat16 (q_bf16). k and v: S slots, element
+ * strides sb (row), sh (head), sl (slot), float32 or bfloat16 (bf16). The last dimensions contiguous. A query
  * whose position is not one of the S slots gets NaN (never a read outside them). */
 static inline __attribute__((always_inline)) void attend(
-        const float *q, const void *k, const void *v, int64_t sb, int64_t sh, int64_t sl, int64_t S, const int64_t *pos,
-        float *out, int64_t nh, int64_t T, int64_t hs, float scale, int64_t item, const int bf16) {
+        const void *q, const int64_t *qs, int q_bf16, const void *k, const void *v, int64_t sb, int64_t sh,
+        int64_t sl, int64_t S, const int64_t *pos, float *out, int64_t nh, int64_t T, int64_t hs, float scale,
+        int64_t item, const int bf16) {
     const int64_t whole = hs - hs % 16;
     const int64_t b = item / (nh * T), h = item / T % nh, t = item % T;
     const int64_t n = pos[b * T + t] + 1, base = b * sb + h * sh;
-    const float *qi = q + item * hs;
-    float *o = out + item * hs;
+    float qi[hs];
+    for (int64_t d = 0; d < hs; d++) qi[d] = one(q, b * qs[0] + h * qs[1] + t * qs[2] + d, q_bf16);
+    float *o = out + ((b * T + t) * nh + h) * hs;
     if (n < 1 || n > S) {
         for (int64_t d = 0; d < hs; d++) o[d] = NAN;
         return;
@@ -73,12 +77,12 @@ static inline __attribute__((always_inline)) void attend(
     if (scores != local) free(scores);
 }
 
-void decode_attention(const float *q, const void *k, const void *v, int bf16, int64_t sb, int64_t sh, int64_t sl,
-                      int64_t S, const int64_t *pos, float *out, int64_t B, int64_t nh, int64_t T, int64_t hs, float scale,
-                      int threads) {
+void decode_attention(const void *q, const int64_t *qs, int q_bf16, const void *k, const void *v, int bf16,
+                      int64_t sb, int64_t sh, int64_t sl, int64_t S, const int64_t *pos, float *out, int64_t B,
+                      int64_t nh, int64_t T, int64_t hs, float scale, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < B * nh * T; item++) {
-        if (bf16) attend(q, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 1);  /* each dtype its own loop */
-        else attend(q, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 0);
+        if (bf16) attend(q, qs, q_bf16, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 1);  /* each cache */
+        else attend(q, qs, q_bf16, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 0);       /* dtype's loop */
     }
 }
