@@ -96,13 +96,15 @@ def int8_linear():
         return None
 
     def call(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        (M, K), N = x.shape, q.shape[0]
-        _check(x.dtype == scale.dtype == torch.float32 and q.dtype == torch.int8 and q.shape[1] == K
-               and x.is_contiguous() and q.is_contiguous() and scale.is_contiguous() and scale.shape == (N,)
-               and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (N,)))
-               and x.device.type == q.device.type == "cpu",
+        # (every linear layer of a decode step calls this: the checks are the few that keep the reads in bounds)
+        (M, K), (N, Kq) = x.shape, q.shape
+        f32 = torch.float32
+        _check(x.dtype == f32 and scale.dtype == f32 and q.dtype == torch.int8 and Kq == K and scale.shape[0] == N
+               and scale.dim() == 1 and x.is_contiguous() and q.is_contiguous() and scale.is_contiguous()
+               and (bias is None or (bias.dtype == f32 and bias.dim() == 1 and bias.shape[0] == N and bias.is_contiguous()))
+               and x.is_cpu and q.is_cpu,
                "int8_linear: x (M, K) float32, q (N, K) int8, scale and bias (N,) float32, contiguous, on the CPU")
-        y = torch.empty(M, N, dtype=torch.float32)
+        y = torch.empty(M, N)
         fn(x.data_ptr(), q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
            M, N, K, torch.get_num_threads())
         return y
@@ -114,24 +116,24 @@ def decode_attention():
     float32: query (b, h, t) over slots 0 .. pos[b, t] of row b (a position outside the S slots gives NaN,
     never a read outside them). q, k and v float32 or bfloat16, any strides but the last. None where it
     cannot be built here."""
-    fn = _function("decode_attention", [_P, _P, ctypes.c_int, _P, _P, ctypes.c_int, _I, _I, _I, _I, _P, _P, _I, _I,
-                                        _I, _I, ctypes.c_float, ctypes.c_int])
+    fn = _function("decode_attention", [_P, _I, _I, _I, ctypes.c_bool, _P, _P, ctypes.c_bool, _I, _I, _I, _I, _P, _P,
+                                        _I, _I, _I, _I, ctypes.c_float, ctypes.c_int])
     if fn is None:
         return None
-    floats = (torch.float32, torch.bfloat16)
+    floats, bf16 = (torch.float32, torch.bfloat16), torch.bfloat16
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # (a decode step calls this in every layer: the checks are the few that keep the C loop's reads in bounds)
         B, nh, T, hs = q.shape
-        _check(q.dtype in floats and q.stride(3) == 1 and k.dtype == v.dtype and k.dtype in floats
-               and k.shape == v.shape and k.stride() == v.stride() and k.shape[:2] == (B, nh) and k.shape[3] == hs
-               and k.stride(3) == 1 and pos.dtype == torch.int64 and pos.shape == (B, T) and pos.is_contiguous()
-               and q.device.type == k.device.type == "cpu",
+        qs, ks = q.stride(), k.stride()
+        _check(q.dtype in floats and k.dtype in floats and v.dtype == k.dtype and qs[3] == 1 and ks[3] == 1
+               and v.stride() == ks and v.shape == k.shape and k.shape[0] == B and k.shape[1] == nh
+               and k.shape[3] == hs and pos.dtype == torch.int64 and pos.shape == (B, T) and pos.is_contiguous()
+               and q.is_cpu and k.is_cpu and v.is_cpu and pos.is_cpu,
                "decode_attention: q (B, nh, T, hs), k and v alike (B, nh, S, hs), float32 or bfloat16, the last "
                "dimension contiguous; pos (B, T) int64; on the CPU")
-        out = torch.empty(B, T, nh, hs, dtype=torch.float32)
-        strides = (ctypes.c_int64 * 3)(*q.stride()[:3])
-        fn(q.data_ptr(), strides, int(q.dtype == torch.bfloat16), k.data_ptr(), v.data_ptr(),
-           int(k.dtype == torch.bfloat16), *k.stride()[:3], k.shape[2], pos.data_ptr(), out.data_ptr(), B, nh, T, hs,
-           1.0 / hs ** 0.5, torch.get_num_threads())
+        out = torch.empty(B, T, nh, hs)
+        fn(q.data_ptr(), qs[0], qs[1], qs[2], q.dtype == bf16, k.data_ptr(), v.data_ptr(), k.dtype == bf16, ks[0], ks[1],
+           ks[2], k.shape[2], pos.data_ptr(), out.data_ptr(), B, nh, T, hs, hs ** -0.5, torch.get_num_threads())
         return out
     return call

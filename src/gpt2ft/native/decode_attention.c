@@ -25,7 +25,7 @@ static inline f32x16 chunk(const void *base, int64_t i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)base + i) : load_f32((const float *)base + i);
 }
 
-/* q: element strides qs[0..2] (row, head, query), float32 or bfloat16 (q_bf16). k and v: S slots, element
+/* q: element strides qs[0..2] (row, head, query; qb, qh, qt in the entry point), float32 or bfloat16 (q_bf16). k and v: S slots, element
  * strides sb (row), sh (head), sl (slot), float32 or bfloat16 (bf16). The last dimensions contiguous. A query
  * whose position is not one of the S slots gets NaN (never a read outside them). */
 static inline __attribute__((always_inline)) void attend(
@@ -77,9 +77,10 @@ static inline __attribute__((always_inline)) void attend(
     if (scores != local) free(scores);
 }
 
-void decode_attention(const void *q, const int64_t *qs, int q_bf16, const void *k, const void *v, int bf16,
-                      int64_t sb, int64_t sh, int64_t sl, int64_t S, const int64_t *pos, float *out, int64_t B,
-                      int64_t nh, int64_t T, int64_t hs, float scale, int threads) {
+void decode_attention(const void *q, int64_t qb, int64_t qh, int64_t qt, _Bool q_bf16, const void *k,
+                      const void *v, _Bool bf16, int64_t sb, int64_t sh, int64_t sl, int64_t S, const int64_t *pos,
+                      float *out, int64_t B, int64_t nh, int64_t T, int64_t hs, float scale, int threads) {
+    const int64_t qs[3] = {qb, qh, qt};
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < B * nh * T; item++) {
         if (bf16) attend(q, qs, q_bf16, k, v, sb, sh, sl, S, pos, out, nh, T, hs, scale, item, 1);  /* each cache */
