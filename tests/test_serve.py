@@ -524,6 +524,7 @@ def test_public_host_needs_a_key(hf_dir):
     (["--max-queue", "-1"], "--max-queue"),
     (["--api-key", "ключ"], "printable ASCII"),    # no client could send it in a header
     (["--api-key", " key"], "--api-key"),
+    (["--allowed-origins", "localhost:3000"], "scheme://host"),  # a browser sends scheme://host[:port]
 ])
 def test_bad_serve_flags_are_one_line_errors(hf_dir, flags, needle):
     assert_clean_error(run_cli("serve", hf_dir, *flags), needle)
@@ -728,3 +729,36 @@ def test_chat_with_the_checkpoints_template_equals_gpt2ft_generate(tiny_model, t
         assert r.choices[0].message.content == cli.stdout[:-1]
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def test_allowed_origins_answer_a_browsers_preflight_and_mark_replies_others_get_no_cors(tiny_model):
+    """--allowed-origins: a page of that origin may call the API from a browser: its preflight (which carries
+    no API key) is answered, replies (401s included) name the origin; without the option, and for another
+    origin, no CORS header is sent, so the browser keeps the page out."""
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.errors import UserError
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    models = [served_model("tiny", tiny_model.model, tiny_model.tokenizer)]
+    page = "http://localhost:3000"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    with TestClient(create_app(models, ServeConfig(api_key="k", allowed_origins=[page]))) as client:
+        r = client.options("/v1/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = client.post("/v1/completions", json=body, headers={"Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = client.post("/v1/completions", json=body, headers={"Origin": page})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == page
+        r = client.post("/v1/completions", json=body, headers={"Origin": "http://evil.example", "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(models, ServeConfig())) as client:
+        r = client.post("/v1/completions", json=body, headers={"Origin": page})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    for bad in ("localhost:3000", "http://localhost:3000/", "http://h:x", "ftp://h"):
+        with pytest.raises(UserError, match="is not an origin"):
+            ServeConfig(allowed_origins=[bad])

@@ -29,6 +29,9 @@ def add_args(p):
                    help="require 'Authorization: Bearer KEY' on every route but / and /health; printable ASCII "
                         "(when not given: $GPT2FT_API_KEY, if set)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
+    p.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                   help="web pages of these origins may call the API from a browser (CORS), e.g. "
+                        "http://localhost:3000; * for any (default: none, same origin only)")
     p.add_argument("--name", default=None, help="the model's id in the API (when not given: MODEL as given)")
     p.add_argument("--lora", dest="adapters", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL + this LoRA adapter as model NAME (repeatable; base weights shared)")
@@ -46,8 +49,10 @@ def add_args(p):
 
 def _check(args):
     from ..errors import UserError
-    from ..serve import check_api_key, check_bind
+    from ..serve import check_api_key, check_bind, check_origin
 
+    for origin in args.allowed_origins:
+        check_origin(origin)
     if args.api_key is not None:
         check_api_key(args.api_key)
     elif os.environ.get("GPT2FT_API_KEY"):
@@ -99,7 +104,8 @@ def run(args):
         models.append(served_model(adapter, model, loaded.tokenizer, template or loaded.template,
                                    {"base": name, "lora": folder}))
     config = ServeConfig(api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body, timeout=args.timeout)
+                         max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body, timeout=args.timeout,
+                         allowed_origins=args.allowed_origins)
     options = decoding_options(args, loaded)
     app = create_app(models, config, lambda s: make_engine(s.model, s.tokenizer, config.max_batch, **options))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import importlib
 
-from .config import ServeConfig, ServedModel, check_api_key, check_bind, served_model, share_base
+from .config import ServeConfig, ServedModel, check_api_key, check_bind, check_origin, served_model, share_base
 
 # the parts that need fastapi/pydantic load on first use, so the CLI can check its flags without them
 _LAZY = {"create_app": "app", "chat_prompt": "prompts", "completion_prompts": "prompts", "APIError": "responses",
          "ChatRequest": "schema", "CompletionRequest": "schema", "Message": "schema"}
-__all__ = ["ServeConfig", "ServedModel", "check_api_key", "check_bind", "served_model", "share_base", *_LAZY]
+__all__ = ["ServeConfig", "ServedModel", "check_api_key", "check_bind", "check_origin", "served_model", "share_base", *_LAZY]
 
 
 def __getattr__(name: str):

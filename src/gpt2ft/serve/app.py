@@ -130,6 +130,11 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None, eng
     app = FastAPI(title="gpt2ft", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.models, app.state.config = scheduler, by_name, config
     app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body)
+    if config.allowed_origins:  # outside Guard: a browser's preflight carries no API key, and errors get the headers
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "api-key"], max_age=600)
     _errors(app)
 
     def model_card(m: ServedModel) -> dict:

@@ -29,9 +29,14 @@ class ServeConfig:
     """Largest request body in bytes (413 past it)."""
     timeout: float = 300.0
     """Seconds a request may take before it is cancelled (503)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins whose pages may call the API from a browser (CORS; "*": any); none: same origin only."""
 
     def __post_init__(self) -> None:
         check_api_key(self.api_key)
+        self.allowed_origins = tuple(self.allowed_origins)
+        for origin in self.allowed_origins:
+            check_origin(origin)
 
 
 @dataclass
@@ -75,6 +80,23 @@ def check_api_key(key: str | None, source: str = "--api-key") -> None:
         why = f"it contains {bad!r}" if bad else ("it is empty" if not key else "it has surrounding spaces")
         raise UserError(f"{source} must be printable ASCII (letters, digits, punctuation) that an HTTP header "
                         f"can carry, but {why}: choose another key")
+
+
+def check_origin(origin: str) -> None:
+    """A CORS origin as browsers send it: "*", or scheme://host[:port] with no path (http://localhost:3000)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(origin)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if origin != "*" and not (parts.scheme in ("http", "https") and parts.hostname and port_ok
+                              and parts.path == "" and not parts.query and not parts.fragment
+                              and origin == f"{parts.scheme}://{parts.netloc}"):
+        raise UserError(f"--allowed-origins: {origin!r} is not an origin: give scheme://host[:port] with no path "
+                        "(e.g. http://localhost:3000), or * for any")
 
 
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
