@@ -762,3 +762,15 @@ def test_allowed_origins_answer_a_browsers_preflight_and_mark_replies_others_get
     for bad in ("localhost:3000", "http://localhost:3000/", "http://h:x", "ftp://h"):
         with pytest.raises(UserError, match="is not an origin"):
             ServeConfig(allowed_origins=[bad])
+
+
+def test_an_empty_prompt_counts_the_same_prompt_tokens_scored_or_generating(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from gpt2ft.serve import ServeConfig, create_app, served_model
+
+    with TestClient(create_app([served_model("tiny", tiny_model.model, tiny_model.tokenizer)], ServeConfig())) as client:
+        usage = [client.post("/v1/completions", json={"model": "tiny", "prompt": "", "echo": True,
+                                                      "max_tokens": n}).json()["usage"]["prompt_tokens"]
+                 for n in (0, 1)]
+    assert usage == [1, 1]  # the <|endoftext|> an empty prompt starts from

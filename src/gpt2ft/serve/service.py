@@ -239,7 +239,8 @@ class Service:
     def scored(self, req, served: ServedModel, prompts: list[list[int]], fmt):
         """echo with max_tokens 0: each prompt (with its log-probabilities, in fmt), nothing generated."""
         reply = Reply(fmt, served.name, req.n)
-        done = [Scored(len(ids)) for ids in prompts for _ in range(req.n)]
+        # an empty prompt reads one <|endoftext|>, as generating from it does (Engine.add): counted alike
+        done = [Scored(max(len(ids), 1)) for ids in prompts for _ in range(req.n)]
         if not req.stream:
             return reply.whole(done)
 
