@@ -245,11 +245,19 @@ def test_a_runs_config_yaml_reruns_it_through_config(tiny_sft_setup, tmp_path, m
     assert written["options"]["template"] == "alpaca"  # a built-in name, not a path
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert_clean_error(run_cli("sft", "--config", first / "config.yaml"), "already holds a run")
-    run_cli("sft", "--config", first / "config.yaml", "--out", again, check=True)
+    same = run_cli("sft", "--config", first / "config.yaml", "--out", again, check=True)
     assert (first / "latest" / "adapter_model.safetensors").read_bytes() == \
         (again / "latest" / "adapter_model.safetensors").read_bytes()
     rerun = yaml.safe_load((again / "config.yaml").read_text())
     assert rerun["options"] == {**written["options"], "out": str(again)}
+    assert "will not repeat that run" not in same.stderr and rerun["run"]["data_fingerprint"]
+    shutil.copy(tmp_path / "qa.jsonl", tmp_path / "qa.saved")
+    lines = (tmp_path / "qa.jsonl").read_text().splitlines()
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the data edited since the run
+    other = run_cli("sft", "--config", first / "config.yaml", "--out", tmp_path / "other", "--max-steps", "1",
+                    check=True)
+    assert "the data is not what the run of --config" in other.stderr and "will not repeat that run" in other.stderr
+    shutil.copy(tmp_path / "qa.saved", tmp_path / "qa.jsonl")
     resumed = run_cli("sft", "--config", again / "config.yaml", "--resume", "auto", "--max-steps", "3", check=True)
     assert "resuming with options other than the run's: max_steps 2 -> 3" in resumed.stderr
     after = yaml.safe_load((again / "config.yaml").read_text())  # still the command that started the run

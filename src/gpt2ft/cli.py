@@ -86,9 +86,10 @@ def _default_text(action) -> str | None:
     return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
 
 
-def _load_yaml(path: str, verb: str) -> dict:
+def _load_yaml(path: str, verb: str) -> tuple[dict, dict | None]:
     """--config's options: a flat mapping of option: value, or a run's config.yaml (its `options:`, the
-    command as given, which must be this verb's)."""
+    command as given, which must be this verb's); and for a run's, what the rerun is checked against
+    ({"config": path, "data": the fingerprint of the data it trained on}), else None."""
     import yaml
 
     if os.path.isdir(path):
@@ -122,14 +123,18 @@ def _load_yaml(path: str, verb: str) -> dict:
         if data["command"] != verb:
             raise UserError(f"--config {path}: the options of a `gpt2ft {data['command']}` run, not `gpt2ft "
                             f"{verb}`: run `gpt2ft {data['command']} --config {path}`")
+        run = data.get("run") if isinstance(data.get("run"), dict) else {}
+        rerun_of = {"config": path, "data": run.get("data_fingerprint")} if run.get("data_fingerprint") else None
         data = _where_the_run_is(data["options"], path)
+    else:
+        rerun_of = None
     if bad := [k for k in data if not isinstance(k, str)]:
         raise UserError(f"--config {path}: option names must be text, not {bad[0]!r}")
     values = {k.replace("-", "_"): v for k, v in data.items()}
     if len(values) < len(data):
         twice = next(k for k in values if sum(n.replace("-", "_") == k for n in data) > 1)
         raise UserError(f"--config {path}: option {twice} is given twice (as {twice} and {twice.replace('_', '-')})")
-    return values
+    return values, rerun_of
 
 
 def _where_the_run_is(options: dict, path: str) -> dict:
@@ -244,13 +249,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def _apply_config(parser, args, argv):
     config = getattr(args, "config", None)
     if config:
-        values = _load_yaml(config, args.verb)
+        values, rerun_of = _load_yaml(config, args.verb)
         options = {a.dest for a in args._parser._actions} - {"help", "config"}
         unknown = sorted(set(values) - options)
         if unknown:
             raise UserError(f"--config {config}: unknown option(s) {unknown} for `gpt2ft {args.verb}`")
         args._parser.set_defaults(**{k: _yaml_value(args._parser, k, v, config) for k, v in values.items()})
         args = parser.parse_args(argv)
+        args._rerun_of = rerun_of
     for action in args._parser._actions:  # required options may come from the YAML, so check here
         if getattr(action, "metadata_required", False) and getattr(args, action.dest) is None:
             name = "/".join(action.option_strings) or action.metavar

@@ -321,7 +321,7 @@ def train_plan(plan, args) -> int:
     actions = {a.dest: a for a in args._parser._actions}
     options = {dest: _recorded(actions[dest], getattr(args, dest)) for dest in sorted(args._given)
                if dest not in (*RUN_CONTROL, "config")}
-    plan.command = {"verb": args.verb, "options": options}
+    plan.command = {"verb": args.verb, "options": options, "rerun_of": getattr(args, "_rerun_of", None)}
     plan.train()
     return 0
 
