@@ -46,7 +46,6 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
     global_batch = cfg.batch_size * cfg.grad_accum * strategy.world
     resume_keys = {**resume_keys, "global_batch": global_batch}  # any split into processes resumes exactly
     say = print_err if run.main else lambda msg: None  # what every process knows, the main one prints
-    _note_other_data(command, resume_keys, say)
     resumed = run.resume_point(cfg.resume, say) if cfg.resume else None
     if resumed:  # into the whole model, before the strategy shards it
         check_resume_keys(resumed[1]["resume_keys"], resume_keys, cfg.force_resume)
@@ -76,7 +75,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig, meta: dict, 
         if derived:
             print_err(describe(objective.name, len(objective.train), derived))
         run.write_config(_config_yaml(cfg, {**meta, "derived": derived, "data_fingerprint": resume_keys.get("data")},
-                                      _command_record(run, command, resumed, state.step, cfg)))
+                                      _command_record(run, command, resumed, state.step, cfg, resume_keys.get("data"))))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_err(f"training {trainable:,} parameters for {total} steps of {global_batch} sequences "
                   f"({len(objective.train)} training examples) on {strategy.device}, "
@@ -379,23 +378,26 @@ def _changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     return {k: (saved[k], now[k]) for k in now if k in saved and k not in NOT_TRAINING and saved[k] != now[k]}
 
 
-def _note_other_data(command: dict | None, resume_keys: dict, say) -> None:
+def _note_other_data(command: dict | None, data: str | None) -> None:
     """A rerun through --config RUN/config.yaml whose data files changed since that run: said, since the
     rerun is then not the run it repeats."""
     rerun_of = (command or {}).get("rerun_of")
-    if rerun_of and rerun_of.get("data") and rerun_of["data"] != resume_keys.get("data"):
-        say(f"note: the data is not what the run of --config {rerun_of['config']} trained on (its files changed "
+    if rerun_of and rerun_of.get("data") and rerun_of["data"] != data:
+        print_err(f"note: the data is not what the run of --config {rerun_of['config']} trained on (its files changed "
             "since, or other options read it otherwise): this rerun will not repeat that run")
 
 
-def _command_record(run: RunFolder, command: dict | None, resumed, step: int, cfg: TrainConfig) -> dict:
+def _command_record(run: RunFolder, command: dict | None, resumed, step: int, cfg: TrainConfig,
+                    data: str | None = None) -> dict:
     """The command for config.yaml: this one's verb and options; after a resume, the command that started
     the run, kept from the config.yaml before (a rerun through --config is that run; this one where there is
     none), and each resume with the options it changed: the training options against the checkpoint's
     saved ones, the recipe's (--eval-examples, --sample-prompt, ...) against the starting command's (said:
-    the exact resume keys matched, but these change how it goes on)."""
+    the exact resume keys matched, but these change how it goes on). A rerun on other `data` (its
+    fingerprint) than its --config's run is said (_note_other_data)."""
     import yaml
 
+    _note_other_data(command, data)
     record = {"command": command["verb"], "options": command["options"]} if command else {}
     if not resumed:
         return record
