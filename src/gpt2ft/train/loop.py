@@ -383,8 +383,8 @@ def _note_other_data(command: dict | None, data: str | None) -> None:
     rerun is then not the run it repeats."""
     rerun_of = (command or {}).get("rerun_of")
     if rerun_of and rerun_of.get("data") and rerun_of["data"] != data:
-        print_err(f"note: the data is not what the run of --config {rerun_of['config']} trained on (its files changed "
-            "since, or other options read it otherwise): this rerun will not repeat that run")
+        print_err(f"note: the data is not what the run of --config {rerun_of['config']} trained on (its files "
+                  "changed since, or other options read it otherwise): this rerun will not repeat that run")
 
 
 def _command_record(run: RunFolder, command: dict | None, resumed, step: int, cfg: TrainConfig,
