@@ -114,7 +114,9 @@ def measure(name: str, nproc: int, layouts: list[str], device: str, steps: int, 
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd = [sys.executable, *work] if strategy == "single" else [sys.executable, *launch, *work]
         # big buffers mmapped, so what a process frees leaves its resident set (glibc's heap would keep it)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "MALLOC_MMAP_THRESHOLD_": "65536"}
+        src = str(Path(__file__).parents[1] / "src")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+               "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{layout} failed:\n{proc.stderr[-3000:]}")

@@ -102,7 +102,7 @@ def test_explicit_causal_attention_equals_sdpa():
 
 def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear():
     """model.Linear's packed path (one oneDNN packing of the weight, kept while it is unchanged) gives
-    F.linear's exact logits, at decode and prefill shapes; grad-enabled calls take F.linear; a weight
+    F.linear's exact logits, at decode shapes up to PACKED_ROWS rows and past them (prefill: F.linear); grad-enabled calls take F.linear; a weight
     changed in place (an optimizer step, load_state_dict) is packed again."""
     import gpt2ft.model as model_module
 
@@ -121,7 +121,8 @@ def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear(
 
     if not model_module._PACKING[0]:
         pytest.skip("no oneDNN, or no bf16 matmul in hardware here (Linear takes F.linear)")
-    for x in (ids, ids[:, :1], ids[:1, :1], ids[:3, :5]):
+    rows = model_module.PACKED_ROWS
+    for x in (ids, ids[:, :1], ids[:1, :1], ids[:3, :5], ids[:4, :rows // 4], ids[:4, :rows // 4 + 1]):
         assert torch.equal(logits(True, x), logits(False, x))
     fc = model.transformer.h[0].mlp.c_fc
     assert fc in model_module._PACKED

@@ -348,12 +348,12 @@ class Engine:
             return
         length = min(block, max(need, 2 * self._cache_len))
         caches = self.model.new_cache(self._cache_rows, length)
-        if self.compile:  # one compiled step for every cache length; fixed addresses for CUDA graphs
-            for cache in caches:
+        if self.compile:  # one compiled step for every cache length; fixed addresses for CUDA graphs (not
+            for cache in caches:  # guarded: a new cache re-records the graph rather than recompiling the step)
                 for t in (cache.k, cache.v):
                     torch._dynamo.maybe_mark_dynamic(t, 2)
                     if self.device.type == "cuda":
-                        torch._dynamo.mark_static_address(t)
+                        torch._dynamo.mark_static_address(t, guard=False)
         if self._caches is not None:
             for old, new in zip(self._caches, caches):
                 new.k[:, :, :self._cache_len] = old.k

@@ -19,10 +19,15 @@ from .losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum,
 from .native import decode_attention
 
 
+# Rows up to which the packed bf16 product runs: with AMX, oneDNN takes another kernel for more rows than
+# this and rounds unlike F.linear (bitwise equal at 1-32 rows on every shape of GPT-2; tests/test_model.py)
+PACKED_ROWS = 32
+
+
 class Linear(nn.Linear):
     """nn.Linear whose bf16 inference on a CPU multiplies a copy of the weight packed once for oneDNN's kernel:
-    F.linear packs it anew at every call, which at decode's few rows costs about as much as the product
-    (bitwise the same result; tests/test_model.py checks). Training (grad enabled), other dtypes and
+    F.linear packs it anew at every call, which at decode's few rows (up to PACKED_ROWS) costs about as much
+    as the product (bitwise the same result; tests/test_model.py checks). Training (grad enabled), other dtypes and
     devices take F.linear; a compiled graph calls the same packed product as an op (gpt2ft::linear). The
     packed copy is kept while the weight is unchanged (same storage, same version): one more copy of the
     weights in memory."""
@@ -39,6 +44,8 @@ class Linear(nn.Linear):
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if x.numel() > PACKED_ROWS * x.shape[-1]:  # prefill: F.linear (packing pays at few rows)
+            return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
@@ -68,6 +75,18 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 @_linear_op.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("gpt2ft::block_output", mutates_args=())
+def _block_output(x: torch.Tensor) -> torch.Tensor:
+    """A copy that a compiled graph cannot see through: what one block hands the next is stored in its
+    dtype (rounded as eager rounds it), while the whole step stays one graph (one CUDA graph on a GPU)."""
+    return x.clone()
+
+
+@_block_output.register_fake
+def _(x):
+    return torch.empty_like(x)
 
 
 def _packing_pays() -> bool:
@@ -376,10 +395,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
             if static_cache and i:
-                # The compiled decode step (the only caller with static_cache) compiles each block on its
-                # own: inductor fusing one block's residual add into the next block's norm skips a bf16
-                # rounding that eager does, and greedy tokens must be eager's.
-                torch._dynamo.graph_break()
+                # The compiled decode step (the only caller with static_cache) keeps each block's output
+                # a tensor of the model's dtype: inductor fusing one block's residual add into the next
+                # block's norm skips a bf16 rounding that eager does, and greedy tokens must be eager's.
+                x = torch.ops.gpt2ft.block_output(x)
             cache = kv_caches[i] if use_cache else None
             if self.gradient_checkpointing and self.training and not use_cache:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
