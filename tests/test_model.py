@@ -140,7 +140,8 @@ def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_kernel_matches_float64_and_each_query_is_computed_alone(dtype):
     """native/decode_attention.c: each query over its own row's slots up to its position, against float64
-    SDPA; bitwise the same alone, among other rows and queries, over a longer cache, with one thread."""
+    SDPA; bitwise the same alone, among other rows and queries, over a longer cache, with one thread; given
+    the step's new keys and values, it writes them into the cache first, as torch's indexed write does."""
     from gpt2ft.native import decode_attention
 
     kernel = decode_attention()
@@ -169,3 +170,19 @@ def test_decode_attention_kernel_matches_float64_and_each_query_is_computed_alon
     assert outside[0, 2].isnan().all() and outside[1, 1].isnan().all() and not outside[2].isnan().any()
     with pytest.raises(ValueError, match="float32"):
         kernel(q.to(torch.float16), k, v, pos)
+    # given the step's new keys and values, it writes them at their slots first: torch's indexed write
+    # then the kernel, bitwise; a verify's later query sees the earlier ones' keys; a slot outside, no write
+    qkv = torch.randn(B, T, 3, nh, hs, generator=gen).to(dtype)  # as split from c_attn: strided views
+    k_new, v_new = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    for where in (pos, torch.tensor([[4, 5, 40], [0, 1, 2], [37, 38, 39]])):
+        keys, values = k.clone(), v.clone()
+        fused = kernel(q, keys, values, where, k_new, v_new)
+        ref_k, ref_v = k.clone(), v.clone()
+        inside = where < S
+        b, t = inside.nonzero(as_tuple=True)
+        ref_k[b, :, where[b, t]], ref_v[b, :, where[b, t]] = k_new.transpose(1, 2)[b, t], v_new.transpose(1, 2)[b, t]
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        expected = kernel(q, ref_k, ref_v, where)
+        assert torch.equal(fused.nan_to_num(), expected.nan_to_num()) and fused[~inside].isnan().all()
+    with pytest.raises(ValueError, match="k_new"):
+        kernel(q, k.clone(), v.clone(), pos, k_new.float() if dtype == torch.bfloat16 else k_new.bfloat16(), v_new)

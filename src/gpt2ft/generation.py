@@ -312,7 +312,7 @@ class Engine:
             logits = self._compiled_step(x, pos, None if whole else max(positions) + 1)
         else:
             logits = _decode(self.model, x, pos, self._caches, rows, False, rows_apart=apart)
-        self._logits[rows] = logits.to(self._logits.dtype)
+        self._logits[rows] = logits if isinstance(rows, slice) else logits.to(self._logits.dtype)  # (a cast in place)
         for slot, c in live:
             self._cached[slot].append(c.token_ids[-1])
 

@@ -192,13 +192,20 @@ def _attend_rows_apart(q, k, v, lengths: list[list[int]]) -> torch.Tensor:
 DECODE_QUERIES = 16  # queries a row up to which a CPU attends over the cache with gpt2ft's kernel
 
 
-def _cached_attention(q, k, v, query_pos):
-    """native/decode_attention.c: query (b, h, t) over cache slots 0 .. query_pos[b, t] of row b, in float32 from
-    q's and the cache's dtypes, as (B, T, nh, hs); under torch.compile as an op the graph keeps whole, so compiled
-    and eager steps agree."""
+def _cached_attention(q, k, v, cache, input_pos, query_pos, length, rows):
+    """native/decode_attention.c: the step's k, v written into the cache, then each query (b, h, t) over
+    cache slots 0 .. query_pos[b, t] of row b, in float32 from q's and the cache's dtypes, as (B, T, nh, hs).
+    The kernel writes the cache itself where the rows are the cache's own (not gathered) and need no cast;
+    under torch.compile the attention is an op the graph keeps whole, so compiled and eager steps agree."""
     if torch.compiler.is_compiling():
-        return torch.ops.gpt2ft.decode_attention(q, k, v, query_pos)
-    return decode_attention()(q, k, v, query_pos)
+        keys, values = cache.update(input_pos, k, v, length, rows)
+        return torch.ops.gpt2ft.decode_attention(q, keys, values, query_pos)
+    if isinstance(rows, torch.Tensor) or k.dtype != cache.k.dtype:
+        keys, values = cache.update(input_pos, k, v, length, rows)
+        return decode_attention()(q, keys, values, query_pos)
+    keys, values = (cache.k, cache.v) if rows is None else (cache.k[rows], cache.v[rows])  # views
+    end = keys.shape[2] if length is None else length
+    return decode_attention()(q, keys[:, :, :end], values[:, :, :end], query_pos, k, v)
 
 
 @torch.library.custom_op("gpt2ft::decode_attention", mutates_args=())
@@ -233,10 +240,10 @@ class CausalSelfAttention(nn.Module):
         lengths = cache_len if isinstance(cache_len, list) else None  # each query's own key count (rows_apart)
         if kv_cache is not None:
             longest = max(map(max, lengths)) if lengths else cache_len
-            k, v = kv_cache.update(input_pos, k, v, longest, cache_rows)  # (B, nh, S, hs)
             if query_pos is not None:  # a decode step on a CPU (see GPT._decode_positions)
-                y = _cached_attention(q, k, v, query_pos)  # (B, T, nh, hs) float32
+                y = _cached_attention(q, k, v, kv_cache, input_pos, query_pos, longest, cache_rows)  # (B, T, nh, hs)
                 return self.resid_dropout(self.c_proj(y.to(x.dtype).view(B, T, C)))
+            k, v = kv_cache.update(input_pos, k, v, longest, cache_rows)  # (B, nh, S, hs)
             if q.device.type == "cpu":  # many queries: torch's kernel, in float32 (a CPU's bf16 one is slower)
                 q, k, v = q.float(), k.float(), v.float()
         dropout_p = self.dropout if self.training else 0.0

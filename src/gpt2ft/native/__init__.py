@@ -112,17 +112,19 @@ def int8_linear():
 
 
 def decode_attention():
-    """The C decode attention as f(q (B, nh, T, hs), k, v (B, nh, S, hs), pos (B, T) int64) -> (B, T, nh, hs)
-    float32: query (b, h, t) over slots 0 .. pos[b, t] of row b (a position outside the S slots gives NaN,
-    never a read outside them). q, k and v float32 or bfloat16, any strides but the last. None where it
-    cannot be built here."""
+    """The C decode attention as f(q (B, nh, T, hs), k, v (B, nh, S, hs), pos (B, T) int64, k_new=None,
+    v_new=None) -> (B, T, nh, hs) float32: query (b, h, t) over slots 0 .. pos[b, t] of row b (a position
+    outside the S slots gives NaN, never a read outside them). q, k and v float32 or bfloat16, any strides
+    but the last. Given k_new and v_new (B, nh, T, hs), in k's dtype and strided alike, it first writes them
+    into k and v at slots pos. None where it cannot be built here."""
     fn = _function("decode_attention", [_P, _I, _I, _I, ctypes.c_bool, _P, _P, ctypes.c_bool, _I, _I, _I, _I, _P, _P,
-                                        _I, _I, _I, _I, ctypes.c_float, ctypes.c_int])
+                                        _I, _I, _I, _I, ctypes.c_float, ctypes.c_int, _P, _P, _I, _I, _I])
     if fn is None:
         return None
     floats, bf16 = (torch.float32, torch.bfloat16), torch.bfloat16
 
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor | None = None,
+             v_new: torch.Tensor | None = None) -> torch.Tensor:
         # (a decode step calls this in every layer: the checks are the few that keep the C loop's reads in bounds)
         B, nh, T, hs = q.shape
         qs, ks = q.stride(), k.stride()
@@ -132,8 +134,15 @@ def decode_attention():
                and q.is_cpu and k.is_cpu and v.is_cpu and pos.is_cpu,
                "decode_attention: q (B, nh, T, hs), k and v alike (B, nh, S, hs), float32 or bfloat16, the last "
                "dimension contiguous; pos (B, T) int64; on the CPU")
+        new = (None, None, 0, 0, 0)
+        if k_new is not None:
+            ns = k_new.stride()
+            _check(k_new.shape == q.shape and v_new.shape == q.shape and k_new.dtype == v_new.dtype == k.dtype
+                   and v_new.stride() == ns and ns[3] == 1 and k_new.is_cpu and v_new.is_cpu,
+                   "decode_attention: k_new and v_new (B, nh, T, hs) as q, in the cache's dtype, strided alike")
+            new = (k_new.data_ptr(), v_new.data_ptr(), ns[0], ns[1], ns[2])
         out = torch.empty(B, T, nh, hs)
         fn(q.data_ptr(), qs[0], qs[1], qs[2], q.dtype == bf16, k.data_ptr(), v.data_ptr(), k.dtype == bf16, ks[0], ks[1],
-           ks[2], k.shape[2], pos.data_ptr(), out.data_ptr(), B, nh, T, hs, hs ** -0.5, torch.get_num_threads())
+           ks[2], k.shape[2], pos.data_ptr(), out.data_ptr(), B, nh, T, hs, hs ** -0.5, torch.get_num_threads(), *new)
         return out
     return call
