@@ -2,6 +2,7 @@
 `gpt2ft generate --json-schema`, the chat REPL (`/json FILE` and `gpt2ft chat --json-schema`) and the
 Python API, for the same prompt tokens."""
 import json
+import re
 
 import pytest
 
@@ -107,3 +108,7 @@ def test_an_output_cut_before_it_matches_is_an_error_not_a_quiet_success(ckpt):
     chat = run_cli("chat", ckpt, "--choice", choice, "--temperature", "0", "--max-new-tokens", "2",
                    input=f"{MESSAGE}\n", check=True)
     assert "reached its 2 tokens before its structured output was complete" in chat.stderr
+    # an output that is already whole when the budget ends (a number could take more digits) is no error
+    number = run_cli("generate", ckpt, "--prompt", MESSAGE, "--regex", "[0-9]+", "--temperature", "0",
+                     "--max-new-tokens", "3", check=True)
+    assert re.fullmatch(r"[0-9]+\n", number.stdout) and "before it matched" not in number.stderr

@@ -290,7 +290,7 @@ class Completion:
     @property
     def unmatched(self) -> bool:
         """Under a grammar, ended before its output was complete (its budget ran out, or it was cancelled)."""
-        return self._grammar is not None and self.finished and not self._grammar.finished
+        return self._grammar is not None and self.finished and not self._grammar.complete
 
     @property
     def plain(self) -> bool:

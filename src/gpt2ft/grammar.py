@@ -212,6 +212,11 @@ class GrammarState:
         """The output is complete: nothing but the end may follow."""
         return self.matcher.is_stopped()
 
+    @property
+    def complete(self) -> bool:
+        """The output so far is a whole one (it may also go on: a number can take more digits)."""
+        return self.matcher.is_stopped() or self.matcher.is_accepting()
+
     def _check(self):
         if self.matcher.is_error():  # llguidance's first line names the error; the rest dumps its state
             first = (self.matcher.get_error().strip().splitlines() or ["unknown error"])[0]
