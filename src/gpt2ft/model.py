@@ -205,6 +205,8 @@ def _cached_attention(q, k, v, cache, input_pos, query_pos, length, rows):
         return decode_attention()(q, keys, values, query_pos)
     keys, values = (cache.k, cache.v) if rows is None else (cache.k[rows], cache.v[rows])  # views
     end = keys.shape[2] if length is None else length
+    if end > keys.shape[2]:  # (torch's indexed write would refuse it too; the kernel would skip it)
+        raise IndexError(f"cache position {end - 1} is past the cache's {keys.shape[2]} slots")
     return decode_attention()(q, keys[:, :, :end], values[:, :, :end], query_pos, k, v)
 
 
