@@ -102,7 +102,7 @@ def test_explicit_causal_attention_equals_sdpa():
 
 def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear():
     """model.Linear's packed path (one oneDNN packing of the weight, kept while it is unchanged) gives
-    F.linear's exact logits, at decode shapes up to PACKED_ROWS rows and past them (prefill: F.linear); grad-enabled calls take F.linear; a weight
+    F.linear's exact logits at decode's row counts, and past them each row what it gets alone; grad-enabled calls take F.linear; a weight
     changed in place (an optimizer step, load_state_dict) is packed again."""
     import gpt2ft.model as model_module
 
@@ -121,14 +121,18 @@ def test_bf16_inference_on_a_cpu_multiplies_a_packed_weight_bitwise_as_f_linear(
 
     if not model_module._PACKING[0]:
         pytest.skip("no oneDNN, or no bf16 matmul in hardware here (Linear takes F.linear)")
-    rows = model_module.PACKED_ROWS
-    for x in (ids, ids[:, :1], ids[:1, :1], ids[:3, :5], ids[:4, :rows // 4], ids[:4, :rows // 4 + 1]):
+    for x in (ids[:, :1], ids[:1, :1], ids[:3, :5], ids[:4, :8]):  # decode's row counts (up to 32)
         assert torch.equal(logits(True, x), logits(False, x))
+    # more rows (a verify of a batch, a prefill): where F.linear's kernel changes with the row count (AMX past
+    # 32 rows), the packed product keeps each row's result as computed alone, and is as close to F.linear
+    many = logits(True, ids[:8, :5])
+    assert all(torch.equal(many[b:b + 1], logits(True, ids[b:b + 1, :5])) for b in range(8))
+    assert torch.allclose(logits(True, ids).float(), logits(False, ids).float(), atol=0.05, rtol=0.02)
     fc = model.transformer.h[0].mlp.c_fc
     assert fc in model_module._PACKED
     with torch.no_grad():
         fc.weight.mul_(2)  # in place: the next call packs the new weight
-    assert torch.equal(logits(True, ids), logits(False, ids))
+    assert torch.equal(logits(True, ids[:4, :8]), logits(False, ids[:4, :8]))
     del model_module._PACKED[fc]
     model(ids).float().sum().backward()  # training: F.linear, nothing packed
     assert fc not in model_module._PACKED and fc.weight.grad is not None
@@ -186,3 +190,17 @@ def test_decode_attention_kernel_matches_float64_and_each_query_is_computed_alon
         assert torch.equal(fused.nan_to_num(), expected.nan_to_num()) and fused[~inside].isnan().all()
     with pytest.raises(ValueError, match="k_new"):
         kernel(q, k.clone(), v.clone(), pos, k_new.float() if dtype == torch.bfloat16 else k_new.bfloat16(), v_new)
+
+
+def test_a_float16_model_decodes_with_a_cache_on_a_cpu():
+    """The decode attention kernel reads float32 and bf16 only: a float16 model's cached steps take torch's
+    attention (they used to reach the kernel and fail) and give the logits of the whole sequence."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)).to(torch.float16).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    caches = model.new_cache(2, 16)
+    with torch.inference_mode():
+        whole = model(ids).float()
+        model(ids[:, :5], input_pos=torch.arange(5), kv_caches=caches)
+        last = model(ids[:, 5:], input_pos=torch.tensor([5]), kv_caches=caches).float()
+    assert torch.allclose(last[:, 0], whole[:, 5], atol=1e-2)

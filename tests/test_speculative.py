@@ -253,3 +253,20 @@ def test_a_draft_that_is_always_rejected_stops_drafting_but_for_probes(tiny_mode
     c, stats = speculative_complete(model, tok, tok.encode("to be or not to be"), cfg, useless, k=4)
     assert stats.accepted == 0 and c.token_ids == complete_batch(model, tok, [c.prompt_ids], cfg)[0].token_ids
     assert 4 + 3 + 2 + 1 <= stats.proposed <= 4 + 3 + 2 + 1 + 48 // PROBE_EVERY + 1
+
+
+def test_draft_with_structured_output_names_the_kind_given_not_a_field():
+    """--draft beside --regex (or any constraint): the refusal says structured output and which kind, since one
+    field stands behind --json-schema, --json, --regex, --choice and --grammar; other blockers name their flag."""
+    from gpt2ft.errors import OptionError
+    from gpt2ft.sampling import GrammarSpec
+    from gpt2ft.speculative import check_speculative
+
+    with pytest.raises(OptionError) as e:
+        check_speculative(SamplingConfig(grammar=GrammarSpec("regex", "[0-9]+")))
+    said = e.value.say(lambda name: "--" + name.replace("_", "-"))
+    assert said == "--draft does not combine with structured output (a regular expression here): drop one of them"
+    with pytest.raises(OptionError) as e:
+        check_speculative(SamplingConfig(repetition_penalty=1.2))
+    assert "--repetition-penalty" in e.value.say(lambda name: "--" + name.replace("_", "-"))
+    check_speculative(SamplingConfig())  # nothing in the way

@@ -19,15 +19,12 @@ from .losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum,
 from .native import decode_attention
 
 
-# Rows up to which the packed bf16 product runs: with AMX, oneDNN takes another kernel for more rows than
-# this and rounds unlike F.linear (bitwise equal at 1-32 rows on every shape of GPT-2; tests/test_model.py)
-PACKED_ROWS = 32
-
-
 class Linear(nn.Linear):
     """nn.Linear whose bf16 inference on a CPU multiplies a copy of the weight packed once for oneDNN's kernel:
-    F.linear packs it anew at every call, which at decode's few rows (up to PACKED_ROWS) costs about as much
-    as the product (bitwise the same result; tests/test_model.py checks). Training (grad enabled), other dtypes and
+    F.linear packs it anew at every call, which at decode's few rows costs about as much as the product
+    (bitwise the same result at decode's row counts; past 32 rows, where AMX's kernels round F.linear's
+    products another way, the packed one keeps a row's result whatever the row count, which seeded rows
+    and speculative verifies rely on: tests/test_model.py checks both). Training (grad enabled), other dtypes and
     devices take F.linear; a compiled graph calls the same packed product as an op (gpt2ft::linear). The
     packed copy is kept while the weight is unchanged (same storage, same version): one more copy of the
     weights in memory."""
@@ -44,8 +41,6 @@ class Linear(nn.Linear):
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.numel() > PACKED_ROWS * x.shape[-1]:  # prefill: F.linear (packing pays at few rows)
-            return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
@@ -392,7 +387,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than the context {self.config.block_size}")
 
         max_len = kv_caches[0].k.shape[2] if use_cache else None
-        query_pos = self._decode_positions(B, T, attention_mask, input_pos, idx.device)
+        query_pos = self._decode_positions(B, T, attention_mask, input_pos, idx.device, self.lm_head.weight.dtype)
         if query_pos is not None:  # the kernel's positions stand for the mask (and attend rows apart)
             attn_mask, cache_len = None, None if static_cache else int(query_pos.max()) + 1
         else:
@@ -437,11 +432,12 @@ class GPT(nn.Module):
         raise ValueError(f"reduction must be 'sum' or 'per_sequence', not {reduction!r}")
 
     @staticmethod
-    def _decode_positions(B, T, attention_mask, input_pos, device) -> torch.Tensor | None:
+    def _decode_positions(B, T, attention_mask, input_pos, device, dtype) -> torch.Tensor | None:
         """(B, T) cache positions of the queries when a CPU attends over the cache with gpt2ft's kernel (each
-        query over the slots up to its own; a decode step or a verify: few queries, no padding mask), else None."""
+        query over the slots up to its own; a decode step or a verify: few queries, no padding mask; a float32
+        or bf16 model: the kernel's dtypes), else None."""
         if input_pos is None or attention_mask is not None or T > DECODE_QUERIES or device.type != "cpu" \
-                or decode_attention() is None:
+                or dtype not in (torch.float32, torch.bfloat16) or decode_attention() is None:
             return None
         return (input_pos if input_pos.dim() == 2 else input_pos[None]).expand(B, T).contiguous()
 

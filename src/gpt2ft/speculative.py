@@ -15,7 +15,7 @@ from .completion import Completion, top_k_filter, top_p_filter
 from .errors import OptionError, UserError
 from .generation import Engine, _apart, _common_prefix
 from .model import GPT
-from .sampling import SamplingConfig
+from .sampling import GRAMMAR_KINDS, SamplingConfig
 from .tokenizer import Tokenizer
 
 MAX_DRAFT = 16  # the most tokens any drafter proposes a step (each drafter's own max_k is at most this)
@@ -60,7 +60,10 @@ def speculation_blocker(cfg: SamplingConfig) -> str | None:
 
 def check_speculative(cfg: SamplingConfig) -> None:
     """--draft on a verb that decodes one row: a setting it cannot honour is the user's to change."""
-    if blocker := speculation_blocker(cfg):
+    if (blocker := speculation_blocker(cfg)) == "grammar":  # one field behind several flags: say which kind
+        raise OptionError("draft", lambda n: f"{n('draft')} does not combine with structured output (a "
+                                             f"{GRAMMAR_KINDS[cfg.grammar.kind]} here): drop one of them")
+    if blocker:
         raise OptionError("draft", lambda n: f"{n('draft')} does not combine with {n(blocker)}: leave it at its default "
                                              f"or drop {n('draft')}")
 
