@@ -9,7 +9,8 @@
 #   3. decode: benchmarks.bench_generate --compile in bf16 at batch 1 and 8 (ours eager and compiled with
 #      CUDA graphs vs HF generate, dynamic and static cache, and the linear-layer ceiling; greedy tokens
 #      of the compiled step checked against eager)
-#   4. MFU: benchmarks.bench_training --suite train (ours, eager and compiled, vs transformers: tokens/s, MFU)
+#   4. MFU: benchmarks.bench_training --suite train (ours and a plain transformers loop, eager and compiled,
+#      and Trainer: tokens/s, MFU)
 #   5. memory: benchmarks/bench_memory.py --measure on the GPU (allocated per process)
 #
 #   benchmarks/gpu_check.sh                      # on the GPU machine, from the repository root
@@ -22,7 +23,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-STEP1=${STEP1:-160} STEP2=${STEP2:-100} MEMORY=${MEMORY:-100} MFU=${MFU:-160} DECODE=${DECODE:-160}
+STEP1=${STEP1:-160} STEP2=${STEP2:-100} MEMORY=${MEMORY:-100} MFU=${MFU:-200} DECODE=${DECODE:-160}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 failed=()
 

@@ -94,7 +94,8 @@ def run_ours(cfg: dict) -> list[float]:
 
 def run_hf_loop(cfg: dict) -> list[float]:
     """A plain transformers loop: GPT2LMHeadModel(labels=...) + torch AdamW (fused, as ours), autocast
-    in the config's dtype; "kept": True runs it inside our loop's allocator setting (freed_memory_kept)."""
+    in the config's dtype; "kept": True runs it inside our loop's allocator setting (freed_memory_kept);
+    "compile": True compiles the model."""
     from gpt2ft.runtime import freed_memory_kept
 
     with freed_memory_kept(cfg.get("kept", False)):
@@ -114,6 +115,8 @@ def _hf_loop(cfg: dict) -> list[float]:
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                  target_modules=list(LORA["targets"]), fan_in_fan_out=True))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    if cfg.get("compile"):  # torch.compile of the model (its first step compiles, not timed)
+        model = torch.compile(model)
     data = RandomBlocks(cfg["batch"] * (cfg["steps"] + 1), cfg["length"])
     times = []
     for step in range(cfg["steps"]):
