@@ -26,6 +26,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
     const int64_t whole = K - K % 32;
     for (int64_t k = 0; k < whole; k += 32) {
         f32x16 w0[2], w1[2];
+        /* 2 KB down the weights' stream (a thread's rows are consecutive): the CPU's own prefetching
+         * stops at each 4 KB page; a third less time a step at one row with cold weights */
+        __builtin_prefetch(w + (NW - 1) * K + k + 2048);
         for (int j = 0; j < NW; j++) { w0[j] = load_int8(w + j * K + k); w1[j] = load_int8(w + j * K + k + 16); }
         for (int r = 0; r < R; r++) {
             f32x16 xe = load_f32(x + r * K + k), xo = load_f32(x + r * K + k + 16);
