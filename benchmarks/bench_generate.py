@@ -105,11 +105,10 @@ def report(title, results, steady, outputs):
         print(f"  int8 / ours end to end: {best['ours_int8'] / best['ours']:.2f}x (best), "
               f"{median['ours_int8'] / median['ours']:.2f}x (median); decode only: "
               f"{max(steady['ours_int8']) / max(steady['ours']):.2f}x (best)")
-    best["hf_best"], best["hf_name"] = best[hf], hf
     if "ours_compiled" in outputs:
         same = outputs["ours_compiled"] == outputs["ours"]
         print(f"  compiled greedy tokens {'identical to' if same else 'DIFFER from'} eager")
-    return best
+    return best, hf
 
 
 def main() -> None:
@@ -143,10 +142,10 @@ def main() -> None:
                 fn()
             steady.clear()
             results = alternate(found, args.rounds)
-            best = report(f"decode, GPT-2 124M, batch {batch}, {args.prompt_tokens}+{args.new_tokens} tokens, greedy, "
+            best, hf_name = report(f"decode, GPT-2 124M, batch {batch}, {args.prompt_tokens}+{args.new_tokens} tokens, greedy, "
                           f"{name}, {args.rounds} rounds", results, steady, outputs)
             ours_name = max(("ours", "ours_compiled"), key=lambda k: best.get(k, 0))
-            hf_best.setdefault(batch, []).append(((best["hf_best"], f"{best['hf_name']} {name}"),
+            hf_best.setdefault(batch, []).append(((best[hf_name], f"{hf_name} {name}"),
                                                   (best[ours_name], f"{ours_name} {name}")))
     for batch, entries in hf_best.items():
         (hf_top, hf_setting), _ = max(entries)

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 from .losses import linear_cross_entropy_per_sequence, linear_cross_entropy_sum, supervised_mask
-from .native import decode_attention
+from .native import DECODE_ATTENTION_DTYPES, decode_attention
 
 
 class Linear(nn.Linear):
@@ -192,12 +192,11 @@ def _cached_attention(q, k, v, cache, input_pos, query_pos, length, rows):
     cache slots 0 .. query_pos[b, t] of row b, in float32 from q's and the cache's dtypes, as (B, T, nh, hs).
     The kernel writes the cache itself where the rows are the cache's own (not gathered) and need no cast;
     under torch.compile the attention is an op the graph keeps whole, so compiled and eager steps agree."""
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling or isinstance(rows, torch.Tensor) or k.dtype != cache.k.dtype:  # torch writes the cache
         keys, values = cache.update(input_pos, k, v, length, rows)
-        return torch.ops.gpt2ft.decode_attention(q, keys, values, query_pos)
-    if isinstance(rows, torch.Tensor) or k.dtype != cache.k.dtype:
-        keys, values = cache.update(input_pos, k, v, length, rows)
-        return decode_attention()(q, keys, values, query_pos)
+        attend = torch.ops.gpt2ft.decode_attention if compiling else decode_attention()
+        return attend(q, keys, values, query_pos)
     keys, values = (cache.k, cache.v) if rows is None else (cache.k[rows], cache.v[rows])  # views
     end = keys.shape[2] if length is None else length
     if end > keys.shape[2]:  # (torch's indexed write would refuse it too; the kernel would skip it)
@@ -437,7 +436,7 @@ class GPT(nn.Module):
         query over the slots up to its own; a decode step or a verify: few queries, no padding mask; a float32
         or bf16 model: the kernel's dtypes), else None."""
         if input_pos is None or attention_mask is not None or T > DECODE_QUERIES or device.type != "cpu" \
-                or dtype not in (torch.float32, torch.bfloat16) or decode_attention() is None:
+                or dtype not in DECODE_ATTENTION_DTYPES or decode_attention() is None:
             return None
         return (input_pos if input_pos.dim() == 2 else input_pos[None]).expand(B, T).contiguous()
 

@@ -86,6 +86,7 @@ def _check(ok: bool, what: str) -> None:
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+DECODE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # what decode_attention.c reads
 
 
 def int8_linear():
@@ -121,7 +122,7 @@ def decode_attention():
                                         _I, _I, _I, _I, ctypes.c_float, ctypes.c_int, _P, _P, _I, _I, _I])
     if fn is None:
         return None
-    floats, bf16 = (torch.float32, torch.bfloat16), torch.bfloat16
+    floats, bf16 = DECODE_ATTENTION_DTYPES, torch.bfloat16
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor | None = None,
              v_new: torch.Tensor | None = None) -> torch.Tensor:
